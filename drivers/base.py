@@ -1,0 +1,124 @@
+"""The driver interface: how the kernel talks to a model backend.
+
+A driver owns one model. It exposes a fixed number of *slots* (sequences it decodes
+at once); the kernel's scheduler never has more than ``slots`` generations in flight
+on a driver. All model work (tokenising, prefill, decoding) runs off the kernel's
+asyncio loop: a driver hands token deltas back to the loop as an async stream.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: Why a generation ended. ``stop``: EOS token or a stop string; ``length``: max_tokens
+#: or the model's context window; ``abort``: :meth:`Driver.abort` was called.
+FinishReason = Literal["stop", "length", "abort"]
+
+#: A chat message as the kernel keeps it in a process's context.
+Message = dict[str, str]
+
+#: Progress callback for long work (model export/load): ``(description, fraction or None)``.
+Progress = Callable[[str, float | None], None]
+
+
+class DriverError(Exception):
+    """A driver failed in a way the kernel reports to the caller as ``EIO``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """How to pick tokens. ``temperature == 0`` means greedy (deterministic)."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One generation. ``prompt`` is a chat (list of messages, the driver applies the
+    model's chat template with a generation prompt) or raw text (no template)."""
+
+    request_id: str
+    prompt: list[Message] | str
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    priority: int = 0
+    #: Output tokens this request already produced before it was preempted (STOP, or
+    #: the scheduler's quantum). The driver appends them to the prompt's tokens and
+    #: continues after them: ``max_tokens`` counts them too, they are never re-emitted,
+    #: stop strings and EOS are checked across the boundary, and the reported
+    #: ``output_tokens`` includes them, so a resumed greedy generation ends with exactly
+    #: the text and token count of an uninterrupted one.
+    resume_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Delta:
+    """A piece of a generation's output.
+
+    ``text``/``token_ids`` are the new output since the previous delta. The last delta of
+    a stream has ``finish_reason`` set; ``prompt_tokens``/``output_tokens`` are running
+    totals for the request.
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a driver reports about itself (``sys.info``, ``llmos models``)."""
+
+    driver: str
+    model: str
+    max_context: int
+    slots: int
+    state: Literal["unloaded", "loading", "ready", "failed"]
+    detail: str = ""
+
+
+class Driver(abc.ABC):
+    """A model backend. Subclasses: ``drivers.cpu.CpuDriver`` (transformers)."""
+
+    #: Short driver name used on the command line (``--driver``).
+    name: str = "abstract"
+
+    @property
+    @abc.abstractmethod
+    def slots(self) -> int:
+        """How many sequences this driver decodes at once."""
+
+    @abc.abstractmethod
+    async def load(self, progress: Progress | None = None) -> None:
+        """Load the model (off the event loop). Raise :class:`DriverError` on failure."""
+
+    @abc.abstractmethod
+    def info(self) -> ModelInfo:
+        """Describe the driver and its model; cheap, callable from the event loop."""
+
+    @abc.abstractmethod
+    async def count_tokens(self, prompt: list[Message] | str) -> int:
+        """Tokens ``prompt`` occupies (chat template and generation prompt included)."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas for ``request``; the last one has ``finish_reason`` set.
+
+        Raises :class:`DriverError` (or yields nothing more) if the model fails.
+        """
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop ``request_id`` within one decoding step; its stream then ends with
+        ``finish_reason == "abort"``. Unknown or finished ids are ignored."""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and worker threads."""

@@ -1,0 +1,1 @@
+"""The llmos kernel daemon: process table, scheduler, syscall dispatch, transport."""

@@ -1,0 +1,121 @@
+"""Run a kernel as a daemon: lock file, admin credential, log file, signals.
+
+``python -m kernel [--driver cpu] [--model PATH] [--listen EP]...`` runs in the
+foreground; ``llmos kernel start`` starts it detached and waits until it answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+from kernel import paths
+from kernel.kernel import Kernel
+
+log = logging.getLogger("llmos.kernel")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class AlreadyRunning(RuntimeError):
+    """Another kernel holds the lock of this runtime directory."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kernel", description="Run the llmos kernel in the foreground.")
+    add_kernel_options(p)
+    return p
+
+
+def add_kernel_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``python -m kernel`` and ``llmos kernel start``."""
+    p.add_argument("--driver", default="cpu", help="model driver (default: cpu)")
+    p.add_argument("--model", default=None, help="local Hugging Face model folder (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model-name", default=None, help="name processes use to pick this model")
+    p.add_argument("--slots", type=int, default=4, help="sequences the model decodes at once (default: 4)")
+    p.add_argument("--policy", default="fifo", help="scheduling policy (default: fifo)")
+    p.add_argument("--listen", action="append", default=None, metavar="ENDPOINT",
+                   help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)")
+    p.add_argument("--runtime-dir", type=Path, default=None, help="socket, lock and credentials (default: $LLMOS_RUNTIME_DIR or /tmp/llmos-$UID)")
+    p.add_argument("--state-dir", type=Path, default=None, help="log and state (default: $LLMOS_STATE_DIR or ~/.local/state/llmos)")
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.model_name:
+        return args.model_name
+    if args.model:
+        return re.sub(r"[^A-Za-z0-9_.:@+-]", "-", Path(args.model).name)[:64] or "model"
+    return DEFAULT_MODEL_NAME
+
+
+def acquire_lock(run: Path) -> IO[str]:
+    """Hold ``kernel.lock`` for the kernel's life: one kernel per runtime dir."""
+    f = open(run / "kernel.lock", "a+")  # noqa: SIM115 - kept open on purpose
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        other = f.read().strip() or "?"
+        f.close()
+        raise AlreadyRunning(f"a kernel (pid {other}) is already running in {run}; `llmos kernel stop` it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def setup_logging(state: Path, foreground: bool) -> None:
+    handlers: list[logging.Handler] = [logging.FileHandler(state / "kernel.log")]
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
+    """Start a kernel from parsed options and serve until SIGTERM/SIGINT."""
+    from drivers import make_driver
+
+    run = paths.ensure_private_dir(args.runtime_dir or paths.runtime_dir())
+    state = paths.ensure_private_dir(args.state_dir or paths.state_dir())
+    setup_logging(state, foreground)
+    try:
+        lock = acquire_lock(run)
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
+    endpoints = args.listen or [paths.default_endpoint(run)]
+    token = secrets.token_urlsafe(32)
+    paths.write_private(run / "admin.token", token + "\n")
+    paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
+    driver = make_driver(args.driver, args.model, slots=args.slots)
+    kernel = Kernel({model_name(args): driver}, endpoints, admin_token=token, policy=args.policy)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, kernel.request_stop)
+    try:
+        await kernel.start()
+        await kernel.serve_forever()
+    finally:
+        log.info("kernel shutting down")
+        await kernel.stop()
+        for name in ("kernel.endpoint", "admin.token"):
+            (run / name).unlink(missing_ok=True)
+        lock.close()
+        log.info("kernel stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return asyncio.run(run_kernel(args))

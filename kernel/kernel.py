@@ -1,0 +1,187 @@
+"""The kernel object: process table + scheduler + drivers + dispatch + transport.
+
+No global state: tests start a :class:`Kernel` in-process; the daemon (``kernel/daemon.py``)
+wraps one with a lock file, signals and a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import secrets
+import time
+from collections import defaultdict
+
+from drivers.base import Driver, DriverError
+from kernel import sys_ctx, sys_llm, sys_proc, sys_sys
+from kernel.process import Caller, Proc, ProcessTable, ProcState
+from kernel.scheduler import POLICIES, Scheduler
+from kernel.syscall import Call, Dispatcher, build_table
+from kernel.transport import Transport
+from syscalls.errors import Errno, SyscallError
+from syscalls.table import SyscallSpec
+
+log = logging.getLogger("llmos.kernel")
+
+VERSION = "0.1.0"
+
+#: The dispatch table: syscall name -> handler, one module per syscall family.
+HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_sys.HANDLERS}
+
+
+class Kernel:
+    """An llmos kernel serving ``endpoints`` with ``drivers`` (model name -> driver)."""
+
+    def __init__(
+        self,
+        drivers: dict[str, Driver],
+        endpoints: list[str],
+        admin_token: str | None = None,
+        policy: str = "fifo",
+        max_procs: int = 4096,
+        zombie_ttl_s: float = 600.0,
+    ) -> None:
+        if not drivers:
+            raise ValueError("a kernel needs at least one model driver")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        self.drivers = drivers
+        self.default_model = next(iter(drivers))
+        self.endpoints = endpoints
+        self.admin_token = admin_token or secrets.token_urlsafe(32)
+        self.max_procs = max_procs
+        self.zombie_ttl_s = zombie_ttl_s
+        self.procs = ProcessTable(owner=getpass.getuser())
+        self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, POLICIES[policy]())
+        self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
+        self._calls: dict[int, set[Call]] = defaultdict(set)  # caller pid -> async calls
+        self._ready: dict[str, asyncio.Future[Driver]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.transport = Transport(endpoints, self._on_frames)
+        self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
+        self.started = time.monotonic()
+        self.kernel_pid = os.getpid()
+        self._stopped = asyncio.Event()
+
+    # -- life ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind the endpoints, start serving, and load the models in the background."""
+        loop = asyncio.get_running_loop()
+        self.transport.bind()
+        self.transport.start()
+        for name, driver in self.drivers.items():
+            self._ready[name] = loop.create_future()
+            self._tasks.append(loop.create_task(self._load(name, driver), name=f"load:{name}"))
+        self._tasks.append(loop.create_task(self._init_reaper(), name="init"))
+        log.info("kernel %s serving %s (policy %s)", VERSION, ", ".join(self.endpoints), self.scheduler.policy.name)
+
+    async def _load(self, name: str, driver: Driver) -> None:
+        fut = self._ready[name]
+        try:
+            await driver.load(lambda desc, frac: log.info("%s: %s %s", name, desc, "" if frac is None else f"{frac:.0%}"))
+        except Exception as exc:  # a model that fails to load must not take the kernel down
+            log.exception("model %s failed to load", name)
+            fut.set_exception(exc if isinstance(exc, DriverError) else DriverError(str(exc)))
+            fut.exception()  # mark retrieved; callers get it through model_ready()
+            return
+        log.info("model %s ready: %s", name, driver.info())
+        fut.set_result(driver)
+
+    async def model_ready(self, name: str) -> Driver:
+        """The driver of model ``name`` once loaded; EIO if it failed to load."""
+        try:
+            return await asyncio.shield(self._ready[name])
+        except DriverError as exc:
+            raise SyscallError(Errno.EIO, f"model {name} failed to load: {exc}") from None
+
+    async def _init_reaper(self) -> None:
+        """Init's housekeeping: reap top-level zombies nobody waited for."""
+        while True:
+            await asyncio.sleep(min(30.0, max(self.zombie_ttl_s / 4, 0.05)))
+            for pid in self.procs.reap_stale(self.zombie_ttl_s):
+                log.info("init reaped unwaited zombie %d", pid)
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        """Answer calls in flight with ESHUTDOWN, close the socket, unload models."""
+        self._stopped.set()
+        await self.dispatcher.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.sleep(0.05)  # let the last replies leave the socket
+        await self.transport.close()
+        for driver in self.drivers.values():
+            try:
+                await driver.shutdown()
+            except Exception:
+                log.exception("driver shutdown failed")
+
+    # -- dispatch hooks ------------------------------------------------------------
+    def _on_frames(self, parts: list[bytes]) -> None:
+        self.dispatcher.on_frames(parts)
+
+    def authenticate(self, pid: int, token: str, spec: SyscallSpec) -> Caller:
+        """Resolve the caller of a syscall: the admin (pid 0) or a live process."""
+        if pid == 0:
+            if not secrets.compare_digest(token, self.admin_token):
+                raise SyscallError(Errno.EACCES, "pid 0 is the admin and needs the kernel's admin token")
+            if spec.needs_process:
+                raise SyscallError(
+                    Errno.EACCES, f"{spec.name} acts on the calling process: call it with a process's pid and token")
+            return Caller(0, None)
+        return Caller(pid, self.procs.authenticate(pid, token))
+
+    def track(self, call: Call) -> None:
+        if call.caller.proc is not None:
+            self._calls[call.caller.pid].add(call)
+
+    def untrack(self, call: Call) -> None:
+        calls = self._calls.get(call.caller.pid)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self._calls[call.caller.pid]
+
+    # -- process control (the mechanism behind proc.kill / proc.exit) ----------------
+    def terminate(self, proc: Proc, status: int, signal: str | None) -> None:
+        """End ``proc`` now: it becomes a zombie and every call it has in flight
+        (a generation on a slot included) is answered with ECANCELED at once."""
+        if not proc.alive:
+            return
+        self.procs.exit(proc, status, signal)
+        how = f"killed by SIG{signal}" if signal else f"exited with status {status}"
+        for call in list(self._calls.pop(proc.pid, ())):
+            call.interrupt(SyscallError(Errno.ECANCELED, f"process {proc.pid} {how} during {call.name}"))
+        log.info("process %d (%s) %s", proc.pid, proc.name, how)
+
+    def stop_process(self, proc: Proc) -> None:
+        """SIGSTOP: park the process; a generation on a slot stops at the next token
+        and gives the slot back (its tokens so far are kept for SIGCONT)."""
+        if proc.state is ProcState.STOPPED:
+            return
+        proc.state_before_stop = proc.state
+        proc.state = ProcState.STOPPED
+        proc.cont.clear()
+        rid = self.running.get(proc.pid)
+        if rid is not None:
+            self.drivers[proc.model].abort(rid)
+
+    def continue_process(self, proc: Proc) -> None:
+        """SIGCONT: a stopped process becomes runnable again where it left off."""
+        if proc.state is not ProcState.STOPPED:
+            return
+        before = proc.state_before_stop
+        proc.state = ProcState.READY if before in (ProcState.RUNNING, ProcState.READY) else before
+        proc.cont.set()
+        self.scheduler.kick(proc.model)
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started

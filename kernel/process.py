@@ -1,0 +1,277 @@
+"""The process table: LLM processes, their lifecycle, and who may act on whom.
+
+Like xv6's proc.c: one struct per process with a small state enum, spawn/exit/wait/
+kill, zombies until the parent waits, orphans re-parented to init (pid 1). All of it is
+touched only from the kernel's event loop, so no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from hmac import compare_digest
+
+from syscalls.errors import Errno, SyscallError
+
+INIT_PID = 1
+
+
+class ProcState(StrEnum):
+    """NEW (never ran) -> READY (waits for a slot) -> RUNNING (on a slot) -> WAITING
+    (idle: its program is thinking) ... STOPPED (SIGSTOP) ... ZOMBIE (exited, not reaped)."""
+
+    NEW = "NEW"
+    READY = "READY"
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    STOPPED = "STOPPED"
+    ZOMBIE = "ZOMBIE"
+
+
+#: Exit status of a process ended by a signal, as a shell reports it (128 + signo).
+SIGNAL_STATUS = {"TERM": 128 + 15, "KILL": 128 + 9}
+
+
+@dataclass(eq=False)
+class Proc:
+    """One LLM process. Every field is owned by the kernel's event loop."""
+
+    pid: int
+    ppid: int
+    name: str
+    owner: str
+    token: str  # secret credential: whoever holds pid+token acts as this process
+    model: str
+    nice: int = 0
+    state: ProcState = ProcState.NEW
+    context: list[dict[str, str]] = field(default_factory=list)  # the conversation it keeps
+    created: float = field(default_factory=time.time)
+    # usage counters
+    generate_calls: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    service_s: float = 0.0
+    wait_s: float = 0.0
+    # lifecycle
+    exit_status: int | None = None
+    signal: str | None = None  # the signal that ended it, if any
+    zombie_since: float | None = None
+    orphaned: bool = False  # re-parented to init after its parent died
+    term_pending: bool = False  # TERM arrived during a generation: exit when it ends
+    state_before_stop: ProcState = ProcState.WAITING
+    # the one llm.generate in flight, if any (a process generates one thing at a time)
+    busy: bool = False
+    cont: asyncio.Event = field(default_factory=asyncio.Event)  # set while not STOPPED
+    children: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.cont.set()
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not ProcState.ZOMBIE
+
+    def check_token(self, token: str) -> bool:
+        return compare_digest(self.token, token)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a syscall: a process (pid > 0, token checked) or the admin (pid 0)."""
+
+    pid: int
+    proc: Proc | None
+
+    @property
+    def admin(self) -> bool:
+        return self.proc is None
+
+
+class ProcessTable:
+    """Owns every :class:`Proc`; allocates pids; implements exit/wait/reap."""
+
+    def __init__(self, owner: str) -> None:
+        self._procs: dict[int, Proc] = {}
+        self._next_pid = INIT_PID + 1  # pids are never reused within a kernel's life
+        self._child_exited: dict[int, asyncio.Condition] = {}
+        self.owner = owner
+
+    # -- lookup ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def __iter__(self) -> Iterator[Proc]:
+        return iter(list(self._procs.values()))
+
+    def get(self, pid: int) -> Proc | None:
+        return self._procs.get(pid)
+
+    def lookup(self, pid: int) -> Proc:
+        """The process ``pid`` or ESRCH."""
+        proc = self._procs.get(pid)
+        if proc is None:
+            raise SyscallError(Errno.ESRCH, f"no process with pid {pid}")
+        return proc
+
+    def authenticate(self, pid: int, token: str) -> Proc:
+        """The live process whose credential this is, or EACCES."""
+        proc = self._procs.get(pid)
+        if proc is None or not proc.check_token(token):
+            raise SyscallError(
+                Errno.EACCES, f"pid {pid} with that token is not a process of this kernel"
+                " (it may have exited and been reaped, or the token is wrong)",
+            )
+        if not proc.alive:
+            raise SyscallError(Errno.EACCES, f"process {pid} has exited; it can make no more syscalls")
+        return proc
+
+    def is_ancestor(self, ancestor: int, pid: int) -> bool:
+        """True if ``ancestor`` is ``pid``'s parent, grandparent, ..."""
+        proc = self._procs.get(pid)
+        while proc is not None and proc.ppid != 0:
+            if proc.ppid == ancestor:
+                return True
+            proc = self._procs.get(proc.ppid)
+        return False
+
+    def target(self, caller: Caller, pid: int | None) -> Proc:
+        """Resolve the process a call acts on: the caller itself, one of its
+        descendants, or (for the admin) anyone. ESRCH / EPERM / EINVAL otherwise."""
+        if pid is None:
+            if caller.proc is None:
+                raise SyscallError(Errno.EINVAL, "the admin must name the target process (pid)")
+            return caller.proc
+        proc = self.lookup(pid)
+        if caller.admin or pid == caller.pid or self.is_ancestor(caller.pid, pid):
+            return proc
+        raise SyscallError(
+            Errno.EPERM, f"process {caller.pid} may not act on process {pid}: "
+            "only on itself and its descendants",
+        )
+
+    def descendants(self, pid: int) -> list[Proc]:
+        """``pid``'s descendants, parents before children."""
+        out, frontier = [], [pid]
+        while frontier:
+            proc = self._procs.get(frontier.pop())
+            if proc is None:
+                continue
+            kids = [self._procs[c] for c in sorted(proc.children) if c in self._procs]
+            out.extend(kids)
+            frontier.extend(k.pid for k in kids)
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------
+    def spawn(self, ppid: int, name: str, model: str, nice: int, system: str | None,
+              owner: str | None = None) -> Proc:
+        """Create a process as a child of ``ppid`` (INIT_PID for top-level ones)."""
+        pid = self._next_pid
+        self._next_pid += 1
+        parent = self._procs.get(ppid)
+        proc = Proc(
+            pid=pid, ppid=ppid, name=name, owner=owner or (parent.owner if parent else self.owner),
+            token=secrets.token_urlsafe(24), model=model, nice=nice,
+        )
+        if system:
+            proc.context.append({"role": "system", "content": system})
+        self._procs[pid] = proc
+        if parent is not None:
+            parent.children.add(pid)
+        return proc
+
+    def exit(self, proc: Proc, status: int, signal: str | None = None) -> None:
+        """Make ``proc`` a zombie, hand its children to init, wake its parent.
+
+        The caller (kernel) is responsible for cancelling the process's in-flight work.
+        """
+        if not proc.alive:
+            return
+        proc.state = ProcState.ZOMBIE
+        proc.exit_status, proc.signal = status, signal
+        proc.zombie_since = time.monotonic()
+        proc.cont.set()  # nothing may stay parked on a dead process
+        for cpid in sorted(proc.children):
+            self._reparent_to_init(cpid)
+        proc.children.clear()
+        if proc.ppid == INIT_PID and proc.orphaned:
+            self.reap(proc)  # init reaps orphans at once, as on Unix
+        self._notify(proc.ppid)
+
+    def _reparent_to_init(self, pid: int) -> None:
+        child = self._procs.get(pid)
+        if child is None:
+            return
+        child.ppid, child.orphaned = INIT_PID, True
+        if not child.alive:
+            self.reap(child)
+
+    def reap(self, proc: Proc) -> None:
+        """Remove a zombie from the table (its pid is never handed out again)."""
+        self._procs.pop(proc.pid, None)
+        parent = self._procs.get(proc.ppid)
+        if parent is not None:
+            parent.children.discard(proc.pid)
+
+    def reap_stale(self, older_than_s: float) -> list[int]:
+        """Init's housekeeping: reap top-level zombies nobody waited for in time."""
+        now, reaped = time.monotonic(), []
+        for proc in self:
+            if (proc.ppid == INIT_PID and not proc.alive and proc.zombie_since is not None
+                    and now - proc.zombie_since >= older_than_s):
+                self.reap(proc)
+                reaped.append(proc.pid)
+        return reaped
+
+    # -- wait ----------------------------------------------------------------------
+    def _cond(self, ppid: int) -> asyncio.Condition:
+        cond = self._child_exited.get(ppid)
+        if cond is None:
+            cond = self._child_exited[ppid] = asyncio.Condition()
+        return cond
+
+    def _notify(self, ppid: int) -> None:
+        cond = self._child_exited.get(ppid)
+        if cond is not None:
+            async def _wake() -> None:
+                async with cond:
+                    cond.notify_all()
+            asyncio.get_running_loop().create_task(_wake())
+
+    def _children_of(self, caller: Caller) -> list[Proc]:
+        if caller.admin:
+            return [p for p in self if p.ppid == INIT_PID and not p.orphaned]
+        assert caller.proc is not None
+        return [self._procs[c] for c in sorted(caller.proc.children) if c in self._procs]
+
+    def _find_zombie(self, caller: Caller, pid: int | None) -> Proc | None:
+        kids = self._children_of(caller)
+        if pid is not None:
+            kids = [k for k in kids if k.pid == pid]
+            if not kids:
+                raise SyscallError(Errno.ECHILD, f"process {pid} is not a child of the caller")
+        elif not kids:
+            raise SyscallError(Errno.ECHILD, "the caller has no children to wait for")
+        return next((k for k in kids if not k.alive), None)
+
+    async def wait(self, caller: Caller, pid: int | None, timeout: float | None) -> Proc:
+        """Block until a child (``pid`` or any) is a zombie; reap and return it.
+
+        ECHILD if there is no such child; ETIMEDOUT if ``timeout`` passes first.
+        """
+        key = INIT_PID if caller.admin else caller.pid
+        cond = self._cond(key)
+        try:
+            async with asyncio.timeout(timeout), cond:
+                while (zombie := self._find_zombie(caller, pid)) is None:
+                    await cond.wait()
+        except TimeoutError:
+            raise SyscallError(Errno.ETIMEDOUT, f"no child exited within {timeout} s") from None
+        finally:
+            if not cond._waiters:  # type: ignore[attr-defined]  # drop idle conditions
+                self._child_exited.pop(key, None)
+        self.reap(zombie)
+        return zombie

@@ -1,0 +1,111 @@
+"""proc.* handlers: spawn, getpid, ps, wait, kill, exit, nice."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kernel.process import INIT_PID, SIGNAL_STATUS, Proc, ProcState
+from kernel.syscall import Call
+from syscalls import models as m
+from syscalls.errors import Errno, SyscallError
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+
+def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
+    caller = call.caller
+    model = a.model or k.default_model
+    if model not in k.drivers:
+        raise SyscallError(Errno.ENOENT, f"no model named {model!r}; loaded: {', '.join(k.drivers)}")
+    if caller.proc is not None and a.nice < caller.proc.nice:
+        raise SyscallError(Errno.EPERM, f"a child cannot run at nice {a.nice}, above its parent's {caller.proc.nice}")
+    if len(k.procs) >= k.max_procs:
+        raise SyscallError(Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit")
+    ppid = caller.pid if caller.proc is not None else INIT_PID
+    proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system)
+    return m.SpawnResult(pid=proc.pid, token=proc.token)
+
+
+def sys_getpid(k: Kernel, call: Call, a: m.Empty) -> m.GetpidResult:
+    proc = call.caller.proc
+    assert proc is not None
+    return m.GetpidResult(pid=proc.pid, ppid=proc.ppid)
+
+
+def proc_info(p: Proc) -> m.ProcInfo:
+    """The ps row of a process."""
+    return m.ProcInfo(
+        pid=p.pid, ppid=p.ppid, name=p.name, owner=p.owner, state=p.state.value, nice=p.nice,
+        model=p.model, context_messages=len(p.context), generate_calls=p.generate_calls,
+        prompt_tokens=p.prompt_tokens, output_tokens=p.output_tokens,
+        service_s=round(p.service_s, 6), wait_s=round(p.wait_s, 6), created=p.created,
+        exit_status=p.exit_status, signal=p.signal,
+    )
+
+
+def sys_ps(k: Kernel, call: Call, a: m.PsArgs) -> m.PsResult:
+    caller = call.caller
+    if a.pid is not None:
+        procs = [k.procs.target(caller, a.pid)]
+    elif caller.proc is None:
+        procs = sorted(k.procs, key=lambda p: p.pid)
+    else:
+        procs = [caller.proc, *k.procs.descendants(caller.pid)]
+    return m.PsResult(procs=[proc_info(p) for p in procs])
+
+
+async def sys_wait(k: Kernel, call: Call, a: m.WaitArgs) -> m.WaitResult:
+    zombie = await k.procs.wait(call.caller, a.pid, a.timeout)
+    assert zombie.exit_status is not None
+    return m.WaitResult(pid=zombie.pid, exit_status=zombie.exit_status, signal=zombie.signal)
+
+
+def sys_kill(k: Kernel, call: Call, a: m.KillArgs) -> m.KillResult:
+    proc = k.procs.target(call.caller, a.pid)
+    if proc.alive:
+        match a.signal:
+            case "KILL":
+                k.terminate(proc, SIGNAL_STATUS["KILL"], "KILL")
+            case "TERM":
+                if proc.busy:
+                    proc.term_pending = True  # the current generation finishes first
+                else:
+                    k.terminate(proc, SIGNAL_STATUS["TERM"], "TERM")
+            case "STOP":
+                k.stop_process(proc)
+            case "CONT":
+                k.continue_process(proc)
+    return m.KillResult(pid=proc.pid, state=proc.state.value)
+
+
+def sys_exit(k: Kernel, call: Call, a: m.ExitArgs) -> m.Done:
+    proc = call.caller.proc
+    assert proc is not None
+    k.terminate(proc, a.status, None)
+    return m.Done()
+
+
+def sys_nice(k: Kernel, call: Call, a: m.NiceArgs) -> m.NiceResult:
+    proc = k.procs.target(call.caller, a.pid)
+    if not proc.alive:
+        raise SyscallError(Errno.ESRCH, f"process {proc.pid} has exited")
+    caller = call.caller.proc
+    if caller is not None and a.nice < caller.nice:
+        raise SyscallError(
+            Errno.EPERM, f"nice {a.nice} would rank above the caller's own {caller.nice}; only the admin may")
+    proc.nice = a.nice
+    return m.NiceResult(pid=proc.pid, nice=proc.nice)
+
+
+HANDLERS = {
+    "proc.spawn": sys_spawn,
+    "proc.getpid": sys_getpid,
+    "proc.ps": sys_ps,
+    "proc.wait": sys_wait,
+    "proc.kill": sys_kill,
+    "proc.exit": sys_exit,
+    "proc.nice": sys_nice,
+}
+
+__all__ = ["HANDLERS", "ProcState", "proc_info"]

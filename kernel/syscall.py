@@ -1,0 +1,188 @@
+"""Syscall dispatch: frame in -> decode -> authenticate -> validate -> handler -> reply.
+
+Like xv6's syscall.c: the table (name -> handler) is data, built from the ABI's
+table plus one handler per row; an unknown name gets one clear ENOSYS. Synchronous
+handlers (table lookups) run inline on the loop; asynchronous ones (generation, wait)
+run as tasks under the call's deadline, so none of them can stall another caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from kernel.process import Caller
+from syscalls import codec, limits
+from syscalls.errors import Errno, SyscallError
+from syscalls.table import SYSCALLS, SyscallSpec
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+log = logging.getLogger("llmos.kernel")
+
+Handler = Callable[..., Any]
+Send = Callable[[bytes, bytes], None]
+
+
+@dataclass(eq=False)
+class Call:
+    """One syscall in flight: who asked, its deadline, how to stream back to it."""
+
+    id: int
+    name: str
+    caller: Caller
+    deadline: float  # loop.time() by which the reply must be sent
+    identity: bytes  # the ROUTER identity of the client's socket
+    send: Send
+    seq: int = 0  # chunks sent so far (streaming)
+    task: asyncio.Task[None] | None = None
+    interrupted: SyscallError | None = field(default=None)  # why it was cancelled, if so
+
+    def chunk(self, data: dict[str, Any]) -> None:
+        """Send one streamed chunk to the caller."""
+        self.send(self.identity, codec.chunk_frame(self.id, self.seq, data))
+        self.seq += 1
+
+    def interrupt(self, error: SyscallError) -> None:
+        """Cancel this call; its caller receives ``error`` at once."""
+        if self.task is not None and not self.task.done() and self.interrupted is None:
+            self.interrupted = error
+            self.task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A row of the kernel's dispatch table."""
+
+    spec: SyscallSpec
+    handler: Handler
+    is_async: bool
+
+
+def build_table(handlers: dict[str, Handler]) -> dict[str, Entry]:
+    """Join the ABI's table with the kernel's handlers; every syscall needs exactly one."""
+    missing = set(SYSCALLS) - set(handlers)
+    extra = set(handlers) - set(SYSCALLS)
+    if missing or extra:
+        raise RuntimeError(f"syscall table mismatch: missing handlers {missing}, unknown {extra}")
+    return {
+        name: Entry(spec, handlers[name], inspect.iscoroutinefunction(handlers[name]))
+        for name, spec in SYSCALLS.items()
+    }
+
+
+class Dispatcher:
+    """Turns request frames into handler calls and handler outcomes into reply frames."""
+
+    def __init__(self, kernel: Kernel, table: dict[str, Entry], send: Send) -> None:
+        self.kernel = kernel
+        self.table = table
+        self.send = send
+        self.calls: set[Call] = set()  # async calls in flight
+        self.accepting = True
+
+    def on_frames(self, parts: list[bytes]) -> None:
+        """Handle one ROUTER message: ``[identity, frame]``. Never raises."""
+        identity = parts[0]
+        rid: int | None = None
+        try:
+            if len(parts) != 2:
+                raise SyscallError(Errno.EPROTO, f"expected one frame per request, got {len(parts) - 1}")
+            try:
+                req = codec.decode_request(parts[1])
+            except SyscallError:
+                rid = _salvage(parts[1])
+                raise
+            rid = req.id
+            self._dispatch(identity, req)
+        except SyscallError as err:
+            self.send(identity, codec.error_reply(rid, err))
+        except Exception:  # a kernel bug must not take the kernel down
+            log.exception("internal error handling a frame")
+            self.send(identity, codec.error_reply(
+                rid, SyscallError(Errno.EIO, "internal kernel error; see the kernel log")))
+
+    def _dispatch(self, identity: bytes, req: codec.Request) -> None:
+        if not self.accepting:
+            raise SyscallError(Errno.ESHUTDOWN, "the kernel is shutting down")
+        entry = self.table.get(req.call)
+        if entry is None:
+            raise SyscallError(Errno.ENOSYS, f"no syscall named {req.call!r} (see `llmos syscalls`)")
+        caller = self.kernel.authenticate(req.pid, req.token, entry.spec)
+        args = _validate(entry.spec.args, req.args)
+        budget_ms = req.deadline_ms or (
+            limits.DEFAULT_GENERATE_DEADLINE_MS if entry.spec.chunk else limits.DEFAULT_DEADLINE_MS)
+        loop = asyncio.get_running_loop()
+        call = Call(req.id, req.call, caller, loop.time() + budget_ms / 1000, identity, self.send)
+        if not entry.is_async:
+            result = entry.handler(self.kernel, call, args)
+            self.send(identity, codec.ok_reply(req.id, _dump(result)))
+            return
+        call.task = loop.create_task(self._run(entry, call, args), name=f"{req.call}#{req.id}")
+        self.calls.add(call)
+        self.kernel.track(call)
+
+    async def _run(self, entry: Entry, call: Call, args: BaseModel) -> None:
+        try:
+            try:
+                async with asyncio.timeout_at(call.deadline):
+                    result = await entry.handler(self.kernel, call, args)
+                frame = codec.ok_reply(call.id, _dump(result), call.seq if entry.spec.chunk else None)
+            except TimeoutError:
+                raise SyscallError(Errno.ETIMEDOUT, f"{call.name} did not finish before its deadline") from None
+            except asyncio.CancelledError:
+                if call.interrupted is None:
+                    raise  # kernel shutdown: stop() answers the caller
+                raise call.interrupted from None
+        except SyscallError as err:
+            frame = codec.error_reply(call.id, err, call.seq if entry.spec.chunk else None)
+        except Exception:
+            log.exception("internal error in %s", call.name)
+            frame = codec.error_reply(call.id, SyscallError(
+                Errno.EIO, f"internal kernel error in {call.name}; see the kernel log"))
+        finally:
+            self.calls.discard(call)
+            self.kernel.untrack(call)
+        self.send(call.identity, frame)
+
+    async def shutdown(self) -> None:
+        """Refuse new calls; answer every call in flight with ESHUTDOWN."""
+        self.accepting = False
+        pending = list(self.calls)
+        for call in pending:
+            call.interrupt(SyscallError(Errno.ESHUTDOWN, "the kernel is shutting down"))
+        tasks = [c.task for c in pending if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
+def _salvage(frame: bytes) -> int | None:
+    try:
+        return codec.salvage_id(codec.unpackb(frame))
+    except SyscallError:
+        return None
+
+
+def _validate(model: type[BaseModel], args: dict[str, Any]) -> BaseModel:
+    try:
+        return model.model_validate(args)
+    except ValidationError as exc:
+        raise SyscallError(Errno.EINVAL, codec.describe_validation(exc)) from None
+
+
+def _dump(result: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="python")
+    return result
+
+
+AsyncHandler = Callable[..., Awaitable[Any]]

@@ -1,0 +1,17 @@
+"""llmos user space: the SDK agent programs import, the ``llmos`` command and shell.
+
+    import llmos
+    me = llmos.this_process()          # inside a program started by `llmos run`
+    print(me.chat("Hello!"))
+"""
+
+from llmos.client import AsyncClient, AsyncProcess, Client, Process, aconnect, connect, this_process
+from syscalls import errors
+from syscalls.errors import Errno, SyscallError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient", "AsyncProcess", "Client", "Errno", "Process", "SyscallError",
+    "aconnect", "connect", "errors", "this_process",
+]

@@ -1,0 +1,369 @@
+"""The ``llmos`` command: kernel control, run agent programs, ps/kill/ask, syscalls, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kernel import paths
+from kernel.daemon import add_kernel_options
+from llmos.client import Client, connect, resolve_endpoint
+from syscalls.errors import Errno, SyscallError
+
+out = Console()
+err = Console(stderr=True)
+
+
+# -- kernel start / stop / status -----------------------------------------------------
+
+
+def _kernel_pid() -> int | None:
+    """Pid of the kernel holding this runtime dir's lock, if one is running."""
+    import fcntl
+
+    lock = paths.runtime_dir() / "kernel.lock"
+    try:
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else -1
+            return None
+    except FileNotFoundError:
+        return None
+
+
+def _kernel_argv(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "kernel", "--driver", args.driver, "--slots", str(args.slots),
+            "--policy", args.policy]
+    for flag, value in (("--model", args.model), ("--model-name", args.model_name),
+                        ("--runtime-dir", args.runtime_dir), ("--state-dir", args.state_dir)):
+        if value:
+            argv += [flag, str(value)]
+    for ep in args.listen or []:
+        argv += ["--listen", ep]
+    return argv
+
+
+def start_kernel(args: argparse.Namespace, wait: bool = True) -> int:
+    """Start a detached kernel and (by default) wait until its models are ready."""
+    if args.runtime_dir:
+        os.environ["LLMOS_RUNTIME_DIR"] = str(args.runtime_dir)
+    if args.state_dir:
+        os.environ["LLMOS_STATE_DIR"] = str(args.state_dir)
+    if (pid := _kernel_pid()) is not None:
+        err.print(f"[yellow]a kernel is already running[/] (pid {pid}); `llmos kernel stop` to stop it")
+        return 0
+    state = paths.ensure_private_dir(paths.state_dir())
+    paths.ensure_private_dir(paths.runtime_dir())
+    with open(state / "kernel.out", "ab") as log:
+        proc = subprocess.Popen(_kernel_argv(args), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, cwd="/")
+    if not wait:
+        err.print(f"kernel starting (pid {proc.pid}); log: {state / 'kernel.log'}")
+        return 0
+    return _await_ready(proc, state)
+
+
+def _await_ready(proc: subprocess.Popen[bytes], state: Path, timeout_s: float = 900) -> int:
+    t0 = time.monotonic()
+    with err.status("starting the kernel…") as status:
+        while time.monotonic() - t0 < timeout_s:
+            if proc.poll() is not None:
+                err.print(f"[red]the kernel exited with status {proc.returncode}[/]; see {state / 'kernel.log'}")
+                _tail(state / "kernel.log")
+                return 1
+            info = _try_info()
+            if info is not None:
+                states = {mod.name: mod.state for mod in info.models}
+                if all(s == "ready" for s in states.values()):
+                    err.print(f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
+                              f"models: {', '.join(states)}  [dim]({time.monotonic() - t0:.1f} s)[/]")
+                    return 0
+                failed = [mod for mod in info.models if mod.state == "failed"]
+                if failed:
+                    err.print(f"[red]model {failed[0].name} failed to load:[/] {failed[0].detail}")
+                    return 1
+                detail = "; ".join(f"{mod.name}: {mod.state} {mod.detail}".strip() for mod in info.models)
+                status.update(f"loading model… {detail}")
+            time.sleep(0.3)
+    err.print(f"[red]the kernel did not become ready in {timeout_s:.0f} s[/]; see {state / 'kernel.log'}")
+    return 1
+
+
+def _try_info() -> Any:
+    try:
+        with Client() as c:
+            return c.info() if c.token else None
+    except SyscallError:
+        return None
+
+
+def _tail(path: Path, lines: int = 15) -> None:
+    try:
+        for line in path.read_text(errors="replace").splitlines()[-lines:]:
+            err.print("  " + line, markup=False, highlight=False)
+    except OSError:
+        pass
+
+
+def stop_kernel(timeout_s: float = 30) -> int:
+    pid = _kernel_pid()
+    if pid is None or pid <= 0:
+        err.print("no kernel is running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if _kernel_pid() is None:
+            err.print(f"kernel (pid {pid}) stopped")
+            return 0
+        time.sleep(0.1)
+    err.print(f"[red]kernel (pid {pid}) did not stop in {timeout_s:.0f} s[/]; `kill -9 {pid}` if it is stuck")
+    return 1
+
+
+def kernel_status(as_json: bool) -> int:
+    pid = _kernel_pid()
+    info = _try_info() if pid else None
+    if as_json:
+        print(json.dumps({"running": info is not None, "pid": pid,
+                          "info": info.model_dump() if info else None}))
+        return 0 if info else 3
+    if info is None:
+        err.print("no kernel is running" if pid is None else f"kernel pid {pid} holds the lock but does not answer")
+        return 3
+    out.print(f"kernel {info.version} (ABI {info.abi}) pid {info.kernel_pid}, up {info.uptime_s:.0f} s, "
+              f"policy {info.policy}, {info.processes} processes, on {', '.join(info.endpoints)}")
+    for mod in info.models:
+        out.print(f"  model {mod.name}: {mod.driver} driver, {mod.slots} slots, window {mod.max_context}, {mod.state}")
+    return 0
+
+
+# -- ps / kill / ask / run ----------------------------------------------------------
+
+
+def cmd_ps(as_json: bool) -> int:
+    with connect() as c:
+        procs = c.ps()
+    if as_json:
+        print(json.dumps([p.model_dump() for p in procs]))
+        return 0
+    table = Table(box=None)
+    for col in ("PID", "PPID", "STATE", "NI", "MODEL", "CALLS", "TOK IN", "TOK OUT", "RUN s", "WAIT s", "NAME"):
+        table.add_column(col, justify="right" if col not in ("STATE", "MODEL", "NAME") else "left")
+    for p in procs:
+        state = p.state if p.exit_status is None else f"{p.state}({p.exit_status})"
+        table.add_row(str(p.pid), str(p.ppid), state, str(p.nice), p.model, str(p.generate_calls),
+                      str(p.prompt_tokens), str(p.output_tokens), f"{p.service_s:.2f}", f"{p.wait_s:.2f}", p.name)
+    out.print(table)
+    return 0
+
+
+def cmd_kill(pid: int, sig: str) -> int:
+    with connect() as c:
+        res = c.kill(pid, sig.upper().removeprefix("SIG"))
+    err.print(f"process {res.pid}: {res.state}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    if _kernel_pid() is None and start_kernel(_default_kernel_args()) != 0:
+        return 1
+    with connect() as c:
+        proc = c.spawn("ask", system=args.system)
+        try:
+            opts = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+            if args.json:
+                res = proc.generate([{"role": "user", "content": args.prompt}], **opts)
+                print(json.dumps({"pid": proc.pid, **res.model_dump()}))
+            else:
+                for piece in proc.stream(args.prompt, **opts):
+                    out.print(piece, end="", markup=False, highlight=False)
+                out.print()
+        finally:
+            c.kill(proc.pid, "KILL")
+            c.wait(proc.pid, timeout=10)
+    return 0
+
+
+def _default_kernel_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_kernel_options(p)
+    return p.parse_args([])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run PROGRAM as a child OS process with its own LLM process."""
+    program = Path(args.program)
+    if not program.is_file():
+        err.print(f"[red]no such program:[/] {program}")
+        return 2
+    started = _kernel_pid() is None
+    if started and start_kernel(_default_kernel_args()) != 0:
+        return 1
+    with connect() as c:
+        proc = c.spawn(args.name or program.stem[:64], system=args.system, nice=args.nice)
+        env = {**os.environ, "LLMOS_PID": str(proc.pid), "LLMOS_TOKEN": proc.token,
+               "LLMOS_ENDPOINT": resolve_endpoint()}
+        child = subprocess.Popen([sys.executable, str(program), *args.args], env=env)
+        try:
+            status = child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
+            status = child.wait()
+        finally:
+            _kill_tree(c, proc.pid)
+        if not args.quiet:
+            err.print(f"[dim]{program.name} exited with status {status} (LLM process {proc.pid} reaped)[/]")
+            if started:
+                err.print("[dim]the kernel keeps running; `llmos kernel stop` stops it[/]")
+    return status if status >= 0 else 128 - status
+
+
+def _kill_tree(c: Client, pid: int) -> None:
+    """The program is gone: kill its LLM process and every descendant, reap the top."""
+    try:
+        procs = c.ps()
+    except SyscallError:
+        return
+    tree, frontier = [], {pid}
+    for p in sorted(procs, key=lambda p: p.pid):  # children have larger pids than parents
+        if p.pid in frontier or p.ppid in frontier:
+            frontier.add(p.pid)
+            tree.append(p)
+    for p in tree:
+        if p.state != "ZOMBIE":
+            try:
+                c.kill(p.pid, "KILL")
+            except SyscallError:
+                pass
+    try:
+        c.wait(pid, timeout=10)
+    except SyscallError:
+        pass
+
+
+def cmd_syscalls(args: argparse.Namespace) -> int:
+    from syscalls.table import markdown_table, table_rows
+
+    if args.json:
+        print(json.dumps(table_rows()))
+    elif args.markdown:
+        print(markdown_table(), end="")
+    else:
+        table = Table(show_lines=True)
+        for col in ("syscall", "arguments", "result", "errors"):
+            table.add_column(col)
+        for r in table_rows():
+            table.add_row(f"[bold]{r['name']}[/]\n[dim]{r['doc']}[/]", r["args"], r["result"], r["errors"])
+        out.print(table)
+    return 0
+
+
+# -- argument parsing ---------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmos", description="llmos: an operating system for LLM agents")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    kp = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
+    ksub = kp.add_subparsers(dest="kcmd", required=True)
+    ks = ksub.add_parser("start", help="start the kernel (detached unless --foreground)")
+    add_kernel_options(ks)
+    ks.add_argument("--foreground", action="store_true", help="run in this terminal, log to stderr")
+    ks.add_argument("--no-wait", action="store_true", help="return without waiting for the model to load")
+    ksub.add_parser("stop", help="stop the running kernel (SIGTERM)")
+    kst = ksub.add_parser("status", help="is a kernel running, with what")
+    kst.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser("run", help="run an agent program with its own LLM process")
+    rp.add_argument("program")
+    rp.add_argument("args", nargs=argparse.REMAINDER)
+    rp.add_argument("--name", default=None, help="process name (default: the program's)")
+    rp.add_argument("--system", default=None, help="system prompt of its process")
+    rp.add_argument("--nice", type=int, default=0)
+    rp.add_argument("--quiet", action="store_true")
+
+    pp = sub.add_parser("ps", help="list processes")
+    pp.add_argument("--json", action="store_true")
+
+    kl = sub.add_parser("kill", help="signal a process")
+    kl.add_argument("pid", type=int)
+    kl.add_argument("-s", "--signal", default="TERM", help="TERM, KILL, STOP or CONT")
+
+    ap = sub.add_parser("ask", help="one-shot generation in a fresh process")
+    ap.add_argument("prompt")
+    ap.add_argument("--system", default=None)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("syscalls", help="print the syscall table")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--markdown", action="store_true")
+
+    bp = sub.add_parser("bench", help="benchmarks")
+    bsub = bp.add_subparsers(dest="bcmd", required=True)
+    bs = bsub.add_parser("syscalls", help="syscall round trips and generation overhead")
+    bs.add_argument("--clients", default="1,16", help="comma-separated client counts (default: 1,16)")
+    bs.add_argument("--calls", type=int, default=5000, help="calls per client per syscall")
+    bs.add_argument("--gen-tokens", type=int, default=64, help="tokens per generation (0 skips it)")
+    bs.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SyscallError as exc:
+        err.print(f"[red]llmos: {exc.code}:[/] {exc.message}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    match args.cmd:
+        case "kernel":
+            if args.kcmd == "start":
+                if args.foreground:
+                    import asyncio
+
+                    from kernel.daemon import run_kernel
+                    return asyncio.run(run_kernel(args))
+                return start_kernel(args, wait=not args.no_wait)
+            if args.kcmd == "stop":
+                return stop_kernel()
+            return kernel_status(args.json)
+        case "run":
+            return cmd_run(args)
+        case "ps":
+            return cmd_ps(args.json)
+        case "kill":
+            return cmd_kill(args.pid, args.signal)
+        case "ask":
+            return cmd_ask(args)
+        case "syscalls":
+            return cmd_syscalls(args)
+        case "bench":
+            from llmos.bench import bench_syscalls
+            return bench_syscalls(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

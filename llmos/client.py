@@ -1,0 +1,410 @@
+"""The SDK: connect to a kernel and make syscalls, synchronously or with asyncio.
+
+    import llmos
+    with llmos.connect() as k:                 # the admin (your user), or
+        p = k.spawn("helper", system="Be brief.")
+        print(p.chat("Name a colour."))
+        for piece in p.stream("And another?"):
+            print(piece, end="")
+        p.exit()
+
+Agent programs started by ``llmos run`` get their own process with
+``llmos.this_process()``. Every failure is a :class:`syscalls.errors.SyscallError`
+subclass named after its code (``errors.ESRCH``, ``errors.ETIMEDOUT``...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from kernel import paths
+from syscalls import codec, limits
+from syscalls import models as m
+from syscalls.errors import Errno, SyscallError
+
+#: Extra seconds the client waits past a call's deadline for the kernel's own ETIMEDOUT.
+GRACE_S = 5.0
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str:
+    """``endpoint``, else ``$LLMOS_ENDPOINT``, else what the kernel wrote in the runtime
+    dir, else the default ipc socket."""
+    if endpoint:
+        return endpoint
+    if env := os.environ.get("LLMOS_ENDPOINT"):
+        return env
+    try:
+        return (paths.runtime_dir() / "kernel.endpoint").read_text().strip()
+    except OSError:
+        return paths.default_endpoint()
+
+
+def admin_token() -> str | None:
+    """The admin credential the running kernel wrote for this user, if readable."""
+    if env := os.environ.get("LLMOS_ADMIN_TOKEN"):
+        return env
+    try:
+        return (paths.runtime_dir() / "admin.token").read_text().strip()
+    except OSError:
+        return None
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists():
+        raise SyscallError.of(
+            Errno.ECONNREFUSED, f"no kernel socket at {endpoint[6:]}; start one with `llmos kernel start`")
+
+
+def _deadline_of(args: dict[str, Any], deadline_ms: int | None, name: str) -> float:
+    if deadline_ms is not None:
+        return deadline_ms / 1000
+    if name == "llm.generate":
+        return limits.DEFAULT_GENERATE_DEADLINE_MS / 1000
+    if name == "proc.wait" and isinstance(args.get("timeout"), int | float):
+        return max(args["timeout"] + 1, limits.DEFAULT_DEADLINE_MS / 1000)
+    return limits.DEFAULT_DEADLINE_MS / 1000
+
+
+def _final(frame: Any) -> dict[str, Any]:
+    """Result of a final reply frame, or raise its error."""
+    if not isinstance(frame, dict) or "ok" not in frame:
+        raise SyscallError.of(Errno.EPROTO, f"kernel sent a malformed reply: {frame!r:.200}")
+    if frame["ok"]:
+        result = frame.get("result")
+        return result if isinstance(result, dict) else {}
+    raise SyscallError.from_wire(frame.get("error"))
+
+
+class Client:
+    """A synchronous connection to a kernel (thread-safe; one call at a time)."""
+
+    def __init__(self, endpoint: str | None = None, pid: int = 0, token: str | None = None) -> None:
+        self.endpoint = resolve_endpoint(endpoint)
+        _check_endpoint(self.endpoint)
+        self.pid = pid
+        self.token = token if token is not None else (admin_token() or "") if pid == 0 else ""
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- raw syscalls -------------------------------------------------------------------
+    def call(self, name: str, args: dict[str, Any] | None = None, *, pid: int | None = None,
+             token: str | None = None, deadline_ms: int | None = None) -> dict[str, Any]:
+        """Make one syscall and return its result (a dict), or raise its error."""
+        *_, final = self._frames(name, args or {}, pid, token, deadline_ms)
+        return final
+
+    def stream(self, name: str, args: dict[str, Any], *, pid: int | None = None,
+               token: str | None = None, deadline_ms: int | None = None) -> Iterator[dict[str, Any]]:
+        """Make a streaming syscall: yields each chunk, then the final result."""
+        yield from self._frames(name, args, pid, token, deadline_ms)
+
+    def _frames(self, name: str, args: dict[str, Any], pid: int | None, token: str | None,
+                deadline_ms: int | None) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            rid = next(self._ids)
+            pid = self.pid if pid is None else pid
+            token = self.token if token is None else token
+            self._sock.send(codec.encode_request(rid, name, args, pid, token, deadline_ms))
+            wait_ms = int((_deadline_of(args, deadline_ms, name) + GRACE_S) * 1000)
+            while True:
+                if not self._sock.poll(wait_ms, zmq.POLLIN):
+                    raise SyscallError.of(
+                        Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}; "
+                        "is it running? (`llmos kernel status`)")
+                frame = codec.unpackb(self._sock.recv())
+                if not isinstance(frame, dict) or frame.get("id") not in (rid, None):
+                    continue  # a late reply to an earlier call that timed out here
+                if "chunk" in frame:
+                    yield frame["chunk"]
+                    continue
+                yield _final(frame)
+                return
+
+    # -- conveniences -------------------------------------------------------------------
+    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0) -> Process:
+        """Create an LLM process (a child of this client's process, or of init)."""
+        args = m.SpawnArgs(name=name, system=system, model=model, nice=nice).model_dump(exclude_none=True)
+        res = m.SpawnResult(**self.call("proc.spawn", args))
+        return Process(self, res.pid, res.token)
+
+    def process(self, pid: int, token: str) -> Process:
+        """A handle acting as process ``pid`` (whose token you hold)."""
+        return Process(self, pid, token)
+
+    def info(self) -> m.SysInfoResult:
+        return m.SysInfoResult(**self.call("sys.info"))
+
+    def ps(self, pid: int | None = None) -> list[m.ProcInfo]:
+        return m.PsResult(**self.call("proc.ps", _opt(pid=pid))).procs
+
+    def kill(self, pid: int, signal: str = "TERM") -> m.KillResult:
+        return m.KillResult(**self.call("proc.kill", {"pid": pid, "signal": signal}))
+
+    def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
+        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+
+    def nice(self, pid: int, nice: int) -> m.NiceResult:
+        return m.NiceResult(**self.call("proc.nice", {"pid": pid, "nice": nice}))
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Process:
+    """A handle on one LLM process; its methods are the syscalls it makes."""
+
+    def __init__(self, client: Client, pid: int, token: str) -> None:
+        self.client, self.pid, self.token = client, pid, token
+        self.last: m.GenerateResult | None = None  # result of the latest generation
+
+    def __repr__(self) -> str:
+        return f"Process(pid={self.pid})"
+
+    def call(self, name: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        """A raw syscall made as this process."""
+        return self.client.call(name, args, pid=self.pid, token=self.token, **kw)
+
+    # llm.*
+    def generate(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
+                 deadline_ms: int | None = None, **options: Any) -> m.GenerateResult:
+        """Generate from chat ``messages`` (kept in the context) or a raw ``prompt``.
+        Options: temperature, top_p, max_tokens, stop, seed."""
+        args = _opt(messages=messages, prompt=prompt, **options)
+        self.last = m.GenerateResult(**self.call("llm.generate", args, deadline_ms=deadline_ms))
+        return self.last
+
+    def chat(self, text: str, **options: Any) -> str:
+        """Say ``text`` as the user; return the model's answer (both stay in the context)."""
+        return self.generate([{"role": "user", "content": text}], **options).text
+
+    def stream(self, text: str | None = None, messages: list[dict[str, str]] | None = None,
+               deadline_ms: int | None = None, **options: Any) -> Iterator[str]:
+        """Like :meth:`chat` but yields text as it is generated; ``self.last`` holds
+        the final result afterwards."""
+        if text is not None:
+            messages = [*(messages or []), {"role": "user", "content": text}]
+        args = _opt(messages=messages, stream=True, **options)
+        for frame in self.client.stream("llm.generate", args, pid=self.pid, token=self.token,
+                                        deadline_ms=deadline_ms):
+            if "finish_reason" in frame:
+                self.last = m.GenerateResult(**frame)
+            else:
+                yield frame["text"]
+
+    # ctx.*
+    def context(self, last: int | None = None) -> list[dict[str, str]]:
+        return self.call("ctx.get", _opt(last=last))["messages"]
+
+    def append(self, messages: list[dict[str, str]]) -> int:
+        return self.call("ctx.append", {"messages": messages})["total"]
+
+    def clear(self, keep_system: bool = True) -> int:
+        return self.call("ctx.clear", {"keep_system": keep_system})["total"]
+
+    # proc.*
+    def getpid(self) -> m.GetpidResult:
+        return m.GetpidResult(**self.call("proc.getpid"))
+
+    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0) -> Process:
+        """Spawn a child of this process."""
+        args = m.SpawnArgs(name=name, system=system, model=model, nice=nice).model_dump(exclude_none=True)
+        res = m.SpawnResult(**self.call("proc.spawn", args))
+        return Process(self.client, res.pid, res.token)
+
+    def ps(self) -> list[m.ProcInfo]:
+        return m.PsResult(**self.call("proc.ps")).procs
+
+    def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
+        """Wait for one of this process's children to exit."""
+        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+
+    def kill(self, pid: int | None = None, signal: str = "TERM") -> m.KillResult:
+        """Signal this process (default) or one of its descendants."""
+        return m.KillResult(**self.call("proc.kill", {"pid": pid or self.pid, "signal": signal}))
+
+    def nice(self, nice: int, pid: int | None = None) -> m.NiceResult:
+        return m.NiceResult(**self.call("proc.nice", _opt(pid=pid, nice=nice)))
+
+    def exit(self, status: int = 0) -> None:
+        self.call("proc.exit", {"status": status})
+
+
+def _opt(**kw: Any) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def connect(endpoint: str | None = None) -> Client:
+    """Connect to the running kernel as the admin (the user who started it)."""
+    return Client(endpoint)
+
+
+def this_process(endpoint: str | None = None) -> Process:
+    """The LLM process this program was started with (``llmos run`` sets
+    ``LLMOS_PID``, ``LLMOS_TOKEN`` and ``LLMOS_ENDPOINT``)."""
+    try:
+        pid, token = int(os.environ["LLMOS_PID"]), os.environ["LLMOS_TOKEN"]
+    except (KeyError, ValueError):
+        raise SyscallError.of(
+            Errno.EACCES, "this program has no LLM process: run it with `llmos run PROGRAM.py`") from None
+    client = Client(endpoint, pid=pid, token=token)
+    return Process(client, pid, token)
+
+
+# -- asyncio flavour -------------------------------------------------------------------
+
+
+class AsyncClient:
+    """An asyncio connection: many calls in flight on one socket, matched by id."""
+
+    def __init__(self, endpoint: str | None = None, pid: int = 0, token: str | None = None) -> None:
+        self.endpoint = resolve_endpoint(endpoint)
+        _check_endpoint(self.endpoint)
+        self.pid = pid
+        self.token = token if token is not None else (admin_token() or "") if pid == 0 else ""
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._ids = itertools.count(1)
+        self._inbox: dict[int, asyncio.Queue[Any]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _read(self) -> None:
+        while True:
+            frame = codec.unpackb(await self._sock.recv())
+            if isinstance(frame, dict) and (q := self._inbox.get(frame.get("id"))) is not None:
+                q.put_nowait(frame)
+
+    async def _frames(self, name: str, args: dict[str, Any], pid: int | None, token: str | None,
+                      deadline_ms: int | None) -> AsyncIterator[dict[str, Any]]:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        rid = next(self._ids)
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._inbox[rid] = q
+        try:
+            await self._sock.send(codec.encode_request(
+                rid, name, args, self.pid if pid is None else pid,
+                self.token if token is None else token, deadline_ms))
+            async with asyncio.timeout(_deadline_of(args, deadline_ms, name) + GRACE_S):
+                while True:
+                    frame = await q.get()
+                    if "chunk" in frame:
+                        yield frame["chunk"]
+                        continue
+                    yield _final(frame)
+                    return
+        except TimeoutError:
+            raise SyscallError.of(Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}") from None
+        finally:
+            self._inbox.pop(rid, None)
+
+    async def call(self, name: str, args: dict[str, Any] | None = None, *, pid: int | None = None,
+                   token: str | None = None, deadline_ms: int | None = None) -> dict[str, Any]:
+        """Make one syscall and return its result, or raise its error."""
+        result: dict[str, Any] = {}
+        async for frame in self._frames(name, args or {}, pid, token, deadline_ms):
+            result = frame
+        return result
+
+    def stream(self, name: str, args: dict[str, Any], *, pid: int | None = None, token: str | None = None,
+               deadline_ms: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of a streaming syscall, then its final result."""
+        return self._frames(name, args, pid, token, deadline_ms)
+
+    async def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0) -> AsyncProcess:
+        args = m.SpawnArgs(name=name, system=system, model=model, nice=nice).model_dump(exclude_none=True)
+        res = m.SpawnResult(**await self.call("proc.spawn", args))
+        return AsyncProcess(self, res.pid, res.token)
+
+    async def info(self) -> m.SysInfoResult:
+        return m.SysInfoResult(**await self.call("sys.info"))
+
+    async def ps(self, pid: int | None = None) -> list[m.ProcInfo]:
+        return m.PsResult(**await self.call("proc.ps", _opt(pid=pid))).procs
+
+    async def kill(self, pid: int, signal: str = "TERM") -> m.KillResult:
+        return m.KillResult(**await self.call("proc.kill", {"pid": pid, "signal": signal}))
+
+    async def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
+        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncProcess:
+    """The asyncio twin of :class:`Process`."""
+
+    def __init__(self, client: AsyncClient, pid: int, token: str) -> None:
+        self.client, self.pid, self.token = client, pid, token
+        self.last: m.GenerateResult | None = None
+
+    async def call(self, name: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        return await self.client.call(name, args, pid=self.pid, token=self.token, **kw)
+
+    async def generate(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
+                       deadline_ms: int | None = None, **options: Any) -> m.GenerateResult:
+        args = _opt(messages=messages, prompt=prompt, **options)
+        self.last = m.GenerateResult(**await self.call("llm.generate", args, deadline_ms=deadline_ms))
+        return self.last
+
+    async def chat(self, text: str, **options: Any) -> str:
+        return (await self.generate([{"role": "user", "content": text}], **options)).text
+
+    async def stream(self, text: str, deadline_ms: int | None = None, **options: Any) -> AsyncIterator[str]:
+        args = _opt(messages=[{"role": "user", "content": text}], stream=True, **options)
+        async for frame in self.client.stream("llm.generate", args, pid=self.pid, token=self.token,
+                                              deadline_ms=deadline_ms):
+            if "finish_reason" in frame:
+                self.last = m.GenerateResult(**frame)
+            else:
+                yield frame["text"]
+
+    async def context(self, last: int | None = None) -> list[dict[str, str]]:
+        return (await self.call("ctx.get", _opt(last=last)))["messages"]
+
+    async def getpid(self) -> m.GetpidResult:
+        return m.GetpidResult(**await self.call("proc.getpid"))
+
+    async def kill(self, pid: int | None = None, signal: str = "TERM") -> m.KillResult:
+        return m.KillResult(**await self.call("proc.kill", {"pid": pid or self.pid, "signal": signal}))
+
+    async def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
+        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+
+    async def exit(self, status: int = 0) -> None:
+        await self.call("proc.exit", {"status": status})
+
+
+async def aconnect(endpoint: str | None = None) -> AsyncClient:
+    """asyncio flavour of :func:`connect`."""
+    return AsyncClient(endpoint)

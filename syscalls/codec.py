@@ -1,0 +1,141 @@
+"""The wire codec: msgpack with hard limits, and the request/reply envelopes.
+
+Frames are single ZeroMQ message parts holding one msgpack map.
+
+Request  ``{"v": ABI, "id": int, "call": str, "pid": int, "token": str,
+            "deadline_ms": int | None, "args": {...}}``
+Reply    ``{"id": int, "ok": True, "result": {...}}`` or
+         ``{"id": int, "ok": False, "error": {"code": "EINVAL", "message": "..."}}``
+Chunk    ``{"id": int, "seq": n, "chunk": {...}}`` (streaming syscalls; the reply with
+         ``ok`` is always the final frame of a stream, and carries ``"seq"`` too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from syscalls import limits
+from syscalls.errors import Errno, SyscallError
+
+
+class Request(BaseModel):
+    """The envelope of every syscall."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    v: int
+    id: int = Field(ge=0, lt=2**63)
+    call: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
+    pid: int = Field(default=0, ge=0, lt=2**31)
+    token: str = Field(default="", max_length=limits.MAX_TOKEN_CHARS)
+    deadline_ms: int | None = Field(default=None, ge=1, le=limits.MAX_DEADLINE_MS)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the ABI")
+
+
+def packb(obj: Any) -> bytes:
+    """Encode one frame."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(frame: bytes) -> Any:
+    """Decode one frame, refusing anything over the ABI's limits.
+
+    Raises :class:`SyscallError` with E2BIG (too large) or EPROTO (not valid msgpack).
+    """
+    if len(frame) > limits.MAX_FRAME_BYTES:
+        raise SyscallError(
+            Errno.E2BIG, f"frame of {len(frame)} bytes exceeds the {limits.MAX_FRAME_BYTES}-byte limit"
+        )
+    try:
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_no_ext,
+            max_str_len=limits.MAX_STR_BYTES,
+            max_bin_len=limits.MAX_STR_BYTES,
+            max_array_len=limits.MAX_ARRAY_ITEMS,
+            max_map_len=limits.MAX_MAP_ITEMS,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise SyscallError(Errno.EPROTO, f"frame is not valid msgpack: {exc}") from None
+
+
+def salvage_id(obj: Any) -> int | None:
+    """Best-effort request id from a frame that failed validation (to address the reply)."""
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63:
+            return rid
+    return None
+
+
+def decode_request(frame: bytes) -> Request:
+    """Frame -> validated :class:`Request`. Raises SyscallError (EPROTO, E2BIG,
+    EPROTONOSUPPORT, EINVAL) for anything malformed."""
+    obj = unpackb(frame)
+    if not isinstance(obj, dict):
+        raise SyscallError(Errno.EPROTO, "a request frame must be a msgpack map")
+    version = obj.get("v")
+    if version != limits.ABI_VERSION:
+        raise SyscallError(
+            Errno.EPROTONOSUPPORT,
+            f"ABI version {version!r} is not supported; this kernel speaks version "
+            f"{limits.ABI_VERSION} (upgrade the client or the kernel so they match)",
+        )
+    try:
+        return Request.model_validate(obj)
+    except ValidationError as exc:
+        raise SyscallError(Errno.EPROTO, f"bad request envelope: {describe_validation(exc)}") from None
+
+
+def encode_request(
+    rid: int, call: str, args: dict[str, Any], pid: int = 0, token: str = "",
+    deadline_ms: int | None = None,
+) -> bytes:
+    """Build a request frame (used by the SDK)."""
+    return packb({
+        "v": limits.ABI_VERSION, "id": rid, "call": call, "pid": pid, "token": token,
+        "deadline_ms": deadline_ms, "args": args,
+    })
+
+
+def ok_reply(rid: int | None, result: dict[str, Any], seq: int | None = None) -> bytes:
+    """A successful final reply frame."""
+    frame: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+    if seq is not None:
+        frame["seq"] = seq
+    return packb(frame)
+
+
+def error_reply(rid: int | None, error: SyscallError, seq: int | None = None) -> bytes:
+    """A failed final reply frame."""
+    frame: dict[str, Any] = {"id": rid, "ok": False, "error": error.to_wire()}
+    if seq is not None:
+        frame["seq"] = seq
+    return packb(frame)
+
+
+def chunk_frame(rid: int, seq: int, chunk: dict[str, Any]) -> bytes:
+    """One streamed chunk of a reply."""
+    return packb({"id": rid, "seq": seq, "chunk": chunk})
+
+
+def describe_validation(exc: ValidationError, limit: int = 3) -> str:
+    """A short human sentence from a pydantic error (no input echo, bounded length)."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:limit]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - limit
+    if more > 0:
+        parts.append(f"and {more} more problem(s)")
+    return "; ".join(parts)

@@ -1,0 +1,32 @@
+"""Hard limits of the ABI. The kernel enforces them; the SDK checks them early."""
+
+#: Version of the wire protocol. A request with another version gets EPROTONOSUPPORT.
+ABI_VERSION = 1
+
+#: Largest frame the codec accepts (bytes). Larger ones get E2BIG.
+MAX_FRAME_BYTES = 1 << 20
+#: Transport-level cap (ZMQ_MAXMSGSIZE): a peer sending more is disconnected outright.
+MAX_TRANSPORT_BYTES = 8 << 20
+#: Longest string / most items / deepest nesting the decoder builds.
+MAX_STR_BYTES = MAX_FRAME_BYTES
+MAX_ARRAY_ITEMS = 4096
+MAX_MAP_ITEMS = 256
+
+#: Names (process names, syscall names, model names).
+MAX_NAME_CHARS = 64
+MAX_TOKEN_CHARS = 128
+#: Text of one prompt / message / system prompt, in characters.
+MAX_TEXT_CHARS = 200_000
+#: Messages in one call.
+MAX_MESSAGES = 1024
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+MAX_OUTPUT_TOKENS = 8192
+
+#: Deadlines, in milliseconds from when the kernel receives the request.
+DEFAULT_DEADLINE_MS = 30_000
+DEFAULT_GENERATE_DEADLINE_MS = 600_000
+MAX_DEADLINE_MS = 24 * 3600 * 1000
+
+#: Process priorities are Unix nice values: lower runs first.
+NICE_MIN, NICE_MAX = -20, 19

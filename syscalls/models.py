@@ -1,0 +1,234 @@
+"""One pydantic model per syscall's arguments and per result.
+
+Every model forbids unknown fields and bounds every size, so the kernel can trust a
+validated value. Field docs (``description``) feed the generated syscall table.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from syscalls import limits
+
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.:@+-]+$"),
+]
+Text = Annotated[str, Field(max_length=limits.MAX_TEXT_CHARS)]
+Pid = Annotated[int, Field(ge=1, lt=2**31)]
+Nice = Annotated[int, Field(ge=limits.NICE_MIN, le=limits.NICE_MAX)]
+Signal = Literal["TERM", "KILL", "STOP", "CONT"]
+State = Literal["NEW", "READY", "RUNNING", "WAITING", "STOPPED", "ZOMBIE"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class Args(BaseModel):
+    """Base of syscall arguments: strict types, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Result(BaseModel):
+    """Base of syscall results."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Empty(Args):
+    """No arguments."""
+
+
+class Done(Result):
+    """No result beyond success."""
+
+
+class ChatMessage(Args):
+    """One turn of a conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+Messages = Annotated[list[ChatMessage], Field(max_length=limits.MAX_MESSAGES)]
+
+
+# -- proc.* ------------------------------------------------------------------------
+
+
+class SpawnArgs(Args):
+    name: Name = Field(description="process name shown by ps")
+    model: Name | None = Field(default=None, description="model to run on (default: the kernel's first)")
+    system: Text | None = Field(default=None, description="system prompt placed first in the context")
+    nice: Nice = Field(default=0, description="priority as a Unix nice value, -20 (first) .. 19")
+
+
+class SpawnResult(Result):
+    pid: int
+    token: str = Field(description="secret credential for acting as the new process")
+
+
+class GetpidResult(Result):
+    pid: int
+    ppid: int
+
+
+class Usage(Result):
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ProcInfo(Result):
+    """One row of the process table."""
+
+    pid: int
+    ppid: int
+    name: str
+    owner: str
+    state: State
+    nice: int
+    model: str
+    context_messages: int
+    generate_calls: int
+    prompt_tokens: int
+    output_tokens: int
+    service_s: float = Field(description="time spent generating on a slot")
+    wait_s: float = Field(description="time spent READY, waiting for a slot")
+    created: float = Field(description="spawn time, Unix seconds")
+    exit_status: int | None = None
+    signal: Signal | None = Field(default=None, description="signal that ended it, if any")
+
+
+class PsArgs(Args):
+    pid: Pid | None = Field(default=None, description="only this process")
+
+
+class PsResult(Result):
+    procs: list[ProcInfo]
+
+
+class WaitArgs(Args):
+    pid: Pid | None = Field(default=None, description="child to wait for (default: any child)")
+    timeout: float | None = Field(
+        default=None, ge=0, le=limits.MAX_DEADLINE_MS / 1000,
+        description="seconds to wait; 0 polls; default: until the call's deadline",
+    )
+
+
+class WaitResult(Result):
+    pid: int
+    exit_status: int
+    signal: Signal | None = None
+
+
+class KillArgs(Args):
+    pid: Pid
+    signal: Signal = "TERM"
+
+
+class KillResult(Result):
+    pid: int
+    state: State
+
+
+class ExitArgs(Args):
+    status: int = Field(default=0, ge=0, le=255)
+
+
+class NiceArgs(Args):
+    pid: Pid | None = Field(default=None, description="target (default: the caller)")
+    nice: Nice
+
+
+class NiceResult(Result):
+    pid: int
+    nice: int
+
+
+# -- llm.* -------------------------------------------------------------------------
+
+
+class GenerateArgs(Args):
+    messages: Messages | None = Field(
+        default=None, description="chat turns appended to the process context, then answered"
+    )
+    prompt: Text | None = Field(
+        default=None, description="raw text completion; the context is neither used nor changed"
+    )
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=256, ge=1, le=limits.MAX_OUTPUT_TOKENS)
+    stop: list[Annotated[str, Field(min_length=1, max_length=limits.MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=limits.MAX_STOP_STRINGS
+    )
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stream: bool = Field(default=False, description="send text chunks as they are generated")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateArgs:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        return self
+
+
+class GenerateChunk(Result):
+    text: str
+
+
+class GenerateResult(Result):
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+# -- ctx.* -------------------------------------------------------------------------
+
+
+class CtxGetArgs(Args):
+    pid: Pid | None = Field(default=None, description="target (default: the caller)")
+    last: int | None = Field(default=None, ge=0, le=limits.MAX_MESSAGES, description="only the last N")
+
+
+class CtxGetResult(Result):
+    pid: int
+    messages: list[ChatMessage]
+    total: int = Field(description="messages in the whole context")
+
+
+class CtxAppendArgs(Args):
+    pid: Pid | None = None
+    messages: Messages = Field(min_length=1)
+
+
+class CtxClearArgs(Args):
+    pid: Pid | None = None
+    keep_system: bool = Field(default=True, description="keep the system prompt")
+
+
+class CtxResult(Result):
+    pid: int
+    total: int
+
+
+# -- sys.* -------------------------------------------------------------------------
+
+
+class ModelRow(Result):
+    name: str
+    driver: str
+    max_context: int
+    slots: int
+    state: str
+    detail: str = ""
+
+
+class SysInfoResult(Result):
+    version: str
+    abi: int
+    uptime_s: float
+    kernel_pid: int
+    endpoints: list[str]
+    models: list[ModelRow]
+    processes: int
+    policy: str = Field(description="the scheduling policy")

@@ -1,0 +1,122 @@
+"""The syscall table as data: name -> arguments, result, errors, streaming.
+
+The kernel registers one handler per row (``kernel/syscall.py``); the docs and
+``llmos syscalls`` are generated from it. Adding a syscall = one row here, one model
+pair in ``models.py`` and one handler.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from syscalls import models as m
+from syscalls.errors import Errno
+
+#: Errors any syscall may return (envelope, credentials, deadline, shutdown).
+COMMON_ERRORS = (Errno.EPROTO, Errno.EINVAL, Errno.EACCES, Errno.ETIMEDOUT, Errno.ESHUTDOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class SyscallSpec:
+    """One row of the syscall table."""
+
+    name: str
+    args: type[m.Args]
+    result: type[BaseModel]
+    errors: tuple[Errno, ...]
+    doc: str
+    chunk: type[BaseModel] | None = None  # streaming syscalls send these before the result
+    needs_process: bool = True  # False: callable with the kernel's admin token (pid 0)
+
+
+def _row(name, args, result, errors, doc, **kw) -> tuple[str, SyscallSpec]:
+    return name, SyscallSpec(name, args, result, tuple(errors), doc, **kw)
+
+
+SYSCALLS: dict[str, SyscallSpec] = dict([
+    _row("proc.spawn", m.SpawnArgs, m.SpawnResult, [Errno.ENOENT, Errno.EPERM, Errno.EAGAIN],
+         "Create an LLM process (child of the caller, or of init for the admin).",
+         needs_process=False),
+    _row("proc.getpid", m.Empty, m.GetpidResult, [],
+         "The caller's pid and parent pid."),
+    _row("proc.ps", m.PsArgs, m.PsResult, [Errno.ESRCH, Errno.EPERM],
+         "The process table: the caller and its descendants (everything, for the admin).",
+         needs_process=False),
+    _row("proc.wait", m.WaitArgs, m.WaitResult, [Errno.ECHILD, Errno.ETIMEDOUT, Errno.EPERM],
+         "Wait for a child to exit, reap the zombie, return its exit status.",
+         needs_process=False),
+    _row("proc.kill", m.KillArgs, m.KillResult, [Errno.ESRCH, Errno.EPERM],
+         "Send TERM, KILL, STOP or CONT to the caller or one of its descendants.",
+         needs_process=False),
+    _row("proc.exit", m.ExitArgs, m.Done, [],
+         "End the caller with a status; it stays a zombie until its parent waits."),
+    _row("proc.nice", m.NiceArgs, m.NiceResult, [Errno.ESRCH, Errno.EPERM],
+         "Change the priority of the caller or a descendant (never above the caller's).",
+         needs_process=False),
+    _row("llm.generate", m.GenerateArgs, m.GenerateResult,
+         [Errno.E2BIG, Errno.ECANCELED, Errno.EBUSY, Errno.EIO, Errno.EAGAIN],
+         "Generate with the process's model: chat turns (kept in its context) or raw text.",
+         chunk=m.GenerateChunk),
+    _row("ctx.get", m.CtxGetArgs, m.CtxGetResult, [Errno.ESRCH, Errno.EPERM],
+         "Read a process's context (its conversation)."),
+    _row("ctx.append", m.CtxAppendArgs, m.CtxResult, [Errno.ESRCH, Errno.EPERM, Errno.E2BIG, Errno.EBUSY],
+         "Append messages to a process's context without generating."),
+    _row("ctx.clear", m.CtxClearArgs, m.CtxResult, [Errno.ESRCH, Errno.EPERM, Errno.EBUSY],
+         "Empty a process's context (optionally keeping its system prompt)."),
+    _row("sys.info", m.Empty, m.SysInfoResult, [],
+         "Kernel version, ABI, uptime, endpoints, models and their slots.",
+         needs_process=False),
+])
+
+
+def type_name(ann: object) -> str:
+    """A readable name for a field annotation (``int | None``, ``list[ChatMessage]``)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "|".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
+def describe_model(model: type[BaseModel]) -> str:
+    """``name: type = default`` for each field, for the generated table."""
+    parts = []
+    for name, field in model.model_fields.items():
+        text = f"{name}: {type_name(field.annotation)}"
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            text += f" = {default!r}"
+        parts.append(text)
+    return ", ".join(parts) or "-"
+
+
+def table_rows() -> list[dict[str, str]]:
+    """The syscall table as plain rows (name, args, result, errors, doc)."""
+    return [
+        {
+            "name": spec.name,
+            "args": describe_model(spec.args),
+            "result": describe_model(spec.result) + (" (streams chunks)" if spec.chunk else ""),
+            "errors": ", ".join(dict.fromkeys(str(e) for e in spec.errors + COMMON_ERRORS)),
+            "doc": spec.doc,
+        }
+        for spec in SYSCALLS.values()
+    ]
+
+
+def markdown_table() -> str:
+    """The syscall table in Markdown (goes into docs/SYSCALLS.md)."""
+    lines = ["| syscall | arguments | result | errors | what it does |", "|---|---|---|---|---|"]
+    for r in table_rows():
+        cells = [f"`{r['name']}`", r["args"], r["result"], r["errors"], r["doc"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
