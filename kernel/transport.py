@@ -1,8 +1,8 @@
 """The kernel's front door: one ZeroMQ ROUTER socket served by the asyncio loop.
 
 Clients use DEALER sockets; each message is ``[identity, frame]`` on the kernel side.
-The receive loop drains every message that is ready before yielding back to the loop,
-so a burst of cheap syscalls costs one wake-up, not one per call.
+The reader drains every message that is ready (up to a batch) before yielding back to
+the loop, so a burst of cheap syscalls costs one wake-up, not one per call.
 """
 
 from __future__ import annotations
@@ -13,27 +13,38 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
 
 from syscalls import limits
 
 log = logging.getLogger("llmos.kernel")
 
 
+#: Most messages handled per wake-up before other ready tasks get a turn.
+BATCH = 256
+
+
 class Transport:
-    """Binds the endpoints, feeds frames to ``on_frames``, sends replies."""
+    """Binds the endpoints, feeds frames to ``on_frames``, sends replies.
+
+    The socket is a plain (blocking-API) ZeroMQ socket read from an ``add_reader``
+    callback with NOBLOCK calls: no futures per message. ZeroMQ's FD is edge-triggered,
+    so after any send made outside the reader the reader is re-run once to pick up
+    messages whose arrival that send absorbed.
+    """
 
     def __init__(self, endpoints: list[str], on_frames: Callable[[list[bytes]], None]) -> None:
         self.endpoints = endpoints
         self.on_frames = on_frames
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         # A peer sending a frame over the hard cap is disconnected before we buffer it.
         self._sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_TRANSPORT_BYTES)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
         self._sock.setsockopt(zmq.RCVHWM, 100_000)
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_reader = False
+        self._rearmed = False
 
     def bind(self) -> None:
         """Bind every endpoint (ipc sockets are made private to the user)."""
@@ -43,40 +54,47 @@ class Transport:
                 Path(ep[len("ipc://"):]).chmod(0o600)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._serve(), name="transport")
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._drain)
+        self._loop.call_soon(self._drain)
 
-    async def _serve(self) -> None:
-        sock = self._sock
-        while True:
-            parts = await sock.recv_multipart(copy=True)
-            self.on_frames(parts)
-            # Drain what is already queued without going back through the loop.
+    def _drain(self) -> None:
+        self._rearmed = False
+        sock, handled = self._sock, 0
+        self._in_reader = True
+        try:
             while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if handled >= BATCH:  # let generation streams and timers run too
+                    self._rearm()
+                    return
                 try:
-                    parts = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                    parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
-                    break
+                    return
+                handled += 1
                 self.on_frames(parts)
+        finally:
+            self._in_reader = False
+
+    def _rearm(self) -> None:
+        if not self._rearmed and self._loop is not None:
+            self._rearmed = True
+            self._loop.call_soon(self._drain)
 
     def send(self, identity: bytes, frame: bytes) -> None:
         """Queue a reply; a vanished or hopelessly slow peer loses it (never blocks)."""
-        fut = self._sock.send_multipart([identity, frame], flags=zmq.NOBLOCK, copy=False)
-        if fut.done():
-            _report(fut)
-        else:
-            fut.add_done_callback(_report)
+        try:
+            self._sock.send_multipart([identity, frame], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("dropped a reply to a peer: %s", exc)
+        if not self._in_reader:
+            self._rearm()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
         self._sock.close(linger=0)
         self._ctx.term()
         for ep in self.endpoints:
             if ep.startswith("ipc://"):
                 Path(ep[len("ipc://"):]).unlink(missing_ok=True)
-
-
-def _report(fut: asyncio.Future[object]) -> None:
-    if not fut.cancelled() and (exc := fut.exception()) is not None:
-        log.warning("dropped a reply to a peer: %s", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from rich.table import Table
 from kernel import paths
 from kernel.daemon import add_kernel_options
 from llmos.client import Client, connect, resolve_endpoint
-from syscalls.errors import Errno, SyscallError
+from syscalls.errors import SyscallError
 
 out = Console()
 err = Console(stderr=True)
@@ -245,14 +246,10 @@ def _kill_tree(c: Client, pid: int) -> None:
             tree.append(p)
     for p in tree:
         if p.state != "ZOMBIE":
-            try:
+            with contextlib.suppress(SyscallError):
                 c.kill(p.pid, "KILL")
-            except SyscallError:
-                pass
-    try:
+    with contextlib.suppress(SyscallError):
         c.wait(pid, timeout=10)
-    except SyscallError:
-        pass
 
 
 def cmd_syscalls(args: argparse.Namespace) -> int:

@@ -118,13 +118,15 @@ class Client:
             pid = self.pid if pid is None else pid
             token = self.token if token is None else token
             self._sock.send(codec.encode_request(rid, name, args, pid, token, deadline_ms))
-            wait_ms = int((_deadline_of(args, deadline_ms, name) + GRACE_S) * 1000)
+            self._sock.setsockopt(zmq.RCVTIMEO, int((_deadline_of(args, deadline_ms, name) + GRACE_S) * 1000))
             while True:
-                if not self._sock.poll(wait_ms, zmq.POLLIN):
+                try:
+                    raw = self._sock.recv()
+                except zmq.Again:
                     raise SyscallError.of(
                         Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}; "
-                        "is it running? (`llmos kernel status`)")
-                frame = codec.unpackb(self._sock.recv())
+                        "is it running? (`llmos kernel status`)") from None
+                frame = codec.unpackb(raw)
                 if not isinstance(frame, dict) or frame.get("id") not in (rid, None):
                     continue  # a late reply to an earlier call that timed out here
                 if "chunk" in frame:

@@ -12,27 +12,35 @@ Chunk    ``{"id": int, "seq": n, "chunk": {...}}`` (streaming syscalls; the repl
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 
 
-class Request(BaseModel):
-    """The envelope of every syscall."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The envelope of every syscall (checked by hand: it is on every call's path)."""
 
     v: int
-    id: int = Field(ge=0, lt=2**63)
-    call: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
-    pid: int = Field(default=0, ge=0, lt=2**31)
-    token: str = Field(default="", max_length=limits.MAX_TOKEN_CHARS)
-    deadline_ms: int | None = Field(default=None, ge=1, le=limits.MAX_DEADLINE_MS)
-    args: dict[str, Any] = Field(default_factory=dict)
+    id: int
+    call: str
+    pid: int = 0
+    token: str = ""
+    deadline_ms: int | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+#: Envelope field -> (accepted type, description of the constraint) for error messages.
+_FIELDS = {"v", "id", "call", "pid", "token", "deadline_ms", "args"}
+
+
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value < hi
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -91,10 +99,31 @@ def decode_request(frame: bytes) -> Request:
             f"ABI version {version!r} is not supported; this kernel speaks version "
             f"{limits.ABI_VERSION} (upgrade the client or the kernel so they match)",
         )
-    try:
-        return Request.model_validate(obj)
-    except ValidationError as exc:
-        raise SyscallError(Errno.EPROTO, f"bad request envelope: {describe_validation(exc)}") from None
+    return _check_envelope(obj)
+
+
+def _check_envelope(obj: dict[str, Any]) -> Request:
+    def bad(why: str) -> SyscallError:
+        return SyscallError(Errno.EPROTO, f"bad request envelope: {why}")
+
+    if extra := set(obj) - _FIELDS:
+        raise bad(f"unknown field(s) {sorted(map(str, extra))[:5]}")
+    rid, call = obj.get("id"), obj.get("call")
+    pid, token = obj.get("pid", 0), obj.get("token", "")
+    deadline, args = obj.get("deadline_ms"), obj.get("args", {})
+    if not _int_in(rid, 0, 2**63):
+        raise bad("id must be an integer in [0, 2**63)")
+    if type(call) is not str or not 0 < len(call) <= limits.MAX_NAME_CHARS:
+        raise bad(f"call must be a syscall name of 1..{limits.MAX_NAME_CHARS} characters")
+    if not _int_in(pid, 0, 2**31):
+        raise bad("pid must be an integer in [0, 2**31)")
+    if type(token) is not str or len(token) > limits.MAX_TOKEN_CHARS:
+        raise bad(f"token must be a string of at most {limits.MAX_TOKEN_CHARS} characters")
+    if deadline is not None and not _int_in(deadline, 1, limits.MAX_DEADLINE_MS + 1):
+        raise bad(f"deadline_ms must be an integer in [1, {limits.MAX_DEADLINE_MS}] or null")
+    if type(args) is not dict:
+        raise bad("args must be a map")
+    return Request(obj["v"], rid, call, pid, token, deadline, args)
 
 
 def encode_request(
