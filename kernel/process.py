@@ -97,7 +97,7 @@ class ProcessTable:
     def __init__(self, owner: str) -> None:
         self._procs: dict[int, Proc] = {}
         self._next_pid = INIT_PID + 1  # pids are never reused within a kernel's life
-        self._child_exited: dict[int, asyncio.Condition] = {}
+        self._child_exited: dict[int, set[asyncio.Event]] = {}  # ppid -> its waiters
         self.owner = owner
 
     # -- lookup ------------------------------------------------------------------
@@ -227,19 +227,9 @@ class ProcessTable:
         return reaped
 
     # -- wait ----------------------------------------------------------------------
-    def _cond(self, ppid: int) -> asyncio.Condition:
-        cond = self._child_exited.get(ppid)
-        if cond is None:
-            cond = self._child_exited[ppid] = asyncio.Condition()
-        return cond
-
     def _notify(self, ppid: int) -> None:
-        cond = self._child_exited.get(ppid)
-        if cond is not None:
-            async def _wake() -> None:
-                async with cond:
-                    cond.notify_all()
-            asyncio.get_running_loop().create_task(_wake())
+        for event in self._child_exited.get(ppid, ()):
+            event.set()
 
     def _children_of(self, caller: Caller) -> list[Proc]:
         if caller.admin:
@@ -263,15 +253,19 @@ class ProcessTable:
         ECHILD if there is no such child; ETIMEDOUT if ``timeout`` passes first.
         """
         key = INIT_PID if caller.admin else caller.pid
-        cond = self._cond(key)
+        event = asyncio.Event()
+        self._child_exited.setdefault(key, set()).add(event)
         try:
-            async with asyncio.timeout(timeout), cond:
+            async with asyncio.timeout(timeout):
                 while (zombie := self._find_zombie(caller, pid)) is None:
-                    await cond.wait()
+                    event.clear()
+                    await event.wait()
         except TimeoutError:
             raise SyscallError(Errno.ETIMEDOUT, f"no child exited within {timeout} s") from None
         finally:
-            if not cond._waiters:  # type: ignore[attr-defined]  # drop idle conditions
-                self._child_exited.pop(key, None)
+            waiters = self._child_exited[key]
+            waiters.discard(event)
+            if not waiters:
+                del self._child_exited[key]
         self.reap(zombie)
         return zombie

@@ -20,7 +20,7 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
         info = driver.info()
         models.append(m.ModelRow(
             name=name, driver=info.driver, max_context=info.max_context, slots=info.slots,
-            state=info.state, detail=info.detail,
+            busy=k.scheduler.busy(name), queued=k.scheduler.queued(name), state=info.state, detail=info.detail,
         ))
     return m.SysInfoResult(
         version=VERSION, abi=limits.ABI_VERSION, uptime_s=round(k.uptime(), 3),

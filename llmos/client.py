@@ -85,7 +85,9 @@ def _final(frame: Any) -> dict[str, Any]:
 
 
 class Client:
-    """A synchronous connection to a kernel (thread-safe; one call at a time)."""
+    """A synchronous connection to a kernel. Thread-safe: each thread gets its own
+    socket, so a call blocking in one thread (a wait, a generation) never delays
+    another thread's calls."""
 
     def __init__(self, endpoint: str | None = None, pid: int = 0, token: str | None = None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
@@ -93,11 +95,21 @@ class Client:
         self.pid = pid
         self.token = token if token is not None else (admin_token() or "") if pid == 0 else ""
         self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
         self._ids = itertools.count(1)
+        self._local = threading.local()
+        self._socks: list[zmq.Socket[bytes]] = []
         self._lock = threading.Lock()
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            self._local.sock = sock
+            with self._lock:
+                self._socks.append(sock)
+        return sock
 
     # -- raw syscalls -------------------------------------------------------------------
     def call(self, name: str, args: dict[str, Any] | None = None, *, pid: int | None = None,
@@ -113,27 +125,27 @@ class Client:
 
     def _frames(self, name: str, args: dict[str, Any], pid: int | None, token: str | None,
                 deadline_ms: int | None) -> Iterator[dict[str, Any]]:
-        with self._lock:
-            rid = next(self._ids)
-            pid = self.pid if pid is None else pid
-            token = self.token if token is None else token
-            self._sock.send(codec.encode_request(rid, name, args, pid, token, deadline_ms))
-            self._sock.setsockopt(zmq.RCVTIMEO, int((_deadline_of(args, deadline_ms, name) + GRACE_S) * 1000))
-            while True:
-                try:
-                    raw = self._sock.recv()
-                except zmq.Again:
-                    raise SyscallError.of(
-                        Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}; "
-                        "is it running? (`llmos kernel status`)") from None
-                frame = codec.unpackb(raw)
-                if not isinstance(frame, dict) or frame.get("id") not in (rid, None):
-                    continue  # a late reply to an earlier call that timed out here
-                if "chunk" in frame:
-                    yield frame["chunk"]
-                    continue
-                yield _final(frame)
-                return
+        sock = self._socket()
+        rid = next(self._ids)
+        pid = self.pid if pid is None else pid
+        token = self.token if token is None else token
+        sock.send(codec.encode_request(rid, name, args, pid, token, deadline_ms))
+        sock.setsockopt(zmq.RCVTIMEO, int((_deadline_of(args, deadline_ms, name) + GRACE_S) * 1000))
+        while True:
+            try:
+                raw = sock.recv()
+            except zmq.Again:
+                raise SyscallError.of(
+                    Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}; "
+                    "is it running? (`llmos kernel status`)") from None
+            frame = codec.unpackb(raw)
+            if not isinstance(frame, dict) or frame.get("id") not in (rid, None):
+                continue  # a late reply to an earlier call (timed out, or a stream left early)
+            if "chunk" in frame:
+                yield frame["chunk"]
+                continue
+            yield _final(frame)
+            return
 
     # -- conveniences -------------------------------------------------------------------
     def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0) -> Process:
@@ -162,7 +174,11 @@ class Client:
         return m.NiceResult(**self.call("proc.nice", {"pid": pid, "nice": nice}))
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        with self._lock:
+            for sock in self._socks:
+                sock.close(linger=0)
+            self._socks.clear()
+        self._local = threading.local()
 
     def __enter__(self) -> Client:
         return self

@@ -219,6 +219,8 @@ class ModelRow(Result):
     driver: str
     max_context: int
     slots: int
+    busy: int = Field(default=0, description="slots generating now")
+    queued: int = Field(default=0, description="processes READY, waiting for a slot")
     state: str
     detail: str = ""
 
