@@ -12,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import contextlib
+
 from llmos.client import Client, Process  # noqa: E402
 from tests.kernels import Daemon  # noqa: E402
 
@@ -46,14 +48,10 @@ def spawn(admin: Client) -> Iterator[Callable[..., Process]]:
     for p in made:
         for row in admin.ps():
             if row.pid == p.pid or row.ppid == p.pid:
-                try:
+                with contextlib.suppress(Exception):
                     admin.kill(row.pid, "KILL")
-                except Exception:
-                    pass
-        try:
+        with contextlib.suppress(Exception):
             admin.wait(p.pid, timeout=5)
-        except Exception:
-            pass
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 30.0, every: float = 0.01) -> None:
