@@ -84,6 +84,7 @@ def _await_ready(proc: subprocess.Popen[bytes], state: Path, timeout_s: float = 
             if proc.poll() is not None:
                 err.print(f"[red]the kernel exited with status {proc.returncode}[/]; see {state / 'kernel.log'}")
                 _tail(state / "kernel.log")
+                _tail(state / "kernel.out")
                 return 1
             info = _try_info()
             if info is not None:

@@ -1,0 +1,166 @@
+"""The `llmos` command as a user types it: kernel start/status/stop, run, ps, kill, ask."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from llmos.client import Client
+
+pytestmark = pytest.mark.model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Shell:
+    """Runs ``llmos ...`` with a private runtime/state dir, like a user's terminal."""
+
+    def __init__(self, base: Path) -> None:
+        self.env = {**os.environ, "LLMOS_RUNTIME_DIR": str(base / "run"), "LLMOS_STATE_DIR": str(base / "state")}
+        self.run_dir = base / "run"
+
+    def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "llmos.cli", *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def admin(self) -> Client:
+        return Client(f"ipc://{self.run_dir / 'kernel.sock'}", pid=0,
+                      token=(self.run_dir / "admin.token").read_text().strip())
+
+
+@pytest.fixture(scope="module")
+def sh(tmp_path_factory: pytest.TempPathFactory):
+    shell = Shell(tmp_path_factory.mktemp("cli"))
+    started = shell("kernel", "start", "--slots", "2")
+    assert started.returncode == 0, started.stderr
+    assert "kernel ready" in started.stderr
+    yield shell
+    shell("kernel", "stop")
+
+
+def test_kernel_status_reports_the_running_kernel(sh):
+    res = sh("kernel", "status", "--json")
+    assert res.returncode == 0
+    status = json.loads(res.stdout)
+    assert status["running"] and status["info"]["models"][0]["state"] == "ready"
+    human = sh("kernel", "status")
+    assert "SmolLM2" in human.stdout and "2 slots" in human.stdout
+
+
+def test_the_runtime_dir_and_credentials_are_private(sh):
+    assert (sh.run_dir.stat().st_mode & 0o777) == 0o700
+    assert ((sh.run_dir / "admin.token").stat().st_mode & 0o777) == 0o600
+    assert ((sh.run_dir / "kernel.sock").stat().st_mode & 0o077) == 0
+
+
+def test_a_second_kernel_on_the_same_runtime_dir_is_refused(sh):
+    again = sh("kernel", "start")
+    assert again.returncode == 0 and "already running" in again.stderr
+    direct = subprocess.run([sys.executable, "-m", "kernel"], env=sh.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert direct.returncode == 1
+    assert sh("kernel", "status").returncode == 0  # the first one is unharmed
+
+
+def test_run_hello_example_talks_to_the_model_and_exits_zero(sh):
+    res = sh("run", "examples/hello.py")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[hello] model:" in res.stdout
+    assert "user -> assistant -> user -> assistant" in res.stdout
+    assert "exited with status 0" in res.stderr
+
+
+def test_run_reports_the_program_status_and_reaps_its_process_tree(sh, tmp_path):
+    prog = tmp_path / "spawner.py"
+    prog.write_text(textwrap.dedent("""
+        import sys, llmos
+        me = llmos.this_process()
+        kid = me.spawn("kid")
+        kid.spawn("grandkid")
+        print(me.pid, flush=True)
+        sys.exit(3)
+    """))
+    res = sh("run", str(prog))
+    assert res.returncode == 3, res.stderr
+    pid = int(res.stdout.split()[0])
+    with sh.admin() as c:
+        assert all(p.pid < pid or p.pid > pid + 2 for p in c.ps())
+
+
+def test_a_program_without_a_process_gets_a_clear_error(tmp_path):
+    prog = tmp_path / "p.py"
+    prog.write_text("import llmos\nllmos.this_process()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
+    res = subprocess.run([sys.executable, str(prog)], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and "llmos run" in res.stderr
+
+
+def test_ps_json_and_kill(sh, tmp_path):
+    prog = tmp_path / "sleeper.py"
+    prog.write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
+    runner = subprocess.Popen([sys.executable, "-m", "llmos.cli", "run", "--name", "sleeper", str(prog)],
+                              env=sh.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout.readline().strip() == "up"
+        rows = json.loads(sh("ps", "--json").stdout)
+        me = next(r for r in rows if r["name"] == "sleeper")
+        assert me["state"] == "NEW" and me["ppid"] == 1
+        assert "sleeper" in sh("ps").stdout
+        killed = sh("kill", "-s", "STOP", str(me["pid"]))
+        assert killed.returncode == 0 and "STOPPED" in killed.stderr
+        assert sh("kill", str(me["pid"]), "-s", "KILL").returncode == 0
+        gone = sh("kill", "99999")
+        assert gone.returncode == 1 and "ESRCH" in gone.stderr
+    finally:
+        runner.send_signal(signal.SIGINT)
+        runner.wait(30)
+    rows = json.loads(sh("ps", "--json").stdout)
+    assert all(r["name"] != "sleeper" for r in rows)  # reaped after its program ended
+
+
+def test_ask_answers_in_a_fresh_process_and_cleans_up(sh):
+    res = sh("ask", "--json", "--max-tokens", "8", "Say hello.")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["text"] and out["usage"]["output_tokens"] <= 8
+    with sh.admin() as c:
+        assert all(p.pid != out["pid"] for p in c.ps())
+    streamed = sh("ask", "--max-tokens", "8", "Say hello.")
+    assert streamed.stdout.strip() == out["text"].strip()
+
+
+def test_syscalls_prints_the_table(sh):
+    res = sh("syscalls", "--json")
+    names = {r["name"] for r in json.loads(res.stdout)}
+    assert {"proc.spawn", "llm.generate", "ctx.get", "sys.info", "proc.kill"} <= names
+    assert "llm.generate" in sh("syscalls").stdout
+
+
+def test_kernel_stop_shuts_down_cleanly_and_status_says_so(tmp_path):
+    shell = Shell(tmp_path)
+    assert shell("kernel", "start", "--slots", "1").returncode == 0
+    pid = json.loads(shell("kernel", "status", "--json").stdout)["info"]["kernel_pid"]
+    stopped = shell("kernel", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stderr
+    status = shell("kernel", "status", "--json")
+    assert status.returncode == 3 and not json.loads(status.stdout)["running"]
+    assert not (shell.run_dir / "kernel.sock").exists() and not (shell.run_dir / "admin.token").exists()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    log = (tmp_path / "state" / "kernel.log").read_text()
+    assert "kernel stopped" in log
+
+
+def test_commands_without_a_kernel_say_how_to_start_one(tmp_path):
+    res = Shell(tmp_path)("ps")
+    assert res.returncode == 1 and "llmos kernel start" in res.stderr
