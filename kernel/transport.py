@@ -22,6 +22,13 @@ log = logging.getLogger("llmos.kernel")
 #: Most messages handled per wake-up before other ready tasks get a turn.
 BATCH = 256
 
+# Plain ints: pyzmq's enum sugar costs microseconds per call on this hot path.
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
 
 class Transport:
     """Binds the endpoints, feeds frames to ``on_frames``, sends replies.
@@ -61,14 +68,17 @@ class Transport:
     def _drain(self) -> None:
         self._rearmed = False
         sock, handled = self._sock, 0
+        get, recv = sock.get, sock.recv
         self._in_reader = True
         try:
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while get(_EVENTS) & _POLLIN:
                 if handled >= BATCH:  # let generation streams and timers run too
                     self._rearm()
                     return
                 try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK)
+                    parts = [recv(_NOBLOCK)]
+                    while get(_RCVMORE):
+                        parts.append(recv(_NOBLOCK))
                 except zmq.Again:
                     return
                 handled += 1
@@ -84,7 +94,8 @@ class Transport:
     def send(self, identity: bytes, frame: bytes) -> None:
         """Queue a reply; a vanished or hopelessly slow peer loses it (never blocks)."""
         try:
-            self._sock.send_multipart([identity, frame], zmq.NOBLOCK, copy=False)
+            self._sock.send(identity, _MORE_NOBLOCK)
+            self._sock.send(frame, _NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("dropped a reply to a peer: %s", exc)
         if not self._in_reader:

@@ -115,7 +115,8 @@ class Client:
     def call(self, name: str, args: dict[str, Any] | None = None, *, pid: int | None = None,
              token: str | None = None, deadline_ms: int | None = None) -> dict[str, Any]:
         """Make one syscall and return its result (a dict), or raise its error."""
-        *_, final = self._frames(name, args or {}, pid, token, deadline_ms)
+        for frame in self._frames(name, args or {}, pid, token, deadline_ms):
+            final = frame
         return final
 
     def stream(self, name: str, args: dict[str, Any], *, pid: int | None = None,
@@ -129,8 +130,11 @@ class Client:
         rid = next(self._ids)
         pid = self.pid if pid is None else pid
         token = self.token if token is None else token
+        wait_ms = int((_deadline_of(args, deadline_ms, name) + GRACE_S) * 1000)
+        if getattr(self._local, "rcvtimeo", None) != wait_ms:
+            sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+            self._local.rcvtimeo = wait_ms
         sock.send(codec.encode_request(rid, name, args, pid, token, deadline_ms))
-        sock.setsockopt(zmq.RCVTIMEO, int((_deadline_of(args, deadline_ms, name) + GRACE_S) * 1000))
         while True:
             try:
                 raw = sock.recv()

@@ -144,11 +144,20 @@ def test_syscalls_prints_the_table(sh):
     assert "llm.generate" in sh("syscalls").stdout
 
 
-def test_kernel_stop_shuts_down_cleanly_and_status_says_so(tmp_path):
+def test_kernel_stop_shuts_down_cleanly_and_answers_calls_in_flight(tmp_path):
+    from syscalls import errors
+    from tests.conftest import InThread, wait_until
+
     shell = Shell(tmp_path)
     assert shell("kernel", "start", "--slots", "1").returncode == 0
     pid = json.loads(shell("kernel", "status", "--json").stdout)["info"]["kernel_pid"]
+    admin = shell.admin()
+    p = admin.spawn("long")
+    gen = InThread(lambda: p.generate(prompt="Count to a thousand:", max_tokens=4000, temperature=0))
+    wait_until(lambda: admin.ps(p.pid)[0].state == "RUNNING")
     stopped = shell("kernel", "stop")
+    with pytest.raises(errors.ESHUTDOWN):
+        gen.result(timeout=60)
     assert stopped.returncode == 0 and "stopped" in stopped.stderr
     status = shell("kernel", "status", "--json")
     assert status.returncode == 3 and not json.loads(status.stdout)["running"]
@@ -164,3 +173,26 @@ def test_kernel_stop_shuts_down_cleanly_and_status_says_so(tmp_path):
 def test_commands_without_a_kernel_say_how_to_start_one(tmp_path):
     res = Shell(tmp_path)("ps")
     assert res.returncode == 1 and "llmos kernel start" in res.stderr
+
+
+def test_a_kernel_on_tcp_with_a_local_model_folder(tmp_path):
+    import socket
+
+    from drivers.packaged import ensure_exported
+
+    folder = ensure_exported()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shell = Shell(tmp_path)
+    ep = f"tcp://127.0.0.1:{port}"
+    started = shell("kernel", "start", "--listen", ep, "--model", str(folder), "--model-name", "smol", "--slots", "1")
+    assert started.returncode == 0, started.stderr
+    try:
+        info = json.loads(shell("kernel", "status", "--json").stdout)["info"]
+        assert info["endpoints"] == [ep] and info["models"][0]["name"] == "smol"
+        assert not (shell.run_dir / "kernel.sock").exists()
+        res = shell("ask", "--json", "--max-tokens", "4", "Hi")  # clients find the endpoint by themselves
+        assert res.returncode == 0 and json.loads(res.stdout)["usage"]["output_tokens"] <= 4
+    finally:
+        assert shell("kernel", "stop").returncode == 0
