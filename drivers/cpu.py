@@ -707,7 +707,8 @@ class CpuDriver(Driver):
         model: a local Hugging Face model folder; None means the packaged
             SmolLM2-135M-Instruct (exported to the cache on first use).
         slots: sequences decoded at once; further requests wait in the driver.
-        dtype: weight dtype: "bfloat16" (default, fastest here), "float32" or "float16".
+        dtype: weight dtype: "float32" (default: on AVX2-only CPUs it prefills about 4x faster
+            than bf16, which decodes about 1.3x faster), "bfloat16" or "float16".
         threads: torch intra-op threads (process-wide); None leaves torch's default.
     """
 
@@ -717,7 +718,7 @@ class CpuDriver(Driver):
         self,
         model: str | None = None,
         slots: int = 4,
-        dtype: str = "bfloat16",
+        dtype: str = "float32",
         threads: int | None = None,
     ) -> None:
         if slots < 1:

@@ -42,6 +42,8 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face model folder (default: packaged SmolLM2-135M-Instruct)")
     p.add_argument("--model-name", default=None, help="name processes use to pick this model")
     p.add_argument("--slots", type=int, default=4, help="sequences the model decodes at once (default: 4)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype for the cpu driver (default: float32, fastest prefill on CPUs)")
     p.add_argument("--policy", default="fifo", help="scheduling policy (default: fifo)")
     p.add_argument("--listen", action="append", default=None, metavar="ENDPOINT",
                    help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)")
@@ -98,7 +100,8 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     token = secrets.token_urlsafe(32)
     paths.write_private(run / "admin.token", token + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
-    driver = make_driver(args.driver, args.model, slots=args.slots)
+    options = {"slots": args.slots} | ({"dtype": args.dtype} if args.dtype else {})
+    driver = make_driver(args.driver, args.model, **options)
     kernel = Kernel({model_name(args): driver}, endpoints, admin_token=token, policy=args.policy)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -64,6 +64,7 @@ class Entry:
     spec: SyscallSpec
     handler: Handler
     is_async: bool
+    empty: BaseModel | None  # the validated no-argument value, when {} is valid (fast path)
 
 
 def build_table(handlers: dict[str, Handler]) -> dict[str, Entry]:
@@ -73,9 +74,16 @@ def build_table(handlers: dict[str, Handler]) -> dict[str, Entry]:
     if missing or extra:
         raise RuntimeError(f"syscall table mismatch: missing handlers {missing}, unknown {extra}")
     return {
-        name: Entry(spec, handlers[name], inspect.iscoroutinefunction(handlers[name]))
+        name: Entry(spec, handlers[name], inspect.iscoroutinefunction(handlers[name]), _empty(spec.args))
         for name, spec in SYSCALLS.items()
     }
+
+
+def _empty(model: type[BaseModel]) -> BaseModel | None:
+    try:
+        return model.model_validate({})
+    except ValidationError:
+        return None
 
 
 class Dispatcher:
@@ -116,7 +124,7 @@ class Dispatcher:
         if entry is None:
             raise SyscallError(Errno.ENOSYS, f"no syscall named {req.call!r} (see `llmos syscalls`)")
         caller = self.kernel.authenticate(req.pid, req.token, entry.spec)
-        args = _validate(entry.spec.args, req.args)
+        args = entry.empty if not req.args and entry.empty is not None else _validate(entry.spec.args, req.args)
         budget_ms = req.deadline_ms or (
             limits.DEFAULT_GENERATE_DEADLINE_MS if entry.spec.chunk else limits.DEFAULT_DEADLINE_MS)
         loop = asyncio.get_running_loop()

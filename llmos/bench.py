@@ -54,6 +54,66 @@ def _client_worker(endpoint: str, pid: int, token: str, call: str, n: int, barri
     c.close()
 
 
+def _echo_server(endpoint: str) -> None:
+    """The floor: a bare ZeroMQ ROUTER that sends every frame straight back."""
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    while True:
+        sock.send_multipart(sock.recv_multipart())
+
+
+def _echo_worker(endpoint: str, frame: bytes, n: int, barrier: Any, q: Any) -> None:
+    import zmq
+
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    for _ in range(min(200, n)):
+        sock.send(frame)
+        sock.recv()
+    barrier.wait()
+    lat = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s = time.perf_counter_ns()
+        sock.send(frame)
+        sock.recv()
+        lat.append(time.perf_counter_ns() - s)
+    q.put((t0, time.perf_counter(), lat))
+
+
+def run_echo_floor(run_dir: Path, clients: int, n: int) -> dict[str, Any]:
+    """Round trips to a bare ZeroMQ echo (no kernel): what the transport alone costs here."""
+    from syscalls import codec
+
+    endpoint = f"ipc://{run_dir / 'echo.sock'}"
+    frame = codec.encode_request(1, "proc.getpid", {}, 2, "x" * 32)
+    ctx = mp.get_context("spawn")
+    server = ctx.Process(target=_echo_server, args=(endpoint,), daemon=True)
+    server.start()
+    try:
+        return _measure(ctx, _echo_worker, [(endpoint, frame, n)] * clients, "zmq echo (no kernel)")
+    finally:
+        server.kill()
+        server.join()
+
+
+def _measure(ctx: Any, target: Any, argss: list[tuple[Any, ...]], label: str) -> dict[str, Any]:
+    barrier, q = ctx.Barrier(len(argss)), ctx.Queue()
+    workers = [ctx.Process(target=target, args=(*a, barrier, q)) for a in argss]
+    for w in workers:
+        w.start()
+    results = [q.get(timeout=600) for _ in workers]
+    for w in workers:
+        w.join()
+    lat = sorted(x for _, _, lats in results for x in lats)
+    wall = max(e for _, e, _ in results) - min(s for s, _, _ in results)
+    return {"syscall": label, "clients": len(argss), "calls": len(lat),
+            "p50_us": round(_pct(lat, 0.50), 1), "p99_us": round(_pct(lat, 0.99), 1),
+            "mean_us": round(statistics.fmean(lat) / 1000, 1), "per_s": round(len(lat) / wall)}
+
+
 def _pct(sorted_ns: list[int], p: float) -> float:
     return sorted_ns[min(len(sorted_ns) - 1, int(p * len(sorted_ns)))] / 1000
 
@@ -64,22 +124,12 @@ def run_round_trips(endpoint: str, admin: Any, call: str, clients: int, n: int) 
     for p in procs:
         p.append([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     ctx = mp.get_context("spawn")
-    barrier, q = ctx.Barrier(clients), ctx.Queue()
-    workers = [ctx.Process(target=_client_worker, args=(endpoint, p.pid, p.token, call, n, barrier, q))
-               for p in procs]
-    for w in workers:
-        w.start()
-    results = [q.get(timeout=600) for _ in workers]
-    for w in workers:
-        w.join()
-    for p in procs:
-        admin.kill(p.pid, "KILL")
-        admin.wait(p.pid)
-    lat = sorted(x for _, _, lats in results for x in lats)
-    wall = max(e for _, e, _ in results) - min(s for s, _, _ in results)
-    return {"syscall": call, "clients": clients, "calls": len(lat),
-            "p50_us": round(_pct(lat, 0.50), 1), "p99_us": round(_pct(lat, 0.99), 1),
-            "mean_us": round(statistics.fmean(lat) / 1000, 1), "per_s": round(len(lat) / wall)}
+    try:
+        return _measure(ctx, _client_worker, [(endpoint, p.pid, p.token, call, n) for p in procs], call)
+    finally:
+        for p in procs:
+            admin.kill(p.pid, "KILL")
+            admin.wait(p.pid)
 
 
 def gen_through_kernel(admin: Any, max_tokens: int) -> dict[str, Any]:
@@ -130,6 +180,9 @@ def bench_syscalls(args: argparse.Namespace) -> int:
             kernel.start()
         try:
             admin = kernel.admin()
+            for n_clients in client_counts:
+                with err.status(f"ZeroMQ echo floor with {n_clients} client(s)…"):
+                    report["round_trips"].append(run_echo_floor(Path(tmp), n_clients, args.calls))
             for call in ("proc.getpid", "ctx.get"):
                 for n_clients in client_counts:
                     with err.status(f"{call} with {n_clients} client(s)…"):

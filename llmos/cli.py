@@ -48,7 +48,7 @@ def _kernel_pid() -> int | None:
 def _kernel_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "kernel", "--driver", args.driver, "--slots", str(args.slots),
             "--policy", args.policy]
-    for flag, value in (("--model", args.model), ("--model-name", args.model_name),
+    for flag, value in (("--model", args.model), ("--model-name", args.model_name), ("--dtype", args.dtype),
                         ("--runtime-dir", args.runtime_dir), ("--state-dir", args.state_dir)):
         if value:
             argv += [flag, str(value)]
