@@ -758,7 +758,14 @@ class CpuDriver(Driver):
         if self._state in ("ready", "loading"):
             return
         self._state, self._detail = "loading", ""
-        report = _on_loop(progress, asyncio.get_running_loop())
+
+        def note(description: str, fraction: float | None) -> None:
+            # info().detail shows the latest step while loading (`llmos kernel start` polls it).
+            self._detail = description if fraction is None else f"{description} ({fraction:.0%})"
+            if progress is not None:
+                progress(description, fraction)
+
+        report = _on_loop(note, asyncio.get_running_loop())
         started = time.monotonic()
         try:
             loaded = await asyncio.to_thread(_load_model, self._model_arg, self._dtype, report)
