@@ -18,6 +18,7 @@ from drivers.base import Driver, DriverError
 from kernel import sys_ctx, sys_llm, sys_proc, sys_sys
 from kernel.process import Caller, Proc, ProcessTable, ProcState
 from kernel.scheduler import POLICIES, Scheduler
+from kernel.stats import KernelStats
 from kernel.syscall import Call, Dispatcher, build_table
 from kernel.transport import Transport
 from syscalls.errors import Errno, SyscallError
@@ -56,6 +57,7 @@ class Kernel:
         self.procs = ProcessTable(owner=getpass.getuser())
         self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, POLICIES[policy]())
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
+        self.stats = KernelStats()
         self._calls: dict[int, set[Call]] = defaultdict(set)  # caller pid -> async calls
         self._ready: dict[str, asyncio.Future[Driver]] = {}
         self._tasks: list[asyncio.Task[None]] = []

@@ -86,7 +86,12 @@ async def _run_on_slot(k, call, proc, driver, prompt, sampling, out_ids, parts, 
     try:
         stream_iter = driver.generate(request)
         try:
+            prefilled = False
             async for delta in stream_iter:
+                if not prefilled:  # the driver has read the prompt (and any resumed tokens)
+                    k.stats.add_prompt(delta.prompt_tokens + len(request.resume_ids))
+                    prefilled = True
+                k.stats.add_output(len(delta.token_ids))
                 out_ids.extend(delta.token_ids)
                 if delta.text:
                     parts.append(delta.text)
