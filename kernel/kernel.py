@@ -17,7 +17,7 @@ from collections import defaultdict
 from drivers.base import Driver, DriverError
 from kernel import sys_ctx, sys_llm, sys_proc, sys_sys
 from kernel.process import Caller, Proc, ProcessTable, ProcState
-from kernel.scheduler import POLICIES, Scheduler
+from kernel.scheduler import DEFAULT_POLICY, POLICIES, Scheduler, make_policy
 from kernel.stats import KernelStats
 from kernel.syscall import Call, Dispatcher, build_table
 from kernel.transport import Transport
@@ -40,7 +40,8 @@ class Kernel:
         drivers: dict[str, Driver],
         endpoints: list[str],
         admin_token: str | None = None,
-        policy: str = "fifo",
+        policy: str = DEFAULT_POLICY,
+        quantum: int | None = None,
         max_procs: int = 4096,
         zombie_ttl_s: float = 600.0,
     ) -> None:
@@ -55,7 +56,7 @@ class Kernel:
         self.max_procs = max_procs
         self.zombie_ttl_s = zombie_ttl_s
         self.procs = ProcessTable(owner=getpass.getuser())
-        self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, POLICIES[policy]())
+        self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum))
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
         self.stats = KernelStats()
         self._calls: dict[int, set[Call]] = defaultdict(set)  # caller pid -> async calls

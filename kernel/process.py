@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from hmac import compare_digest
 
+from kernel.quota import Account, Limits
 from syscalls.errors import Errno, SyscallError
 
 INIT_PID = 1
@@ -37,6 +38,14 @@ SIGNAL_STATUS = {"TERM": 128 + 15, "KILL": 128 + 9}
 
 
 @dataclass(eq=False)
+class Program:
+    """A top-level process and its descendants: one agent program, one account."""
+
+    pgid: int  # the pid of the program's first process
+    account: Account
+
+
+@dataclass(eq=False)
 class Proc:
     """One LLM process. Every field is owned by the kernel's event loop."""
 
@@ -46,6 +55,8 @@ class Proc:
     owner: str
     token: str  # secret credential: whoever holds pid+token acts as this process
     model: str
+    program: Program
+    account: Account  # this process's own quota account (usage + limits)
     nice: int = 0
     state: ProcState = ProcState.NEW
     context: list[dict[str, str]] = field(default_factory=list)  # the conversation it keeps
@@ -53,9 +64,11 @@ class Proc:
     # usage counters
     generate_calls: int = 0
     prompt_tokens: int = 0
-    output_tokens: int = 0
-    service_s: float = 0.0
     wait_s: float = 0.0
+    preemptions: int = 0  # times the scheduler took its slot mid-generation
+    switch_prefill_tokens: int = 0  # tokens prefilled again to resume after preemptions
+    switch_s: float = 0.0  # time spent on those re-prefills
+    mean_output: float | None = None  # moving average of output tokens per call
     # lifecycle
     exit_status: int | None = None
     signal: str | None = None  # the signal that ended it, if any
@@ -74,6 +87,15 @@ class Proc:
     @property
     def alive(self) -> bool:
         return self.state is not ProcState.ZOMBIE
+
+    # Usage lives in the account, where quotas are checked against it.
+    @property
+    def output_tokens(self) -> int:
+        return self.account.output_tokens
+
+    @property
+    def service_s(self) -> float:
+        return self.account.service_s
 
     def check_token(self, token: str) -> bool:
         return compare_digest(self.token, token)
@@ -167,14 +189,25 @@ class ProcessTable:
 
     # -- lifecycle -----------------------------------------------------------------
     def spawn(self, ppid: int, name: str, model: str, nice: int, system: str | None,
-              owner: str | None = None) -> Proc:
-        """Create a process as a child of ``ppid`` (INIT_PID for top-level ones)."""
+              limits: Limits | None = None, program_limits: Limits | None = None) -> Proc:
+        """Create a process as a child of ``ppid`` (INIT_PID for top-level ones, which
+        start a new program). A child inherits its parent's program and limits, and
+        may only narrow the limits."""
+        parent = self._procs.get(ppid)
+        if parent is not None and program_limits is not None:
+            raise SyscallError(Errno.EPERM, "program limits are set when a program starts (a top-level spawn)")
         pid = self._next_pid
         self._next_pid += 1
-        parent = self._procs.get(ppid)
+        if parent is None:
+            program = Program(pid, Account(f"program {pid}", program_limits or Limits()))
+            mine = limits or Limits()
+        else:
+            program = parent.program
+            mine = parent.account.limits.narrowed(limits or Limits(), f"parent process {parent.pid}")
         proc = Proc(
-            pid=pid, ppid=ppid, name=name, owner=owner or (parent.owner if parent else self.owner),
-            token=secrets.token_urlsafe(24), model=model, nice=nice,
+            pid=pid, ppid=ppid, name=name, owner=parent.owner if parent else self.owner,
+            token=secrets.token_urlsafe(24), model=model, program=program,
+            account=Account(f"process {pid}", mine), nice=nice,
         )
         if system:
             proc.context.append({"role": "system", "content": system})

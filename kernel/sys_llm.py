@@ -1,19 +1,28 @@
 """llm.generate: run a process's generation on a slot of its model.
 
-The process is READY while it waits for a slot and RUNNING while it holds one. SIGSTOP
-aborts the driver request at a token boundary and gives the slot back; the tokens made
-so far are kept, and SIGCONT resumes from them (``resume_ids``), so the text is the same
-as if it had never stopped. The context changes only when a generation completes:
-a killed, timed-out or failed call leaves it as it was.
+The process is READY while it waits for a slot and RUNNING while it holds one. Two
+things can take the slot away mid-generation, both at a token boundary by aborting the
+driver request: SIGSTOP (the process parks until SIGCONT) and the scheduler's
+preemption (the process goes back to the run queue). Either way the tokens made so far
+are kept and the generation resumes from them (``resume_ids``), so its text is exactly
+what an uninterrupted run would give; the re-prefill is the context switch's cost and is
+counted. The context changes only when a generation completes: a killed, timed-out or
+failed call leaves it as it was. Quotas (kernel/quota.py) are charged to the process
+and its program.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from drivers.base import Delta, DriverError, GenerationRequest, SamplingOptions
+from drivers.base import Delta, Driver, DriverError, GenerationRequest, SamplingOptions
 from kernel.process import SIGNAL_STATUS, Proc, ProcState
+from kernel.quota import Account
 from kernel.syscall import Call
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
@@ -22,6 +31,21 @@ if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 _request_ids = itertools.count(1)
+
+#: Weight of the newest call in a process's moving average of output tokens.
+EWMA = 0.3
+
+
+@dataclass(eq=False)
+class Generation:
+    """One llm.generate call's state across its stretches on slots."""
+
+    prompt: list[dict[str, str]] | str
+    sampling: SamplingOptions
+    stream: bool
+    out_ids: list[int] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    preempted: bool = False  # the scheduler asked for the slot back
 
 
 async def sys_generate(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateResult:
@@ -41,6 +65,9 @@ async def sys_generate(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateRe
 
 
 async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.GenerateResult:
+    accounts = (proc.account, proc.program.account)
+    for acct in accounts:
+        acct.admit_call()
     driver = await k.model_ready(proc.model)
     new = [msg.model_dump() for msg in a.messages] if a.messages is not None else []
     prompt: list[dict[str, str]] | str = [*proc.context, *new] if a.prompt is None else a.prompt
@@ -53,22 +80,22 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
         raise SyscallError(
             Errno.E2BIG, f"the prompt is {n_prompt} tokens but {proc.model}'s window is {window}; "
             "shorten it or clear the context (ctx.clear)")
-    sampling = SamplingOptions(
-        temperature=a.temperature, top_p=a.top_p, max_tokens=min(a.max_tokens, window - n_prompt),
-        stop=tuple(a.stop), seed=a.seed)
+    for acct in accounts:
+        acct.check_context(n_prompt)
+    grants = _reserve(accounts, min(a.max_tokens, window - n_prompt))
+    sampling = SamplingOptions(temperature=a.temperature, top_p=a.top_p, max_tokens=grants[-1],
+                               stop=tuple(a.stop), seed=a.seed)
+    gen = Generation(prompt, sampling, a.stream)
     proc.generate_calls += 1
-    out_ids: list[int] = []
-    parts: list[str] = []
-    while True:
-        await proc.cont.wait()  # a STOPPED process holds no slot
-        last = await _run_on_slot(k, call, proc, driver, prompt, sampling, out_ids, parts, a.stream)
-        if last.finish_reason != "abort":
-            break
-        if proc.state is not ProcState.STOPPED:
-            raise SyscallError(Errno.ECANCELED, f"the driver aborted process {proc.pid}'s generation")
-    text = "".join(parts)
+    try:
+        last = await _within_wall(proc, _run(k, call, proc, driver, gen))
+    finally:
+        for acct, granted in zip(accounts, grants, strict=True):
+            acct.settle(granted, len(gen.out_ids))  # tokens made are charged even if the call failed
+    text = "".join(gen.parts)
     proc.prompt_tokens += last.prompt_tokens
-    proc.output_tokens += last.output_tokens
+    proc.mean_output = last.output_tokens if proc.mean_output is None else (
+        (1 - EWMA) * proc.mean_output + EWMA * last.output_tokens)
     if a.messages is not None:
         proc.context.extend(new)
         proc.context.append({"role": "assistant", "content": text})
@@ -76,34 +103,86 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage)
 
 
-async def _run_on_slot(k, call, proc, driver, prompt, sampling, out_ids, parts, stream) -> Delta:
+def _reserve(accounts: tuple[Account, ...], want: int) -> list[int]:
+    """Reserve output tokens in every account (each may grant fewer); all or nothing."""
+    grants: list[int] = []
+    try:
+        for acct in accounts:
+            want = acct.reserve(want)
+            grants.append(want)
+    except SyscallError:
+        for acct, granted in zip(accounts, grants, strict=False):
+            acct.settle(granted, 0)
+        raise
+    return grants
+
+
+async def _within_wall(proc: Proc, work: Coroutine[Any, Any, Delta]) -> Delta:
+    """Run ``work`` but no longer than the process's or program's max_wall_s allows."""
+    accounts = (proc.account, proc.program.account)
+    lefts = [x for x in (acct.wall_left() for acct in accounts) if x is not None]
+    if not lefts:
+        return await work
+    try:
+        async with asyncio.timeout(max(min(lefts), 0.0)):
+            return await work
+    except TimeoutError:
+        over = min(accounts, key=lambda acct: acct.wall_left() if acct.wall_left() is not None else float("inf"))
+        raise over.wall_exceeded() from None
+
+
+async def _run(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: Generation) -> Delta:
+    """Stretches on slots until the generation finishes; parks while STOPPED, goes back
+    to the run queue when preempted."""
+    expected = round(min(proc.mean_output or gen.sampling.max_tokens, gen.sampling.max_tokens))
+    while True:
+        await proc.cont.wait()  # a STOPPED process holds no slot
+        gen.preempted = False
+        last = await _run_on_slot(k, call, proc, driver, gen, expected)
+        if last.finish_reason != "abort":
+            return last
+        if gen.preempted:
+            proc.preemptions += 1
+        elif proc.state is not ProcState.STOPPED:
+            raise SyscallError(Errno.ECANCELED, f"the driver aborted process {proc.pid}'s generation")
+
+
+async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: Generation,
+                       expected: int) -> Delta:
     """Hold a slot for one uninterrupted stretch of generation; return the last delta."""
-    slot = await k.scheduler.acquire(proc)
+    slot = await k.scheduler.acquire(proc, expected_tokens=max(expected - len(gen.out_ids), 1))
     rid = f"{proc.pid}.{next(_request_ids)}"
-    request = GenerationRequest(rid, prompt, sampling, priority=-proc.nice, resume_ids=list(out_ids))
-    proc_request = k.running[proc.pid] = rid
+    resumed = len(gen.out_ids)
+    request = GenerationRequest(rid, gen.prompt, gen.sampling, priority=-proc.nice, resume_ids=list(gen.out_ids))
+    k.running[proc.pid] = rid
+    started = time.monotonic()
     last: Delta | None = None
     try:
-        stream_iter = driver.generate(request)
+        stream = driver.generate(request)
         try:
-            prefilled = False
-            async for delta in stream_iter:
-                if not prefilled:  # the driver has read the prompt (and any resumed tokens)
-                    k.stats.add_prompt(delta.prompt_tokens + len(request.resume_ids))
-                    prefilled = True
+            async for delta in stream:
+                if last is None:  # the driver has read the prompt (and any resumed tokens)
+                    k.stats.add_prompt(delta.prompt_tokens + resumed)
+                    if resumed:
+                        proc.switch_prefill_tokens += delta.prompt_tokens + resumed
+                        proc.switch_s += time.monotonic() - started
                 k.stats.add_output(len(delta.token_ids))
-                out_ids.extend(delta.token_ids)
+                gen.out_ids.extend(delta.token_ids)
+                slot.tokens += len(delta.token_ids)
                 if delta.text:
-                    parts.append(delta.text)
-                    if stream:
+                    gen.parts.append(delta.text)
+                    if gen.stream:
                         call.chunk({"text": delta.text})
                 last = delta
+                if delta.finish_reason is None and not gen.preempted and k.scheduler.should_preempt(slot):
+                    gen.preempted = True
+                    driver.abort(rid)  # the stream ends with "abort" within one step
         finally:
-            await stream_iter.aclose()  # aborts the request if we are cancelled mid-stream
+            await stream.aclose()  # aborts the request if we are cancelled mid-stream
     except DriverError as exc:
         raise SyscallError(Errno.EIO, f"{proc.model}: {exc}") from None
     finally:
-        if k.running.get(proc.pid) == proc_request:
+        if k.running.get(proc.pid) == rid:
             del k.running[proc.pid]
         k.scheduler.release(slot)
     if last is None or last.finish_reason is None:

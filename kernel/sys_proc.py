@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kernel.process import INIT_PID, SIGNAL_STATUS, Proc, ProcState
+from kernel.quota import Limits
 from kernel.syscall import Call
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
@@ -23,8 +24,13 @@ def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     if len(k.procs) >= k.max_procs:
         raise SyscallError(Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit")
     ppid = caller.pid if caller.proc is not None else INIT_PID
-    proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system)
+    proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system,
+                         _limits(a.limits), _limits(a.program_limits))
     return m.SpawnResult(pid=proc.pid, token=proc.token)
+
+
+def _limits(given: m.Limits | None) -> Limits | None:
+    return None if given is None else Limits(**given.model_dump())
 
 
 def sys_getpid(k: Kernel, call: Call, a: m.Empty) -> m.GetpidResult:
@@ -40,7 +46,9 @@ def proc_info(p: Proc) -> m.ProcInfo:
         model=p.model, context_messages=len(p.context), generate_calls=p.generate_calls,
         prompt_tokens=p.prompt_tokens, output_tokens=p.output_tokens,
         service_s=round(p.service_s, 6), wait_s=round(p.wait_s, 6), created=p.created,
-        exit_status=p.exit_status, signal=p.signal,
+        exit_status=p.exit_status, signal=p.signal, program=p.program.pgid, preemptions=p.preemptions,
+        switch_prefill_tokens=p.switch_prefill_tokens, switch_s=round(p.switch_s, 6),
+        limits=p.account.limits.as_dict(), quota_exceeded=p.account.exceeded or p.program.account.exceeded,
     )
 
 

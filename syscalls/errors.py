@@ -29,6 +29,7 @@ class Errno(StrEnum):
     EIO = "EIO"
     ESHUTDOWN = "ESHUTDOWN"
     ECONNREFUSED = "ECONNREFUSED"
+    EDQUOT = "EDQUOT"
 
     @property
     def sentence(self) -> str:
@@ -54,6 +55,7 @@ _SENTENCES: dict[Errno, str] = {
     Errno.EIO: "the model driver or the kernel failed (see the kernel log)",
     Errno.ESHUTDOWN: "the kernel is shutting down",
     Errno.ECONNREFUSED: "no kernel answers at that endpoint",
+    Errno.EDQUOT: "a quota (limit set at spawn) is exhausted",
 }
 
 

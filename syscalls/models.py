@@ -57,11 +57,23 @@ Messages = Annotated[list[ChatMessage], Field(max_length=limits.MAX_MESSAGES)]
 # -- proc.* ------------------------------------------------------------------------
 
 
+class Limits(Args):
+    """Quotas; unset fields are inherited from the parent (or unlimited at top level)."""
+
+    max_output_tokens: int | None = Field(default=None, ge=1, le=2**40, description="output tokens over its life")
+    max_context_tokens: int | None = Field(default=None, ge=1, le=2**31, description="prompt tokens of any one call")
+    max_wall_s: float | None = Field(default=None, gt=0, le=365 * 86400, description="seconds since spawn")
+    max_calls_per_min: int | None = Field(default=None, ge=1, le=10**6, description="llm.generate calls per minute")
+
+
 class SpawnArgs(Args):
     name: Name = Field(description="process name shown by ps")
     model: Name | None = Field(default=None, description="model to run on (default: the kernel's first)")
     system: Text | None = Field(default=None, description="system prompt placed first in the context")
     nice: Nice = Field(default=0, description="priority as a Unix nice value, -20 (first) .. 19")
+    limits: Limits | None = Field(default=None, description="this process's quotas (never above its parent's)")
+    program_limits: Limits | None = Field(
+        default=None, description="quotas of the whole program (top-level spawns only)")
 
 
 class SpawnResult(Result):
@@ -98,6 +110,12 @@ class ProcInfo(Result):
     created: float = Field(description="spawn time, Unix seconds")
     exit_status: int | None = None
     signal: Signal | None = Field(default=None, description="signal that ended it, if any")
+    program: int = Field(default=0, description="pid of the program's first process (its program id)")
+    preemptions: int = Field(default=0, description="times the scheduler took its slot mid-generation")
+    switch_prefill_tokens: int = Field(default=0, description="tokens prefilled again to resume after preemptions")
+    switch_s: float = Field(default=0.0, description="time spent on those re-prefills")
+    limits: dict[str, float] = Field(default_factory=dict, description="its quotas that are set")
+    quota_exceeded: str | None = Field(default=None, description="the last quota it hit (process or program)")
 
 
 class PsArgs(Args):
@@ -234,3 +252,55 @@ class SysInfoResult(Result):
     models: list[ModelRow]
     processes: int
     policy: str = Field(description="the scheduling policy")
+
+
+class StatArgs(Args):
+    procs: bool = Field(default=True, description="include the caller-visible process rows")
+
+
+class ModelStat(Result):
+    """One model's share of the system state: its slots and run queue."""
+
+    name: str
+    driver: str
+    slots: int
+    busy: int = Field(description="slots generating now")
+    queued: int = Field(description="processes READY, waiting for a slot")
+    state: str
+    memory_bytes: int | None = Field(default=None, description="model memory, where the driver knows it")
+
+
+class TokenStat(Result):
+    """Token throughput of the whole kernel."""
+
+    window_s: float = Field(description="the window the rates are averaged over")
+    prompt_tps: float = Field(description="prompt tokens read per second")
+    output_tps: float = Field(description="output tokens generated per second")
+    prompt_total: int = Field(description="prompt tokens since the kernel started")
+    output_total: int = Field(description="output tokens since the kernel started")
+
+
+class HostStat(Result):
+    """The machine and the kernel process."""
+
+    cpus: int = Field(description="logical CPUs")
+    cpu_percent: float = Field(description="system-wide CPU use since the previous sys.stat, 0..100")
+    load_avg: list[float] = Field(description="1, 5 and 15 minute load averages")
+    mem_total: int = Field(description="bytes")
+    mem_available: int = Field(description="bytes")
+    kernel_rss: int = Field(description="resident bytes of the kernel process (models included)")
+    kernel_cpu_s: float = Field(description="CPU seconds the kernel process has used")
+    kernel_cpu_percent: float = Field(description="kernel process CPU since the previous sys.stat, 0..100*cpus")
+
+
+class StatResult(Result):
+    """The system state vector: models (slots, queues), processes, token rates, host."""
+
+    time: float = Field(description="when it was taken, Unix seconds")
+    uptime_s: float
+    policy: str = Field(description="the scheduling policy")
+    models: list[ModelStat]
+    states: dict[str, int] = Field(description="visible processes per state (every state present)")
+    tokens: TokenStat
+    host: HostStat
+    procs: list[ProcInfo] = Field(description="the caller-visible process rows, as proc.ps")

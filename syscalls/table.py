@@ -58,7 +58,7 @@ SYSCALLS: dict[str, SyscallSpec] = dict([
          "Change the priority of the caller or a descendant (never above the caller's).",
          needs_process=False),
     _row("llm.generate", m.GenerateArgs, m.GenerateResult,
-         [Errno.E2BIG, Errno.ECANCELED, Errno.EBUSY, Errno.EIO, Errno.EAGAIN],
+         [Errno.E2BIG, Errno.EDQUOT, Errno.ECANCELED, Errno.EBUSY, Errno.EIO, Errno.EAGAIN],
          "Generate with the process's model: chat turns (kept in its context) or raw text.",
          chunk=m.GenerateChunk),
     _row("ctx.get", m.CtxGetArgs, m.CtxGetResult, [Errno.ESRCH, Errno.EPERM],
@@ -69,6 +69,10 @@ SYSCALLS: dict[str, SyscallSpec] = dict([
          "Empty a process's context (optionally keeping its system prompt)."),
     _row("sys.info", m.Empty, m.SysInfoResult, [],
          "Kernel version, ABI, uptime, endpoints, models and their slots.",
+         needs_process=False),
+    _row("sys.stat", m.StatArgs, m.StatResult, [],
+         "The system state: model slots and queues, process counts per state, token rates, "
+         "host CPU and memory, and the caller-visible process rows.",
          needs_process=False),
 ])
 

@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from kernel.process import INIT_PID, ProcessTable, ProcState
 from kernel.scheduler import Priority, Scheduler
 
@@ -87,4 +89,154 @@ def test_wait_and_service_time_are_accounted():
         s.release(slot)
         s.release(await tb)
         assert a.service_s >= 0.04 and b.wait_s >= 0.04
+    asyncio.run(go())
+
+
+# -- policies on crafted queues -----------------------------------------------------
+
+from kernel.scheduler import (  # noqa: E402
+    POLICIES,
+    Fair,
+    Fifo,
+    Load,
+    LoadView,
+    RoundRobin,
+    Slot,
+    Waiter,
+    make_policy,
+)
+
+IDLE = LoadView(slots=4, busy=0, queued=1)
+
+
+def waiters(procs_, now=0.0, expected=None):
+    """Waiters built without an event loop (pick never touches ``granted``)."""
+    out = []
+    for i, p in enumerate(procs_):
+        w = Waiter.__new__(Waiter)
+        w.proc, w.seq, w.enqueued = p, i, now
+        w.expected_tokens = (expected or [0] * len(procs_))[i]
+        out.append(w)
+    return out
+
+
+def test_fifo_and_rr_pick_the_earliest_arrival():
+    ws = waiters(procs(3, nice=[5, -5, 0]))
+    assert Fifo().pick(ws, 0, IDLE) is ws[0]
+    assert RoundRobin().pick(ws, 0, IDLE) is ws[0]
+
+
+def test_rr_preempts_only_after_its_quantum():
+    p = procs(1)[0]
+    rr = RoundRobin(quantum=4)
+    slot = Slot("m", 0, p, 0.0, tokens=3)
+    assert not rr.should_preempt(slot, waiters(procs(1)), 0, IDLE)
+    slot.tokens = 4
+    assert rr.should_preempt(slot, waiters(procs(1)), 0, IDLE)
+    assert not Fifo().should_preempt(slot, waiters(procs(1)), 0, IDLE)
+
+
+def test_priority_ages_waiters_so_low_priority_never_starves():
+    pol = POLICIES["priority"](aging_s=1.0)
+    old_low = waiters(procs(1, nice=[19]), now=0.0)[0]
+    fresh_high = waiters(procs(1, nice=[-20]), now=10.0)[0]
+    fresh_high.seq = 1
+    assert pol.pick([old_low, fresh_high], 10.0, IDLE) is fresh_high  # early on, priority wins
+    fresh_high.enqueued = 40.0  # high-priority work keeps arriving ...
+    assert pol.pick([old_low, fresh_high], 40.0, IDLE) is old_low  # ... but 40 s of waiting beats 39 levels
+
+
+def test_priority_preempts_a_runner_for_a_better_waiter_after_its_quantum():
+    pol = POLICIES["priority"](quantum=2)
+    runner, better, worse = procs(3, nice=[5, 0, 10])
+    slot = Slot("m", 0, runner, 0.0, tokens=2)
+    assert pol.should_preempt(slot, waiters([better]), 0.0, IDLE)
+    assert not pol.should_preempt(slot, waiters([worse]), 0.0, IDLE)
+
+
+def test_fair_runs_the_program_with_least_attained_service_first():
+    pol = Fair()
+    heavy, light = procs(2)
+    heavy.program.account.service_s = 10.0
+    light.program.account.service_s = 1.0
+    ws = waiters([heavy, light])
+    assert pol.pick(ws, 0.0, IDLE).proc is light
+
+
+def test_fair_ranks_processes_of_one_program_by_their_own_service():
+    from kernel.process import INIT_PID, ProcessTable
+
+    t = ProcessTable(owner="me")
+    root = t.spawn(INIT_PID, "root", "m", 0, None)
+    a, b = t.spawn(root.pid, "a", "m", 0, None), t.spawn(root.pid, "b", "m", 0, None)
+    assert a.program is b.program is root.program
+    a.account.service_s, b.account.service_s = 5.0, 1.0
+    assert Fair().pick(waiters([a, b]), 0.0, IDLE).proc is b
+
+
+def test_fair_lets_a_starving_waiter_go_first():
+    pol = Fair(starve_s=5.0)
+    rich, poor = procs(2)
+    rich.program.account.service_s = 100.0
+    ws = waiters([rich, poor])
+    ws[0].enqueued, ws[1].enqueued = 0.0, 8.0
+    assert pol.pick(ws, 6.0, IDLE).proc is rich  # waited 6 s > 5 s: starving
+    assert pol.pick(ws, 4.0, IDLE).proc is poor
+
+
+def test_fair_preempts_a_runner_that_has_had_more_service_than_a_waiter():
+    pol = Fair(quantum=4)
+    runner, newcomer = procs(2)
+    runner.program.account.service_s = 3.0
+    slot = Slot("m", 0, runner, since=0.0, tokens=4)
+    assert pol.should_preempt(slot, waiters([newcomer], now=0.5), 1.0, IDLE)
+    runner.program.account.service_s = 0.0
+    newcomer.program.account.service_s = 9.0
+    assert not pol.should_preempt(slot, waiters([newcomer], now=0.5), 1.0, IDLE)
+
+
+def test_load_picks_the_cheapest_when_busy_and_the_highest_priority_when_idle():
+    pol = Load(threshold=1.5)
+    big_important, small = procs(2, nice=[-10, 0])
+    ws = waiters([big_important, small], expected=[500, 20])
+    assert pol.pick(ws, 0, LoadView(slots=2, busy=2, queued=2)).proc is small
+    assert pol.pick(ws, 0, LoadView(slots=2, busy=1, queued=1)).proc is big_important
+
+
+def test_make_policy_validates_names_and_quanta():
+    assert make_policy("rr", 8).quantum == 8
+    with pytest.raises(ValueError):
+        make_policy("nope")
+    with pytest.raises(ValueError):
+        make_policy("fifo", 8)
+    with pytest.raises(ValueError):
+        make_policy("rr", 0)
+
+
+def test_scheduler_asks_for_preemption_only_when_someone_runnable_waits():
+    async def go():
+        s = Scheduler({"m": 1}, RoundRobin(quantum=2))
+        a, b = procs(2)
+        slot = await s.acquire(a)
+        slot.tokens = 5
+        assert not s.should_preempt(slot)  # nobody waits
+        b.cont.clear()
+        tb = asyncio.create_task(s.acquire(b))
+        await asyncio.sleep(0)
+        assert not s.should_preempt(slot)  # the only waiter is STOPPED
+        b.cont.set()
+        assert s.should_preempt(slot)
+        s.release(slot)
+        s.release(await tb)
+    asyncio.run(go())
+
+
+def test_service_time_is_charged_to_the_process_and_its_program():
+    async def go():
+        s = Scheduler({"m": 1})
+        a = procs(1)[0]
+        slot = await s.acquire(a)
+        await asyncio.sleep(0.02)
+        s.release(slot)
+        assert a.account.service_s >= 0.02 and a.program.account.service_s == a.account.service_s
     asyncio.run(go())
