@@ -83,6 +83,8 @@ class ModelInfo:
     slots: int
     state: Literal["unloaded", "loading", "ready", "failed"]
     detail: str = ""
+    #: Bytes the model occupies (weights, plus caches where cheaply known); None: unknown.
+    memory_bytes: int | None = None
 
 
 class Driver(abc.ABC):

@@ -732,6 +732,7 @@ class CpuDriver(Driver):
         self._state: DriverState = "unloaded"
         self._detail = ""
         self._max_context = 0
+        self._memory_bytes: int | None = None  # parameter bytes, once loaded
         self._engine: _Engine | None = None
         self._encoder: _PromptEncoder | None = None
 
@@ -776,6 +777,7 @@ class CpuDriver(Driver):
             self._state, self._detail = "failed", str(exc)
             raise DriverError(f"The cpu driver failed to load: {exc}") from exc
         self._max_context = loaded.max_context
+        self._memory_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         self._encoder = _PromptEncoder(loaded.tokenizer)
         self._engine = _Engine(loaded, self._encoder, self._slots, self._threads)
         self._engine.start()
@@ -783,7 +785,8 @@ class CpuDriver(Driver):
         self._detail = f"loaded in {time.monotonic() - started:.1f}s"
 
     def info(self) -> ModelInfo:
-        """Driver name, model, context window (0 until loaded), slots and state."""
+        """Driver name, model, context window (0 until loaded), slots, state and the
+        weights' bytes (None until loaded; KV caches are not counted)."""
         return ModelInfo(
             driver=self.name,
             model=self._model_arg or packaged.MODEL_NAME,
@@ -791,6 +794,7 @@ class CpuDriver(Driver):
             slots=self._slots,
             state=self._state,
             detail=self._detail,
+            memory_bytes=self._memory_bytes,
         )
 
     async def count_tokens(self, prompt: list[Message] | str) -> int:
@@ -835,7 +839,7 @@ class CpuDriver(Driver):
         engine, self._engine, self._encoder = self._engine, None, None
         if engine is not None:
             await asyncio.to_thread(engine.stop)
-        self._state, self._detail = "unloaded", ""
+        self._state, self._detail, self._memory_bytes = "unloaded", "", None
 
     def _ready(self) -> tuple[_Engine, _PromptEncoder]:
         if self._engine is None or self._encoder is None or self._state != "ready":

@@ -8,30 +8,53 @@ Its "tokens" are words: token id ``i`` is the word ``w{i}``; a prompt's tokens a
 whitespace-separated words (plus one per chat message). The output for a prompt is
 ``w{h}, w{h+1}, ...`` where ``h`` is a hash of the prompt, so greedy output is a pure
 function of the prompt, as with a real model.
+
+Timing model, per slot (slots do not slow each other down):
+
+* prefill: before its first token a request waits ``(prompt tokens + len(resume_ids)) /
+  prefill_tokens_per_s``, so resuming a preempted generation costs a real re-prefill of
+  everything it had, the context switch a real model pays without a prefix cache;
+* decoding: one token every ``1 / tokens_per_s`` seconds, each step stretched by up to
+  ``jitter`` (a fraction) drawn from an RNG seeded by ``seed`` and the request, so a run
+  is reproducible;
+* abort: a request stops within one decoding step, or at once while prefilling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import random
 from collections.abc import AsyncIterator
 
 from drivers.base import Delta, Driver, GenerationRequest, Message, ModelInfo, Progress
 
 
 class SimDriver(Driver):
-    """Simulated model: ``tokens_per_s`` per sequence, ``slots`` sequences at once."""
+    """Simulated model: ``tokens_per_s`` per sequence after a prefill at
+    ``prefill_tokens_per_s``, ``slots`` sequences at once."""
 
     name = "sim"
 
     def __init__(self, model: str | None = None, slots: int = 4, tokens_per_s: float = 200.0,
-                 max_context: int = 8192, eos_after: int | None = None) -> None:
+                 prefill_tokens_per_s: float = 2000.0, max_context: int = 8192,
+                 eos_after: int | None = None, jitter: float = 0.0, seed: int = 0) -> None:
+        if tokens_per_s <= 0 or prefill_tokens_per_s <= 0:
+            raise ValueError("tokens_per_s and prefill_tokens_per_s must be positive")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError("jitter is a fraction of a decoding step, 0 <= jitter < 1")
         self._slots = slots
         self.model = model or "simulated"
+        self.tokens_per_s = tokens_per_s
+        self.prefill_tokens_per_s = prefill_tokens_per_s
         self.step_s = 1.0 / tokens_per_s
         self.max_context = max_context
         self.eos_after = eos_after  # emit "stop" after this many tokens (None: never)
+        self.jitter = jitter
+        self.seed = seed
         self._aborted: set[str] = set()
+        self._wakeups: dict[str, asyncio.Event] = {}  # requests prefilling, woken by abort
         self._state: str = "unloaded"
 
     @property
@@ -42,8 +65,10 @@ class SimDriver(Driver):
         self._state = "ready"
 
     def info(self) -> ModelInfo:
+        detail = (f"simulated driver (no model): {self.tokens_per_s:g} tok/s per slot, "
+                  f"prefill {self.prefill_tokens_per_s:g} tok/s, jitter {self.jitter:g}")
         return ModelInfo("sim", self.model, self.max_context, self._slots, self._state,  # type: ignore[arg-type]
-                         "simulated driver (no model)")
+                         detail)
 
     @staticmethod
     def _count(prompt: list[Message] | str) -> int:
@@ -54,13 +79,33 @@ class SimDriver(Driver):
     async def count_tokens(self, prompt: list[Message] | str) -> int:
         return self._count(prompt)
 
+    def prefill_s(self, prompt_tokens: int, resumed_tokens: int = 0) -> float:
+        """Seconds the simulated prefill of a request takes."""
+        return (prompt_tokens + resumed_tokens) / self.prefill_tokens_per_s
+
+    async def _prefill(self, rid: str, seconds: float) -> None:
+        """Sleep ``seconds``, or less if ``rid`` is aborted meanwhile."""
+        if seconds <= 0 or rid in self._aborted:
+            return
+        wake = self._wakeups[rid] = asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await wake.wait()
+        finally:
+            self._wakeups.pop(rid, None)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         rid, opts = request.request_id, request.sampling
         n_prompt = self._count(request.prompt)
         start = int(hashlib.sha256(repr(request.prompt).encode()).hexdigest()[:6], 16)
         produced = list(request.resume_ids)
+        rng = random.Random(f"{self.seed}:{start}:{len(produced)}") if self.jitter else None
         text_so_far = "".join(f" w{t}" for t in produced)
+        loop = asyncio.get_running_loop()
         try:
+            await self._prefill(rid, self.prefill_s(n_prompt, len(produced)))
+            due = loop.time()  # tokens are due on a fixed schedule: loop latency does not add up
             while True:
                 if rid in self._aborted:
                     yield Delta("", [], n_prompt, len(produced), "abort")
@@ -71,7 +116,8 @@ class SimDriver(Driver):
                 if self.eos_after is not None and len(produced) >= self.eos_after:
                     yield Delta("", [], n_prompt, len(produced), "stop")
                     return
-                await asyncio.sleep(self.step_s)
+                due += self.step_s * (1.0 + self.jitter * rng.random()) if rng else self.step_s
+                await asyncio.sleep(max(0.0, due - loop.time()))
                 tok = start + len(produced)
                 piece = f" w{tok}"
                 produced.append(tok)
@@ -86,3 +132,5 @@ class SimDriver(Driver):
 
     def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
+        if (wake := self._wakeups.get(request_id)) is not None:
+            wake.set()

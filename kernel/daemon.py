@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import inspect
 import logging
 import os
 import re
@@ -18,8 +19,10 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from drivers.base import Driver
 from kernel import paths
 from kernel.kernel import Kernel
+from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
 
 log = logging.getLogger("llmos.kernel")
 
@@ -44,11 +47,56 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=4, help="sequences the model decodes at once (default: 4)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype for the cpu driver (default: float32, fastest prefill on CPUs)")
-    p.add_argument("--policy", default="fifo", help="scheduling policy (default: fifo)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES),
+                   help=f"scheduling policy (default: {DEFAULT_POLICY})")
+    p.add_argument("--quantum", type=int, default=None,
+                   help="tokens a process runs before it can be preempted (rr, priority, fair)")
+    p.add_argument("--driver-option", action="append", default=None, type=driver_option, metavar="KEY=VALUE",
+                   help="driver constructor option, e.g. tokens_per_s=50 for sim (repeatable; "
+                        "VALUE is read as int, float, true/false, else text)")
     p.add_argument("--listen", action="append", default=None, metavar="ENDPOINT",
                    help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)")
     p.add_argument("--runtime-dir", type=Path, default=None, help="socket, lock and credentials (default: $LLMOS_RUNTIME_DIR or /tmp/llmos-$UID)")
     p.add_argument("--state-dir", type=Path, default=None, help="log and state (default: $LLMOS_STATE_DIR or ~/.local/state/llmos)")
+
+
+def driver_option(text: str) -> str:
+    """argparse type of ``--driver-option``: ``KEY=VALUE`` with an identifier KEY."""
+    key, eq, _ = text.partition("=")
+    if not eq or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. tokens_per_s=50), got {text!r}")
+    return text
+
+
+def parse_option_value(value: str) -> int | float | bool | str:
+    """A ``--driver-option`` value: int, then float, then true/false, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def driver_options(items: list[str] | None) -> dict[str, int | float | bool | str]:
+    """``["KEY=VALUE", ...]`` -> keyword arguments for the driver's constructor."""
+    return {key: parse_option_value(value) for key, _, value in (i.partition("=") for i in items or [])}
+
+
+def build_driver(args: argparse.Namespace) -> Driver:
+    """The driver ``args`` ask for; a ValueError naming the options it accepts if the
+    constructor rejects them."""
+    from drivers import DRIVERS, make_driver
+
+    options = {"slots": args.slots} | ({"dtype": args.dtype} if args.dtype else {})
+    options |= driver_options(args.driver_option)
+    try:
+        return make_driver(args.driver, args.model, **options)
+    except TypeError as exc:
+        params = inspect.signature(DRIVERS[args.driver].__init__).parameters
+        accepted = ", ".join(n for n in params if n not in ("self", "model"))
+        raise ValueError(f"the {args.driver} driver rejected its options ({exc}); "
+                         f"it accepts: {accepted}") from None
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -86,11 +134,15 @@ def setup_logging(state: Path, foreground: bool) -> None:
 
 async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     """Start a kernel from parsed options and serve until SIGTERM/SIGINT."""
-    from drivers import make_driver
-
     run = paths.ensure_private_dir(args.runtime_dir or paths.runtime_dir())
     state = paths.ensure_private_dir(args.state_dir or paths.state_dir())
     setup_logging(state, foreground)
+    try:
+        make_policy(args.policy, args.quantum)  # refuse bad options before anything starts
+        driver = build_driver(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         lock = acquire_lock(run)
     except AlreadyRunning as exc:
@@ -100,9 +152,8 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     token = secrets.token_urlsafe(32)
     paths.write_private(run / "admin.token", token + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
-    options = {"slots": args.slots} | ({"dtype": args.dtype} if args.dtype else {})
-    driver = make_driver(args.driver, args.model, **options)
-    kernel = Kernel({model_name(args): driver}, endpoints, admin_token=token, policy=args.policy)
+    kernel = Kernel({model_name(args): driver}, endpoints, admin_token=token, policy=args.policy,
+                    quantum=args.quantum)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, kernel.request_stop)

@@ -1,9 +1,12 @@
-"""sys.* handlers: what this kernel is and what it runs."""
+"""sys.* handlers: what this kernel is, what it runs, and how busy it is."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
+from kernel.process import Proc, ProcState
+from kernel.sys_proc import proc_info
 from kernel.syscall import Call
 from syscalls import limits
 from syscalls import models as m
@@ -29,4 +32,40 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
     )
 
 
-HANDLERS = {"sys.info": sys_info}
+def visible_procs(k: Kernel, call: Call) -> list[Proc]:
+    """The processes the caller may see, as proc.ps shows them: all for the admin; the
+    caller and its descendants for a process."""
+    caller = call.caller
+    if caller.proc is None:
+        return sorted(k.procs, key=lambda p: p.pid)
+    return [caller.proc, *k.procs.descendants(caller.pid)]
+
+
+def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
+    """The system state vector S = (CPU, MEM, NET, JOBS): model slots and queues, process
+    counts per state, token rates, host figures, and the caller-visible process rows.
+    Synchronous and non-blocking: a table walk and a few /proc reads."""
+    models = []
+    for name, driver in k.drivers.items():
+        info = driver.info()
+        models.append(m.ModelStat(
+            name=name, driver=info.driver, slots=info.slots, busy=k.scheduler.busy(name),
+            queued=k.scheduler.queued(name), state=info.state, memory_bytes=info.memory_bytes,
+        ))
+    procs = visible_procs(k, call)
+    states = dict.fromkeys((s.value for s in ProcState), 0)
+    for p in procs:
+        states[p.state.value] += 1
+    st = k.stats
+    tokens = m.TokenStat(
+        window_s=st.window_s, prompt_tps=round(st.prompt.rate(), 3), output_tps=round(st.output.rate(), 3),
+        prompt_total=st.prompt.total, output_total=st.output.total,
+    )
+    return m.StatResult(
+        time=time.time(), uptime_s=round(k.uptime(), 3), policy=k.scheduler.policy.name, models=models,
+        states=states, tokens=tokens, host=m.HostStat(**st.host.sample().as_dict()),
+        procs=[proc_info(p) for p in procs] if a.procs else [],
+    )
+
+
+HANDLERS = {"sys.info": sys_info, "sys.stat": sys_stat}

@@ -1,4 +1,4 @@
-"""The ``llmos`` command: kernel control, run agent programs, ps/kill/ask, syscalls, bench."""
+"""The ``llmos`` command: kernel control, run agent programs, ps/top/kill/ask, syscalls, bench."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kernel import paths
-from kernel.daemon import add_kernel_options
+from kernel.daemon import add_kernel_options, driver_option
 from llmos.client import Client, connect, resolve_endpoint
+from syscalls import models as m
 from syscalls.errors import SyscallError
 
 out = Console()
@@ -48,12 +49,16 @@ def _kernel_pid() -> int | None:
 def _kernel_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "kernel", "--driver", args.driver, "--slots", str(args.slots),
             "--policy", args.policy]
+    if args.quantum is not None:
+        argv += ["--quantum", str(args.quantum)]
     for flag, value in (("--model", args.model), ("--model-name", args.model_name), ("--dtype", args.dtype),
                         ("--runtime-dir", args.runtime_dir), ("--state-dir", args.state_dir)):
         if value:
             argv += [flag, str(value)]
     for ep in args.listen or []:
         argv += ["--listen", ep]
+    for option in args.driver_option or []:
+        argv += ["--driver-option", option]
     return argv
 
 
@@ -171,6 +176,114 @@ def cmd_ps(as_json: bool) -> int:
                       str(p.prompt_tokens), str(p.output_tokens), f"{p.service_s:.2f}", f"{p.wait_s:.2f}", p.name)
     out.print(table)
     return 0
+
+
+# -- top ------------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    """Bytes for people: 1.5 GiB, 812 MiB."""
+    if n is None:
+        return "?"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    x, i = float(n), 0
+    while x >= 1024 and i < len(units) - 1:
+        x, i = x / 1024, i + 1
+    return f"{x:.0f} {units[i]}" if i == 0 or x >= 100 else f"{x:.1f} {units[i]}"
+
+
+def tok_shares(snap: m.StatResult, prev: m.StatResult | None) -> dict[int, float]:
+    """%TOK per pid: each process's share of the output tokens its visible peers generated
+    between ``prev`` and ``snap`` (like top's %CPU). Without ``prev``, shares of the
+    lifetime totals. A pid absent from ``prev`` is new: all its tokens are recent."""
+    before = {p.pid: p.output_tokens for p in prev.procs} if prev is not None else {}
+    made = {p.pid: max(p.output_tokens - before.get(p.pid, 0), 0) for p in snap.procs}
+    total = sum(made.values())
+    return {pid: (100.0 * n / total if total else 0.0) for pid, n in made.items()}
+
+
+def top_view(snap: m.StatResult, prev: m.StatResult | None, max_rows: int | None = None) -> Any:
+    """One frame of ``llmos top``: the header (models, states, token rates, host) and the
+    process table sorted by %TOK."""
+    from rich.console import Group
+    from rich.text import Text
+
+    h, t = snap.host, snap.tokens
+    up = time.strftime("%H:%M:%S", time.gmtime(snap.uptime_s))
+    days = int(snap.uptime_s // 86400)
+    lines = [Text.from_markup(
+        f"[bold]llmos top[/]  {time.strftime('%H:%M:%S', time.localtime(snap.time))}  "
+        f"up {f'{days}d ' if days else ''}{up}  policy {snap.policy}")]
+    for mod in snap.models:
+        mem = f", {_size(mod.memory_bytes)}" if mod.memory_bytes is not None else ""
+        lines.append(Text.from_markup(
+            f"[bold]model[/]  {mod.name} ({mod.driver}, {mod.state}{mem}): "
+            f"slots [bold]{mod.busy}[/]/{mod.slots} busy, [bold]{mod.queued}[/] queued"))
+    counts = ", ".join(f"{n} {state}" for state, n in snap.states.items())
+    lines.append(Text.from_markup(f"[bold]procs[/]  {sum(snap.states.values())}: {counts}"))
+    lines.append(Text.from_markup(
+        f"[bold]tokens[/] prompt [bold]{t.prompt_tps:.1f}[/]/s ({t.prompt_total} total), "
+        f"output [bold]{t.output_tps:.1f}[/]/s ({t.output_total} total)  [dim]over {t.window_s:.0f} s[/]"))
+    load = " ".join(f"{x:.2f}" for x in h.load_avg)
+    lines.append(Text.from_markup(
+        f"[bold]host[/]   cpu [bold]{h.cpu_percent:.1f}%[/] of {h.cpus} cpus, load {load}, "
+        f"mem {_size(h.mem_available)} free of {_size(h.mem_total)}"))
+    lines.append(Text.from_markup(
+        f"[bold]kernel[/] rss [bold]{_size(h.kernel_rss)}[/], cpu {h.kernel_cpu_percent:.1f}% "
+        f"({h.kernel_cpu_s:.1f} s)"))
+
+    shares = tok_shares(snap, prev)
+    rows = sorted(snap.procs, key=lambda p: (-shares.get(p.pid, 0.0), p.pid))
+    table = Table(box=None, header_style="bold reverse", pad_edge=False)
+    # Minimum widths keep the figures whole in 80 columns; NAME (and MODEL) give way.
+    widths = {"PID": 5, "PPID": 5, "STATE": 7, "NI": 3, "MODEL": 5, "TOK IN": 6, "TOK OUT": 7,
+              "%TOK": 5, "RUN s": 6, "WAIT s": 6, "NAME": None}
+    for col, width in widths.items():
+        left = col in ("STATE", "MODEL", "NAME")
+        table.add_column(col, justify="left" if left else "right", no_wrap=True, overflow="ellipsis",
+                         min_width=width, max_width=16 if col == "MODEL" else None)
+    shown = rows if max_rows is None else rows[:max(max_rows, 1)]
+    for p in shown:
+        style = "green" if p.state == "RUNNING" else "dim" if p.state == "ZOMBIE" else None
+        table.add_row(str(p.pid), str(p.ppid), p.state, str(p.nice), p.model, str(p.prompt_tokens),
+                      str(p.output_tokens), f"{shares.get(p.pid, 0.0):.1f}", f"{p.service_s:.2f}",
+                      f"{p.wait_s:.2f}", p.name, style=style)
+    hidden = len(rows) - len(shown)
+    parts: list[Any] = [*lines, Text(""), table]
+    if hidden:
+        parts.append(Text(f"… {hidden} more", style="dim"))
+    return Group(*parts)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live view of sys.stat, refreshed every ``--interval`` s; Ctrl-C leaves with 0."""
+    interval = max(args.interval, 0.1)
+    deadline_ms = int(max(5.0, 2 * interval) * 1000)
+    with connect() as c:
+        def snapshot() -> tuple[dict[str, Any], m.StatResult]:
+            raw = c.call("sys.stat", deadline_ms=deadline_ms)
+            return raw, m.StatResult(**raw)
+
+        if args.json:
+            print(json.dumps(snapshot()[0]))
+            return 0
+        if args.once:
+            out.print(top_view(snapshot()[1], None))
+            return 0
+        from rich.live import Live
+
+        prev: m.StatResult | None = None
+        try:
+            with Live(console=out, auto_refresh=False, screen=out.is_terminal,
+                      vertical_overflow="crop") as live:
+                while True:
+                    snap = snapshot()[1]
+                    live.update(top_view(snap, prev, max_rows=out.height - len(snap.models) - 9),
+                                refresh=True)
+                    prev = snap
+                    time.sleep(interval)
+        except KeyboardInterrupt:
+            return 0
 
 
 def cmd_kill(pid: int, sig: str) -> int:
@@ -298,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("ps", help="list processes")
     pp.add_argument("--json", action="store_true")
 
+    tp = sub.add_parser("top", help="live view of models, processes, token rates and the host")
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    tp.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    tp.add_argument("--json", action="store_true", help="print the raw sys.stat result as JSON (implies --once)")
+
     kl = sub.add_parser("kill", help="signal a process")
     kl.add_argument("pid", type=int)
     kl.add_argument("-s", "--signal", default="TERM", help="TERM, KILL, STOP or CONT")
@@ -320,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--calls", type=int, default=5000, help="calls per client per syscall")
     bs.add_argument("--gen-tokens", type=int, default=64, help="tokens per generation (0 skips it)")
     bs.add_argument("--json", action="store_true")
+    bsc = bsub.add_parser("sched", help="agent-program workloads under every scheduling policy")
+    bsc.add_argument("--driver", choices=["sim", "cpu"], default="sim",
+                     help="sim: the simulator at scale (default); cpu: a small run on the real model")
+    bsc.add_argument("--policies", default=None, help="comma-separated policies (default: every one the kernel has)")
+    bsc.add_argument("--workloads", default="chat,react,mix", help="comma-separated workloads (default: chat,react,mix)")
+    bsc.add_argument("--programs", type=int, default=None,
+                     help="programs per workload (default: sim 200/200/1000, cpu 6)")
+    bsc.add_argument("--slots", type=int, default=None, help="model slots (default: sim 32, cpu 2)")
+    bsc.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    bsc.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE",
+                     type=driver_option, help="driver option, e.g. tokens_per_s=100 (repeatable)")
+    bsc.add_argument("--json", action="store_true")
     return p
 
 
@@ -351,6 +481,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_run(args)
         case "ps":
             return cmd_ps(args.json)
+        case "top":
+            return cmd_top(args)
         case "kill":
             return cmd_kill(args.pid, args.signal)
         case "ask":
@@ -358,6 +490,9 @@ def _run(args: argparse.Namespace) -> int:
         case "syscalls":
             return cmd_syscalls(args)
         case "bench":
+            if args.bcmd == "sched":
+                from llmos.bench_sched import bench_sched
+                return bench_sched(args)
             from llmos.bench import bench_syscalls
             return bench_syscalls(args)
     return 2

@@ -152,9 +152,10 @@ class Client:
             return
 
     # -- conveniences -------------------------------------------------------------------
-    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0) -> Process:
+    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
+              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None) -> Process:
         """Create an LLM process (a child of this client's process, or of init)."""
-        args = m.SpawnArgs(name=name, system=system, model=model, nice=nice).model_dump(exclude_none=True)
+        args = _spawn_args(name, system, model, nice, limits, program_limits)
         res = m.SpawnResult(**self.call("proc.spawn", args))
         return Process(self, res.pid, res.token)
 
@@ -164,6 +165,12 @@ class Client:
 
     def info(self) -> m.SysInfoResult:
         return m.SysInfoResult(**self.call("sys.info"))
+
+    def stat(self, procs: bool = True) -> m.StatResult:
+        """The system state (``sys.stat``): models' slots and queues, process counts per
+        state, token rates, host CPU/memory and, unless ``procs=False``, the process rows
+        this client may see."""
+        return m.StatResult(**self.call("sys.stat", {} if procs else {"procs": False}))
 
     def ps(self, pid: int | None = None) -> list[m.ProcInfo]:
         return m.PsResult(**self.call("proc.ps", _opt(pid=pid))).procs
@@ -246,14 +253,19 @@ class Process:
     def getpid(self) -> m.GetpidResult:
         return m.GetpidResult(**self.call("proc.getpid"))
 
-    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0) -> Process:
+    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
+              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None) -> Process:
         """Spawn a child of this process."""
-        args = m.SpawnArgs(name=name, system=system, model=model, nice=nice).model_dump(exclude_none=True)
+        args = _spawn_args(name, system, model, nice, limits, program_limits)
         res = m.SpawnResult(**self.call("proc.spawn", args))
         return Process(self.client, res.pid, res.token)
 
     def ps(self) -> list[m.ProcInfo]:
         return m.PsResult(**self.call("proc.ps")).procs
+
+    def stat(self, procs: bool = True) -> m.StatResult:
+        """``sys.stat`` as this process: counts and rows cover itself and its descendants."""
+        return m.StatResult(**self.call("sys.stat", {} if procs else {"procs": False}))
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
         """Wait for one of this process's children to exit."""
@@ -268,6 +280,17 @@ class Process:
 
     def exit(self, status: int = 0) -> None:
         self.call("proc.exit", {"status": status})
+
+
+def _spawn_args(name: str, system: str | None, model: str | None, nice: int,
+                limits: dict[str, Any] | None, program_limits: dict[str, Any] | None) -> dict[str, Any]:
+    """proc.spawn arguments, checked here first so mistakes fail before the round trip.
+    ``limits``/``program_limits``: max_output_tokens, max_context_tokens, max_wall_s,
+    max_calls_per_min."""
+    args = m.SpawnArgs.model_validate(
+        _opt(name=name, system=system, model=model, nice=nice, limits=limits, program_limits=program_limits),
+        strict=False)
+    return args.model_dump(exclude_none=True)
 
 
 def _opt(**kw: Any) -> dict[str, Any]:
@@ -353,13 +376,18 @@ class AsyncClient:
         """Chunks of a streaming syscall, then its final result."""
         return self._frames(name, args, pid, token, deadline_ms)
 
-    async def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0) -> AsyncProcess:
-        args = m.SpawnArgs(name=name, system=system, model=model, nice=nice).model_dump(exclude_none=True)
+    async def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
+              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None) -> AsyncProcess:
+        args = _spawn_args(name, system, model, nice, limits, program_limits)
         res = m.SpawnResult(**await self.call("proc.spawn", args))
         return AsyncProcess(self, res.pid, res.token)
 
     async def info(self) -> m.SysInfoResult:
         return m.SysInfoResult(**await self.call("sys.info"))
+
+    async def stat(self, procs: bool = True) -> m.StatResult:
+        """asyncio flavour of :meth:`Client.stat`."""
+        return m.StatResult(**await self.call("sys.stat", {} if procs else {"procs": False}))
 
     async def ps(self, pid: int | None = None) -> list[m.ProcInfo]:
         return m.PsResult(**await self.call("proc.ps", _opt(pid=pid))).procs
