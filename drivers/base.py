@@ -71,6 +71,9 @@ class Delta:
     prompt_tokens: int
     output_tokens: int
     finish_reason: FinishReason | None = None
+    #: Of the prompt and resumed tokens, how many came from the driver's prefix cache
+    #: (not computed again): the saving on a resume or a conversation's next turn.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

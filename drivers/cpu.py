@@ -189,6 +189,8 @@ class _Sequence:
     stop_text: _StopText | None = None
     #: The consumer's loop is gone: finish quietly at the next step.
     orphaned: bool = False
+    #: Prompt/resumed tokens whose KV came from the prefix cache.
+    cached_tokens: int = 0
 
     @property
     def request_id(self) -> str:
@@ -201,7 +203,7 @@ class _Sequence:
     def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
         """A delta carrying ``text`` and every sampled id not sent yet."""
         ids, self.unsent_ids = self.unsent_ids, []
-        return Delta(text, ids, len(self.prompt_ids), len(self.output_ids), finish)
+        return Delta(text, ids, len(self.prompt_ids), len(self.output_ids), finish, self.cached_tokens)
 
 
 # --------------------------------------------------------------------------- model
@@ -386,6 +388,12 @@ class _DecodeBatch:
         for seq in seqs:
             seq.cache = None  # the batch owns the KV now
 
+    def row_kv(self, seq: _Sequence) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """A member's unpadded per-layer keys and values (views), or None if not a member."""
+        if self._cache is None or not any(member is seq for member in self._seqs):
+            return None
+        return self._row_kv(seq)
+
     def _row_kv(self, seq: _Sequence) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One sequence's per-layer keys and values without padding, each [1, H, L, D]."""
         for row, member in enumerate(self._seqs):
@@ -409,6 +417,66 @@ class _DecodeBatch:
         return out
 
 
+class _PrefixStore:
+    """KV caches of finished and preempted sequences, keyed by the tokens they cover.
+
+    A new sequence whose tokens start with a stored entry's (a preempted generation
+    resuming, or the next turn of a conversation) takes that entry's cache, cropped to
+    the common prefix, and prefills only the rest. Entries are taken, not copied (the
+    new sequence extends the cache in place), and the least recently stored go first
+    when the token budget is exceeded. Engine thread only.
+    """
+
+    #: Shorter common prefixes are not worth the bookkeeping.
+    MIN_REUSE = 8
+
+    def __init__(self, budget_tokens: int) -> None:
+        self.budget = budget_tokens
+        self._entries: list[tuple[list[int], list[Any], list[Any]]] = []  # oldest first
+        self.hits = 0
+        self.reused_tokens = 0
+
+    def put(self, ids: list[int], keys: list[Any], values: list[Any]) -> None:
+        if self.budget <= 0 or len(ids) < self.MIN_REUSE:
+            return
+        self._entries.append((ids, keys, values))
+        while sum(len(e[0]) for e in self._entries) > self.budget:
+            self._entries.pop(0)
+
+    def take(self, ids: list[int]) -> tuple[int, Any] | None:
+        """The longest stored common prefix with ``ids`` (at most ``len(ids) - 1`` tokens,
+        so at least one token is left to feed) as ``(length, DynamicCache)``."""
+        from transformers import DynamicCache
+
+        best, best_len = -1, 0
+        for i, (stored, _, _) in enumerate(self._entries):
+            n = _common_prefix(stored, ids)
+            if n > best_len:
+                best, best_len = i, n
+        best_len = min(best_len, len(ids) - 1)
+        if best < 0 or best_len < self.MIN_REUSE:
+            return None
+        _, keys, values = self._entries.pop(best)
+        layers = [(k[:, :, :best_len], v[:, :, :best_len]) for k, v in zip(keys, values, strict=True)]
+        self.hits += 1
+        self.reused_tokens += best_len
+        return best_len, DynamicCache(ddp_cache_data=layers)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -416,7 +484,8 @@ class _Engine:
     """Owns the model on one thread and runs the step loop over at most ``slots`` sequences."""
 
     def __init__(
-        self, loaded: _LoadedModel, encoder: _PromptEncoder, slots: int, threads: int | None
+        self, loaded: _LoadedModel, encoder: _PromptEncoder, slots: int, threads: int | None,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
@@ -435,6 +504,7 @@ class _Engine:
         self._waiting: list[_Sequence] = []
         self._running: list[_Sequence] = []
         self._batch = _DecodeBatch(self._model) if _DecodeBatch.supports(self._model) else None
+        self.prefix = _PrefixStore(prefix_cache_tokens)
         self._arrivals = itertools.count()
         #: Steps run so far (tests measure abort latency in steps, not seconds).
         self.steps = 0
@@ -543,6 +613,11 @@ class _Engine:
         if resume:
             self._replay(seq, resume)
         seq.pending = [*seq.prompt_ids, *resume]
+        hit = self.prefix.take(seq.pending)
+        if hit is not None:  # a resumed or continued sequence: prefill only what is new
+            reused, seq.cache = hit
+            seq.pending = seq.pending[reused:]
+            seq.cached_tokens = reused
         if seq.options.temperature > 0:
             seq.rng = torch.Generator()
             if seq.options.seed is None:
@@ -656,8 +731,24 @@ class _Engine:
             # request re-derives it from resume_ids, so sending it now would duplicate it.
             text += seq.stop_text.flush()
         seq.status = status
+        self._keep_prefix(seq)
         self._release(seq)  # before the send: the consumer may reuse the id at once
         self._send(seq, seq.delta(text, _FINISH_REASONS[status]))
+
+    def _keep_prefix(self, seq: _Sequence) -> None:
+        """Store the finished sequence's KV for a later resume or next turn."""
+        if self.prefix.budget <= 0 or seq.status is SeqStatus.FAILED:
+            return
+        kv = self._batch.row_kv(seq) if self._batch is not None else None
+        if kv is None and seq.cache is not None and seq.cache.layers and seq.cache.layers[0].keys is not None:
+            kv = [lay.keys for lay in seq.cache.layers], [lay.values for lay in seq.cache.layers]
+        if kv is None:
+            return
+        keys, values = kv
+        covered = keys[0].shape[-2]  # tokens fed so far: the last sampled one never was
+        ids = [*seq.prompt_ids, *seq.output_ids][:covered]
+        # Clone: a row of the batch is a view that would pin the whole batch's memory.
+        self.prefix.put(ids, [k.clone() for k in keys], [v.clone() for v in values])
 
     def _fail(self, seq: _Sequence, exc: BaseException) -> None:
         """End ``seq`` with an error its consumer raises; the engine carries on."""
@@ -710,6 +801,9 @@ class CpuDriver(Driver):
         dtype: weight dtype: "float32" (default: on AVX2-only CPUs it prefills about 4x faster
             than bf16, which decodes about 1.3x faster), "bfloat16" or "float16".
         threads: torch intra-op threads (process-wide); None leaves torch's default.
+        prefix_cache_tokens: tokens of KV kept from finished and preempted sequences so a
+            resumed generation or the next turn of a conversation prefills only its new
+            tokens (0 turns it off; SmolLM2 costs about 46 KB per token in float32).
     """
 
     name = "cpu"
@@ -720,6 +814,7 @@ class CpuDriver(Driver):
         slots: int = 4,
         dtype: str = "float32",
         threads: int | None = None,
+        prefix_cache_tokens: int = 8192,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
@@ -729,6 +824,7 @@ class CpuDriver(Driver):
         self._slots = slots
         self._dtype = dtype
         self._threads = threads
+        self._prefix_cache_tokens = prefix_cache_tokens
         self._state: DriverState = "unloaded"
         self._detail = ""
         self._max_context = 0
@@ -749,6 +845,12 @@ class CpuDriver(Driver):
     def live_request_ids(self) -> frozenset[str]:
         """Requests submitted and not yet finished (waiting or running)."""
         return self._engine.live_ids() if self._engine else frozenset()
+
+    def prefix_stats(self) -> tuple[int, int]:
+        """``(hits, tokens reused)`` of the KV prefix cache so far."""
+        if self._engine is None:
+            return 0, 0
+        return self._engine.prefix.hits, self._engine.prefix.reused_tokens
 
     async def load(self, progress: Progress | None = None) -> None:
         """Load (first exporting, for the packaged model) on a worker thread.
@@ -779,7 +881,7 @@ class CpuDriver(Driver):
         self._max_context = loaded.max_context
         self._memory_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         self._encoder = _PromptEncoder(loaded.tokenizer)
-        self._engine = _Engine(loaded, self._encoder, self._slots, self._threads)
+        self._engine = _Engine(loaded, self._encoder, self._slots, self._threads, self._prefix_cache_tokens)
         self._engine.start()
         self._state = "ready"
         self._detail = f"loaded in {time.monotonic() - started:.1f}s"

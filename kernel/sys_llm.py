@@ -162,9 +162,9 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
         try:
             async for delta in stream:
                 if last is None:  # the driver has read the prompt (and any resumed tokens)
-                    k.stats.add_prompt(delta.prompt_tokens + resumed)
-                    if resumed:
-                        proc.switch_prefill_tokens += delta.prompt_tokens + resumed
+                    k.stats.add_prompt(delta.prompt_tokens + resumed - delta.cached_tokens)
+                    if resumed:  # a context switch: what the driver had to compute again
+                        proc.switch_prefill_tokens += delta.prompt_tokens + resumed - delta.cached_tokens
                         proc.switch_s += time.monotonic() - started
                 k.stats.add_output(len(delta.token_ids))
                 gen.out_ids.extend(delta.token_ids)

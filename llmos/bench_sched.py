@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -73,7 +74,7 @@ class Scale:
 
     programs: dict[str, int]  # programs per workload
     slots: int  # default --slots
-    arrival_s: float  # Poisson arrivals at rate programs / arrival_s
+    arrivals_per_s: dict[str, float]  # Poisson arrival rate per workload
     out: float  # multiplier on output lengths
     max_out: int  # clip on one call's output tokens
     long_out: int  # output tokens of each call of the mix's long programs
@@ -81,10 +82,12 @@ class Scale:
 
 
 SCALES = {
-    "sim": Scale({"chat": 200, "react": 200, "mix": 1000}, slots=32, arrival_s=2.0, out=1.0,
-                 max_out=256, long_out=300, words=1.0),
-    "cpu": Scale({"chat": 6, "react": 6, "mix": 6}, slots=2, arrival_s=2.0, out=0.5,
-                 max_out=24, long_out=64, words=0.5),
+    "sim": Scale({"chat": 200, "react": 200, "mix": 1200}, slots=32,
+                 arrivals_per_s={"chat": 100, "react": 100, "mix": 1000}, out=1.0, max_out=256,
+                 long_out=200, words=1.0),
+    "cpu": Scale({"chat": 6, "react": 6, "mix": 6}, slots=2,
+                 arrivals_per_s={"chat": 3, "react": 3, "mix": 3}, out=0.5, max_out=24,
+                 long_out=64, words=0.5),
 }
 
 
@@ -159,7 +162,7 @@ def make_workload(kind: str, n: int, seed: int, scale: Scale) -> list[ProgramSpe
         last = steps[-1]
         steps[-1] = Step(last.text, last.max_tokens, 0.0)  # nothing to wait for after the end
         programs.append(ProgramSpec(f"{kind}{i}", t, tuple(steps), long))
-        t += rng.expovariate(n / scale.arrival_s)
+        t += rng.expovariate(scale.arrivals_per_s[kind])
     return programs
 
 
@@ -417,6 +420,7 @@ def summarize(raw: dict[str, Any], workload: str, policy: str) -> dict[str, Any]
         "switch_s": round(sum(r.switch_s for r in ok), 3),
         "kernel_cpu_us_per_call": round(1e6 * raw["kernel_cpu_s"] / max(calls, 1), 1),
         "kernel_loop_cpu_us_per_call": round(1e6 * raw["kernel_loop_cpu_s"] / max(calls, 1), 1),
+        "kernel_cpu_us_per_output_token": round(1e6 * raw["kernel_cpu_s"] / max(output, 1), 1),
         "kernel_rss_kib_per_process": round(raw["rss_growth_kib"] / max(len(results), 1), 2),
         "leftover_processes": raw["leftover_processes"],
     }
@@ -509,23 +513,57 @@ def bench_sched(args: argparse.Namespace) -> int:
 # -- printing -------------------------------------------------------------------------
 
 
-COLUMNS = ("policy", "done", "peak alive", "mean CT s", "p95 CT s", "long CT s", "out tok/s",
-           "TTFT ms", "p95 TTFT ms", "Jain", "preempt", "switch tok (%)", "kernel µs/call", "KiB/proc")
+def _f(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
 
 
-def _row(r: dict[str, Any]) -> list[str]:
-    return [r["policy"], f"{r['completed']}/{r['programs']}", str(r["peak_concurrent"]),
-            f"{r['mean_completion_s']:.2f}", f"{r['p95_completion_s']:.2f}",
-            f"{r['mean_completion_long_s']:.2f}" if r["mean_completion_long_s"] else "-",
-            f"{r['tokens_per_s']:,.0f}", f"{1000 * r['mean_ttft_s']:.0f}", f"{1000 * r['p95_ttft_s']:.0f}",
-            f"{r['jain']:.3f}", f"{r['preemptions']:,}",
-            f"{r['switch_prefill_tokens']:,} ({r['switch_prefill_pct']:.1f})",
-            f"{r['kernel_loop_cpu_us_per_call']:,.0f} / {r['kernel_cpu_us_per_call']:,.0f}",
-            f"{r['kernel_rss_kib_per_process']:.1f}"]
+#: The three printed tables: (title, [(column, cell of a run's row)]).
+TABLES: list[tuple[str, list[tuple[str, Callable[[dict[str, Any]], str]]]]] = [
+    ("programs: completion time (CT, s from arrival to last answer) and fairness", [
+        ("done", lambda r: str(r["completed"]) if r["completed"] == r["programs"]
+         else f"{r['completed']}/{r['programs']}"),
+        ("peak alive", lambda r: str(r["peak_concurrent"])),
+        ("mean CT", lambda r: _f(r["mean_completion_s"], 2)),
+        ("p95 CT", lambda r: _f(r["p95_completion_s"], 2)),
+        ("long CT", lambda r: _f(r["mean_completion_long_s"], 2) if r["mean_completion_long_s"] else "-"),
+        ("Jain", lambda r: _f(r["jain"], 3)),
+    ]),
+    ("calls: throughput, time to first token, context switches", [
+        ("out tok/s", lambda r: _f(r["tokens_per_s"])),
+        ("TTFT ms", lambda r: _f(1000 * r["mean_ttft_s"])),
+        ("p95 TTFT ms", lambda r: _f(1000 * r["p95_ttft_s"])),
+        ("preempt", lambda r: _f(r["preemptions"])),
+        ("switch tok", lambda r: _f(r["switch_prefill_tokens"])),
+        ("% prefill", lambda r: _f(r["switch_prefill_pct"], 1)),
+    ]),
+    ("the kernel's own cost (CPU from /proc/<pid>/stat, RSS growth at peak)", [
+        ("loop µs/call", lambda r: _f(r["kernel_loop_cpu_us_per_call"])),
+        ("process µs/call", lambda r: _f(r["kernel_cpu_us_per_call"])),
+        ("process µs/token", lambda r: _f(r["kernel_cpu_us_per_output_token"])),
+        ("KiB/program", lambda r: _f(r["kernel_rss_kib_per_process"], 1)),
+    ]),
+]
+
+
+def _table(title: str, columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
+           runs: list[dict[str, Any]]) -> Table:
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("workload")
+    t.add_column("policy")
+    for name, _ in columns:
+        t.add_column(name, justify="right")
+    previous = None
+    for r in runs:
+        if previous is not None and r["workload"] != previous:
+            t.add_section()
+        t.add_row(r["workload"] if r["workload"] != previous else "", r["policy"],
+                  *(cell(r) for _, cell in columns))
+        previous = r["workload"]
+    return t
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """Rich tables: one per workload, then the speed-ups."""
+    """Rich tables (programs, calls, kernel cost), then the speed-ups over fifo."""
     out = Console()
     svc = report["service_model"] or {}
     setting = ", ".join(f"{k}={v}" for k, v in report["driver_options"].items()) or "defaults"
@@ -534,25 +572,18 @@ def print_report(report: dict[str, Any]) -> None:
               f"{svc.get('prefill_tokens_per_s', 0):,.0f} tok/s, decode {svc.get('decode_tokens_per_s', 0):,.1f} "
               f"tok/s ({svc.get('source', '?')})")
     if report["driver"] == "sim":
-        out.print("[dim]the sim driver is a simulator: no model, a fixed token rate per slot and a "
-                  "prefill cost per prompt token (drivers/sim.py)[/]")
+        out.print("[dim]sim is a simulator: no model, a fixed token rate per slot and a prefill cost per "
+                  "prompt token (drivers/sim.py)[/]")
     for wl, meta in report["workloads"].items():
-        t = Table(title=f"{wl}: {meta['programs']} programs, {meta['calls']} calls — {meta['description']}",
-                  title_justify="left")
-        for col in COLUMNS:
-            t.add_column(col, justify="left" if col == "policy" else "right")
-        for r in report["runs"]:
-            if r["workload"] == wl:
-                t.add_row(*_row(r))
-        out.print(t)
-    out.print("[dim]CT: program completion time (arrival to last answer); kernel µs/call: CPU of the "
-              "kernel's event-loop thread / whole process per generate call[/]")
+        out.print(f"[bold]{wl}[/]: {meta['programs']} programs, {meta['calls']} calls — {meta['description']}")
+    for title, columns in TABLES:
+        out.print(_table(title, columns, report["runs"]))
     for wl, s in report["speedup_vs_fifo"].items():
-        line = f"{wl}: best {s['best_policy']} {s['best_mean_speedup']:.2f}× mean completion vs fifo"
+        best = f"best {s['best_policy']} {s['best_mean_speedup']:.2f}× mean completion vs fifo"
         if "policy" in s:
-            line = (f"{wl}: default policy {s['policy']} — {s['mean_speedup']:.2f}× mean, "
-                    f"{s['p95_speedup']:.2f}× p95 completion vs fifo; ") + line.split(": ", 1)[1]
-        out.print(line)
+            best = (f"default policy {s['policy']}: {s['mean_speedup']:.2f}× mean, {s['p95_speedup']:.2f}× "
+                    f"p95 completion vs fifo; {best}")
+        out.print(f"{wl}: {best}")
     for r in report["runs"]:
         if r["errors"]:
             out.print(f"[red]{r['workload']} · {r['policy']}: {r['errors']} program(s) failed[/]: {r['first_error']}")

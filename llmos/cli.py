@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsc.add_argument("--policies", default=None, help="comma-separated policies (default: every one the kernel has)")
     bsc.add_argument("--workloads", default="chat,react,mix", help="comma-separated workloads (default: chat,react,mix)")
     bsc.add_argument("--programs", type=int, default=None,
-                     help="programs per workload (default: sim 200/200/1000, cpu 6)")
+                     help="programs per workload (default: sim 200/200/1200, cpu 6)")
     bsc.add_argument("--slots", type=int, default=None, help="model slots (default: sim 32, cpu 2)")
     bsc.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     bsc.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE",

@@ -406,3 +406,31 @@ def test_text_that_only_looked_like_a_stop_string_is_released() -> None:
     assert stop.push("NX") == ("ENX", False)
     assert stop.push("EN") == ("", False)
     assert stop.flush() == "EN"
+
+
+def test_the_next_turn_reuses_the_previous_turns_kv_and_gives_the_same_text(driver: CpuDriver) -> None:
+    chat: list[Message] = [{"role": "system", "content": "You are a helpful assistant. " * 10},
+                           {"role": "user", "content": "Tell me about the sea."}]
+    first = generate(driver, chat)
+    follow = [*chat, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And the sky?"}]
+    hits_before = driver.prefix_stats()[0]
+    cached = generate(driver, follow)
+    assert driver.prefix_stats()[0] == hits_before + 1
+    assert cached.final.cached_tokens > first.final.prompt_tokens // 2
+    plain = CpuDriver(slots=1, prefix_cache_tokens=0)
+    run(plain.load())
+    try:
+        uncached = generate(plain, follow)
+    finally:
+        run(plain.shutdown())
+    assert uncached.final.cached_tokens == 0
+    assert cached.text == uncached.text
+
+
+def test_a_preempted_request_resumes_from_its_cached_kv(driver: CpuDriver) -> None:
+    full = generate(driver, CHAT)
+    first = generate(driver, CHAT, max_tokens=6)
+    done = [i for d in first.deltas for i in d.token_ids]
+    rest = _resumed(driver, CHAT, done)
+    assert rest.final.cached_tokens >= first.final.prompt_tokens + len(done) - 1
+    assert first.text + rest.text == full.text
