@@ -20,7 +20,7 @@ from kernel import paths
 from kernel.daemon import add_kernel_options, driver_option
 from llmos.client import Client, connect, resolve_endpoint
 from syscalls import models as m
-from syscalls.errors import SyscallError
+from syscalls.errors import Errno, SyscallError
 
 out = Console()
 err = Console(stderr=True)
@@ -168,13 +168,16 @@ def cmd_ps(as_json: bool) -> int:
         print(json.dumps([p.model_dump() for p in procs]))
         return 0
     table = Table(box=None)
-    for col in ("PID", "PPID", "STATE", "NI", "MODEL", "CALLS", "TOK IN", "TOK OUT", "RUN s", "WAIT s", "NAME"):
-        table.add_column(col, justify="right" if col not in ("STATE", "MODEL", "NAME") else "left")
+    for col in ("PID", "PPID", "PROG", "STATE", "NI", "MODEL", "CALLS", "TOK IN", "TOK OUT", "RUN s",
+                "WAIT s", "PREEMPT", "QUOTA", "NAME"):
+        table.add_column(col, justify="left" if col in ("STATE", "MODEL", "QUOTA", "NAME") else "right")
     for p in procs:
         state = p.state if p.exit_status is None else f"{p.state}({p.exit_status})"
-        table.add_row(str(p.pid), str(p.ppid), state, str(p.nice), p.model, str(p.generate_calls),
-                      str(p.prompt_tokens), str(p.output_tokens), f"{p.service_s:.2f}", f"{p.wait_s:.2f}", p.name)
-    out.print(table)
+        quota = f"[red]{p.quota_exceeded}[/]" if p.quota_exceeded else ("set" if p.limits else "-")
+        table.add_row(str(p.pid), str(p.ppid), str(p.program), state, str(p.nice), p.model, str(p.generate_calls),
+                      str(p.prompt_tokens), str(p.output_tokens), f"{p.service_s:.2f}", f"{p.wait_s:.2f}",
+                      str(p.preemptions), quota, p.name)
+    (out if out.is_terminal else Console(width=200)).print(table)  # a pipe gets whole rows, not 80 columns
     return 0
 
 
@@ -329,7 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if started and start_kernel(_default_kernel_args()) != 0:
         return 1
     with connect() as c:
-        proc = c.spawn(args.name or program.stem[:64], system=args.system, nice=args.nice)
+        proc = c.spawn(args.name or program.stem[:64], system=args.system, nice=args.nice,
+                       program_limits=_parse_limits(args.limit))
         env = {**os.environ, "LLMOS_PID": str(proc.pid), "LLMOS_TOKEN": proc.token,
                "LLMOS_ENDPOINT": resolve_endpoint()}
         child = subprocess.Popen([sys.executable, str(program), *args.args], env=env)
@@ -345,6 +349,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             if started:
                 err.print("[dim]the kernel keeps running; `llmos kernel stop` stops it[/]")
     return status if status >= 0 else 128 - status
+
+
+def _parse_limits(items: list[str] | None) -> dict[str, float] | None:
+    """``["max_wall_s=60", ...]`` -> spawn limits (validated by the SDK and the kernel)."""
+    if not items:
+        return None
+    limits: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            limits[key.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise SyscallError.of(Errno.EINVAL, f"--limit {item!r}: expected KEY=NUMBER") from None
+        if not sep:
+            raise SyscallError.of(Errno.EINVAL, f"--limit {item!r}: expected KEY=NUMBER")
+    return limits
 
 
 def _kill_tree(c: Client, pid: int) -> None:
@@ -406,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--name", default=None, help="process name (default: the program's)")
     rp.add_argument("--system", default=None, help="system prompt of its process")
     rp.add_argument("--nice", type=int, default=0)
+    rp.add_argument("--limit", action="append", default=None, metavar="KEY=VALUE",
+                    help="a quota for the whole program: max_output_tokens, max_context_tokens, "
+                         "max_wall_s, max_calls_per_min (repeatable)")
     rp.add_argument("--quiet", action="store_true")
 
     pp = sub.add_parser("ps", help="list processes")

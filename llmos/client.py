@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from pydantic import ValidationError
 
 from kernel import paths
 from syscalls import codec, limits
@@ -287,9 +288,12 @@ def _spawn_args(name: str, system: str | None, model: str | None, nice: int,
     """proc.spawn arguments, checked here first so mistakes fail before the round trip.
     ``limits``/``program_limits``: max_output_tokens, max_context_tokens, max_wall_s,
     max_calls_per_min."""
-    args = m.SpawnArgs.model_validate(
-        _opt(name=name, system=system, model=model, nice=nice, limits=limits, program_limits=program_limits),
-        strict=False)
+    try:
+        args = m.SpawnArgs.model_validate(
+            _opt(name=name, system=system, model=model, nice=nice, limits=limits, program_limits=program_limits),
+            strict=False)
+    except ValidationError as exc:
+        raise SyscallError.of(Errno.EINVAL, codec.describe_validation(exc)) from None
     return args.model_dump(exclude_none=True)
 
 

@@ -196,3 +196,21 @@ def test_a_kernel_on_tcp_with_a_local_model_folder(tmp_path):
         assert res.returncode == 0 and json.loads(res.stdout)["usage"]["output_tokens"] <= 4
     finally:
         assert shell("kernel", "stop").returncode == 0
+
+
+def test_run_sets_program_limits_that_the_program_sees(sh, tmp_path):
+    prog = tmp_path / "quota.py"
+    prog.write_text(textwrap.dedent("""
+        import llmos
+        me = llmos.this_process()
+        try:
+            me.generate(prompt="1, 2, 3,", max_tokens=3, temperature=0)
+            me.generate(prompt="1, 2, 3,", max_tokens=3, temperature=0)
+        except llmos.errors.EDQUOT as exc:
+            print("EDQUOT", exc.message)
+    """))
+    res = sh("run", "--limit", "max_calls_per_min=1", str(prog))
+    assert res.returncode == 0, res.stderr
+    assert "EDQUOT" in res.stdout and "max_calls_per_min=1" in res.stdout
+    bad = sh("run", "--limit", "max_speed=3", str(prog))
+    assert bad.returncode == 1 and "EINVAL" in bad.stderr
