@@ -102,8 +102,14 @@ class Account:
         self.reserved += grant
         return grant
 
-    def settle(self, granted: int, used: int) -> None:
-        """A generation ended: release its promise, charge what it used."""
+    def charge(self, n: int) -> None:
+        """Output tokens just generated (charged as they come, so usage is live)."""
+        self.output_tokens += n
         if self.limits.max_output_tokens is not None:
-            self.reserved -= granted
-        self.output_tokens += used
+            self.reserved -= n  # they were promised at reserve()
+
+    def settle(self, granted: int, used: int) -> None:
+        """A generation of ``used`` (already charged) tokens ended: release the rest of
+        its promise."""
+        if self.limits.max_output_tokens is not None:
+            self.reserved -= granted - used

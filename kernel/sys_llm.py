@@ -91,7 +91,7 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
         last = await _within_wall(proc, _run(k, call, proc, driver, gen))
     finally:
         for acct, granted in zip(accounts, grants, strict=True):
-            acct.settle(granted, len(gen.out_ids))  # tokens made are charged even if the call failed
+            acct.settle(granted, len(gen.out_ids))  # tokens made stay charged even if the call failed
     text = "".join(gen.parts)
     proc.prompt_tokens += last.prompt_tokens
     proc.mean_output = last.output_tokens if proc.mean_output is None else (
@@ -167,6 +167,8 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
                         proc.switch_prefill_tokens += delta.prompt_tokens + resumed - delta.cached_tokens
                         proc.switch_s += time.monotonic() - started
                 k.stats.add_output(len(delta.token_ids))
+                proc.account.charge(len(delta.token_ids))
+                proc.program.account.charge(len(delta.token_ids))
                 gen.out_ids.extend(delta.token_ids)
                 slot.tokens += len(delta.token_ids)
                 if delta.text:

@@ -51,14 +51,8 @@ err = Console(stderr=True)
 DEADLINE_MS = 3_600_000
 SYSTEM = "You are a helpful agent. Answer briefly."
 WORKLOADS = ("chat", "react", "mix")
-DESCRIPTIONS = {
-    "chat": "2-5 turns; user text lognormal (median 24 words), output lognormal (median 20 tokens, "
-            "sigma 0.9), think time exp(0.3 s) between turns",
-    "react": "3-8 calls; observation 10-60 words, output lognormal (median 10 tokens, sigma 0.5), "
-             "tool wait uniform 0.05-0.5 s between calls",
-    "mix": "97% short programs (1-2 calls, output median 8 tokens) + 3% long ones "
-           "(2 calls of LONG tokens each)",
-}
+#: One program in this many of the mix workload is a long one.
+LONG_EVERY = 33
 VOCAB = ("the", "agent", "reads", "file", "data", "plan", "next", "step", "tool", "call",
          "result", "search", "web", "page", "list", "items", "check", "value", "error",
          "retry", "answer", "user", "asks", "about", "weather", "code", "test", "build", "run",
@@ -121,7 +115,19 @@ def _text(rng: random.Random, head: str, words: int) -> str:
     return head + " " + " ".join(rng.choice(VOCAB) for _ in range(max(1, words)))
 
 
-def _chat(rng: random.Random, i: int, s: Scale) -> tuple[list[Step], bool]:
+def describe(kind: str, s: Scale) -> str:
+    """What workload ``kind`` is made of at scale ``s`` (for the report)."""
+    return {
+        "chat": f"2-5 turns; user text lognormal (median {24 * s.words:g} words), output lognormal (median "
+                f"{20 * s.out:g} tokens, sigma 0.9, at most {s.max_out}), think time exp(0.3 s) between turns",
+        "react": f"3-8 calls; task {30 * s.words:g} words, observations {10 * s.words:g}-{60 * s.words:g} words, "
+                 f"output lognormal (median {10 * s.out:g} tokens, sigma 0.5), tool wait uniform 0.05-0.5 s",
+        "mix": f"1 program in {LONG_EVERY} is long (2 calls of {s.long_out} tokens), the others short (1-2 "
+               f"calls, output median {8 * s.out:g} tokens, waits 0.05-0.3 s)",
+    }[kind]
+
+
+def _chat(rng: random.Random, i: int, n: int, s: Scale) -> tuple[list[Step], bool]:
     steps = []
     for _ in range(rng.randint(2, 5)):
         words = _lognormal(rng, 24 * s.words, 0.8, 2, round(160 * s.words))
@@ -130,7 +136,7 @@ def _chat(rng: random.Random, i: int, s: Scale) -> tuple[list[Step], bool]:
     return steps, False
 
 
-def _react(rng: random.Random, i: int, s: Scale) -> tuple[list[Step], bool]:
+def _react(rng: random.Random, i: int, n: int, s: Scale) -> tuple[list[Step], bool]:
     steps = [Step(_text(rng, "Task:", round(30 * s.words)), _lognormal(rng, 10 * s.out, 0.5, 2, s.max_out),
                   rng.uniform(0.05, 0.5))]
     for _ in range(rng.randint(2, 7)):
@@ -139,9 +145,8 @@ def _react(rng: random.Random, i: int, s: Scale) -> tuple[list[Step], bool]:
     return steps, False
 
 
-def _mix(rng: random.Random, i: int, s: Scale, n: int) -> tuple[list[Step], bool]:
-    long_every = max(2, round(1 / 0.03)) if n > 1 else 1
-    if i % long_every == long_every // 2 or (n < long_every and i == n // 2):
+def _mix(rng: random.Random, i: int, n: int, s: Scale) -> tuple[list[Step], bool]:
+    if i % LONG_EVERY == LONG_EVERY // 2 or (n < LONG_EVERY and i == n // 2):
         return [Step(_text(rng, "Task:", round(40 * s.words)), s.long_out, 0.2),
                 Step(_text(rng, "Continue:", round(10 * s.words)), s.long_out, 0.0)], True
     steps = [Step(_text(rng, "Question:", round(rng.randint(8, 30) * s.words)),
@@ -150,15 +155,15 @@ def _mix(rng: random.Random, i: int, s: Scale, n: int) -> tuple[list[Step], bool
     return steps, False
 
 
+MAKERS = {"chat": _chat, "react": _react, "mix": _mix}
+
+
 def make_workload(kind: str, n: int, seed: int, scale: Scale) -> list[ProgramSpec]:
     """The ``n`` programs of workload ``kind``: a pure function of its arguments."""
     rng = random.Random(f"{seed}:{kind}")
     t, programs = 0.0, []
     for i in range(n):
-        if kind == "mix":
-            steps, long = _mix(rng, i, scale, n)
-        else:
-            steps, long = (_chat if kind == "chat" else _react)(rng, i, scale)
+        steps, long = MAKERS[kind](rng, i, n, scale)
         last = steps[-1]
         steps[-1] = Step(last.text, last.max_tokens, 0.0)  # nothing to wait for after the end
         programs.append(ProgramSpec(f"{kind}{i}", t, tuple(steps), long))
@@ -495,7 +500,7 @@ def bench_sched(args: argparse.Namespace) -> int:
             n = args.programs or scale.programs[wl]
             programs = make_workload(wl, n, args.seed, scale)
             report["workloads"][wl] = {"programs": n, "calls": sum(len(p.steps) for p in programs),
-                                       "description": DESCRIPTIONS[wl].replace("LONG", str(scale.long_out))}
+                                       "description": describe(wl, scale)}
             for policy in policies:
                 raw = run_one(Path(tmp), args.driver, policy, slots, options, programs, service,
                               0.0, wl)

@@ -27,10 +27,13 @@ def test_output_tokens_are_reserved_clipped_and_then_refused():
     acct = Account("process 5", Limits(max_output_tokens=10))
     assert acct.reserve(8) == 8
     assert acct.reserve(8) == 2  # only 2 left while 8 are promised
+    acct.charge(3)
     acct.settle(8, 3)
+    acct.charge(2)
     acct.settle(2, 2)
     assert acct.output_tokens == 5 and acct.reserved == 0
     assert acct.reserve(100) == 5
+    acct.charge(5)
     acct.settle(5, 5)
     message = edquot(acct.reserve, 1)
     assert "process 5" in message and "max_output_tokens=10" in message
