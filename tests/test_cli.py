@@ -214,3 +214,25 @@ def test_run_sets_program_limits_that_the_program_sees(sh, tmp_path):
     assert "EDQUOT" in res.stdout and "max_calls_per_min=1" in res.stdout
     bad = sh("run", "--limit", "max_speed=3", str(prog))
     assert bad.returncode == 1 and "EINVAL" in bad.stderr
+
+
+def test_a_program_that_dies_mid_generation_gives_its_slot_back(sh, tmp_path):
+    prog = tmp_path / "dies.py"
+    prog.write_text(textwrap.dedent("""
+        import os, llmos
+        me = llmos.this_process()
+        print(os.getpid(), me.pid, flush=True)
+        me.generate(prompt="Count to a thousand:", max_tokens=4000, temperature=0)
+    """))
+    runner = subprocess.Popen([sys.executable, "-m", "llmos.cli", "run", str(prog)], env=sh.env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os_pid, pid = map(int, runner.stdout.readline().split())
+    with sh.admin() as c:
+        t0 = time.monotonic()
+        while c.info().models[0].busy == 0:
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.05)
+        os.kill(os_pid, signal.SIGKILL)  # the agent program dies without a word
+        assert runner.wait(60) == 128 + 9
+        assert c.info().models[0].busy == 0
+        assert all(p.pid != pid for p in c.ps())
