@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class Slot:
     proc: Proc | None = None
     since: float = 0.0  # when the holder got it
     tokens: int = 0  # tokens the holder generated on it since then (its quantum's use)
+    next_check: int = 0  # slot.tokens at which to consider preemption again
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,24 +113,32 @@ class Priority(Policy):
 
 
 class Fair(Policy):
-    """Least attained service, per program then per process (Autellix's PLAS): the
-    program that has had the least slot time runs first, so short agent programs are not
-    stuck behind long ones. A waiter older than ``starve_s`` goes first regardless, and a
-    runner that has used its quantum yields to a waiter with less attained service."""
+    """Program-level least attained service (Autellix's PLAS) with FCFS inside a level.
+
+    A program's attained service is the output tokens all its processes have generated;
+    it falls into level 0 below ``base_tokens``, then one level per doubling. Lower levels
+    run first, so short agent programs are never stuck behind long ones; inside a level
+    the older program goes first (program-level FCFS: a program that has started is
+    finished before newcomers are interleaved with it), then its process with the least
+    service. A waiter older than ``starve_s`` goes first regardless; after its quantum a
+    runner yields to a waiter of a lower level."""
 
     name = "fair"
 
-    def __init__(self, quantum: int = 32, starve_s: float = 30.0) -> None:
+    def __init__(self, quantum: int = 32, starve_s: float = 30.0, base_tokens: int = 64) -> None:
         self.quantum = quantum
         self.starve_s = starve_s
+        self.base_tokens = base_tokens
 
-    @staticmethod
-    def attained(proc: Proc) -> tuple[float, float]:
-        return proc.program.account.service_s, proc.account.service_s
+    def level(self, proc: Proc) -> int:
+        used = proc.program.account.output_tokens
+        return 0 if used < self.base_tokens else int(math.log2(used / self.base_tokens)) + 1
 
-    def key(self, w: Waiter, now: float) -> tuple[int, float, float, float, int]:
-        starving = now - w.enqueued >= self.starve_s
-        return (0, w.enqueued, 0.0, 0.0, w.seq) if starving else (1, 0.0, *self.attained(w.proc), w.seq)
+    def key(self, w: Waiter, now: float) -> tuple[int, float, int, int, int]:
+        if now - w.enqueued >= self.starve_s:
+            return (0, w.enqueued, 0, 0, w.seq)
+        p = w.proc
+        return (1, self.level(p), p.program.pgid, p.account.output_tokens, w.seq)
 
     def pick(self, queue: list[Waiter], now: float, load: LoadView) -> Waiter:
         return min(queue, key=lambda w: self.key(w, now))
@@ -137,8 +147,8 @@ class Fair(Policy):
         assert slot.proc is not None and self.quantum is not None
         if slot.tokens < self.quantum:
             return False
-        running = slot.proc.program.account.service_s + (now - slot.since), slot.proc.account.service_s
-        return any(self.key(w, now)[0] == 0 or self.attained(w.proc) < running for w in queue)
+        mine = self.level(slot.proc)
+        return any(now - w.enqueued >= self.starve_s or self.level(w.proc) < mine for w in queue)
 
 
 class Load(Policy):
@@ -221,15 +231,20 @@ class Scheduler:
         used = time.monotonic() - slot.since
         proc.account.service_s += used
         proc.program.account.service_s += used
-        slot.proc, slot.tokens = None, 0
+        slot.proc, slot.tokens, slot.next_check = None, 0, 0
         self._dispatch(slot.model)
 
     def should_preempt(self, slot: Slot) -> bool:
         """Whether the holder of ``slot`` should yield now (checked at every token)."""
         quantum = self.policy.quantum
-        if quantum is None or slot.tokens < quantum or slot.proc is None:
+        if quantum is None or slot.tokens < max(quantum, slot.next_check) or slot.proc is None:
             return False  # the cheap common case, checked first: this runs at every token
-        runnable = [w for w in self._queues[slot.model] if w.proc.cont.is_set() and not w.granted.done()]
+        queue = self._queues[slot.model]
+        if not queue:
+            return False
+        # Past the quantum, look again only every quarter quantum: a look scans the queue.
+        slot.next_check = slot.tokens + max(1, quantum // 4)
+        runnable = [w for w in queue if w.proc.cont.is_set() and not w.granted.done()]
         if not runnable:
             return False
         return self.policy.should_preempt(slot, runnable, time.monotonic(), self.load(slot.model))
@@ -246,7 +261,7 @@ class Scheduler:
             waiter = self._next_live(queue, model)
             if waiter is None:
                 return
-            slot.proc, slot.since, slot.tokens = waiter.proc, time.monotonic(), 0
+            slot.proc, slot.since, slot.tokens, slot.next_check = waiter.proc, time.monotonic(), 0, 0
             waiter.proc.state = ProcState.RUNNING
             waiter.granted.set_result(slot)
 

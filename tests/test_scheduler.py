@@ -155,12 +155,19 @@ def test_priority_preempts_a_runner_for_a_better_waiter_after_its_quantum():
 
 
 def test_fair_runs_the_program_with_least_attained_service_first():
-    pol = Fair()
+    pol = Fair(base_tokens=64)
     heavy, light = procs(2)
-    heavy.program.account.service_s = 10.0
-    light.program.account.service_s = 1.0
-    ws = waiters([heavy, light])
-    assert pol.pick(ws, 0.0, IDLE).proc is light
+    heavy.program.account.output_tokens = 300  # level 3
+    light.program.account.output_tokens = 70  # level 1
+    assert pol.pick(waiters([heavy, light]), 0.0, IDLE).proc is light
+
+
+def test_fair_is_first_come_first_served_between_programs_of_one_level():
+    pol = Fair(base_tokens=64)
+    older, newer = procs(2)  # older has the smaller program id
+    older.program.account.output_tokens = 40  # both below 64 tokens: level 0
+    ws = waiters([newer, older])  # the newer program's call arrived first
+    assert pol.pick(ws, 0.0, IDLE).proc is older
 
 
 def test_fair_ranks_processes_of_one_program_by_their_own_service():
@@ -170,28 +177,27 @@ def test_fair_ranks_processes_of_one_program_by_their_own_service():
     root = t.spawn(INIT_PID, "root", "m", 0, None)
     a, b = t.spawn(root.pid, "a", "m", 0, None), t.spawn(root.pid, "b", "m", 0, None)
     assert a.program is b.program is root.program
-    a.account.service_s, b.account.service_s = 5.0, 1.0
+    a.account.output_tokens, b.account.output_tokens = 5, 1
     assert Fair().pick(waiters([a, b]), 0.0, IDLE).proc is b
 
 
 def test_fair_lets_a_starving_waiter_go_first():
     pol = Fair(starve_s=5.0)
     rich, poor = procs(2)
-    rich.program.account.service_s = 100.0
+    rich.program.account.output_tokens = 10_000
     ws = waiters([rich, poor])
     ws[0].enqueued, ws[1].enqueued = 0.0, 8.0
     assert pol.pick(ws, 6.0, IDLE).proc is rich  # waited 6 s > 5 s: starving
     assert pol.pick(ws, 4.0, IDLE).proc is poor
 
 
-def test_fair_preempts_a_runner_that_has_had_more_service_than_a_waiter():
-    pol = Fair(quantum=4)
+def test_fair_preempts_a_runner_only_for_a_lower_level_waiter():
+    pol = Fair(quantum=4, base_tokens=64)
     runner, newcomer = procs(2)
-    runner.program.account.service_s = 3.0
+    runner.program.account.output_tokens = 200
     slot = Slot("m", 0, runner, since=0.0, tokens=4)
     assert pol.should_preempt(slot, waiters([newcomer], now=0.5), 1.0, IDLE)
-    runner.program.account.service_s = 0.0
-    newcomer.program.account.service_s = 9.0
+    runner.program.account.output_tokens = 10  # same level as the newcomer: FCFS, no preemption
     assert not pol.should_preempt(slot, waiters([newcomer], now=0.5), 1.0, IDLE)
 
 
@@ -225,6 +231,7 @@ def test_scheduler_asks_for_preemption_only_when_someone_runnable_waits():
         await asyncio.sleep(0)
         assert not s.should_preempt(slot)  # the only waiter is STOPPED
         b.cont.set()
+        slot.tokens += 1  # the next look comes with the next token
         assert s.should_preempt(slot)
         s.release(slot)
         s.release(await tb)
