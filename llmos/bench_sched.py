@@ -73,12 +73,17 @@ class Scale:
     max_out: int  # clip on one call's output tokens
     long_out: int  # output tokens of each call of the mix's long programs
     words: float  # multiplier on prompt lengths
+    #: max_tokens of every call when the driver takes the answer's length from the prompt
+    #: (the simulator's ``<sim:reply=N>``), so max_tokens does not tell the scheduler how
+    #: long an answer will be; None: max_tokens is the sampled length (a real model may
+    #: stop earlier).
+    reply_cap: int | None = None
 
 
 SCALES = {
     "sim": Scale({"chat": 200, "react": 200, "mix": 1200}, slots=32,
                  arrivals_per_s={"chat": 100, "react": 100, "mix": 1000}, out=1.0, max_out=256,
-                 long_out=200, words=1.0),
+                 long_out=200, words=1.0, reply_cap=512),
     "cpu": Scale({"chat": 6, "react": 6, "mix": 6}, slots=2,
                  arrivals_per_s={"chat": 3, "react": 3, "mix": 3}, out=0.5, max_out=24,
                  long_out=64, words=0.5),
@@ -209,7 +214,7 @@ class RunState:
 
     admin: AsyncClient
     service: ServiceModel
-    temperature: float
+    reply_cap: int | None  # see Scale.reply_cap
     t0: float = 0.0
     active: int = 0
     peak: int = 0
@@ -218,8 +223,11 @@ class RunState:
 
 async def _timed_generate(rs: RunState, pid: int, token: str, step: Step) -> tuple[float, dict[str, Any]]:
     """One streamed call: (time to first token, final result)."""
-    args = {"messages": [{"role": "user", "content": step.text}], "max_tokens": step.max_tokens,
-            "temperature": rs.temperature, "stream": True}
+    text, max_tokens = step.text, step.max_tokens
+    if rs.reply_cap is not None:
+        text, max_tokens = f"{text} <sim:reply={step.max_tokens}>", rs.reply_cap
+    args = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True}
     sent, first, final = time.perf_counter(), None, {}
     async for frame in rs.admin.stream("llm.generate", args, pid=pid, token=token, deadline_ms=DEADLINE_MS):
         if "finish_reason" in frame:
@@ -309,11 +317,11 @@ async def _sample(pid: int, rs: RunState, total: int, peak: list[int], show: Cal
 # -- one run: a workload under a policy on a fresh kernel ------------------------------
 
 
-async def calibrate(admin: AsyncClient, temperature: float) -> ServiceModel:
+async def calibrate(admin: AsyncClient) -> ServiceModel:
     """One call alone on an idle kernel: prefill and decoding rates of the real model."""
     proc = await admin.spawn("calibrate")
     try:
-        rs = RunState(admin, ServiceModel(1.0, 1.0, "unknown"), temperature)
+        rs = RunState(admin, ServiceModel(1.0, 1.0, "unknown"), None)
         step = Step(_text(random.Random(0), "Task:", 60), 24, 0.0)
         t0 = time.perf_counter()
         ttft, final = await _timed_generate(rs, proc.pid, proc.token, step)
@@ -326,15 +334,15 @@ async def calibrate(admin: AsyncClient, temperature: float) -> ServiceModel:
 
 
 async def drive(endpoint: str, token: str, programs: list[ProgramSpec], service: ServiceModel | None,
-                temperature: float, show: Callable[[str], None]) -> dict[str, Any]:
+                reply_cap: int | None, show: Callable[[str], None]) -> dict[str, Any]:
     """Run ``programs`` against the kernel at ``endpoint``; the run's raw measurements."""
     admin = AsyncClient(endpoint, pid=0, token=token)
     try:
         kpid = (await admin.info()).kernel_pid
         if service is None:
             show("calibrating the model's speed alone…")
-            service = await calibrate(admin, temperature)
-        rs = RunState(admin, service, temperature)
+            service = await calibrate(admin)
+        rs = RunState(admin, service, reply_cap)
         cpu0, loop0, rss0 = cpu_seconds(kpid), cpu_seconds(kpid, kpid), rss_kib(kpid)
         peak = [rss0]
         sampler = asyncio.create_task(_sample(kpid, rs, len(programs), peak, show))
@@ -361,7 +369,7 @@ def _stop(kernel: Any) -> None:
 
 
 def run_one(base: Path, driver: str, policy: str, slots: int, options: dict[str, Any],
-            programs: list[ProgramSpec], service: ServiceModel | None, temperature: float,
+            programs: list[ProgramSpec], service: ServiceModel | None, reply_cap: int | None,
             label: str) -> dict[str, Any]:
     """A fresh private kernel with ``policy``; drive ``programs``; stop it whatever happens."""
     from llmos.private import PrivateKernel
@@ -373,7 +381,7 @@ def run_one(base: Path, driver: str, policy: str, slots: int, options: dict[str,
     try:
         with err.status(f"{label} · {policy}: starting a private kernel…") as status:
             kernel.start()
-            return asyncio.run(drive(kernel.endpoint, kernel.token, programs, service, temperature,
+            return asyncio.run(drive(kernel.endpoint, kernel.token, programs, service, reply_cap,
                                      lambda text: status.update(f"{label} · {policy}: {text}")))
     finally:
         _stop(kernel)
@@ -494,6 +502,8 @@ def bench_sched(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "bench": "sched", "driver": args.driver, "slots": slots, "seed": args.seed,
         "driver_options": options, "policies": policies, "default_policy": _default_policy(),
+        "max_tokens": (f"{scale.reply_cap} on every call; each answer's length is asked in its prompt"
+                       if scale.reply_cap else "the sampled answer length (the model may stop earlier)"),
         "machine": {"cpus": os.cpu_count()}, "workloads": {}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="llmos-bench-sched-") as tmp:
         for wl in workloads:
@@ -503,7 +513,7 @@ def bench_sched(args: argparse.Namespace) -> int:
                                        "description": describe(wl, scale)}
             for policy in policies:
                 raw = run_one(Path(tmp), args.driver, policy, slots, options, programs, service,
-                              0.0, wl)
+                              scale.reply_cap, wl)
                 service = raw["service"]
                 report["runs"].append(summarize(raw, wl, policy))
     report["service_model"] = asdict(service) if service else None
@@ -579,6 +589,7 @@ def print_report(report: dict[str, Any]) -> None:
     if report["driver"] == "sim":
         out.print("[dim]sim is a simulator: no model, a fixed token rate per slot and a prefill cost per "
                   "prompt token (drivers/sim.py)[/]")
+    out.print(f"max_tokens: {report['max_tokens']}")
     for wl, meta in report["workloads"].items():
         out.print(f"[bold]{wl}[/]: {meta['programs']} programs, {meta['calls']} calls — {meta['description']}")
     for title, columns in TABLES:

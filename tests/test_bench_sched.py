@@ -99,6 +99,62 @@ def test_sim_abort_during_a_long_prefill_ends_the_stream_at_once() -> None:
     assert deltas[-1].output_tokens == 0
 
 
+async def _abort_after(driver: SimDriver, request: GenerationRequest, n: int) -> list[Delta]:
+    """Run ``request`` and abort it after ``n`` tokens, as a preempting kernel does."""
+    deltas: list[Delta] = []
+    async for delta in driver.generate(request):
+        deltas.append(delta)
+        if delta.output_tokens == n:
+            driver.abort(request.request_id)
+    return deltas
+
+
+def _ids(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def test_sim_without_prefix_cache_a_resume_prefills_everything_again() -> None:
+    driver = SimDriver(tokens_per_s=2000)
+    first = asyncio.run(_abort_after(driver, _request("p.1", 8), 3))
+    rest, _ = asyncio.run(_collect(driver, _request("p.2", 8, resume=_ids(first))))
+    assert first[-1].finish_reason == "abort" and first[-1].output_tokens == 3
+    assert rest[-1].cached_tokens == 0 and rest[-1].output_tokens == 8
+
+
+def test_sim_prefix_cache_lets_a_preempted_generation_resume_with_one_token_of_prefill() -> None:
+    driver = SimDriver(tokens_per_s=2000, prefix_cache_tokens=1000)
+    first = asyncio.run(_abort_after(driver, _request("p.1", 8), 3))
+    rest, _ = asyncio.run(_collect(driver, _request("p.2", 8, resume=_ids(first))))
+    assert rest[-1].cached_tokens == 100 + 3 - 1  # prompt + resumed tokens, all but the last
+    whole, _ = asyncio.run(_collect(driver, _request("whole", 8)))
+    assert _ids(first) + _ids(rest) == _ids(whole)
+    again, _ = asyncio.run(_collect(driver, _request("p.3", 8, resume=_ids(first))))
+    assert again[-1].cached_tokens == 0  # the first resume took the kept cache
+
+
+def test_sim_prefix_cache_drops_the_oldest_sequences_beyond_its_budget() -> None:
+    driver = SimDriver(tokens_per_s=2000, prefix_cache_tokens=150)  # room for one 103-token sequence
+    other = GenerationRequest("q.1", PROMPT + " more", SamplingOptions(temperature=0.0, max_tokens=8))
+    first = asyncio.run(_abort_after(driver, _request("p.1", 8), 3))
+    second = asyncio.run(_abort_after(driver, other, 3))  # kept after the first: pushes it out
+    rest, _ = asyncio.run(_collect(driver, _request("p.2", 8, resume=_ids(first))))
+    assert rest[-1].cached_tokens == 0
+    resumed = GenerationRequest("q.2", other.prompt, other.sampling, resume_ids=_ids(second))
+    rest, _ = asyncio.run(_collect(driver, resumed))
+    assert rest[-1].cached_tokens == 101 + 3 - 1
+
+
+def test_sim_answer_length_asked_in_the_prompt_ends_with_stop_across_a_resume() -> None:
+    driver = SimDriver(tokens_per_s=2000, prefill_tokens_per_s=100_000)
+    asked = [{"role": "user", "content": "an old question <sim:reply=99>"},
+             {"role": "user", "content": "Question: why? <sim:reply=4>"}]
+    whole, _ = asyncio.run(_collect(driver, GenerationRequest("a", asked, SamplingOptions(max_tokens=50))))
+    assert (whole[-1].finish_reason, whole[-1].output_tokens) == ("stop", 4)
+    resumed = GenerationRequest("b", asked, SamplingOptions(max_tokens=50), resume_ids=_ids(whole)[:2])
+    rest, _ = asyncio.run(_collect(driver, resumed))
+    assert (rest[-1].finish_reason, rest[-1].output_tokens, _ids(rest)) == ("stop", 4, _ids(whole)[2:])
+
+
 def test_sim_jitter_keeps_output_deterministic_and_rejects_bad_fractions() -> None:
     a, _ = asyncio.run(_collect(SimDriver(tokens_per_s=2000, jitter=0.5, seed=7), _request("a", 5)))
     b, _ = asyncio.run(_collect(SimDriver(tokens_per_s=2000, jitter=0.5, seed=7), _request("b", 5)))
@@ -188,3 +244,5 @@ def test_bench_sched_on_the_simulator_completes_every_program_under_two_policies
                     "switch_prefill_tokens", "kernel_cpu_us_per_call", "kernel_rss_kib_per_process"):
             assert run[key] >= 0, key
     assert set(report["speedup_vs_fifo"]) == {"chat", "react", "mix"}
+    for wl in ("chat", "react", "mix"):  # the same answers under every policy
+        assert len({r["output_tokens"] for r in report["runs"] if r["workload"] == wl}) == 1
