@@ -170,7 +170,7 @@ class Load(Policy):
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Fifo, RoundRobin, Priority, Fair, Load)}
 
 #: The policy a kernel runs unless told otherwise (the winner of `llmos bench sched`).
-DEFAULT_POLICY = "fifo"
+DEFAULT_POLICY = "fair"
 
 
 def make_policy(name: str, quantum: int | None = None) -> Policy:

@@ -59,7 +59,8 @@ VOCAB = ("the", "agent", "reads", "file", "data", "plan", "next", "step", "tool"
          "report", "summary", "table", "row", "column", "query", "database", "open", "close",
          "write", "note")
 #: Bench defaults of the simulator; ``--driver-option`` overrides them.
-SIM_OPTIONS: dict[str, Any] = {"tokens_per_s": 100, "prefill_tokens_per_s": 2000}
+SIM_OPTIONS: dict[str, Any] = {"tokens_per_s": 100, "prefill_tokens_per_s": 2000,
+                               "prefix_cache_tokens": 8192}  # like the CPU driver's KV prefix cache
 
 
 @dataclass(frozen=True, slots=True)
