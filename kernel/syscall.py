@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -192,5 +192,3 @@ def _dump(result: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
         return result.model_dump(mode="python")
     return result
 
-
-AsyncHandler = Callable[..., Awaitable[Any]]
