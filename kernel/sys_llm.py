@@ -34,6 +34,9 @@ _request_ids = itertools.count(1)
 
 #: Weight of the newest call in a process's moving average of output tokens.
 EWMA = 0.3
+#: Streamed text is sent at once for the first chunk, then at most this often: at
+#: thousands of tokens/s one frame per token would cost more than the tokens.
+CHUNK_INTERVAL_S = 0.02
 
 
 @dataclass(eq=False)
@@ -46,6 +49,18 @@ class Generation:
     out_ids: list[int] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
     preempted: bool = False  # the scheduler asked for the slot back
+    unsent: list[str] = field(default_factory=list)  # streamed text not yet sent
+    last_chunk: float | None = None  # when the last chunk was sent
+
+    def send_text(self, call: Call, text: str, final: bool = False) -> None:
+        """Stream ``text``: the first piece at once, then batched every CHUNK_INTERVAL_S."""
+        if text:
+            self.unsent.append(text)
+        now = time.monotonic()
+        if self.unsent and (final or self.last_chunk is None or now - self.last_chunk >= CHUNK_INTERVAL_S):
+            call.chunk({"text": "".join(self.unsent)})
+            self.unsent.clear()
+            self.last_chunk = now
 
 
 async def sys_generate(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateResult:
@@ -92,6 +107,8 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     finally:
         for acct, granted in zip(accounts, grants, strict=True):
             acct.settle(granted, len(gen.out_ids))  # tokens made stay charged even if the call failed
+    if gen.stream:
+        gen.send_text(call, "", final=True)  # the rest, before the reply ends the stream
     text = "".join(gen.parts)
     proc.prompt_tokens += last.prompt_tokens
     proc.mean_output = last.output_tokens if proc.mean_output is None else (
@@ -174,7 +191,7 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
                 if delta.text:
                     gen.parts.append(delta.text)
                     if gen.stream:
-                        call.chunk({"text": delta.text})
+                        gen.send_text(call, delta.text)
                 last = delta
                 if delta.finish_reason is None and not gen.preempted and k.scheduler.should_preempt(slot):
                     gen.preempted = True

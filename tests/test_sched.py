@@ -137,3 +137,16 @@ def test_a_low_priority_process_is_never_starved(tmp_path) -> None:
                 t.join(10)
     finally:
         k.stop()
+
+
+def test_fast_streams_are_coalesced_into_fewer_frames_without_losing_text(tmp_path) -> None:
+    """At simulator speed (2,000 tokens/s) one frame per token would be wasteful."""
+    k = Daemon(tmp_path, "--driver", "sim", "--slots", "1", "--driver-option", "tokens_per_s=2000").start()
+    try:
+        with k.admin() as admin:
+            p = admin.spawn("fast")
+            chunks = list(p.stream("go", max_tokens=300))
+            assert "".join(chunks) == p.last.text and p.last.usage.output_tokens == 300
+            assert 1 < len(chunks) < 300
+    finally:
+        k.stop()
