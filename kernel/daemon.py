@@ -153,7 +153,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     paths.write_private(run / "admin.token", token + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
     kernel = Kernel({model_name(args): driver}, endpoints, admin_token=token, policy=args.policy,
-                    quantum=args.quantum)
+                    quantum=args.quantum, state_dir=state)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, kernel.request_stop)

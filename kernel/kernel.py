@@ -13,14 +13,20 @@ import os
 import secrets
 import time
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 from drivers.base import Driver, DriverError
-from kernel import sys_ctx, sys_llm, sys_proc, sys_sys
+from kernel import sys_ctx, sys_llm, sys_mem, sys_proc, sys_sys
+from kernel.memory import Memory
+from kernel.persist import Persist, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, Scheduler, make_policy
 from kernel.stats import KernelStats
+from kernel.store import Store
 from kernel.syscall import Call, Dispatcher, build_table
 from kernel.transport import Transport
+from kernel.vindex import VectorIndex
 from syscalls.errors import Errno, SyscallError
 from syscalls.table import SyscallSpec
 
@@ -29,7 +35,21 @@ log = logging.getLogger("llmos.kernel")
 VERSION = "0.1.0"
 
 #: The dispatch table: syscall name -> handler, one module per syscall family.
-HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_sys.HANDLERS}
+HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_mem.HANDLERS, **sys_sys.HANDLERS}
+
+#: The state database's file name in the kernel's state directory.
+STATE_DB = "state.db"
+
+
+def default_embedder() -> Any:
+    """The packaged sentence-embedding model (loaded on first use), or None if the
+    embedding code cannot be imported."""
+    try:
+        from kernel.embed import Embedder
+    except ImportError:  # pragma: no cover - numpy/transformers missing
+        log.warning("no embedding model: archival memory search is off")
+        return None
+    return Embedder()
 
 
 class Kernel:
@@ -44,6 +64,8 @@ class Kernel:
         quantum: int | None = None,
         max_procs: int = 4096,
         zombie_ttl_s: float = 600.0,
+        state_dir: Path | None = None,
+        embedder: Any = "default",
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -56,6 +78,13 @@ class Kernel:
         self.max_procs = max_procs
         self.zombie_ttl_s = zombie_ttl_s
         self.procs = ProcessTable(owner=getpass.getuser())
+        # Durable state: the process table's journal and the memory tiers share one
+        # SQLite database (in memory when no state directory is given, e.g. unit tests).
+        self.store = Store(state_dir / STATE_DB if state_dir is not None else None)
+        embedder = default_embedder() if embedder == "default" else embedder
+        self.memory = Memory(self.store, self.procs, embedder, VectorIndex(getattr(embedder, "dim", 384)))
+        self.persist = Persist(self.store, self.procs, on_drop=self.memory.drop)
+        self.procs.journal = self.persist
         self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum))
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
         self.stats = KernelStats()
@@ -70,8 +99,14 @@ class Kernel:
 
     # -- life ------------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind the endpoints, start serving, and load the models in the background."""
+        """Recover the state database, bind the endpoints, start serving, and load the
+        models in the background."""
         loop = asyncio.get_running_loop()
+        found = await asyncio.to_thread(recover, self.store, self.procs)
+        entries = await asyncio.to_thread(self.memory.load)
+        if found.procs or entries:
+            log.info("recovered %d processes (%d hung up: their programs died), %d archival entries; next pid %d",
+                     found.procs, len(found.hung_up), entries, found.next_pid)
         self.transport.bind()
         self.transport.start()
         for name, driver in self.drivers.items():
@@ -126,6 +161,8 @@ class Kernel:
                 await driver.shutdown()
             except Exception:
                 log.exception("driver shutdown failed")
+        self.memory.close()
+        await asyncio.to_thread(self.store.close)
 
     # -- dispatch hooks ------------------------------------------------------------
     def _on_frames(self, parts: list[bytes]) -> None:

@@ -8,12 +8,14 @@ touched only from the kernel's event loop, so no locks.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from hmac import compare_digest
+from typing import Protocol
 
 from kernel.quota import Account, Limits
 from syscalls.errors import Errno, SyscallError
@@ -34,7 +36,13 @@ class ProcState(StrEnum):
 
 
 #: Exit status of a process ended by a signal, as a shell reports it (128 + signo).
-SIGNAL_STATUS = {"TERM": 128 + 15, "KILL": 128 + 9}
+#: HUP: its program died while the kernel was down (found at recovery), like a hangup.
+SIGNAL_STATUS = {"HUP": 128 + 1, "TERM": 128 + 15, "KILL": 128 + 9}
+
+
+def hash_token(token: str) -> str:
+    """What the kernel keeps of a credential (on disk too): its SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(eq=False)
@@ -43,6 +51,13 @@ class Program:
 
     pgid: int  # the pid of the program's first process
     account: Account
+    #: The memory namespace its processes share: ``prog:<pgid>``, or a name given at
+    #: spawn so that a later run of the same program finds its memory again.
+    namespace: str = ""
+    procs: int = 0  # processes of it in the table (zombies included)
+
+    def __post_init__(self) -> None:
+        self.namespace = self.namespace or f"prog:{self.pgid}"
 
 
 @dataclass(eq=False)
@@ -53,14 +68,21 @@ class Proc:
     ppid: int
     name: str
     owner: str
-    token: str  # secret credential: whoever holds pid+token acts as this process
+    token_hash: str  # SHA-256 of the secret credential: whoever holds pid+token acts as it
     model: str
     program: Program
     account: Account  # this process's own quota account (usage + limits)
     nice: int = 0
     state: ProcState = ProcState.NEW
     context: list[dict[str, str]] = field(default_factory=list)  # the conversation it keeps
+    summary: str | None = None  # running summary of turns moved out of the window
+    evicted: int = 0  # messages moved out of the window (to recall memory) so far
+    ctx_policy: str = "truncate"  # what happens when a prompt would overflow the window
+    ctx_window: int | None = None  # a window smaller than the model's, if asked at spawn
+    host_pid: int | None = None  # OS pid of the program driving it (on the kernel's host)
+    host_started: float | None = None  # that OS process's start time (pids get reused)
     created: float = field(default_factory=time.time)
+    token: str = field(default="", repr=False)  # the secret itself: set at spawn, never stored
     # usage counters
     generate_calls: int = 0
     prompt_tokens: int = 0
@@ -97,8 +119,31 @@ class Proc:
     def service_s(self) -> float:
         return self.account.service_s
 
+    @property
+    def namespace(self) -> str:
+        """Its own memory namespace."""
+        return f"pid:{self.pid}"
+
     def check_token(self, token: str) -> bool:
-        return compare_digest(self.token, token)
+        return compare_digest(self.token_hash, hash_token(token))
+
+
+class Journal(Protocol):
+    """Where the table reports changes that must be made durable (kernel/persist.py)."""
+
+    def saved(self, proc: Proc) -> None:
+        """``proc`` was created or changed."""
+
+    def reaped(self, proc: Proc, program_gone: bool) -> None:
+        """``proc`` left the table (and with it its program, if ``program_gone``)."""
+
+
+class _NoJournal:
+    def saved(self, proc: Proc) -> None:
+        pass
+
+    def reaped(self, proc: Proc, program_gone: bool) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +161,16 @@ class Caller:
 class ProcessTable:
     """Owns every :class:`Proc`; allocates pids; implements exit/wait/reap."""
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, journal: Journal | None = None) -> None:
         self._procs: dict[int, Proc] = {}
-        self._next_pid = INIT_PID + 1  # pids are never reused within a kernel's life
+        self._next_pid = INIT_PID + 1  # pids are never reused, across restarts too
         self._child_exited: dict[int, set[asyncio.Event]] = {}  # ppid -> its waiters
         self.owner = owner
+        self.journal: Journal = journal or _NoJournal()
+
+    @property
+    def next_pid(self) -> int:
+        return self._next_pid
 
     # -- lookup ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -189,32 +239,59 @@ class ProcessTable:
 
     # -- lifecycle -----------------------------------------------------------------
     def spawn(self, ppid: int, name: str, model: str, nice: int, system: str | None,
-              limits: Limits | None = None, program_limits: Limits | None = None) -> Proc:
+              limits: Limits | None = None, program_limits: Limits | None = None,
+              namespace: str | None = None, fork: bool = False) -> Proc:
         """Create a process as a child of ``ppid`` (INIT_PID for top-level ones, which
         start a new program). A child inherits its parent's program and limits, and
-        may only narrow the limits."""
+        may only narrow the limits; with ``fork`` it starts with a copy of its parent's
+        context. The new process's ``token`` is its secret credential (the kernel keeps
+        only its hash after the reply)."""
         parent = self._procs.get(ppid)
         if parent is not None and program_limits is not None:
             raise SyscallError(Errno.EPERM, "program limits are set when a program starts (a top-level spawn)")
+        if parent is not None and namespace is not None:
+            raise SyscallError(Errno.EPERM, "a memory namespace is named when a program starts (a top-level spawn)")
+        if fork and parent is None:
+            raise SyscallError(Errno.EINVAL, "fork copies the caller's context: only a process can fork")
         pid = self._next_pid
         self._next_pid += 1
         if parent is None:
-            program = Program(pid, Account(f"program {pid}", program_limits or Limits()))
+            program = Program(pid, Account(f"program {pid}", program_limits or Limits()), namespace or "")
             mine = limits or Limits()
         else:
             program = parent.program
             mine = parent.account.limits.narrowed(limits or Limits(), f"parent process {parent.pid}")
+        token = secrets.token_urlsafe(24)
         proc = Proc(
             pid=pid, ppid=ppid, name=name, owner=parent.owner if parent else self.owner,
-            token=secrets.token_urlsafe(24), model=model, program=program,
-            account=Account(f"process {pid}", mine), nice=nice,
+            token_hash=hash_token(token), model=model, program=program,
+            account=Account(f"process {pid}", mine), nice=nice, token=token,
         )
-        if system:
+        if fork and parent is not None:
+            proc.context = [dict(msg) for msg in parent.context]
+            proc.summary, proc.evicted = parent.summary, parent.evicted
+            proc.ctx_policy, proc.ctx_window = parent.ctx_policy, parent.ctx_window
+            if system:  # a forked child may still get its own system prompt
+                if proc.context and proc.context[0]["role"] == "system":
+                    proc.context[0] = {"role": "system", "content": system}
+                else:
+                    proc.context.insert(0, {"role": "system", "content": system})
+        elif system:
             proc.context.append({"role": "system", "content": system})
-        self._procs[pid] = proc
+        self.insert(proc)
         if parent is not None:
             parent.children.add(pid)
         return proc
+
+    def insert(self, proc: Proc) -> None:
+        """Put ``proc`` in the table (spawn, or recovery from the state database)."""
+        self._procs[proc.pid] = proc
+        proc.program.procs += 1
+        self._next_pid = max(self._next_pid, proc.pid + 1)
+
+    def reserve_pids(self, next_pid: int) -> None:
+        """Never hand out a pid below ``next_pid`` (recovery: pids of reaped processes)."""
+        self._next_pid = max(self._next_pid, next_pid)
 
     def exit(self, proc: Proc, status: int, signal: str | None = None) -> None:
         """Make ``proc`` a zombie, hand its children to init, wake its parent.
@@ -227,6 +304,7 @@ class ProcessTable:
         proc.exit_status, proc.signal = status, signal
         proc.zombie_since = time.monotonic()
         proc.cont.set()  # nothing may stay parked on a dead process
+        self.journal.saved(proc)
         for cpid in sorted(proc.children):
             self._reparent_to_init(cpid)
         proc.children.clear()
@@ -241,13 +319,18 @@ class ProcessTable:
         child.ppid, child.orphaned = INIT_PID, True
         if not child.alive:
             self.reap(child)
+        else:
+            self.journal.saved(child)
 
     def reap(self, proc: Proc) -> None:
         """Remove a zombie from the table (its pid is never handed out again)."""
-        self._procs.pop(proc.pid, None)
+        if self._procs.pop(proc.pid, None) is None:
+            return
         parent = self._procs.get(proc.ppid)
         if parent is not None:
             parent.children.discard(proc.pid)
+        proc.program.procs -= 1
+        self.journal.reaped(proc, proc.program.procs == 0)
 
     def reap_stale(self, older_than_s: float) -> list[int]:
         """Init's housekeeping: reap top-level zombies nobody waited for in time."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from drivers.base import Delta, Driver, DriverError, GenerationRequest, SamplingOptions
+from kernel import context
 from kernel.process import SIGNAL_STATUS, Proc, ProcState
 from kernel.quota import Account
 from kernel.syscall import Call
@@ -85,23 +86,45 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
         acct.admit_call()
     driver = await k.model_ready(proc.model)
     new = [msg.model_dump() for msg in a.messages] if a.messages is not None else []
-    prompt: list[dict[str, str]] | str = [*proc.context, *new] if a.prompt is None else a.prompt
-    window = driver.info().max_context
-    try:
-        n_prompt = await driver.count_tokens(prompt)
-    except DriverError as exc:
-        raise SyscallError(Errno.EIO, str(exc)) from None
-    if n_prompt >= window:
-        raise SyscallError(
-            Errno.E2BIG, f"the prompt is {n_prompt} tokens but {proc.model}'s window is {window}; "
-            "shorten it or clear the context (ctx.clear)")
+    limit = context.window(proc, driver)
+    if a.prompt is None:
+        before = (list(proc.context), proc.summary, proc.evicted)
+        prompt, n_prompt = await context.fit(proc, k.memory, driver, new, a.max_tokens,
+                                             lambda chat: _summarize(k, call, proc, driver, chat, limit))
+        if (proc.context, proc.summary, proc.evicted) != before:
+            k.persist.saved(proc)  # turns moved out stay moved out even if this call fails
+    else:
+        prompt, n_prompt = a.prompt, await context.count_tokens(driver, a.prompt)
+        if n_prompt >= limit:
+            raise SyscallError(Errno.E2BIG, f"the prompt is {n_prompt} tokens but {proc.model}'s window is "
+                               f"{limit}; shorten it")
     for acct in accounts:
         acct.check_context(n_prompt)
-    grants = _reserve(accounts, min(a.max_tokens, window - n_prompt))
-    sampling = SamplingOptions(temperature=a.temperature, top_p=a.top_p, max_tokens=grants[-1],
-                               stop=tuple(a.stop), seed=a.seed)
-    gen = Generation(prompt, sampling, a.stream)
     proc.generate_calls += 1
+    gen, last = await complete(k, call, proc, driver, prompt, min(a.max_tokens, limit - n_prompt), a.stream,
+                               temperature=a.temperature, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed)
+    text = "".join(gen.parts)
+    proc.prompt_tokens += last.prompt_tokens
+    proc.mean_output = last.output_tokens if proc.mean_output is None else (
+        (1 - EWMA) * proc.mean_output + EWMA * last.output_tokens)
+    if a.messages is not None:
+        turns = [*new, {"role": "assistant", "content": text}]
+        proc.context.extend(turns)
+        k.memory.record(proc, turns)
+    k.persist.saved(proc)
+    await k.persist.barrier()  # the reply promises the new context is on disk
+    usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens)
+    return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage)
+
+
+async def complete(k: Kernel, call: Call, proc: Proc, driver: Driver, prompt: list[dict[str, str]] | str,
+                   want: int, stream: bool, **sampling: Any) -> tuple[Generation, Delta]:
+    """Generate for ``proc`` with its quotas: reserve output tokens, run on slots (with
+    preemption, STOP/CONT, wall limit), settle what was used. Returns the generation and
+    its last delta."""
+    accounts = (proc.account, proc.program.account)
+    grants = _reserve(accounts, want)
+    gen = Generation(prompt, SamplingOptions(max_tokens=grants[-1], **sampling), stream)
     try:
         last = await _within_wall(proc, _run(k, call, proc, driver, gen))
     finally:
@@ -109,15 +132,25 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
             acct.settle(granted, len(gen.out_ids))  # tokens made stay charged even if the call failed
     if gen.stream:
         gen.send_text(call, "", final=True)  # the rest, before the reply ends the stream
-    text = "".join(gen.parts)
-    proc.prompt_tokens += last.prompt_tokens
-    proc.mean_output = last.output_tokens if proc.mean_output is None else (
-        (1 - EWMA) * proc.mean_output + EWMA * last.output_tokens)
-    if a.messages is not None:
-        proc.context.extend(new)
-        proc.context.append({"role": "assistant", "content": text})
-    usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens)
-    return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage)
+    return gen, last
+
+
+async def _summarize(k: Kernel, call: Call, proc: Proc, driver: Driver, chat: list[dict[str, str]],
+                     limit: int) -> str:
+    """The model's running summary for ``proc`` (context policy ``summarize``), greedy,
+    on the process's own slot time and quotas. An over-long transcript keeps its end."""
+    room = limit - context.SUMMARY_TOKENS
+    for _ in range(6):
+        n = await context.count_tokens(driver, chat)
+        if n <= room:
+            break
+        body = chat[-1]["content"]
+        keep = max(int(len(body) * room / n * 0.9), 1)
+        chat = [*chat[:-1], {"role": "user", "content": "[...]" + body[-keep:]}]
+    else:
+        raise SyscallError(Errno.E2BIG, f"could not fit the summary prompt in {limit} tokens")
+    gen, _ = await complete(k, call, proc, driver, chat, context.SUMMARY_TOKENS, False, temperature=0.0)
+    return "".join(gen.parts).strip()
 
 
 def _reserve(accounts: tuple[Account, ...], want: int) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import psutil
+
 from kernel.process import INIT_PID, SIGNAL_STATUS, Proc, ProcState
 from kernel.quota import Limits
 from kernel.syscall import Call
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 
-def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
+async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     caller = call.caller
     model = a.model or k.default_model
     if model not in k.drivers:
@@ -23,10 +25,27 @@ def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
         raise SyscallError(Errno.EPERM, f"a child cannot run at nice {a.nice}, above its parent's {caller.proc.nice}")
     if len(k.procs) >= k.max_procs:
         raise SyscallError(Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit")
+    host_started = _host_started(a.host_pid) if a.host_pid is not None else None
     ppid = caller.pid if caller.proc is not None else INIT_PID
-    proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system,
-                         _limits(a.limits), _limits(a.program_limits))
+    proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system, _limits(a.limits), _limits(a.program_limits),
+                         namespace=a.namespace, fork=a.fork)
+    if not a.fork:
+        proc.ctx_policy, proc.ctx_window = a.ctx_policy, a.ctx_window
+    elif "ctx_policy" in a.model_fields_set or a.ctx_window is not None:
+        proc.ctx_policy, proc.ctx_window = a.ctx_policy, a.ctx_window or proc.ctx_window
+    proc.host_pid, proc.host_started = a.host_pid, host_started
+    k.memory.record(proc, proc.context)  # what it starts with is what it has seen
+    k.persist.saved(proc)
+    await k.persist.barrier()
     return m.SpawnResult(pid=proc.pid, token=proc.token)
+
+
+def _host_started(pid: int) -> float:
+    """Start time of OS process ``pid`` on this host (EINVAL if there is none)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        raise SyscallError(Errno.EINVAL, f"host_pid {pid} is not a running process on the kernel's host") from None
 
 
 def _limits(given: m.Limits | None) -> Limits | None:
@@ -82,8 +101,10 @@ def sys_kill(k: Kernel, call: Call, a: m.KillArgs) -> m.KillResult:
                     k.terminate(proc, SIGNAL_STATUS["TERM"], "TERM")
             case "STOP":
                 k.stop_process(proc)
+                k.persist.saved(proc)
             case "CONT":
                 k.continue_process(proc)
+                k.persist.saved(proc)
     return m.KillResult(pid=proc.pid, state=proc.state.value)
 
 
@@ -103,6 +124,7 @@ def sys_nice(k: Kernel, call: Call, a: m.NiceArgs) -> m.NiceResult:
         raise SyscallError(
             Errno.EPERM, f"nice {a.nice} would rank above the caller's own {caller.nice}; only the admin may")
     proc.nice = a.nice
+    k.persist.saved(proc)
     return m.NiceResult(pid=proc.pid, nice=proc.nice)
 
 

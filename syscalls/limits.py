@@ -30,3 +30,15 @@ MAX_DEADLINE_MS = 24 * 3600 * 1000
 
 #: Process priorities are Unix nice values: lower runs first.
 NICE_MIN, NICE_MAX = -20, 19
+
+#: Memory: core blocks (labelled text always in the prompt), archival entries.
+MAX_BLOCKS = 16
+MAX_BLOCK_CHARS = 16_000
+DEFAULT_BLOCK_CHARS = 2_000
+MAX_ENTRY_CHARS = 8_000
+MAX_PUT_ENTRIES = 256
+MAX_META_KEYS = 16
+MAX_SEARCH_K = 100
+MAX_SNAPSHOTS = 32
+#: Smallest context window a process may ask for (tokens).
+MIN_CTX_WINDOW = 128

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from syscalls import limits
+from syscalls.limits import MIN_CTX_WINDOW
 
 Name = Annotated[
     str,
@@ -20,6 +21,19 @@ Text = Annotated[str, Field(max_length=limits.MAX_TEXT_CHARS)]
 Pid = Annotated[int, Field(ge=1, lt=2**31)]
 Nice = Annotated[int, Field(ge=limits.NICE_MIN, le=limits.NICE_MAX)]
 Signal = Literal["TERM", "KILL", "STOP", "CONT"]
+#: Signals a process can have died of: HUP means its program died while the kernel was down.
+ExitSignal = Literal["HUP", "TERM", "KILL"]
+#: A memory namespace: ``pid:N`` (a process's own), ``prog:N`` (a program's), or a name given
+#: to a program at spawn (letters, digits, ``_.-``) that a later run can use again.
+Namespace = Annotated[
+    str,
+    Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^(pid:[0-9]+|prog:[0-9]+|[A-Za-z0-9_.-]+)$"),
+]
+ProgramNamespace = Annotated[
+    str, Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$"),
+]
+Label = Annotated[str, Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")]
+CtxPolicy = Literal["truncate", "summarize", "error"]
 State = Literal["NEW", "READY", "RUNNING", "WAITING", "STOPPED", "ZOMBIE"]
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -72,6 +86,19 @@ class SpawnArgs(Args):
     system: Text | None = Field(default=None, description="system prompt placed first in the context")
     nice: Nice = Field(default=0, description="priority as a Unix nice value, -20 (first) .. 19")
     limits: Limits | None = Field(default=None, description="this process's quotas (never above its parent's)")
+    fork: bool = Field(default=False, description="start with a copy of the caller's context, like fork()")
+    namespace: ProgramNamespace | None = Field(
+        default=None, description="name of the program's shared memory namespace (top-level spawns); "
+        "a later program spawned with the same name finds that memory again")
+    ctx_policy: CtxPolicy = Field(
+        default="truncate", description="when a prompt would overflow the window: drop the oldest turns "
+        "(truncate), fold them into a running summary (summarize), or fail with E2BIG (error)")
+    ctx_window: int | None = Field(
+        default=None, ge=MIN_CTX_WINDOW, le=2**24,
+        description="context window in tokens, if smaller than the model's")
+    host_pid: int | None = Field(
+        default=None, ge=1, lt=2**31, description="OS pid of the program driving the new process, on the "
+        "kernel's host; if it is gone after a kernel restart the process is hung up (HUP)")
     program_limits: Limits | None = Field(
         default=None, description="quotas of the whole program (top-level spawns only)")
 
@@ -109,7 +136,7 @@ class ProcInfo(Result):
     wait_s: float = Field(description="time spent READY, waiting for a slot")
     created: float = Field(description="spawn time, Unix seconds")
     exit_status: int | None = None
-    signal: Signal | None = Field(default=None, description="signal that ended it, if any")
+    signal: ExitSignal | None = Field(default=None, description="signal that ended it, if any")
     program: int = Field(default=0, description="pid of the program's first process (its program id)")
     preemptions: int = Field(default=0, description="times the scheduler took its slot mid-generation")
     switch_prefill_tokens: int = Field(default=0, description="tokens prefilled again to resume after preemptions")
@@ -137,7 +164,7 @@ class WaitArgs(Args):
 class WaitResult(Result):
     pid: int
     exit_status: int
-    signal: Signal | None = None
+    signal: ExitSignal | None = None
 
 
 class KillArgs(Args):
@@ -212,6 +239,8 @@ class CtxGetResult(Result):
     pid: int
     messages: list[ChatMessage]
     total: int = Field(description="messages in the whole context")
+    summary: str | None = Field(default=None, description="running summary of turns moved out of the window")
+    evicted: int = Field(default=0, description="messages moved out of the window to recall memory so far")
 
 
 class CtxAppendArgs(Args):
@@ -227,6 +256,163 @@ class CtxClearArgs(Args):
 class CtxResult(Result):
     pid: int
     total: int
+
+
+class CtxSnapshotArgs(Args):
+    name: Label = Field(description="checkpoint name (saving again under a name replaces it)")
+    pid: Pid | None = Field(default=None, description="target (default: the caller)")
+
+
+class SnapshotInfo(Result):
+    name: str
+    messages: int
+    created: float = Field(description="Unix seconds")
+
+
+class CtxSnapshotsArgs(Args):
+    pid: Pid | None = Field(default=None, description="target (default: the caller)")
+
+
+class CtxSnapshotsResult(Result):
+    pid: int
+    snapshots: list[SnapshotInfo]
+
+
+# -- mem.* -------------------------------------------------------------------------
+
+
+class BlockGetArgs(Args):
+    label: Label | None = Field(default=None, description="one block (default: all of them)")
+    namespace: Namespace | None = Field(default=None, description="default: the caller's own")
+
+
+class BlockSetArgs(Args):
+    label: Label
+    value: Annotated[str, Field(max_length=limits.MAX_BLOCK_CHARS)]
+    max_chars: int | None = Field(
+        default=None, ge=1, le=limits.MAX_BLOCK_CHARS,
+        description=f"size limit (default: kept, or {limits.DEFAULT_BLOCK_CHARS} for a new block)")
+    namespace: Namespace | None = None
+
+
+class BlockAppendArgs(Args):
+    label: Label
+    text: Annotated[str, Field(min_length=1, max_length=limits.MAX_BLOCK_CHARS)]
+    namespace: Namespace | None = None
+
+
+class BlockReplaceArgs(Args):
+    label: Label
+    old: Annotated[str, Field(min_length=1, max_length=limits.MAX_BLOCK_CHARS)]
+    new: Annotated[str, Field(max_length=limits.MAX_BLOCK_CHARS)]
+    namespace: Namespace | None = None
+
+
+class BlockDeleteArgs(Args):
+    label: Label
+    namespace: Namespace | None = None
+
+
+class Block(Result):
+    namespace: str
+    label: str
+    value: str
+    max_chars: int
+    updated: float
+
+
+class BlocksResult(Result):
+    blocks: list[Block]
+
+
+class RecallSearchArgs(Args):
+    query: Annotated[str, Field(max_length=1000)] = Field(
+        default="", description="words to look for (ranked by relevance); empty: the newest messages")
+    since: float | None = Field(default=None, description="only messages at or after this Unix time")
+    until: float | None = Field(default=None, description="only messages before this Unix time")
+    role: Literal["system", "user", "assistant"] | None = None
+    k: int = Field(default=10, ge=1, le=limits.MAX_SEARCH_K)
+    namespace: Namespace | None = Field(default=None, description="whose recall (default: the caller's own)")
+
+
+class RecallHit(Result):
+    id: int
+    pid: int
+    role: str
+    content: str
+    ts: float
+
+
+class RecallSearchResult(Result):
+    hits: list[RecallHit]
+
+
+Scalar = str | int | float | bool
+
+
+class Entry(Args):
+    text: Annotated[str, Field(min_length=1, max_length=limits.MAX_ENTRY_CHARS)]
+    metadata: dict[Label, Scalar] = Field(default_factory=dict, max_length=limits.MAX_META_KEYS)
+
+
+class PutArgs(Args):
+    entries: list[Entry] = Field(min_length=1, max_length=limits.MAX_PUT_ENTRIES)
+    namespace: Namespace | None = None
+
+
+class PutResult(Result):
+    ids: list[int]
+    embed_s: float = Field(description="time spent embedding the entries")
+
+
+class IdsArgs(Args):
+    ids: list[Annotated[int, Field(ge=1, lt=2**63)]] = Field(min_length=1, max_length=limits.MAX_PUT_ENTRIES)
+    namespace: Namespace | None = None
+
+
+class StoredEntry(Result):
+    id: int
+    namespace: str
+    text: str
+    metadata: dict[str, Scalar]
+    created: float
+    score: float | None = Field(default=None, description="cosine similarity to the query (search)")
+
+
+class EntriesResult(Result):
+    entries: list[StoredEntry]
+
+
+class DeleteResult(Result):
+    deleted: int
+
+
+class SearchArgs(Args):
+    query: Annotated[str, Field(min_length=1, max_length=limits.MAX_ENTRY_CHARS)]
+    k: int = Field(default=5, ge=1, le=limits.MAX_SEARCH_K)
+    filter: dict[Label, Scalar] = Field(
+        default_factory=dict, max_length=limits.MAX_META_KEYS, description="metadata that must match exactly")
+    namespaces: list[Namespace] | None = Field(
+        default=None, max_length=16, description="where to search (default: the caller's own)")
+
+
+class SearchResult(Result):
+    hits: list[StoredEntry]
+    embed_s: float = Field(description="time spent embedding the query")
+    search_s: float = Field(description="time spent searching")
+
+
+class GrantArgs(Args):
+    namespace: Namespace = Field(description="a namespace the caller owns")
+    pid: Pid = Field(description="the process that gets access")
+    program: bool = Field(default=False, description="grant it to that process's whole program")
+    write: bool = Field(default=False, description="read-write (default: read-only)")
+
+
+class RevokeArgs(Args):
+    namespace: Namespace
+    pid: Pid
+    program: bool = False
 
 
 # -- sys.* -------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""The kernel's durable state: one SQLite database in WAL mode, owned by one thread.
+
+Everything the kernel must not forget lives here: the process table (with hashed
+credentials, limits and usage), each process's context, context snapshots, core memory
+blocks, recall memory (every message a process has seen, full-text indexed) and
+archival memory (entries, metadata and their embedding vectors), and memory grants.
+
+One worker thread owns the connection; the event loop hands it work as closures and
+awaits the result (:meth:`Store.call`) or just queues it (:meth:`Store.submit`). The
+queue is FIFO, so writes land in the order the kernel made them, and a syscall that
+awaits its write replies only once the write is committed. With WAL and
+``synchronous=NORMAL`` a committed transaction survives the kernel being killed
+(``kill -9``); only an operating-system crash or power loss can take the last few.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from syscalls.errors import SyscallError
+
+log = logging.getLogger("llmos.store")
+
+T = TypeVar("T")
+
+#: Bump with a new entry in _MIGRATIONS when the schema changes.
+SCHEMA_VERSION = 1
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE procs (
+        pid INTEGER PRIMARY KEY,
+        ppid INTEGER NOT NULL,
+        pgid INTEGER NOT NULL,
+        record TEXT NOT NULL              -- JSON: everything else (see kernel/persist.py)
+    );
+    CREATE TABLE programs (
+        pgid INTEGER PRIMARY KEY,
+        record TEXT NOT NULL              -- JSON: limits, usage, memory namespace
+    );
+    CREATE TABLE contexts (
+        pid INTEGER PRIMARY KEY,
+        state TEXT NOT NULL               -- JSON: messages, summary, evicted
+    );
+    CREATE TABLE snapshots (
+        pid INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (pid, name)
+    );
+    CREATE TABLE blocks (
+        ns TEXT NOT NULL,
+        label TEXT NOT NULL,
+        value TEXT NOT NULL,
+        max_chars INTEGER NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (ns, label)
+    );
+    CREATE TABLE recall (
+        id INTEGER PRIMARY KEY,
+        ns TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX recall_ns_ts ON recall (ns, ts);
+    CREATE VIRTUAL TABLE recall_fts USING fts5 (content, content='recall', content_rowid='id');
+    CREATE TRIGGER recall_ai AFTER INSERT ON recall BEGIN
+        INSERT INTO recall_fts (rowid, content) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER recall_ad AFTER DELETE ON recall BEGIN
+        INSERT INTO recall_fts (recall_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    END;
+    CREATE TABLE archival (
+        id INTEGER PRIMARY KEY,
+        ns TEXT NOT NULL,
+        text TEXT NOT NULL,
+        meta TEXT NOT NULL,               -- JSON object
+        created REAL NOT NULL,
+        vec BLOB NOT NULL                 -- float32 little-endian, L2-normalised
+    );
+    CREATE INDEX archival_ns ON archival (ns);
+    CREATE TABLE grants (
+        ns TEXT NOT NULL,
+        grantee TEXT NOT NULL,            -- a namespace name: pid:N or prog:N
+        write INTEGER NOT NULL,
+        granted_by INTEGER NOT NULL,
+        PRIMARY KEY (ns, grantee)
+    );
+    """,
+}
+
+
+class StoreError(Exception):
+    """The state database cannot be opened or is from a newer llmos."""
+
+
+class Store:
+    """The state database at ``path`` (``None``: an in-memory one, for tests)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmos-store")
+        self._conn: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._pool.submit(self._open).result()
+
+    # -- the worker thread's side --------------------------------------------------------
+    def _open(self) -> None:
+        target = ":memory:" if self.path is None else str(self.path)
+        try:
+            conn = sqlite3.connect(target, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the state database {target}: {exc}; "
+                             "move it aside to start with empty state") from exc
+        self._conn = conn
+        self._thread = threading.current_thread()
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"schema version {version} is newer than this llmos understands ({SCHEMA_VERSION})")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            conn.executescript(f"BEGIN;\n{_MIGRATIONS[target]}\nPRAGMA user_version={target};\nCOMMIT;")
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._conn
+        assert conn is not None, "the store is closed"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return out
+
+    # -- the loop's side -----------------------------------------------------------------
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Queue ``fn(conn, *args)`` as one transaction; writes commit in queue order.
+        Failures are logged (nobody may be waiting)."""
+        fut = self._pool.submit(self._run, fn, *args)
+        fut.add_done_callback(_log_failure)
+        return fut
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` as one transaction in the store thread; its result once
+        committed."""
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like :meth:`call`, blocking: for startup and shutdown, never from the loop."""
+        return self.submit(fn, *args).result()
+
+    def close(self) -> None:
+        """Finish queued writes, checkpoint the WAL and close."""
+
+        def _close() -> None:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    self._conn.close()
+                    self._conn = None
+
+        self._pool.submit(_close).result()
+        self._pool.shutdown(wait=True)
+
+
+def _log_failure(fut: concurrent.futures.Future[Any]) -> None:
+    if not fut.cancelled() and (exc := fut.exception()) is not None and not isinstance(exc, SyscallError):
+        log.error("state database write failed: %s", exc, exc_info=exc)
+
+
+def dumps(value: Any) -> str:
+    """JSON for a column (compact, UTF-8 kept)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def get_meta(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return default if row is None else row[0]
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                 (key, value))
