@@ -129,6 +129,8 @@ async def fit(proc: Proc, memory: Memory | None, driver: Driver, new: list[Messa
     leaving, kept = convo[:k], convo[k:]
     if proc.ctx_policy == "summarize":
         proc.summary = await summarize(_summary_prompt(proc.summary, leaving))
+        if memory is not None:  # the summary itself is something the process has seen
+            memory.record(proc, [{"role": "system", "content": f"Summary of earlier turns: {proc.summary}"}])
     proc.context = ([{"role": "system", "content": base}] if base is not None else []) + kept
     proc.evicted += k
     prompt = compose(proc, memory, new=new)

@@ -52,6 +52,14 @@ def default_embedder() -> Any:
     return Embedder()
 
 
+def _dim_of(embedder: Any) -> int:
+    """The embedding width (read from the model's config; 384, MiniLM's, if unknown)."""
+    try:
+        return int(embedder.dim) if embedder is not None else 384
+    except Exception:  # the model package is missing: mem.put/search will say so
+        return 384
+
+
 class Kernel:
     """An llmos kernel serving ``endpoints`` with ``drivers`` (model name -> driver)."""
 
@@ -82,7 +90,7 @@ class Kernel:
         # SQLite database (in memory when no state directory is given, e.g. unit tests).
         self.store = Store(state_dir / STATE_DB if state_dir is not None else None)
         embedder = default_embedder() if embedder == "default" else embedder
-        self.memory = Memory(self.store, self.procs, embedder, VectorIndex(getattr(embedder, "dim", 384)))
+        self.memory = Memory(self.store, self.procs, embedder, VectorIndex(_dim_of(embedder)))
         self.persist = Persist(self.store, self.procs, on_drop=self.memory.drop)
         self.procs.journal = self.persist
         self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum))

@@ -333,7 +333,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     with connect() as c:
         proc = c.spawn(args.name or program.stem[:64], system=args.system, nice=args.nice,
-                       program_limits=_parse_limits(args.limit))
+                       program_limits=_parse_limits(args.limit), namespace=args.namespace,
+                       host_pid=os.getpid())  # if `llmos run` dies with the kernel down, the process is hung up
         env = {**os.environ, "LLMOS_PID": str(proc.pid), "LLMOS_TOKEN": proc.token,
                "LLMOS_ENDPOINT": resolve_endpoint()}
         child = subprocess.Popen([sys.executable, str(program), *args.args], env=env)
@@ -426,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--name", default=None, help="process name (default: the program's)")
     rp.add_argument("--system", default=None, help="system prompt of its process")
     rp.add_argument("--nice", type=int, default=0)
+    rp.add_argument("--namespace", default=None, metavar="NAME",
+                    help="name of the program's memory namespace: a later run with the same name finds its memory")
     rp.add_argument("--limit", action="append", default=None, metavar="KEY=VALUE",
                     help="a quota for the whole program: max_output_tokens, max_context_tokens, "
                          "max_wall_s, max_calls_per_min (repeatable)")

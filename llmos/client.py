@@ -154,11 +154,17 @@ class Client:
 
     # -- conveniences -------------------------------------------------------------------
     def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
-              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None) -> Process:
-        """Create an LLM process (a child of this client's process, or of init)."""
-        args = _spawn_args(name, system, model, nice, limits, program_limits)
+              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None,
+              **options: Any) -> Process:
+        """Create an LLM process (a child of this client's process, or of init).
+        ``options``: fork, namespace, ctx_policy, ctx_window, host_pid (see proc.spawn)."""
+        args = _spawn_args(name, system, model, nice, limits, program_limits, **options)
         res = m.SpawnResult(**self.call("proc.spawn", args))
         return Process(self, res.pid, res.token)
+
+    def memory(self, namespace: str) -> Memory:
+        """Memory syscalls on ``namespace`` as the admin (``pid:N``, ``prog:N`` or a name)."""
+        return Memory(self.call, namespace)
 
     def process(self, pid: int, token: str) -> Process:
         """A handle acting as process ``pid`` (whose token you hold)."""
@@ -250,16 +256,46 @@ class Process:
     def clear(self, keep_system: bool = True) -> int:
         return self.call("ctx.clear", {"keep_system": keep_system})["total"]
 
+    def context_info(self) -> m.CtxGetResult:
+        """The whole context with its running summary and eviction count."""
+        return m.CtxGetResult(**self.call("ctx.get"))
+
+    def snapshot(self, name: str) -> m.SnapshotInfo:
+        """Save a named checkpoint of this process's context."""
+        return m.SnapshotInfo(**self.call("ctx.snapshot", {"name": name}))
+
+    def restore(self, name: str) -> int:
+        """Put the context back to checkpoint ``name``; returns its message count."""
+        return self.call("ctx.restore", {"name": name})["total"]
+
+    def snapshots(self) -> list[m.SnapshotInfo]:
+        return m.CtxSnapshotsResult(**self.call("ctx.snapshots")).snapshots
+
+    # mem.*
+    @property
+    def memory(self) -> Memory:
+        """This process's own memory namespace (``pid:N``)."""
+        return Memory(self.call, own=f"pid:{self.pid}")
+
+    def memory_of(self, namespace: str) -> Memory:
+        """Another namespace: its program's (``prog:N`` or its name), or one granted to it."""
+        return Memory(self.call, namespace)
+
     # proc.*
     def getpid(self) -> m.GetpidResult:
         return m.GetpidResult(**self.call("proc.getpid"))
 
     def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
-              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None) -> Process:
-        """Spawn a child of this process."""
-        args = _spawn_args(name, system, model, nice, limits, program_limits)
+              limits: dict[str, Any] | None = None, **options: Any) -> Process:
+        """Spawn a child of this process. ``options``: fork (copy this process's
+        context), ctx_policy, ctx_window, host_pid (see proc.spawn)."""
+        args = _spawn_args(name, system, model, nice, limits, None, **options)
         res = m.SpawnResult(**self.call("proc.spawn", args))
         return Process(self.client, res.pid, res.token)
+
+    def fork(self, name: str, **options: Any) -> Process:
+        """A child that starts with a copy of this process's context, like fork()."""
+        return self.spawn(name, fork=True, **options)
 
     def ps(self) -> list[m.ProcInfo]:
         return m.PsResult(**self.call("proc.ps")).procs
@@ -283,18 +319,97 @@ class Process:
         self.call("proc.exit", {"status": status})
 
 
+class Memory:
+    """The mem.* syscalls on one namespace (the caller's own when ``namespace`` is None)."""
+
+    def __init__(self, call: Any, namespace: str | None = None, own: str | None = None) -> None:
+        self._call, self.namespace, self._own = call, namespace, own
+
+    def _args(self, **kw: Any) -> dict[str, Any]:
+        return _opt(namespace=self.namespace, **kw)
+
+    # core memory blocks
+    def blocks(self) -> dict[str, str]:
+        """Every core memory block: label -> text."""
+        res = m.BlocksResult(**self._call("mem.block.get", self._args()))
+        return {b.label: b.value for b in res.blocks}
+
+    def block(self, label: str) -> str:
+        return m.BlocksResult(**self._call("mem.block.get", self._args(label=label))).blocks[0].value
+
+    def set_block(self, label: str, value: str, max_chars: int | None = None) -> m.Block:
+        return m.Block(**self._call("mem.block.set", self._args(label=label, value=value, max_chars=max_chars)))
+
+    def append_block(self, label: str, text: str) -> m.Block:
+        return m.Block(**self._call("mem.block.append", self._args(label=label, text=text)))
+
+    def replace_block(self, label: str, old: str, new: str) -> m.Block:
+        return m.Block(**self._call("mem.block.replace", self._args(label=label, old=old, new=new)))
+
+    def delete_block(self, label: str) -> None:
+        self._call("mem.block.delete", self._args(label=label))
+
+    # recall memory
+    def recall(self, query: str = "", k: int = 10, since: float | None = None, until: float | None = None,
+               role: str | None = None) -> list[m.RecallHit]:
+        """Messages this namespace's process has seen, by words (ranked) and time."""
+        args = self._args(query=query, k=k, since=since, until=until, role=role)
+        return m.RecallSearchResult(**self._call("mem.recall.search", args)).hits
+
+    # archival memory
+    def put(self, *texts: str | tuple[str, dict[str, Any]]) -> list[int]:
+        """Store entries (text, or (text, metadata)); returns their ids."""
+        entries = [{"text": t, "metadata": {}} if isinstance(t, str) else {"text": t[0], "metadata": t[1]}
+                   for t in texts]
+        return m.PutResult(**self._call("mem.put", self._args(entries=entries))).ids
+
+    def get(self, *ids: int) -> list[m.StoredEntry]:
+        return m.EntriesResult(**self._call("mem.get", self._args(ids=list(ids)))).entries
+
+    def delete(self, *ids: int) -> int:
+        return m.DeleteResult(**self._call("mem.delete", self._args(ids=list(ids)))).deleted
+
+    def search(self, query: str, k: int = 5, filter: dict[str, Any] | None = None,
+               namespaces: list[str] | None = None) -> list[m.StoredEntry]:
+        """The ``k`` entries closest in meaning to ``query`` (best first, with scores)."""
+        return self.search_full(query, k, filter, namespaces).hits
+
+    def search_full(self, query: str, k: int = 5, filter: dict[str, Any] | None = None,
+                    namespaces: list[str] | None = None) -> m.SearchResult:
+        """:meth:`search` with the embedding and search times."""
+        args = _opt(query=query, k=k, filter=filter or None,
+                    namespaces=namespaces or ([self.namespace] if self.namespace else None))
+        return m.SearchResult(**self._call("mem.search", args))
+
+    # sharing
+    def grant(self, pid: int, write: bool = False, program: bool = False) -> None:
+        """Let process ``pid`` (or its whole program) read, or read and write, this namespace."""
+        ns = self.namespace or self._own
+        if ns is None:
+            raise SyscallError.of(Errno.EINVAL, "name the namespace to grant: memory_of('pid:N') or a name")
+        self._call("mem.grant", {"namespace": ns, "pid": pid, "write": write, "program": program})
+
+    def revoke(self, pid: int, program: bool = False) -> None:
+        ns = self.namespace or self._own
+        if ns is None:
+            raise SyscallError.of(Errno.EINVAL, "name the namespace to revoke")
+        self._call("mem.revoke", {"namespace": ns, "pid": pid, "program": program})
+
+
 def _spawn_args(name: str, system: str | None, model: str | None, nice: int,
-                limits: dict[str, Any] | None, program_limits: dict[str, Any] | None) -> dict[str, Any]:
+                limits: dict[str, Any] | None, program_limits: dict[str, Any] | None,
+                **options: Any) -> dict[str, Any]:
     """proc.spawn arguments, checked here first so mistakes fail before the round trip.
     ``limits``/``program_limits``: max_output_tokens, max_context_tokens, max_wall_s,
     max_calls_per_min."""
     try:
         args = m.SpawnArgs.model_validate(
-            _opt(name=name, system=system, model=model, nice=nice, limits=limits, program_limits=program_limits),
+            _opt(name=name, system=system, model=model, nice=nice, limits=limits, program_limits=program_limits,
+                 **options),
             strict=False)
     except ValidationError as exc:
         raise SyscallError.of(Errno.EINVAL, codec.describe_validation(exc)) from None
-    return args.model_dump(exclude_none=True)
+    return args.model_dump(exclude_none=True, exclude_defaults=True) | {"name": name}
 
 
 def _opt(**kw: Any) -> dict[str, Any]:
