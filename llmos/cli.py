@@ -476,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     bsc.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE",
                      type=driver_option, help="driver option, e.g. tokens_per_s=100 (repeatable)")
     bsc.add_argument("--json", action="store_true")
+    bm = bsub.add_parser("memory", help="archival memory put/search latency and throughput at growing sizes")
+    bm.add_argument("--sizes", default="1000,10000,100000", help="entry counts (default: 1000,10000,100000)")
+    bm.add_argument("--searches", type=int, default=200, help="searches per size (default: 200)")
+    bm.add_argument("--puts", type=int, default=50, help="single-entry puts per size (default: 50)")
+    bm.add_argument("--seed", type=int, default=0)
+    bm.add_argument("--json", action="store_true")
     return p
 
 
@@ -519,6 +525,9 @@ def _run(args: argparse.Namespace) -> int:
             if args.bcmd == "sched":
                 from llmos.bench_sched import bench_sched
                 return bench_sched(args)
+            if args.bcmd == "memory":
+                from llmos.bench_memory import bench_memory
+                return bench_memory(args)
             from llmos.bench import bench_syscalls
             return bench_syscalls(args)
     return 2
