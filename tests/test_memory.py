@@ -178,3 +178,23 @@ def test_bad_memory_arguments_get_einval(admin: Client, spawn: Spawn) -> None:
     with pytest.raises(SyscallError, match="admin must name the namespace"):
         admin.call("mem.search", {"query": "x"})
     assert admin.memory(f"pid:{p.pid}").search("anything") == []  # the admin may look anywhere
+
+
+def test_memory_tools_validate_model_arguments_and_run_the_syscalls(spawn: Spawn) -> None:
+    from llmos.memtools import call_memory_tool, memory_tool_specs
+
+    specs = {s["function"]["name"]: s["function"] for s in memory_tool_specs()}
+    assert specs["archival_memory_search"]["parameters"]["required"] == ["query"]
+    p = spawn("memtools")
+    assert "holds" in call_memory_tool(p, "core_memory_append", {"label": "user", "text": "Likes tea."})
+    call_memory_tool(p, "core_memory_replace", '{"label": "user", "old": "tea", "new": "coffee"}')
+    assert p.memory.blocks() == {"user": "Likes coffee."}
+    assert "entry" in call_memory_tool(p, "archival_memory_insert", {"text": "The office closes at 6 pm."})
+    assert "6 pm" in call_memory_tool(p, "archival_memory_search", {"query": "what time does it shut?"})
+    p.append([{"role": "user", "content": "I was born in Reykjavik."}])
+    assert "Reykjavik" in call_memory_tool(p, "conversation_search", {"query": "born"})
+    for name, args in [("nope", {}), ("archival_memory_search", {"query": ""}),
+                       ("archival_memory_search", "{not json"), ("core_memory_append", {"label": "x"})]:
+        with pytest.raises(SyscallError) as err:
+            call_memory_tool(p, name, args)
+        assert err.value.code == "EINVAL"
