@@ -286,10 +286,12 @@ class Process:
         return m.GetpidResult(**self.call("proc.getpid"))
 
     def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
-              limits: dict[str, Any] | None = None, **options: Any) -> Process:
-        """Spawn a child of this process. ``options``: fork (copy this process's
-        context), ctx_policy, ctx_window, host_pid (see proc.spawn)."""
-        args = _spawn_args(name, system, model, nice, limits, None, **options)
+              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None,
+              **options: Any) -> Process:
+        """Spawn a child of this process (``program_limits`` is refused: a child joins its
+        parent's program). ``options``: fork (copy this process's context), ctx_policy,
+        ctx_window, host_pid (see proc.spawn)."""
+        args = _spawn_args(name, system, model, nice, limits, program_limits, **options)
         res = m.SpawnResult(**self.call("proc.spawn", args))
         return Process(self.client, res.pid, res.token)
 
