@@ -49,7 +49,7 @@ def default_embedder() -> Any:
     except ImportError:  # pragma: no cover - numpy/transformers missing
         log.warning("no embedding model: archival memory search is off")
         return None
-    return Embedder()
+    return Embedder(threads=1)  # two torch threads beside the model driver run 4-30x slower here
 
 
 def _dim_of(embedder: Any) -> int:
