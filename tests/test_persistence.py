@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmos.client import Client, Process
+from llmos.client import Client
 from syscalls.errors import SyscallError
 from tests.conftest import GREEDY
 from tests.kernels import Daemon
@@ -20,18 +20,21 @@ from tests.kernels import Daemon
 pytestmark = pytest.mark.model
 
 
-def _hammer(p: Process, acked: dict[str, list], stop: threading.Event) -> None:
-    """Write until the kernel dies; remember what it acknowledged."""
-    i = 0
-    while not stop.is_set():
-        try:
-            ids = p.memory.put((f"entry number {i}", {"i": i}))
-            acked["ids"].extend(ids)
-            p.append([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}])
-            acked["turns"].append(i)
-        except SyscallError:
-            return  # the kernel is gone
-        i += 1
+def _hammer(endpoint: str, pid: int, token: str, acked: dict[str, list], stop: threading.Event) -> None:
+    """Write as process ``pid`` until the kernel dies; remember what it acknowledged.
+    Its own connection (sockets belong to one thread), short deadlines once it is gone."""
+    with Client(endpoint, pid=pid, token=token) as c:
+        i = 0
+        while not stop.is_set():
+            try:
+                entry = {"text": f"entry number {i}", "metadata": {"i": i}}
+                acked["ids"].extend(c.call("mem.put", {"entries": [entry]}, deadline_ms=5000)["ids"])
+                turns = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+                c.call("ctx.append", {"messages": turns}, deadline_ms=5000)
+                acked["turns"].append(i)
+            except SyscallError:
+                return  # the kernel is gone
+            i += 1
 
 
 def test_kill_9_loses_nothing_committed_and_recovers_the_process_table(tmp_path: Path) -> None:
@@ -48,7 +51,8 @@ def test_kill_9_loses_nothing_committed_and_recovers_the_process_table(tmp_path:
             kept.generate([{"role": "user", "content": "Say hi."}], max_tokens=4, **GREEDY)
             acked: dict[str, list] = {"ids": [], "turns": []}
             stop = threading.Event()
-            writer = threading.Thread(target=_hammer, args=(free, acked, stop), daemon=True)
+            writer = threading.Thread(target=_hammer, args=(first.endpoint, free.pid, free.token, acked, stop),
+                                      daemon=True)
             writer.start()
             while len(acked["turns"]) < 20:
                 writer.join(0.05)
@@ -56,7 +60,7 @@ def test_kill_9_loses_nothing_committed_and_recovers_the_process_table(tmp_path:
             os.kill(first.proc.pid, signal.SIGKILL)  # mid-write, no shutdown of any kind
             first.proc.wait(10)
             stop.set()
-            writer.join(30)
+            writer.join()  # it returns within its 5 s deadline once the kernel is gone
         hosts[1].kill()  # doomed's program dies while the kernel is down
         hosts[1].wait()
 
