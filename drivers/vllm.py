@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import struct
@@ -642,6 +643,9 @@ class VllmDriver(Driver):
                 await self._loop.run(engine.close())
             del engine
             gc.collect()  # AsyncLLM sits in reference cycles: free it now
+            # vLLM kills an engine process that is slow to exit without waiting for it:
+            # reap it so no zombie is left behind.
+            multiprocessing.active_children()
 
     # -- info
 
