@@ -88,10 +88,10 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     new = [msg.model_dump() for msg in a.messages] if a.messages is not None else []
     limit = context.window(proc, driver)
     if a.prompt is None:
-        before = (list(proc.context), proc.summary, proc.evicted)
+        evicted = proc.evicted  # fit changes the context only by evicting (counted here)
         prompt, n_prompt = await context.fit(proc, k.memory, driver, new, a.max_tokens,
                                              lambda chat: _summarize(k, call, proc, driver, chat, limit))
-        if (proc.context, proc.summary, proc.evicted) != before:
+        if proc.evicted != evicted:
             k.persist.saved(proc)  # turns moved out stay moved out even if this call fails
     else:
         prompt, n_prompt = a.prompt, await context.count_tokens(driver, a.prompt)
