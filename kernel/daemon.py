@@ -54,6 +54,10 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--driver-option", action="append", default=None, type=driver_option, metavar="KEY=VALUE",
                    help="driver constructor option, e.g. tokens_per_s=50 for sim (repeatable; "
                         "VALUE is read as int, float, true/false, else text)")
+    p.add_argument("--serve", action="append", default=None, type=serve_spec, metavar="SPEC",
+                   help="serve another model beside the first, e.g. "
+                        "name=fast,driver=sim,slots=64,tokens_per_s=200 or name=big,driver=vllm,model=PATH "
+                        "(repeatable; keys name, driver, model, slots, dtype; others are driver options)")
     p.add_argument("--listen", action="append", default=None, metavar="ENDPOINT",
                    help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)")
     p.add_argument("--runtime-dir", type=Path, default=None, help="socket, lock and credentials (default: $LLMOS_RUNTIME_DIR or /tmp/llmos-$UID)")
@@ -83,20 +87,65 @@ def driver_options(items: list[str] | None) -> dict[str, int | float | bool | st
     return {key: parse_option_value(value) for key, _, value in (i.partition("=") for i in items or [])}
 
 
-def build_driver(args: argparse.Namespace) -> Driver:
-    """The driver ``args`` ask for; a ValueError naming the options it accepts if the
-    constructor rejects them."""
+#: ``--serve`` keys that are not driver constructor options.
+_SERVE_KEYS = ("name", "driver", "model")
+
+
+def serve_spec(text: str) -> dict[str, str]:
+    """argparse type of ``--serve``: comma-separated ``KEY=VALUE`` with ``name`` and
+    ``driver`` required."""
+    spec: dict[str, str] = {}
+    for item in text.split(","):
+        key, eq, value = item.strip().partition("=")
+        if not eq or not key.isidentifier() or not value:
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=VALUE pairs separated by commas (e.g. name=fast,driver=sim,slots=8), got {item!r}")
+        if key in spec:
+            raise argparse.ArgumentTypeError(f"{key} is given twice in {text!r}")
+        spec[key] = value
+    missing = [k for k in ("name", "driver") if k not in spec]
+    if missing:
+        raise argparse.ArgumentTypeError(f"--serve {text!r} lacks {' and '.join(missing)} (e.g. name=fast,driver=sim)")
+    if not re.fullmatch(r"[A-Za-z0-9_.:@+-]{1,64}", spec["name"]):
+        raise argparse.ArgumentTypeError(
+            f"model name {spec['name']!r} must be 1-64 letters, digits or _.:@+- characters")
+    return spec
+
+
+def make_model_driver(driver: str, model: str | None, options: dict[str, object]) -> Driver:
+    """``driver`` for ``model`` with constructor ``options``; a ValueError naming the
+    drivers or options it accepts when they are wrong."""
     from drivers import DRIVERS, make_driver
 
+    if driver not in DRIVERS:
+        raise ValueError(f"unknown driver {driver!r}; choose from {', '.join(DRIVERS)}")
+    try:
+        return make_driver(driver, model, **options)
+    except TypeError as exc:
+        params = inspect.signature(DRIVERS[driver].__init__).parameters
+        accepted = ", ".join(n for n in params if n not in ("self", "model"))
+        raise ValueError(f"the {driver} driver rejected its options ({exc}); it accepts: {accepted}") from None
+
+
+def build_driver(args: argparse.Namespace) -> Driver:
+    """The first model's driver, from ``--driver``, ``--model``, ``--slots``, ``--dtype`` and
+    ``--driver-option``."""
     options = {"slots": args.slots} | ({"dtype": args.dtype} if args.dtype else {})
     options |= driver_options(args.driver_option)
-    try:
-        return make_driver(args.driver, args.model, **options)
-    except TypeError as exc:
-        params = inspect.signature(DRIVERS[args.driver].__init__).parameters
-        accepted = ", ".join(n for n in params if n not in ("self", "model"))
-        raise ValueError(f"the {args.driver} driver rejected its options ({exc}); "
-                         f"it accepts: {accepted}") from None
+    return make_model_driver(args.driver, args.model, options)
+
+
+def build_drivers(args: argparse.Namespace) -> dict[str, Driver]:
+    """Every model the kernel serves, by name: the first (the default for processes that
+    name none) from the main options, then one per ``--serve``; ValueError on a clash."""
+    drivers = {model_name(args): build_driver(args)}
+    for spec in getattr(args, "serve", None) or []:
+        name = spec["name"]
+        if name in drivers:
+            raise ValueError(f"two models are named {name!r}: give each --serve a distinct name=")
+        options = {k: parse_option_value(v) for k, v in spec.items() if k not in _SERVE_KEYS}
+        drivers[name] = make_model_driver(spec["driver"], spec.get("model"), options)
+    return drivers
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -139,7 +188,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     setup_logging(state, foreground)
     try:
         make_policy(args.policy, args.quantum)  # refuse bad options before anything starts
-        driver = build_driver(args)
+        drivers = build_drivers(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -152,7 +201,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     token = secrets.token_urlsafe(32)
     paths.write_private(run / "admin.token", token + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
-    kernel = Kernel({model_name(args): driver}, endpoints, admin_token=token, policy=args.policy,
+    kernel = Kernel(drivers, endpoints, admin_token=token, policy=args.policy,
                     quantum=args.quantum, state_dir=state)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -140,6 +140,7 @@ class KernelStats:
         self.window_s = window_s
         self.prompt = RateMeter(window_s)
         self.output = RateMeter(window_s)
+        self.cached = 0  # prompt tokens drivers reused from their prefix caches
         self.host = HostMeter()
 
     def add_prompt(self, n: int) -> None:

@@ -50,6 +50,7 @@ class Generation:
     out_ids: list[int] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
     preempted: bool = False  # the scheduler asked for the slot back
+    cached: int = 0  # prompt tokens the driver reused from its prefix cache, all stretches
     unsent: list[str] = field(default_factory=list)  # streamed text not yet sent
     last_chunk: float | None = None  # when the last chunk was sent
 
@@ -113,7 +114,7 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
         k.memory.record(proc, turns)
     k.persist.saved(proc)
     await k.persist.barrier()  # the reply promises the new context is on disk
-    usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens)
+    usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens, cached_tokens=gen.cached)
     return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage)
 
 
@@ -213,6 +214,8 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
             async for delta in stream:
                 if last is None:  # the driver has read the prompt (and any resumed tokens)
                     k.stats.add_prompt(delta.prompt_tokens + resumed - delta.cached_tokens)
+                    k.stats.cached += delta.cached_tokens
+                    gen.cached += delta.cached_tokens
                     if resumed:  # a context switch: what the driver had to compute again
                         proc.switch_prefill_tokens += delta.prompt_tokens + resumed - delta.cached_tokens
                         proc.switch_s += time.monotonic() - started

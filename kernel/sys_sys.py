@@ -24,6 +24,7 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
         models.append(m.ModelRow(
             name=name, driver=info.driver, max_context=info.max_context, slots=info.slots,
             busy=k.scheduler.busy(name), queued=k.scheduler.queued(name), state=info.state, detail=info.detail,
+            default=name == k.default_model,
         ))
     return m.SysInfoResult(
         version=VERSION, abi=limits.ABI_VERSION, uptime_s=round(k.uptime(), 3),
@@ -59,7 +60,7 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
     st = k.stats
     tokens = m.TokenStat(
         window_s=st.window_s, prompt_tps=round(st.prompt.rate(), 3), output_tps=round(st.output.rate(), 3),
-        prompt_total=st.prompt.total, output_total=st.output.total,
+        prompt_total=st.prompt.total, output_total=st.output.total, cached_total=st.cached,
     )
     return m.StatResult(
         time=time.time(), uptime_s=round(k.uptime(), 3), policy=k.scheduler.policy.name, models=models,

@@ -59,6 +59,8 @@ def _kernel_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--listen", ep]
     for option in args.driver_option or []:
         argv += ["--driver-option", option]
+    for spec in getattr(args, "serve", None) or []:
+        argv += ["--serve", ",".join(f"{k}={v}" for k, v in spec.items())]
     return argv
 
 
@@ -159,6 +161,24 @@ def kernel_status(as_json: bool) -> int:
 
 
 # -- ps / kill / ask / run ----------------------------------------------------------
+
+
+def cmd_models(as_json: bool) -> int:
+    """``llmos models``: every model the kernel serves, the default first."""
+    with connect() as c:
+        info = c.info()
+    if as_json:
+        print(json.dumps([mod.model_dump() for mod in info.models]))
+        return 0
+    table = Table(box=None)
+    for col in ("MODEL", "DRIVER", "STATE", "SLOTS", "BUSY", "QUEUED", "WINDOW", "DETAIL"):
+        table.add_column(col, justify="right" if col in ("SLOTS", "BUSY", "QUEUED", "WINDOW") else "left")
+    for mod in info.models:
+        name = f"{mod.name} [dim](default)[/]" if mod.default else mod.name
+        table.add_row(name, mod.driver, mod.state, str(mod.slots), str(mod.busy), str(mod.queued),
+                      str(mod.max_context), mod.detail)
+    out.print(table)
+    return 0
 
 
 def cmd_ps(as_json: bool) -> int:
@@ -300,7 +320,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if _kernel_pid() is None and start_kernel(_default_kernel_args()) != 0:
         return 1
     with connect() as c:
-        proc = c.spawn("ask", system=args.system)
+        proc = c.spawn("ask", system=args.system, model=args.model)
         try:
             opts = {"max_tokens": args.max_tokens, "temperature": args.temperature}
             if args.json:
@@ -332,7 +352,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if started and start_kernel(_default_kernel_args()) != 0:
         return 1
     with connect() as c:
-        proc = c.spawn(args.name or program.stem[:64], system=args.system, nice=args.nice,
+        proc = c.spawn(args.name or program.stem[:64], system=args.system, nice=args.nice, model=args.model,
                        program_limits=_parse_limits(args.limit), namespace=args.namespace,
                        host_pid=os.getpid())  # if `llmos run` dies with the kernel down, the process is hung up
         env = {**os.environ, "LLMOS_PID": str(proc.pid), "LLMOS_TOKEN": proc.token,
@@ -427,12 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--name", default=None, help="process name (default: the program's)")
     rp.add_argument("--system", default=None, help="system prompt of its process")
     rp.add_argument("--nice", type=int, default=0)
+    rp.add_argument("--model", default=None, help="model its process runs on (default: the kernel's first; see `llmos models`)")
     rp.add_argument("--namespace", default=None, metavar="NAME",
                     help="name of the program's memory namespace: a later run with the same name finds its memory")
     rp.add_argument("--limit", action="append", default=None, metavar="KEY=VALUE",
                     help="a quota for the whole program: max_output_tokens, max_context_tokens, "
                          "max_wall_s, max_calls_per_min (repeatable)")
     rp.add_argument("--quiet", action="store_true")
+
+    mp = sub.add_parser("models", help="list the kernel's models: driver, state, slots, queue")
+    mp.add_argument("--json", action="store_true")
 
     pp = sub.add_parser("ps", help="list processes")
     pp.add_argument("--json", action="store_true")
@@ -449,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("ask", help="one-shot generation in a fresh process")
     ap.add_argument("prompt")
     ap.add_argument("--system", default=None)
+    ap.add_argument("--model", default=None, help="model to ask (default: the kernel's first; see `llmos models`)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--json", action="store_true")
@@ -476,6 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     bsc.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE",
                      type=driver_option, help="driver option, e.g. tokens_per_s=100 (repeatable)")
     bsc.add_argument("--json", action="store_true")
+    bd = bsub.add_parser("driver", help="a driver's tokens/s and time to first token, through the kernel and direct")
+    bd.add_argument("--driver", default="cpu", help="cpu (default), vllm, openai or sim")
+    bd.add_argument("--model", default=None, help="local Hugging Face model folder (default: the packaged model)")
+    bd.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default: 1,4,16)")
+    bd.add_argument("--requests", type=int, default=2, help="generations per client (default: 2)")
+    bd.add_argument("--tokens", type=int, default=32, help="max output tokens per generation (default: 32)")
+    bd.add_argument("--turns", type=int, default=4, help="turns per conversation of the prefix-cache workload")
+    bd.add_argument("--slots", type=int, default=None, help="driver slots (default: the highest concurrency)")
+    bd.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    bd.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE", type=driver_option,
+                    help="driver option (repeatable), e.g. endpoints=http://host:8000/v1 for openai")
+    bd.add_argument("--json", action="store_true")
     bm = bsub.add_parser("memory", help="archival memory put/search latency and throughput at growing sizes")
     bm.add_argument("--sizes", default="1000,10000,100000", help="entry counts (default: 1000,10000,100000)")
     bm.add_argument("--searches", type=int, default=200, help="searches per size (default: 200)")
@@ -511,6 +548,8 @@ def _run(args: argparse.Namespace) -> int:
             return kernel_status(args.json)
         case "run":
             return cmd_run(args)
+        case "models":
+            return cmd_models(args.json)
         case "ps":
             return cmd_ps(args.json)
         case "top":
@@ -525,6 +564,9 @@ def _run(args: argparse.Namespace) -> int:
             if args.bcmd == "sched":
                 from llmos.bench_sched import bench_sched
                 return bench_sched(args)
+            if args.bcmd == "driver":
+                from llmos.bench_driver import bench_driver
+                return bench_driver(args)
             if args.bcmd == "memory":
                 from llmos.bench_memory import bench_memory
                 return bench_memory(args)

@@ -116,6 +116,8 @@ class GetpidResult(Result):
 class Usage(Result):
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = Field(
+        default=0, description="prompt tokens the driver reused from its prefix cache (all stretches)")
 
 
 class ProcInfo(Result):
@@ -427,6 +429,7 @@ class ModelRow(Result):
     queued: int = Field(default=0, description="processes READY, waiting for a slot")
     state: str
     detail: str = ""
+    default: bool = Field(default=False, description="processes that name no model run on this one")
 
 
 class SysInfoResult(Result):
@@ -464,6 +467,7 @@ class TokenStat(Result):
     output_tps: float = Field(description="output tokens generated per second")
     prompt_total: int = Field(description="prompt tokens since the kernel started")
     output_total: int = Field(description="output tokens since the kernel started")
+    cached_total: int = Field(default=0, description="prompt tokens reused from drivers' prefix caches since start")
 
 
 class HostStat(Result):

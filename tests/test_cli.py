@@ -236,3 +236,38 @@ def test_a_program_that_dies_mid_generation_gives_its_slot_back(sh, tmp_path):
         assert runner.wait(60) == 128 + 9
         assert c.info().models[0].busy == 0
         assert all(p.pid != pid for p in c.ps())
+
+
+def test_a_kernel_serves_several_models_and_processes_pick_theirs(tmp_path):
+    shell = Shell(tmp_path)
+    started = shell("kernel", "start", "--slots", "1",
+                    "--serve", "name=sim-fast,driver=sim,slots=3,tokens_per_s=400")
+    assert started.returncode == 0, started.stderr
+    assert "SmolLM2-135M-Instruct" in started.stderr and "sim-fast" in started.stderr
+    try:
+        models = json.loads(shell("models", "--json").stdout)
+        assert [(m["name"], m["driver"], m["slots"], m["default"]) for m in models] == [
+            ("SmolLM2-135M-Instruct", "cpu", 1, True), ("sim-fast", "sim", 3, False)]
+        table = shell("models")
+        assert table.returncode == 0 and "sim-fast" in table.stdout and "(default)" in table.stdout
+        on_sim = json.loads(shell("ask", "--json", "--model", "sim-fast", "--max-tokens", "5", "Hi").stdout)
+        assert on_sim["usage"]["output_tokens"] == 5
+        on_cpu = json.loads(shell("ask", "--json", "--max-tokens", "3", "Hi").stdout)
+        assert 1 <= on_cpu["usage"]["output_tokens"] <= 3
+        with shell.admin() as admin:
+            p = admin.spawn("picker", model="sim-fast")
+            assert {r.pid: r.model for r in admin.ps()}[p.pid] == "sim-fast"
+        missing = shell("ask", "--model", "nope", "Hi")
+        assert missing.returncode == 1 and "ENOENT" in missing.stderr and "sim-fast" in missing.stderr
+    finally:
+        assert shell("kernel", "stop").returncode == 0
+
+
+def test_serve_specs_that_cannot_work_are_refused_before_the_kernel_starts(tmp_path):
+    shell = Shell(tmp_path)
+    for spec, says in (("driver=sim", "lacks name"), ("name=a,driver=warp", "unknown driver"),
+                       ("name=SmolLM2-135M-Instruct,driver=sim", "two models are named"),
+                       ("name=a,driver=sim,bogus=1", "rejected its options"), ("name=a b,driver=sim", "must be")):
+        res = shell("kernel", "start", "--foreground", "--serve", spec, timeout=120)
+        assert res.returncode == 2, (spec, res.stderr)
+        assert says in res.stderr, (spec, res.stderr)
