@@ -38,7 +38,15 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from drivers.base import Delta, Driver, GenerationRequest, Message, ModelInfo, Progress
+from drivers.base import (
+    Delta,
+    Driver,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    ModelInfo,
+    Progress,
+)
 
 #: ``<sim:reply=N>`` in a prompt's last message: the simulated answer is N tokens long.
 REPLY_HINT = re.compile(r"<sim:reply=(\d+)>")
@@ -176,7 +184,17 @@ class SimDriver(Driver):
                         yield Delta("", [], n_prompt, len(produced), "stop", cached)
                         return
                 text_so_far += piece
-                yield Delta(piece, [tok], n_prompt, len(produced), cached_tokens=cached)
+                # The last token carries the finish reason, as a real engine's does, so the
+                # kernel never preempts (or streams an empty frame for) a finished answer.
+                if eos_at is not None and len(produced) >= eos_at:
+                    finish: FinishReason | None = "stop"
+                elif len(produced) >= opts.max_tokens or n_prompt + len(produced) >= self.max_context:
+                    finish = "length"
+                else:
+                    finish = None
+                yield Delta(piece, [tok], n_prompt, len(produced), finish, cached)
+                if finish is not None:
+                    return
         finally:
             self._aborted.discard(rid)
 

@@ -20,6 +20,12 @@ an agent's user sees and what the kernel costs:
 ``--driver sim`` runs at scale on the simulator (``drivers/sim.py``: a fixed token rate
 per slot and a prefill cost, no model); ``--driver cpu`` runs a small version of the same
 workloads on the real packaged model.
+
+On ``sim`` the report adds each workload's offered load (work brought over slot capacity
+while the programs arrive) and the *ideal model* (:func:`model_run`): the same programs
+under the kernel's own policy objects in virtual time with no kernel, deterministic, plus
+a clairvoyant shortest-remaining-program-first bound (:class:`OracleSRPT`), so that a
+measured run can be told apart from the policy's limit and from the kernel's overhead.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import math
 import os
@@ -37,12 +45,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from kernel.process import ProcState
+from kernel.scheduler import LoadView, Policy, Slot, Waiter
 from llmos.client import AsyncClient
 
 err = Console(stderr=True)
@@ -460,6 +470,199 @@ def speedups(runs: list[dict[str, Any]], policy: str) -> dict[str, dict[str, Any
     return out
 
 
+# -- the ideal model: the same programs and policies, no kernel -----------------------
+
+
+class OracleSRPT(Policy):
+    """NOT a kernel policy: shortest remaining *program* first, told every program's
+    remaining output tokens, which no kernel knows. The model runs it as a bound on what
+    any ordering of these programs could achieve."""
+
+    name = "oracle"
+
+    def __init__(self, remaining: dict[int, int], quantum: int = 8) -> None:
+        self.remaining = remaining  # pgid -> output tokens the program has still to make
+        self.quantum = quantum
+
+    def _key(self, w: Waiter) -> tuple[int, int, int]:
+        return (self.remaining[w.proc.program.pgid], w.proc.program.pgid, w.seq)
+
+    def pick(self, queue: list[Waiter], now: float, load: LoadView) -> Waiter:
+        return min(queue, key=self._key)
+
+    def should_preempt(self, slot: Slot, queue: list[Waiter], now: float, load: LoadView) -> bool:
+        assert slot.proc is not None and self.quantum is not None
+        mine = self.remaining[slot.proc.program.pgid]
+        return slot.tokens >= self.quantum and any(self._key(w)[0] < mine for w in queue)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One generate call in the model."""
+
+    prog: int  # index of its program
+    answer: int  # tokens it will make (the <sim:reply=N> length)
+    prompt: int  # prompt tokens as the simulator counts them
+    sent: float
+    made: int = 0
+    first: float | None = None
+    stretch: int = 0  # bumped at every grant, so stale token events are dropped
+
+
+def model_run(programs: list[ProgramSpec], policy: Policy, slots: int, prefill_tokens_per_s: float,
+              decode_tokens_per_s: float, reply_cap: int = 512) -> dict[str, Any]:
+    """Replay ``programs`` in virtual time on an ideal kernel running ``policy``.
+
+    The timing is the simulator's (``drivers/sim.py``: prefill at ``prefill_tokens_per_s``,
+    then one token every ``1 / decode_tokens_per_s`` per slot, a resumed generation
+    prefilling one token as with its prefix cache) and the scheduling is the kernel's:
+    the same :class:`Policy` object is asked to ``pick`` at every free slot and, as in
+    :meth:`Scheduler.should_preempt`, whether to preempt once a runner has used its
+    quantum and then every quarter quantum. What is left out is everything the kernel,
+    the client and the shared CPU cost: the difference from a measured run is the
+    kernel's overhead on program completion. Deterministic: no clock, no noise.
+    """
+    from kernel.process import INIT_PID, ProcessTable
+
+    table = ProcessTable(owner="model")
+    procs = [table.spawn(INIT_PID, p.name, "m", 0, SYSTEM) for p in programs]
+    for proc, spec in zip(procs, programs, strict=True):
+        proc.program.account.opened = spec.arrival_s  # spawned on arrival, in virtual time
+    if isinstance(policy, OracleSRPT):
+        policy.remaining.update({pr.program.pgid: sum(s.max_tokens for s in p.steps)
+                                 for pr, p in zip(procs, programs, strict=True)})
+    ctx = [2 + len(SYSTEM.split())] * len(programs)  # the system message, + 1 per prompt
+    step_of = [0] * len(programs)
+    done_at = [0.0] * len(programs)
+    ttfts: list[float] = []
+    events: list[tuple[float, int, str, Any]] = []
+    tick = itertools.count()
+    queue: list[Waiter] = []
+    holders: list[tuple[_Call, Waiter] | None] = [None] * slots
+    slot_objs = [Slot("m", i) for i in range(slots)]
+    preemptions, step_s = 0, 1.0 / decode_tokens_per_s
+    seq = itertools.count()
+
+    def enqueue(call: _Call, now: float) -> None:
+        proc = procs[call.prog]
+        expected = round(min(proc.mean_output or reply_cap, reply_cap))
+        queue.append(Waiter(proc, next(seq), max(expected - call.made, 1), now, cast(Any, None)))
+
+    def dispatch(now: float) -> None:
+        for i in range(slots):
+            if holders[i] is not None or not queue:
+                continue
+            busy = sum(h is not None for h in holders)
+            w = policy.pick(queue, now, LoadView(slots, busy, len(queue)))
+            queue.remove(w)
+            call = waiting[w]
+            call.stretch += 1
+            holders[i] = (call, w)
+            s = slot_objs[i]
+            s.proc, s.since, s.tokens, s.next_check = w.proc, now, 0, 0
+            prefill = (call.prompt if call.made == 0 else 1) / prefill_tokens_per_s
+            heapq.heappush(events, (now + prefill + step_s, next(tick), "token", (i, call.stretch)))
+
+    waiting: dict[Waiter, _Call] = {}
+    for i, p in enumerate(programs):
+        heapq.heappush(events, (p.arrival_s, next(tick), "call", i))
+    while events:
+        now, _, kind, data = heapq.heappop(events)
+        if kind == "call":
+            spec = programs[data].steps[step_of[data]]
+            ctx[data] += 1 + len(spec.text.split()) + 1  # the user message and its reply hint
+            call = _Call(data, spec.max_tokens, ctx[data], now)
+            enqueue(call, now)
+            waiting[queue[-1]] = call
+            dispatch(now)
+            continue
+        index, stretch = data
+        held = holders[index]
+        if held is None or held[0].stretch != stretch:
+            continue
+        call, w = held
+        proc, s = w.proc, slot_objs[index]
+        call.made += 1
+        s.tokens += 1
+        proc.account.charge(1)
+        proc.program.account.charge(1)
+        if isinstance(policy, OracleSRPT):
+            policy.remaining[proc.program.pgid] -= 1
+        if call.first is None:
+            call.first = now
+            ttfts.append(now - call.sent)
+        if call.made >= call.answer:  # the answer is complete: release the slot
+            holders[index], s.proc = None, None
+            del waiting[w]
+            proc.mean_output = call.made if proc.mean_output is None else 0.7 * proc.mean_output + 0.3 * call.made
+            spec = programs[call.prog].steps[step_of[call.prog]]
+            ctx[call.prog] += 1 + call.made
+            step_of[call.prog] += 1
+            if step_of[call.prog] == len(programs[call.prog].steps):
+                done_at[call.prog] = now
+                proc.state = ProcState.ZOMBIE
+            else:
+                heapq.heappush(events, (now + spec.after_s, next(tick), "call", call.prog))
+            dispatch(now)
+            continue
+        quantum = policy.quantum
+        if quantum is not None and queue and s.tokens >= max(quantum, s.next_check):
+            s.next_check = s.tokens + max(1, quantum // 4)
+            busy = sum(h is not None for h in holders)
+            if policy.should_preempt(s, queue, now, LoadView(slots, busy, len(queue))):
+                preemptions += 1
+                holders[index], s.proc = None, None
+                del waiting[w]
+                enqueue(call, now)
+                waiting[queue[-1]] = call
+                dispatch(now)
+                continue
+        heapq.heappush(events, (now + step_s, next(tick), "token", (index, stretch)))
+    completion = [done_at[i] - p.arrival_s for i, p in enumerate(programs)]
+    span = max(done_at) - programs[0].arrival_s if programs else 0.0
+    output = sum(s.max_tokens for p in programs for s in p.steps)
+    return {"policy": policy.name, "mean_completion_s": round(mean(completion), 3),
+            "p95_completion_s": round(p95(completion), 3),
+            "mean_completion_long_s": round(mean([c for c, p in zip(completion, programs, strict=True) if p.long]), 3),
+            "mean_ttft_s": round(mean(ttfts), 4), "p95_ttft_s": round(p95(ttfts), 4),
+            "preemptions": preemptions, "tokens_per_s": round(output / span, 1) if span else 0.0}
+
+
+
+def offered_load(programs: list[ProgramSpec], slots: int, prefill_tokens_per_s: float,
+                 decode_tokens_per_s: float) -> float:
+    """Slot-seconds of work the programs bring (each call's prefill of its whole context,
+    as the simulator counts it, and its decoding) over the slot-seconds the model has
+    while they arrive: above 1 the arrivals outrun the slots, i.e. the run is at
+    saturation and a backlog builds up."""
+    work = 0.0
+    for p in programs:
+        ctx = 2 + len(SYSTEM.split())
+        for step in p.steps:
+            ctx += 2 + len(step.text.split())
+            work += ctx / prefill_tokens_per_s + step.max_tokens / decode_tokens_per_s
+            ctx += 1 + step.max_tokens
+    span = programs[-1].arrival_s - programs[0].arrival_s if len(programs) > 1 else 0.0
+    return work / (slots * span) if span > 0 else math.inf
+
+
+def model_rows(programs: list[ProgramSpec], policies: list[str], slots: int, service: ServiceModel,
+               reply_cap: int, workload: str) -> list[dict[str, Any]]:
+    """:func:`model_run` for every policy and the clairvoyant bound, with speed-ups."""
+    from kernel.scheduler import make_policy
+
+    rows = [model_run(programs, make_policy(name), slots, service.prefill_tokens_per_s,
+                      service.decode_tokens_per_s, reply_cap) for name in policies]
+    rows.append(model_run(programs, OracleSRPT({}), slots, service.prefill_tokens_per_s,
+                          service.decode_tokens_per_s, reply_cap))
+    fifo = next((r for r in rows if r["policy"] == "fifo"), None)
+    for r in rows:
+        r["workload"] = workload
+        if fifo is not None:
+            r["mean_speedup"] = round(fifo["mean_completion_s"] / r["mean_completion_s"], 2)
+            r["p95_speedup"] = round(fifo["p95_completion_s"] / r["p95_completion_s"], 2)
+    return rows
+
 # -- entry point ----------------------------------------------------------------------
 
 
@@ -505,13 +708,18 @@ def bench_sched(args: argparse.Namespace) -> int:
         "driver_options": options, "policies": policies, "default_policy": _default_policy(),
         "max_tokens": (f"{scale.reply_cap} on every call; each answer's length is asked in its prompt"
                        if scale.reply_cap else "the sampled answer length (the model may stop earlier)"),
-        "machine": {"cpus": os.cpu_count()}, "workloads": {}, "runs": []}
+        "machine": {"cpus": os.cpu_count()}, "workloads": {}, "runs": [], "model": []}
     with tempfile.TemporaryDirectory(prefix="llmos-bench-sched-") as tmp:
         for wl in workloads:
             n = args.programs or scale.programs[wl]
             programs = make_workload(wl, n, args.seed, scale)
             report["workloads"][wl] = {"programs": n, "calls": sum(len(p.steps) for p in programs),
-                                       "description": describe(wl, scale)}
+                                       "description": describe(wl, scale),
+                                       "arrivals_per_s": scale.arrivals_per_s[wl]}
+            if service is not None and scale.reply_cap is not None:  # the simulator: its rates are known
+                report["workloads"][wl]["offered_load"] = round(offered_load(
+                    programs, slots, service.prefill_tokens_per_s, service.decode_tokens_per_s), 2)
+                report["model"] += model_rows(programs, policies, slots, service, scale.reply_cap, wl)
             for policy in policies:
                 raw = run_one(Path(tmp), args.driver, policy, slots, options, programs, service,
                               scale.reply_cap, wl)
@@ -519,6 +727,11 @@ def bench_sched(args: argparse.Namespace) -> int:
                 report["runs"].append(summarize(raw, wl, policy))
     report["service_model"] = asdict(service) if service else None
     report["speedup_vs_fifo"] = speedups(report["runs"], report["default_policy"])
+    modelled = {(r["workload"], r["policy"]): r for r in report["model"]}
+    for run in report["runs"]:  # how much the kernel (and the shared CPU) slows programs down
+        ideal = modelled.get((run["workload"], run["policy"]))
+        if ideal and ideal["mean_completion_s"] > 0 and run["mean_completion_s"] > 0:
+            run["vs_model_mean_completion"] = round(run["mean_completion_s"] / ideal["mean_completion_s"], 3)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -543,6 +756,7 @@ TABLES: list[tuple[str, list[tuple[str, Callable[[dict[str, Any]], str]]]]] = [
         ("p95 CT", lambda r: _f(r["p95_completion_s"], 2)),
         ("long CT", lambda r: _f(r["mean_completion_long_s"], 2) if r["mean_completion_long_s"] else "-"),
         ("Jain", lambda r: _f(r["jain"], 3)),
+        ("÷ model", lambda r: _f(r["vs_model_mean_completion"], 2) if "vs_model_mean_completion" in r else "-"),
     ]),
     ("calls: throughput, time to first token, context switches", [
         ("out tok/s", lambda r: _f(r["tokens_per_s"])),
@@ -558,6 +772,20 @@ TABLES: list[tuple[str, list[tuple[str, Callable[[dict[str, Any]], str]]]]] = [
         ("process µs/token", lambda r: _f(r["kernel_cpu_us_per_output_token"])),
         ("KiB/program", lambda r: _f(r["kernel_rss_kib_per_process"], 1)),
     ]),
+]
+
+
+MODEL_TITLE = ("the ideal model: the same programs and policies in virtual time, no kernel "
+               "(oracle: shortest remaining program first, told each program's length: a bound, not a policy)")
+MODEL_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("mean CT", lambda r: _f(r["mean_completion_s"], 2)),
+    ("p95 CT", lambda r: _f(r["p95_completion_s"], 2)),
+    ("long CT", lambda r: _f(r["mean_completion_long_s"], 2) if r["mean_completion_long_s"] else "-"),
+    ("× fifo mean", lambda r: _f(r.get("mean_speedup", 0), 2)),
+    ("× fifo p95", lambda r: _f(r.get("p95_speedup", 0), 2)),
+    ("TTFT ms", lambda r: _f(1000 * r["mean_ttft_s"])),
+    ("preempt", lambda r: _f(r["preemptions"])),
+    ("out tok/s", lambda r: _f(r["tokens_per_s"])),
 ]
 
 
@@ -592,9 +820,13 @@ def print_report(report: dict[str, Any]) -> None:
                   "prompt token (drivers/sim.py)[/]")
     out.print(f"max_tokens: {report['max_tokens']}")
     for wl, meta in report["workloads"].items():
-        out.print(f"[bold]{wl}[/]: {meta['programs']} programs, {meta['calls']} calls — {meta['description']}")
+        load = f", offered load {meta['offered_load']:.1f}× the slots" if "offered_load" in meta else ""
+        out.print(f"[bold]{wl}[/]: {meta['programs']} programs, {meta['calls']} calls, Poisson arrivals "
+                  f"{meta.get('arrivals_per_s', 0):g}/s{load} — {meta['description']}")
     for title, columns in TABLES:
         out.print(_table(title, columns, report["runs"]))
+    if report.get("model"):
+        out.print(_table(MODEL_TITLE, MODEL_COLUMNS, report["model"]))
     for wl, s in report["speedup_vs_fifo"].items():
         best = f"best {s['best_policy']} {s['best_mean_speedup']:.2f}× mean completion vs fifo"
         if "policy" in s:

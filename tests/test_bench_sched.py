@@ -244,5 +244,54 @@ def test_bench_sched_on_the_simulator_completes_every_program_under_two_policies
                     "switch_prefill_tokens", "kernel_cpu_us_per_call", "kernel_rss_kib_per_process"):
             assert run[key] >= 0, key
     assert set(report["speedup_vs_fifo"]) == {"chat", "react", "mix"}
+    assert [(r["workload"], r["policy"]) for r in report["model"]] == [
+        (w, p) for w in ("chat", "react", "mix") for p in ("fifo", "priority", "oracle")]
+    assert all(report["workloads"][w]["offered_load"] > 0 for w in ("chat", "react", "mix"))
     for wl in ("chat", "react", "mix"):  # the same answers under every policy
         assert len({r["output_tokens"] for r in report["runs"] if r["workload"] == wl}) == 1
+
+
+def test_sim_last_token_carries_the_finish_reason() -> None:
+    driver = SimDriver(tokens_per_s=2000, prefill_tokens_per_s=100_000)
+    deltas, _ = asyncio.run(_collect(driver, _request("a", 3)))
+    assert deltas[-1].finish_reason == "length" and deltas[-1].token_ids  # no empty closing delta
+    assert [d.finish_reason for d in deltas[:-1]] == [None, None]
+
+
+# -- the ideal model -------------------------------------------------------------------
+
+
+def _model(kind: str, n: int, policy: object) -> dict:
+    scale = bench_sched.SCALES["sim"]
+    programs = bench_sched.make_workload(kind, n, 0, scale)
+    return bench_sched.model_run(programs, policy, 8, 2000, 100)  # type: ignore[arg-type]
+
+
+def test_model_is_deterministic_and_completes_every_program() -> None:
+    from kernel.scheduler import make_policy
+
+    a, b = _model("react", 30, make_policy("fair")), _model("react", 30, make_policy("fair"))
+    assert a == b
+    assert a["mean_completion_s"] > 0 and a["p95_completion_s"] >= a["mean_completion_s"] * 0.5
+
+
+def test_model_preempts_only_under_policies_that_preempt() -> None:
+    from kernel.scheduler import make_policy
+
+    assert _model("mix", 120, make_policy("fifo"))["preemptions"] == 0
+    assert _model("mix", 120, make_policy("rr", 4))["preemptions"] > 0
+
+
+def test_clairvoyant_bound_beats_fifo_on_the_mix_in_the_model() -> None:
+    from kernel.scheduler import make_policy
+
+    fifo = _model("mix", 300, make_policy("fifo"))
+    oracle = _model("mix", 300, bench_sched.OracleSRPT({}))
+    assert oracle["mean_completion_s"] < fifo["mean_completion_s"]
+
+
+def test_bench_workloads_arrive_faster_than_the_slots_serve_them() -> None:
+    scale = bench_sched.SCALES["sim"]
+    for kind in bench_sched.WORKLOADS:
+        programs = bench_sched.make_workload(kind, scale.programs[kind], 0, scale)
+        assert bench_sched.offered_load(programs, scale.slots, 2000, 100) > 1.0, kind

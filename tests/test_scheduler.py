@@ -247,3 +247,75 @@ def test_service_time_is_charged_to_the_process_and_its_program():
         s.release(slot)
         assert a.account.service_s >= 0.02 and a.program.account.service_s == a.account.service_s
     asyncio.run(go())
+
+
+# -- fair: level boundaries learnt from finished programs ----------------------------
+
+
+def _finish(pol, programs_tokens, extra=0):
+    """Let ``pol`` see programs of the given sizes run and then exit; return ``extra``
+    further live processes of the same process table (program ids never repeat)."""
+    ps = procs(len(programs_tokens) + 1 + extra)
+    done, sweeper, rest = ps[:len(programs_tokens)], ps[len(programs_tokens)], ps[len(programs_tokens) + 1:]
+    for p, used in zip(done, programs_tokens, strict=True):
+        p.program.account.output_tokens = used
+        p.program.account.opened = 0.0
+        pol.pick(waiters([p]), 0.0, IDLE)
+    for p in done:
+        p.state = ProcState.ZOMBIE
+    pol.pick(waiters([sweeper]), 4.0, IDLE)  # the next look sweeps the exited programs
+    return rest
+
+
+def test_fair_threshold_is_a_multiple_of_the_median_finished_program():
+    pol = Fair(spread=4.0, min_programs=3, sweep_s=0.0)
+    _finish(pol, [10, 20, 1000])
+    assert list(pol.finished) == [10, 20, 1000]
+    assert pol.threshold == 80.0  # 4 x median(10, 20, 1000)
+
+
+def test_fair_keeps_its_base_threshold_until_enough_programs_finished():
+    pol = Fair(base_tokens=64, min_programs=5, sweep_s=0.0)
+    _finish(pol, [500, 500])
+    assert pol.threshold == 64.0
+
+
+def test_fair_does_not_count_a_program_with_a_live_process_as_finished():
+    pol = Fair(min_programs=1, sweep_s=0.0)
+    alive, other = procs(2)
+    pol.pick(waiters([alive]), 0.0, IDLE)
+    pol.pick(waiters([other]), 1.0, IDLE)
+    assert not pol.finished
+
+
+def test_fair_serves_programs_of_typical_size_oldest_first():
+    pol = Fair(spread=4.0, min_programs=3, sweep_s=0.0)
+    older, newer = _finish(pol, [100, 100, 100], extra=2)  # threshold 400
+    older.program.account.output_tokens = 250  # above a fixed 64-token level 0, but typical here
+    assert pol.pick(waiters([newer, older], now=5.0), 5.0, IDLE).proc is older
+
+
+def test_fair_demotes_a_program_far_above_the_typical_size():
+    pol = Fair(spread=4.0, min_programs=3, sweep_s=0.0)
+    long, newer = _finish(pol, [10, 10, 10], extra=2)  # threshold 40
+    long.program.account.output_tokens = 300
+    assert pol.pick(waiters([long, newer], now=5.0), 5.0, IDLE).proc is newer
+    slot = Slot("m", 0, long, since=0.0, tokens=pol.quantum)
+    assert pol.should_preempt(slot, waiters([newer], now=5.0), 5.0, IDLE)
+
+
+def test_fair_starvation_wait_can_follow_the_lifetime_of_finished_programs():
+    pol = Fair(starve_s=30.0, starve_factor=1.0, min_programs=2, sweep_s=0.0)
+    rich, poor = _finish(pol, [10, 10], extra=2)  # both seen exiting 4 s after they started
+    assert pol.starve_after == 4.0
+    rich.program.account.output_tokens = 10_000
+    ws = waiters([rich, poor])
+    ws[0].enqueued, ws[1].enqueued = 0.0, 4.5
+    assert pol.pick(ws, 5.0, IDLE).proc is rich  # waited 5 s > 4 s: starving
+
+
+def test_fair_rejects_non_positive_knobs():
+    with pytest.raises(ValueError):
+        Fair(spread=0)
+    with pytest.raises(ValueError):
+        Fair(window=0)
