@@ -11,13 +11,15 @@ import getpass
 import logging
 import os
 import secrets
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver, DriverError
-from kernel import sys_ctx, sys_llm, sys_mem, sys_proc, sys_sys
+from kernel import sys_ctx, sys_fs, sys_llm, sys_mem, sys_proc, sys_sys
+from kernel.fs import FileSystem, load_index
 from kernel.memory import Memory
 from kernel.persist import Persist, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
@@ -35,7 +37,8 @@ log = logging.getLogger("llmos.kernel")
 VERSION = "0.1.0"
 
 #: The dispatch table: syscall name -> handler, one module per syscall family.
-HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_mem.HANDLERS, **sys_sys.HANDLERS}
+HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_mem.HANDLERS, **sys_fs.HANDLERS,
+            **sys_sys.HANDLERS}
 
 #: The state database's file name in the kernel's state directory.
 STATE_DB = "state.db"
@@ -91,7 +94,11 @@ class Kernel:
         self.store = Store(state_dir / STATE_DB if state_dir is not None else None)
         embedder = default_embedder() if embedder == "default" else embedder
         self.memory = Memory(self.store, self.procs, embedder, VectorIndex(_dim_of(embedder)))
-        self.persist = Persist(self.store, self.procs, on_drop=self.memory.drop)
+        # Files: real directories under the state dir (a temporary one without it).
+        self._scratch = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="llmos-files-")
+        files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
+        self.fs = FileSystem(files, self.store, self.memory)
+        self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
         self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum))
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
@@ -112,6 +119,8 @@ class Kernel:
         loop = asyncio.get_running_loop()
         found = await asyncio.to_thread(recover, self.store, self.procs)
         entries = await asyncio.to_thread(self.memory.load)
+        if self.memory.index is not None:
+            await self.store.call(load_index, self.memory.index)
         if found.procs or entries:
             log.info("recovered %d processes (%d hung up: their programs died), %d archival entries; next pid %d",
                      found.procs, len(found.hung_up), entries, found.next_pid)
@@ -171,6 +180,13 @@ class Kernel:
                 log.exception("driver shutdown failed")
         self.memory.close()
         await asyncio.to_thread(self.store.close)
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+    def _drop_namespace(self, namespace: str) -> None:
+        """A namespace's last owner was reaped: forget its memory and its files."""
+        self.memory.drop(namespace)
+        self.fs.drop(namespace)
 
     # -- dispatch hooks ------------------------------------------------------------
     def _on_frames(self, parts: list[bytes]) -> None:

@@ -81,6 +81,7 @@ class Proc:
     ctx_window: int | None = None  # a window smaller than the model's, if asked at spawn
     host_pid: int | None = None  # OS pid of the program driving it (on the kernel's host)
     host_started: float | None = None  # that OS process's start time (pids get reused)
+    mounts: dict[str, tuple[str, bool]] = field(default_factory=dict)  # /mnt/NAME -> (host dir, writable)
     created: float = field(default_factory=time.time)
     token: str = field(default="", repr=False)  # the secret itself: set at spawn, never stored
     # usage counters

@@ -32,7 +32,7 @@ log = logging.getLogger("llmos.store")
 T = TypeVar("T")
 
 #: Bump with a new entry in _MIGRATIONS when the schema changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -98,6 +98,29 @@ _MIGRATIONS: dict[int, str] = {
         granted_by INTEGER NOT NULL,
         PRIMARY KEY (ns, grantee)
     );
+    """,
+    2: """
+    CREATE TABLE fs_blobs (sha TEXT PRIMARY KEY, data BLOB NOT NULL);   -- file contents by SHA-256
+    CREATE TABLE fs_versions (
+        area TEXT NOT NULL,               -- pid:N, prog:NAME or mnt:/host/dir
+        path TEXT NOT NULL,               -- inside the area
+        version INTEGER NOT NULL,
+        sha TEXT,                         -- NULL: the path was removed
+        size INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        op TEXT NOT NULL,
+        PRIMARY KEY (area, path, version)
+    );
+    CREATE INDEX fs_versions_sha ON fs_versions (sha);
+    CREATE TABLE fs_chunks (              -- embedded passages of text files (fs.search)
+        id INTEGER PRIMARY KEY,
+        area TEXT NOT NULL,
+        path TEXT NOT NULL,
+        chunk INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        vec BLOB NOT NULL
+    );
+    CREATE INDEX fs_chunks_path ON fs_chunks (area, path);
     """,
 }
 

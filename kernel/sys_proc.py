@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import TYPE_CHECKING
 
 import psutil
@@ -26,6 +28,7 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     if len(k.procs) >= k.max_procs:
         raise SyscallError(Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit")
     host_started = _host_started(a.host_pid) if a.host_pid is not None else None
+    mounts = await _mounts(caller.proc, a.mounts)
     ppid = caller.pid if caller.proc is not None else INIT_PID
     proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system, _limits(a.limits), _limits(a.program_limits),
                          namespace=a.namespace, fork=a.fork)
@@ -34,10 +37,42 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     elif "ctx_policy" in a.model_fields_set or a.ctx_window is not None:
         proc.ctx_policy, proc.ctx_window = a.ctx_policy, a.ctx_window or proc.ctx_window
     proc.host_pid, proc.host_started = a.host_pid, host_started
+    proc.mounts = mounts
     k.memory.record(proc, proc.context)  # what it starts with is what it has seen
     k.persist.saved(proc)
     await k.persist.barrier()
     return m.SpawnResult(pid=proc.pid, token=proc.token)
+
+
+async def _mounts(parent: Proc | None, specs: list[m.MountSpec] | None) -> dict[str, tuple[str, bool]]:
+    """The mounts of a new process: its parent's by default; the admin mounts host
+    directories, a process passes on its own mounts (never with more access)."""
+    if specs is None:
+        return dict(parent.mounts) if parent is not None else {}
+    found: dict[str, tuple[str, bool]] = {}
+    for spec in specs:
+        if spec.name in found:
+            raise SyscallError(Errno.EINVAL, f"two mounts are named {spec.name!r}")
+        write = spec.mode == "rw"
+        if parent is None:
+            if spec.path is None or not os.path.isabs(spec.path):
+                raise SyscallError(Errno.EINVAL, f"mount {spec.name!r}: the admin gives an absolute host path")
+            real = await asyncio.to_thread(os.path.realpath, spec.path)
+            if not await asyncio.to_thread(os.path.isdir, real):
+                raise SyscallError(Errno.ENOENT, f"mount {spec.name!r}: {spec.path} is not a directory")
+            found[spec.name] = (real, write)
+            continue
+        if spec.path is not None:
+            raise SyscallError(Errno.EPERM, f"mount {spec.name!r}: only the admin mounts host directories; "
+                               "a process passes on one of its own mounts by name")
+        have = parent.mounts.get(spec.name)
+        if have is None:
+            raise SyscallError(Errno.EPERM, f"mount {spec.name!r}: process {parent.pid} has no such mount to pass on")
+        if write and not have[1]:
+            raise SyscallError(Errno.EPERM, f"mount {spec.name!r} is read-only for process {parent.pid}: "
+                               "a child cannot get it read-write")
+        found[spec.name] = (have[0], write)
+    return found
 
 
 def _host_started(pid: int) -> float:

@@ -18,7 +18,9 @@ Goal (the memory issue): search p50 under 20 ms at 100k entries on this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import tempfile
 import time
@@ -109,23 +111,37 @@ def bench_memory(args: argparse.Namespace) -> int:
     sizes = sorted(int(x) for x in args.sizes.split(","))
     rng = random.Random(args.seed)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="llmos-bench-mem-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.state_dir is None:
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmos-bench-mem-")))
+        else:
+            base = Path(args.state_dir)
+            base.mkdir(parents=True, exist_ok=True)
+        marker = base / "bench-memory.json"
         with err.status("starting a private kernel (simulated model driver; real embedding model and SQLite)"):
-            kernel = PrivateKernel(Path(tmp), "--driver", "sim").start()
+            kernel = PrivateKernel(base, "--driver", "sim").start()
         try:
             with kernel.admin() as admin:
-                p = admin.spawn("bench-memory")
+                # A named namespace: a later run on the same --state-dir finds the entries.
+                p = admin.spawn("bench-memory", namespace="bench-memory")
                 with err.status("loading the embedding model"):
-                    p.memory.put("warm-up entry")
                     p.memory.search("warm up")
-                have = 1
+                have = json.loads(marker.read_text())["entries"] if marker.exists() else 0
+                if have == 0:
+                    p.memory.put("warm-up entry")
+                    have = 1
                 with Progress(console=err, transient=True) as progress:
                     for size in sizes:
                         task = progress.add_task(f"filling to {size:,} entries", total=size - have)
                         fill = _fill(p, have, size, rng, progress, task)
-                        have = size
+                        have = max(have, size)
+                        marker.write_text(json.dumps({"entries": have}))
                         progress.remove_task(task)
+                        if size < have:
+                            err.print(f"[yellow]{size:,} entries: skipped, {args.state_dir} holds {have:,}[/]")
+                            continue
                         row = _measure_size(p, size, args.searches, args.puts, rng) | fill
+                        row["load_avg_1m"] = round(os.getloadavg()[0], 2)
                         rows.append(row)
                         err.print(f"[dim]{size:,} entries: search p50 {row['search_p50_ms']} ms[/]")
                 rss = admin.stat(procs=False).host.kernel_rss

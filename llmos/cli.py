@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--searches", type=int, default=200, help="searches per size (default: 200)")
     bm.add_argument("--puts", type=int, default=50, help="single-entry puts per size (default: 50)")
     bm.add_argument("--seed", type=int, default=0)
+    bm.add_argument("--state-dir", default=None, metavar="DIR",
+                    help="keep the kernel's state (and the filled entries) in DIR: a later run measures "
+                         "again without refilling (default: a temporary directory)")
     bm.add_argument("--json", action="store_true")
     return p
 

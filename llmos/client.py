@@ -277,6 +277,11 @@ class Process:
         """This process's own memory namespace (``pid:N``)."""
         return Memory(self.call, own=f"pid:{self.pid}")
 
+    @property
+    def files(self) -> Files:
+        """This process's files: its root, ``/home`` (its program's) and ``/mnt/NAME``."""
+        return Files(self.call)
+
     def memory_of(self, namespace: str) -> Memory:
         """Another namespace: its program's (``prog:N`` or its name), or one granted to it."""
         return Memory(self.call, namespace)
@@ -319,6 +324,66 @@ class Process:
 
     def exit(self, status: int = 0) -> None:
         self.call("proc.exit", {"status": status})
+
+
+class Files:
+    """The fs.* syscalls, in the calling process's view of files.
+
+    Paths are inside the process's root (a leading ``/`` is optional): ``notes.txt``,
+    ``/home/shared.md`` (the program's home), ``/mnt/data/x.csv`` (a mount given at spawn).
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> str | bytes:
+        """The file's content (text, or bytes when it is not UTF-8), up to ``length`` bytes."""
+        res = m.FsReadResult(**self._call("fs.read", _opt(path=path, offset=offset or None, length=length)))
+        return res.text if res.text is not None else (res.data or b"")
+
+    def write(self, path: str, content: str | bytes, parents: bool = True) -> m.FsWriteResult:
+        """Replace the file's content (the old one stays in :meth:`history`)."""
+        return m.FsWriteResult(**self._call("fs.write", {"path": path, **_content(content), "parents": parents}))
+
+    def append(self, path: str, content: str | bytes) -> m.FsWriteResult:
+        """Append to the file (created if absent)."""
+        return m.FsWriteResult(**self._call("fs.append", {"path": path, **_content(content)}))
+
+    def list(self, path: str = "/") -> list[m.FsEntry]:
+        return m.FsListResult(**self._call("fs.list", {"path": path})).entries
+
+    def stat(self, path: str) -> m.FsStatResult:
+        return m.FsStatResult(**self._call("fs.stat", {"path": path}))
+
+    def mkdir(self, path: str, parents: bool = True) -> None:
+        self._call("fs.mkdir", {"path": path, "parents": parents})
+
+    def remove(self, path: str, recursive: bool = False) -> int:
+        """Remove a file or directory; returns how many files went (their content stays in history)."""
+        return m.FsRemoveResult(**self._call("fs.remove", {"path": path, "recursive": recursive})).removed
+
+    def rename(self, src: str, dst: str) -> None:
+        self._call("fs.rename", {"src": src, "dst": dst})
+
+    def history(self, path: str, limit: int = 50) -> list[m.FsVersion]:
+        """The path's versions, newest first."""
+        return m.FsHistoryResult(**self._call("fs.history", {"path": path, "limit": limit})).versions
+
+    def rollback(self, path: str, version: int | None = None, time: float | None = None) -> m.FsWriteResult:
+        """Bring back ``version`` (or the content as of Unix ``time``) as the newest version."""
+        return m.FsWriteResult(**self._call("fs.rollback", _opt(path=path, version=version, time=time)))
+
+    def search(self, query: str, k: int = 5) -> list[m.FsHit]:
+        """Passages of this process's files closest in meaning to ``query``."""
+        return m.FsSearchResult(**self._call("fs.search", {"query": query, "k": k})).hits
+
+
+def _content(content: str | bytes) -> dict[str, Any]:
+    if isinstance(content, str):
+        return {"text": content}
+    if isinstance(content, bytes | bytearray | memoryview):
+        return {"data": bytes(content)}
+    raise TypeError(f"file content must be str or bytes, not {type(content).__name__}")
 
 
 class Memory:

@@ -30,6 +30,8 @@ class Errno(StrEnum):
     ESHUTDOWN = "ESHUTDOWN"
     ECONNREFUSED = "ECONNREFUSED"
     EDQUOT = "EDQUOT"
+    EROFS = "EROFS"
+    EFBIG = "EFBIG"
 
     @property
     def sentence(self) -> str:
@@ -56,6 +58,8 @@ _SENTENCES: dict[Errno, str] = {
     Errno.ESHUTDOWN: "the kernel is shutting down",
     Errno.ECONNREFUSED: "no kernel answers at that endpoint",
     Errno.EDQUOT: "a quota (limit set at spawn) is exhausted",
+    Errno.EROFS: "the file is on a read-only mount",
+    Errno.EFBIG: "the file would be larger than the kernel allows",
 }
 
 

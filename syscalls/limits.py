@@ -42,3 +42,13 @@ MAX_SEARCH_K = 100
 MAX_SNAPSHOTS = 32
 #: Smallest context window a process may ask for (tokens).
 MIN_CTX_WINDOW = 128
+
+# Files (kernel/fs.py).
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+MAX_IO_BYTES = 960 << 10  # data in one fs.read / fs.write (a frame is at most 1 MiB)
+MAX_FILE_BYTES = 8 << 20  # one file (grown with fs.append)
+FS_AREA_BYTES = 256 << 20  # a process's root, or a program's home
+MAX_FS_VERSIONS = 100  # kept per path, newest first
+MAX_LIST_ENTRIES = 10_000
+MAX_MOUNTS = 16

@@ -80,6 +80,19 @@ class Limits(Args):
     max_calls_per_min: int | None = Field(default=None, ge=1, le=10**6, description="llm.generate calls per minute")
 
 
+_MAX_MOUNTS = limits.MAX_MOUNTS  # SpawnArgs has a field named limits
+
+
+class MountSpec(Args):
+    """A directory given to a process at spawn, seen at ``/mnt/NAME``."""
+
+    name: Label = Field(description="the mount's name: it appears at /mnt/NAME")
+    path: Annotated[str, Field(min_length=1, max_length=limits.MAX_PATH_BYTES)] | None = Field(
+        default=None, description="host directory (the admin only); a process passes on one of its own "
+        "mounts by name, leaving this out")
+    mode: Literal["ro", "rw"] = Field(default="ro", description="read-only or read-write")
+
+
 class SpawnArgs(Args):
     name: Name = Field(description="process name shown by ps")
     model: Name | None = Field(default=None, description="model to run on (default: the kernel's first)")
@@ -87,6 +100,9 @@ class SpawnArgs(Args):
     nice: Nice = Field(default=0, description="priority as a Unix nice value, -20 (first) .. 19")
     limits: Limits | None = Field(default=None, description="this process's quotas (never above its parent's)")
     fork: bool = Field(default=False, description="start with a copy of the caller's context, like fork()")
+    mounts: list[MountSpec] | None = Field(
+        default=None, max_length=_MAX_MOUNTS, description="directories at /mnt/NAME (default: the "
+        "parent's mounts); a child gets only mounts its parent has, never with more access")
     namespace: ProgramNamespace | None = Field(
         default=None, description="name of the program's shared memory namespace (top-level spawns); "
         "a later program spawned with the same name finds that memory again")
@@ -494,3 +510,129 @@ class StatResult(Result):
     tokens: TokenStat
     host: HostStat
     procs: list[ProcInfo] = Field(description="the caller-visible process rows, as proc.ps")
+
+
+# -- files (fs.*) -------------------------------------------------------------------------
+
+FsPathArg = Annotated[str, Field(max_length=limits.MAX_PATH_BYTES, description="path in the process's view: "
+                                 "its root, /home (the program's), /mnt/NAME (mounts)")]
+
+
+class FsReadArgs(Args):
+    path: FsPathArg
+    offset: int = Field(default=0, ge=0, le=limits.MAX_FILE_BYTES)
+    length: int | None = Field(default=None, ge=0, le=limits.MAX_IO_BYTES,
+                               description=f"bytes to read (default: up to {limits.MAX_IO_BYTES})")
+
+
+class FsReadResult(Result):
+    path: str
+    text: str | None = Field(default=None, description="the bytes read, when they are UTF-8 text")
+    data: bytes | None = Field(default=None, description="the bytes read, when they are not text")
+    size: int = Field(description="the whole file's size")
+    version: int = Field(description="the file's latest version number (0: never written through llmos)")
+
+
+class FsWriteArgs(Args):
+    path: FsPathArg
+    text: Annotated[str, Field(max_length=limits.MAX_IO_BYTES)] | None = None
+    data: Annotated[bytes, Field(max_length=limits.MAX_IO_BYTES)] | None = None
+    parents: bool = Field(default=True, description="create missing directories")
+
+    def payload(self) -> bytes:
+        """The bytes to write: ``text`` as UTF-8, or ``data``."""
+        if (self.text is None) == (self.data is None):
+            from syscalls.errors import Errno, SyscallError
+
+            raise SyscallError(Errno.EINVAL, "give exactly one of text (a string) or data (bytes)")
+        return self.text.encode("utf-8") if self.text is not None else bytes(self.data or b"")
+
+
+class FsWriteResult(Result):
+    path: str
+    size: int
+    version: int = Field(description="the version this write made")
+
+
+class FsPathArgs(Args):
+    path: FsPathArg = "/"
+
+
+class FsEntry(Result):
+    name: str
+    type: Literal["file", "dir", "other"]
+    size: int
+    mtime: float
+
+
+class FsListResult(Result):
+    path: str
+    entries: list[FsEntry]
+
+
+class FsStatResult(Result):
+    path: str
+    type: Literal["file", "dir"]
+    size: int
+    mtime: float
+    versions: int
+    writable: bool
+
+
+class FsMkdirArgs(Args):
+    path: FsPathArg
+    parents: bool = True
+
+
+class FsRemoveArgs(Args):
+    path: FsPathArg
+    recursive: bool = False
+
+
+class FsRemoveResult(Result):
+    removed: int = Field(description="files removed (their contents stay in fs.history)")
+
+
+class FsRenameArgs(Args):
+    src: FsPathArg
+    dst: FsPathArg
+
+
+class FsHistoryArgs(Args):
+    path: FsPathArg
+    limit: int = Field(default=50, ge=1, le=limits.MAX_FS_VERSIONS)
+
+
+class FsVersion(Result):
+    version: int
+    sha256: str | None = Field(description="content hash; null for a removal")
+    size: int
+    time: float
+    op: str = Field(description="write, append, remove, external, rollback to vN, renamed to/from PATH")
+
+
+class FsHistoryResult(Result):
+    path: str
+    versions: list[FsVersion]
+
+
+class FsRollbackArgs(Args):
+    path: FsPathArg
+    version: int | None = Field(default=None, ge=1, description="the version to bring back")
+    time: float | None = Field(default=None, description="or: the content as it was at this Unix time")
+
+
+class FsSearchArgs(Args):
+    query: Annotated[str, Field(min_length=1, max_length=limits.MAX_ENTRY_CHARS)]
+    k: int = Field(default=5, ge=1, le=limits.MAX_SEARCH_K)
+
+
+class FsHit(Result):
+    path: str
+    passage: int = Field(description="which passage of the file (0: its first ~1000 characters)")
+    text: str
+    score: float
+
+
+class FsSearchResult(Result):
+    hits: list[FsHit]
