@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver, DriverError
-from kernel import sys_ctx, sys_fs, sys_llm, sys_mem, sys_proc, sys_sys
+from kernel import sys_ctx, sys_fs, sys_llm, sys_mem, sys_proc, sys_sys, sys_tool
 from kernel.fs import FileSystem, load_index
 from kernel.memory import Memory
 from kernel.persist import Persist, recover
@@ -27,6 +27,7 @@ from kernel.scheduler import DEFAULT_POLICY, POLICIES, Scheduler, make_policy
 from kernel.stats import KernelStats
 from kernel.store import Store
 from kernel.syscall import Call, Dispatcher, build_table
+from kernel.tools import ToolTable
 from kernel.transport import Transport
 from kernel.vindex import VectorIndex
 from syscalls.errors import Errno, SyscallError
@@ -38,7 +39,7 @@ VERSION = "0.1.0"
 
 #: The dispatch table: syscall name -> handler, one module per syscall family.
 HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_mem.HANDLERS, **sys_fs.HANDLERS,
-            **sys_sys.HANDLERS}
+            **sys_tool.HANDLERS, **sys_sys.HANDLERS}
 
 #: The state database's file name in the kernel's state directory.
 STATE_DB = "state.db"
@@ -98,6 +99,7 @@ class Kernel:
         self._scratch = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="llmos-files-")
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
         self.fs = FileSystem(files, self.store, self.memory)
+        self.tools = ToolTable()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
         self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum))
@@ -221,6 +223,7 @@ class Kernel:
         if not proc.alive:
             return
         self.procs.exit(proc, status, signal)
+        self.tools.server_gone(proc.pid)
         how = f"killed by SIG{signal}" if signal else f"exited with status {status}"
         for call in list(self._calls.pop(proc.pid, ())):
             call.interrupt(SyscallError(Errno.ECANCELED, f"process {proc.pid} {how} during {call.name}"))

@@ -82,6 +82,8 @@ class Proc:
     host_pid: int | None = None  # OS pid of the program driving it (on the kernel's host)
     host_started: float | None = None  # that OS process's start time (pids get reused)
     mounts: dict[str, tuple[str, bool]] = field(default_factory=dict)  # /mnt/NAME -> (host dir, writable)
+    tool_caps: list[list[str]] = field(default_factory=list)  # every layer must allow a tool's name (globs)
+    confirm: bool = False  # irreversible tool calls wait for the owner's approval
     created: float = field(default_factory=time.time)
     token: str = field(default="", repr=False)  # the secret itself: set at spawn, never stored
     # usage counters

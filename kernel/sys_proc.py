@@ -38,6 +38,9 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
         proc.ctx_policy, proc.ctx_window = a.ctx_policy, a.ctx_window or proc.ctx_window
     proc.host_pid, proc.host_started = a.host_pid, host_started
     proc.mounts = mounts
+    parent = caller.proc
+    proc.tool_caps = [*(parent.tool_caps if parent else []), *([list(a.tools)] if a.tools is not None else [])]
+    proc.confirm = a.confirm or (parent.confirm if parent else False)
     k.memory.record(proc, proc.context)  # what it starts with is what it has seen
     k.persist.saved(proc)
     await k.persist.barrier()

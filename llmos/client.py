@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kernel import paths
 from syscalls import codec, limits
@@ -162,6 +162,22 @@ class Client:
         res = m.SpawnResult(**self.call("proc.spawn", args))
         return Process(self, res.pid, res.token)
 
+    def tools(self) -> list[m.ToolInfo]:
+        """Every tool the kernel has (built in and served)."""
+        return m.ToolListResult(**self.call("tool.list")).tools
+
+    def pending(self) -> list[m.ParkedCall]:
+        """Calls of irreversible tools waiting for your approval."""
+        return m.ToolPendingResult(**self.call("tool.pending")).calls
+
+    def approve(self, call_id: int) -> None:
+        """Let a parked tool call run."""
+        self.call("tool.approve", {"id": call_id})
+
+    def deny(self, call_id: int) -> None:
+        """Refuse a parked tool call (its caller gets EPERM)."""
+        self.call("tool.deny", {"id": call_id})
+
     def memory(self, namespace: str) -> Memory:
         """Memory syscalls on ``namespace`` as the admin (``pid:N``, ``prog:N`` or a name)."""
         return Memory(self.call, namespace)
@@ -278,6 +294,11 @@ class Process:
         return Memory(self.call, own=f"pid:{self.pid}")
 
     @property
+    def tools(self) -> Tools:
+        """Tools this process may call, and tools it serves."""
+        return Tools(self.call)
+
+    @property
     def files(self) -> Files:
         """This process's files: its root, ``/home`` (its program's) and ``/mnt/NAME``."""
         return Files(self.call)
@@ -324,6 +345,70 @@ class Process:
 
     def exit(self, status: int = 0) -> None:
         self.call("proc.exit", {"status": status})
+
+
+class Tools:
+    """The tool.* syscalls as a process: call tools, and serve tools of its own."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def list(self) -> list[m.ToolInfo]:
+        """The tools this process may use, with their argument schemas."""
+        return m.ToolListResult(**self._call("tool.list")).tools
+
+    def call(self, name: str, args: dict[str, Any] | None = None, timeout_s: float = 30.0) -> Any:
+        """Call tool ``name`` and return its JSON result (errors raise SyscallError)."""
+        res = self._call("tool.call", {"name": name, "args": args or {}, "timeout_s": timeout_s},
+                         deadline_ms=int(timeout_s * 1000) + 5000)
+        return m.ToolCallResult(**res).result
+
+    def register(self, name: str, description: str, parameters: dict[str, Any] | type[BaseModel] | None = None,
+                 irreversible: bool = False) -> None:
+        """Serve tool ``name``; ``parameters`` is a JSON schema or a pydantic model class."""
+        if isinstance(parameters, type) and issubclass(parameters, BaseModel):
+            parameters = parameters.model_json_schema()
+        self._call("tool.register", _opt(name=name, description=description, parameters=parameters,
+                                         irreversible=irreversible))
+
+    def unregister(self, name: str) -> None:
+        self._call("tool.unregister", {"name": name})
+
+    def next(self, timeout_s: float = 10.0) -> m.ToolRequest:
+        """The next call of a tool this process serves (``id`` None if none came in time)."""
+        return m.ToolRequest(**self._call("tool.next", {"timeout_s": timeout_s},
+                                          deadline_ms=int(timeout_s * 1000) + 5000))
+
+    def reply(self, call_id: int, result: Any = None, error: str | None = None) -> None:
+        """Answer a call: a JSON result, or an error sentence."""
+        self._call("tool.reply", _opt(id=call_id, result=result, error=error))
+
+    def serve(self, handlers: dict[str, Any], stop: Any = None, poll_s: float = 1.0) -> int:
+        """Answer calls with ``handlers[name](**args)`` until ``stop()`` is true (or forever).
+        An exception in a handler is sent back as the call's error. Returns calls answered."""
+        answered = 0
+        while stop is None or not stop():
+            req = self.next(poll_s)
+            if req.id is None or req.name is None:
+                continue
+            try:
+                self.reply(req.id, result=handlers[req.name](**req.args))
+            except SyscallError as exc:
+                if exc.code is not Errno.ENOENT:  # ENOENT: its caller gave up, or it was answered
+                    _answer_quietly(self, req.id, f"{exc.code}: {exc.message}")
+            except Exception as exc:  # the caller gets the error; the server goes on
+                _answer_quietly(self, req.id, f"{type(exc).__name__}: {exc}")
+            answered += 1
+        return answered
+
+
+def _answer_quietly(tools: Tools, call_id: int, error: str) -> None:
+    """Send ``error`` as a call's answer, unless the call is already over."""
+    try:
+        tools.reply(call_id, error=error)
+    except SyscallError as exc:
+        if exc.code is not Errno.ENOENT:
+            raise
 
 
 class Files:

@@ -52,3 +52,12 @@ FS_AREA_BYTES = 256 << 20  # a process's root, or a program's home
 MAX_FS_VERSIONS = 100  # kept per path, newest first
 MAX_LIST_ENTRIES = 10_000
 MAX_MOUNTS = 16
+
+# Tools (kernel/tools.py).
+MAX_TOOL_ARGS_BYTES = 256 << 10  # JSON arguments of one tool call
+MAX_TOOL_RESULT_BYTES = 512 << 10  # JSON result of one tool call
+MAX_SERVED_TOOLS = 64  # tools one process may serve
+MAX_TOOL_QUEUE = 256  # calls waiting for one serving process
+MAX_PARKED_CALLS = 256  # calls waiting for the owner's confirmation
+MAX_TOOL_PATTERNS = 32  # tool capability patterns given at spawn
+PY_MEMORY_BYTES = 512 << 20  # address space of the python tool's process

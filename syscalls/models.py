@@ -6,7 +6,7 @@ validated value. Field docs (``description``) feed the generated syscall table.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -81,6 +81,9 @@ class Limits(Args):
 
 
 _MAX_MOUNTS = limits.MAX_MOUNTS  # SpawnArgs has a field named limits
+_MAX_TOOL_PATTERNS = limits.MAX_TOOL_PATTERNS
+ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+ToolPattern = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_*?\[\]!-]+$")]
 
 
 class MountSpec(Args):
@@ -100,6 +103,11 @@ class SpawnArgs(Args):
     nice: Nice = Field(default=0, description="priority as a Unix nice value, -20 (first) .. 19")
     limits: Limits | None = Field(default=None, description="this process's quotas (never above its parent's)")
     fork: bool = Field(default=False, description="start with a copy of the caller's context, like fork()")
+    tools: list[ToolPattern] | None = Field(
+        default=None, max_length=_MAX_TOOL_PATTERNS, description="tools it may use (glob patterns, e.g. "
+        "['calculator', 'fs_*']); it can never use more than its parent (default: what the parent may)")
+    confirm: bool = Field(default=False, description="irreversible tool calls wait for the owner's approval "
+                          "(inherited; a child cannot turn it off)")
     mounts: list[MountSpec] | None = Field(
         default=None, max_length=_MAX_MOUNTS, description="directories at /mnt/NAME (default: the "
         "parent's mounts); a child gets only mounts its parent has, never with more access")
@@ -636,3 +644,75 @@ class FsHit(Result):
 
 class FsSearchResult(Result):
     hits: list[FsHit]
+
+
+# -- tools (tool.*) ----------------------------------------------------------------------
+
+
+class ToolInfo(Result):
+    name: str
+    description: str
+    parameters: dict[str, Any] = Field(description="JSON schema of the arguments")
+    irreversible: bool = Field(description="it changes the world in a way that cannot be undone")
+    server: int | None = Field(default=None, description="pid of the process serving it; null: built in")
+
+
+class ToolListResult(Result):
+    tools: list[ToolInfo]
+
+
+class ToolCallArgs(Args):
+    name: ToolName
+    args: dict[str, Any] = Field(default_factory=dict, description="arguments, checked against the tool's schema")
+    timeout_s: float = Field(default=30.0, gt=0, le=3600, description="give up after this long (ETIMEDOUT)")
+
+
+class ToolCallResult(Result):
+    name: str
+    result: Any = Field(description="the tool's JSON answer")
+    elapsed_s: float
+
+
+class ToolRegisterArgs(Args):
+    name: ToolName
+    description: Annotated[str, Field(min_length=1, max_length=2000)]
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"},
+                                       description="JSON schema of the arguments")
+    irreversible: bool = False
+
+
+class ToolNameArgs(Args):
+    name: ToolName
+
+
+class ToolNextArgs(Args):
+    timeout_s: float = Field(default=10.0, ge=0, le=3600, description="wait this long for a call")
+
+
+class ToolRequest(Result):
+    id: int | None = Field(default=None, description="null: no call came within the timeout")
+    name: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    caller: int | None = None
+
+
+class ToolReplyArgs(Args):
+    id: int = Field(ge=1)
+    result: Any = None
+    error: Annotated[str, Field(max_length=2000)] | None = Field(default=None, description="the call failed: why")
+
+
+class ParkedCall(Result):
+    id: int
+    name: str
+    args: dict[str, Any]
+    caller: int
+    since: float
+
+
+class ToolPendingResult(Result):
+    calls: list[ParkedCall]
+
+
+class ToolDecideArgs(Args):
+    id: int = Field(ge=1)
