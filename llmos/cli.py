@@ -181,6 +181,52 @@ def cmd_models(as_json: bool) -> int:
     return 0
 
 
+def cmd_tools(as_json: bool) -> int:
+    """``llmos tools``: every tool the kernel has, built in or served."""
+    with connect() as c:
+        tools = c.tools()
+    if as_json:
+        print(json.dumps([t.model_dump() for t in tools]))
+        return 0
+    table = Table(box=None)
+    for col in ("TOOL", "SERVED BY", "IRREVERSIBLE", "ARGUMENTS", "DESCRIPTION"):
+        table.add_column(col)
+    for t in tools:
+        args = ", ".join(t.parameters.get("properties", {}))
+        table.add_row(t.name, "kernel" if t.server is None else f"pid {t.server}", "yes" if t.irreversible else "",
+                      args, t.description)
+    out.print(table)
+    return 0
+
+
+def cmd_pending(as_json: bool) -> int:
+    """``llmos pending``: irreversible tool calls waiting for the owner's decision."""
+    with connect() as c:
+        calls = c.pending()
+    if as_json:
+        print(json.dumps([p.model_dump() for p in calls]))
+        return 0
+    if not calls:
+        err.print("no tool call is waiting for approval")
+        return 0
+    table = Table(box=None)
+    for col in ("ID", "PID", "TOOL", "WAITING s", "ARGUMENTS"):
+        table.add_column(col)
+    for p in calls:
+        table.add_row(str(p.id), str(p.caller), p.name, f"{time.time() - p.since:.0f}",
+                      json.dumps(p.args)[:200])
+    out.print(table)
+    err.print("[dim]llmos approve ID / llmos deny ID[/]")
+    return 0
+
+
+def cmd_decide(call_id: int, approve: bool) -> int:
+    with connect() as c:
+        (c.approve if approve else c.deny)(call_id)
+    err.print(f"call {call_id} {'approved' if approve else 'denied'}")
+    return 0
+
+
 def cmd_ps(as_json: bool) -> int:
     with connect() as c:
         procs = c.ps()
@@ -458,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("models", help="list the kernel's models: driver, state, slots, queue")
     mp.add_argument("--json", action="store_true")
 
+    tl = sub.add_parser("tools", help="list the kernel's tools (built in and served by programs)")
+    tl.add_argument("--json", action="store_true")
+    pe = sub.add_parser("pending", help="irreversible tool calls waiting for your approval")
+    pe.add_argument("--json", action="store_true")
+    for verb, what in (("approve", "let a parked tool call run"), ("deny", "refuse a parked tool call")):
+        dp = sub.add_parser(verb, help=what)
+        dp.add_argument("id", type=int, help="the call's id (llmos pending)")
+
     pp = sub.add_parser("ps", help="list processes")
     pp.add_argument("--json", action="store_true")
 
@@ -553,6 +607,12 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_run(args)
         case "models":
             return cmd_models(args.json)
+        case "tools":
+            return cmd_tools(args.json)
+        case "pending":
+            return cmd_pending(args.json)
+        case "approve" | "deny":
+            return cmd_decide(args.id, args.cmd == "approve")
         case "ps":
             return cmd_ps(args.json)
         case "top":

@@ -271,3 +271,29 @@ def test_serve_specs_that_cannot_work_are_refused_before_the_kernel_starts(tmp_p
         res = shell("kernel", "start", "--foreground", "--serve", spec, timeout=120)
         assert res.returncode == 2, (spec, res.stderr)
         assert says in res.stderr, (spec, res.stderr)
+
+
+def test_tools_pending_approve_and_deny_commands(sh):
+    tools = json.loads(sh("tools", "--json").stdout)
+    assert {"calculator", "python"} <= {t["name"] for t in tools}
+    assert "calculator" in sh("tools").stdout
+    assert json.loads(sh("pending", "--json").stdout) == []
+    with sh.admin() as admin:
+        p = admin.spawn("careful", confirm=True)
+        import threading
+
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", Client(
+            admin.endpoint, pid=p.pid, token=p.token).process(p.pid, p.token).tools.call(
+            "python", {"code": "print(1)"}, timeout_s=60)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while not (pending := json.loads(sh("pending", "--json").stdout)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pending and pending[0]["name"] == "python"
+        assert sh("approve", str(pending[0]["id"])).returncode == 0
+        t.join(60)
+        assert box["r"]["stdout"] == "1\n"
+        missing = sh("deny", "999999")
+        assert missing.returncode == 1 and "ENOENT" in missing.stderr
+        admin.kill(p.pid, "KILL")
