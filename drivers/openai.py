@@ -22,10 +22,9 @@ Shape (after the vLLM driver):
   times out) the endpoint is marked down and the pump goes on from the tokens already
   received, on another endpoint: the caller sees one stream, no token twice.
 * Placement is policy apart from mechanism: :func:`pick_endpoint` (a pure function)
-  chooses the healthy endpoint with the least load after placing, relative to its
-  capacity, never above capacity -- the allocation rule: spread a demand ``D`` over
-  endpoints of capacity ``R_i`` with ``sum(a_i) = D`` and ``0 <= a_i <= R_i``
-  (:func:`allocate`).
+  chooses the healthy endpoint with the least utilisation after placing, ``(a_i+1)/R_i``,
+  never above capacity -- the allocation rule: spread a demand ``D`` over endpoints of
+  capacity ``R_i`` with ``sum(a_i) = D`` and ``0 <= a_i <= R_i`` (:func:`allocate`).
 """
 
 from __future__ import annotations
@@ -182,12 +181,12 @@ def _parse_url(item: str) -> tuple[str, int | None]:
 
 
 def pick_endpoint(load: Sequence[int], capacity: Sequence[int]) -> int | None:
-    """Where one more sequence goes: the index of the endpoint whose load after placing,
-    relative to its capacity, is least (ties: the larger capacity, then the first), or
-    None when every endpoint is full. Never places above capacity (``load < capacity``).
+    """Where one more sequence goes: the index of the endpoint whose utilisation after
+    placing, ``(a_i + 1) / R_i``, is least (ties: the larger capacity, then the first), or
+    None when every endpoint is full. Never places above capacity (``a_i < R_i``).
 
-    Placing sequences one by one with this rule keeps ``a_i / R_i`` as even as whole
-    sequences allow, so the endpoints fill in proportion to their capacities.
+    Placing sequences one at a time this way fills endpoints in proportion to their
+    capacities, as far as whole sequences allow: see :func:`allocate`.
     """
     best: int | None = None
     for i, (a, r) in enumerate(zip(load, capacity, strict=True)):
@@ -205,10 +204,11 @@ def pick_endpoint(load: Sequence[int], capacity: Sequence[int]) -> int | None:
 
 
 def allocate(demand: int, capacity: Sequence[int]) -> list[int]:
-    """The allocation rule: spread ``demand`` sequences over endpoints of ``capacity``:
-    ``a_i`` with ``sum(a_i) = min(demand, sum(capacity))`` and ``0 <= a_i <= R_i``,
-    as near ``demand * R_i / sum(R)`` as whole sequences allow (what placing them one at
-    a time with :func:`pick_endpoint` gives)."""
+    """The allocation rule: spread ``demand`` sequences over endpoints of ``capacity``,
+    ``a_i`` with ``sum(a_i) = min(demand, sum(capacity))`` and ``0 <= a_i <= R_i``, by
+    placing them one at a time with :func:`pick_endpoint`. For every demand the result
+    has the lowest possible highest utilisation ``max(a_i / R_i)`` (tested against brute
+    force), so no endpoint is loaded more, relative to its size, than it must be."""
     load = [0] * len(capacity)
     for _ in range(max(demand, 0)):
         i = pick_endpoint(load, capacity)
