@@ -810,7 +810,7 @@ def _describe(exc: BaseException) -> str:
         httpx.ReadError: "the connection broke",
     }.get(type(exc), type(exc).__name__)
     detail = str(exc)
-    return f"{kind} ({_brief(detail, 120)})" if detail else kind
+    return f"{kind}: {_brief(detail, 120)}" if detail else kind
 
 
 # --------------------------------------------------------------------------- driver

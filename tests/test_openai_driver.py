@@ -432,8 +432,8 @@ def test_every_endpoint_down_fails_with_a_clear_error(tokenizer: Any, script: li
 def test_placement_never_exceeds_capacity_under_concurrent_load(
     tokenizer: Any, script: list[int]
 ) -> None:
-    a = FakeServer(script, tokenizer, delay=0.02)
-    b = FakeServer(script, tokenizer, delay=0.02)
+    a = FakeServer(script, tokenizer, delay=0.05)  # 0.4 s a request: all 6 overlap
+    b = FakeServer(script, tokenizer, delay=0.05)
     driver = fake_driver({"a": a, "b": b}, capacity="2,4")
 
     async def many(count: int) -> list[Result]:
@@ -451,7 +451,7 @@ def test_placement_never_exceeds_capacity_under_concurrent_load(
     assert loads == [0, 0]
 
 
-def test_load_fails_clearly_when_no_endpoint_answers() -> None:
+def test_load_fails_clearly_when_no_endpoint_answers(tokenizer: Any) -> None:
     ports = [free_port(), free_port()]
     driver = OpenAIDriver(endpoints=[f"http://127.0.0.1:{p}/v1" for p in ports], load_timeout=1)
     notes: list[str] = []
