@@ -72,6 +72,8 @@ ENDPOINTS_ENV = "LLMOS_OPENAI_ENDPOINTS"
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
 #: Environment variables read for the API key (first set wins) when ``api_key`` is not given.
 API_KEY_ENVS = ("LLMOS_OPENAI_API_KEY", "OPENAI_API_KEY")
+#: The context window assumed when neither the servers nor the model folder give one.
+FALLBACK_CONTEXT = 2048
 #: Seconds between health checks of a down endpoint: doubles from the first to the last.
 BACKOFF_S = (1.0, 30.0)
 
@@ -419,7 +421,7 @@ class _Pool:
                 )
             await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
         lengths = [ep.models.get(self.served or "") for ep in up]
-        known = [n for n in lengths if n]
+        known = [n for n in lengths if isinstance(n, int) and n > 1]
         self.max_context = min(known) if known else 0
         self._health = asyncio.get_running_loop().create_task(self._health_loop())
 
@@ -463,7 +465,10 @@ class _Pool:
                 raise _EndpointFailed(
                     f"GET /models answered HTTP {response.status_code}: {_brief(response.text)}"
                 )
-            models = {str(m["id"]): m.get("max_model_len") for m in response.json().get("data", [])}
+            models = {
+                str(m["id"]): _whole(m.get("max_model_len"))
+                for m in response.json().get("data", [])
+            }
         except (_EndpointFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
             self._set_down(ep, str(exc) or type(exc).__name__)
             return False
@@ -640,9 +645,9 @@ class _Pool:
     def _budget(self, ep: _Endpoint, stream: _Stream) -> int:
         """Tokens the endpoint may still generate: what max_tokens and its window leave."""
         budget = stream.request.sampling.max_tokens - len(stream.output_ids)
-        window = ep.models.get(self.served or "") or self.max_context
-        if window:
-            budget = min(budget, window - len(stream.prompt_ids) - len(stream.output_ids))
+        windows = [n for n in (ep.models.get(self.served or ""), self.max_context) if n]
+        if windows:
+            budget = min(budget, min(windows) - len(stream.prompt_ids) - len(stream.output_ids))
         return budget
 
     async def _attempt(self, ep: _Endpoint, stream: _Stream) -> None:
@@ -791,6 +796,11 @@ def _chunk(data: str) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise _EndpointFailed(f"the server sent an unexpected chunk: {_brief(data)}")
     return chunk
+
+
+def _whole(value: Any) -> int | None:
+    """A positive whole number from a server's JSON, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _brief(text: str, limit: int = 300) -> str:
@@ -979,6 +989,13 @@ class OpenAIDriver(Driver):
             self._state, self._detail = "failed", str(exc)
             raise DriverError(f"The openai driver failed to load: {exc}") from exc
         self._max_context = self._max_context_arg or pool.max_context or config_context
+        if not self._max_context:
+            self._max_context = FALLBACK_CONTEXT
+            log.warning(
+                "no endpoint reports max_model_len and %s has no max_position_embeddings; "
+                "assuming a %d-token window (set --driver-option max_context=N)",
+                path, FALLBACK_CONTEXT,
+            )  # fmt: skip
         pool.max_context = self._max_context
         self._tokenizer = tokenizer
         self._encoder = _PromptEncoder(tokenizer)

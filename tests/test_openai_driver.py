@@ -402,6 +402,20 @@ def test_a_stop_string_ends_the_stream_early(tokenizer: Any, script: list[int]) 
     assert result.final.finish_reason == "stop"
 
 
+def test_the_context_window_bounds_prompts_and_output(tokenizer: Any, script: list[int]) -> None:
+    driver = fake_driver({"a": FakeServer(script, tokenizer)}, max_context=12)
+    prompt = "Tell me about waves."
+    try:
+        assert driver.info().max_context == 12
+        room = 12 - run(driver.count_tokens(prompt))
+        result = generate(driver, prompt, max_tokens=50)
+        with pytest.raises(DriverError, match="context window"):
+            generate(driver, "waves " * 20)
+    finally:
+        run(driver.shutdown())
+    assert (result.ids, result.final.finish_reason) == (script[:room], "length")
+
+
 def test_a_down_endpoint_comes_back_after_its_backoff(tokenizer: Any, script: list[int]) -> None:
     a = FakeServer(script, tokenizer, healthy=False)
     driver = fake_driver({"a": a, "b": FakeServer(script, tokenizer)}, health_interval=0.2)
