@@ -305,6 +305,8 @@ class _IoLoop:
         try:
             self.loop.run_forever()
         finally:
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -666,15 +668,16 @@ class _Pool:
             ) as response:
                 if response.status_code != 200:
                     await self._refused(ep, response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    self._take(ep, stream, _chunk(data))
-                    if stream.done:
-                        return  # a stop string: closing the response aborts the server's request
+                async with contextlib.aclosing(response.aiter_lines()) as lines:
+                    async for line in lines:
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        self._take(ep, stream, _chunk(data))
+                        if stream.done:
+                            return  # a stop string: closing the response aborts the request
         except httpx.HTTPError as exc:
             if stream.server_finish is None:
                 raise _EndpointFailed(_describe(exc)) from None
