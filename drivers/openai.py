@@ -1,0 +1,1132 @@
+"""The OpenAI-compatible driver: one or more HTTP servers are the driver's slots.
+
+Each *endpoint* is an OpenAI-compatible server (``vllm serve`` on another machine,
+llama.cpp's server, any compatible endpoint) with a *capacity*: how many sequences the
+driver may run on it at once. The driver's slots are the endpoints' capacities summed.
+This is how a user outgrows one machine: many vLLM servers, one kernel.
+
+Shape (after the vLLM driver):
+
+* :class:`OpenAIDriver` is the front end on the kernel's asyncio loop. It tokenises
+  prompts locally with the model's own tokenizer and chat template (the folder given
+  by ``--model``), so ``count_tokens`` and ``prompt_tokens`` agree exactly, and reads
+  finished :class:`Delta` items from a per-request ``asyncio.Queue``.
+* :class:`_Pool` lives on one dedicated thread with its own asyncio loop (the *I/O
+  loop*): the ``httpx.AsyncClient``, each endpoint's state and load, a background health
+  check, and one pump task per request. Keeping HTTP and detokenisation there lets the
+  driver serve any event loop (the kernel's, or a fresh one per call in tests).
+* A pump sends the prompt as token ids to ``/completions`` (streamed; vLLM's
+  ``return_token_ids`` asks for the generated ids back), turns the ids into text with the
+  CPU driver's incremental detokeniser and stop-string matcher, and hands deltas to the
+  front end. If the endpoint fails (cannot connect, HTTP 5xx, the stream breaks, a read
+  times out) the endpoint is marked down and the pump goes on from the tokens already
+  received, on another endpoint: the caller sees one stream, no token twice.
+* Placement is policy apart from mechanism: :func:`pick_endpoint` (a pure function)
+  chooses the healthy endpoint with the least utilisation after placing, ``(a_i+1)/R_i``,
+  never above capacity -- the allocation rule: spread a demand ``D`` over endpoints of
+  capacity ``R_i`` with ``sum(a_i) = D`` and ``0 <= a_i <= R_i`` (:func:`allocate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from drivers import packaged
+from drivers.base import (
+    Delta,
+    Driver,
+    DriverError,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    ModelInfo,
+    Progress,
+)
+
+# Shared with the CPU and vLLM drivers so every driver cuts text and stop strings alike.
+from drivers.cpu import _Detokenizer, _PromptEncoder, _resolve_model_dir, _StopText
+
+if TYPE_CHECKING:
+    import httpx
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("llmos.driver.openai")
+T = TypeVar("T")
+DriverState = Literal["unloaded", "loading", "ready", "failed"]
+
+#: Where endpoints come from when the ``endpoints`` option is not given.
+ENDPOINTS_ENV = "LLMOS_OPENAI_ENDPOINTS"
+#: ``vllm serve``'s default address.
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
+#: Environment variables read for the API key (first set wins) when ``api_key`` is not given.
+API_KEY_ENVS = ("LLMOS_OPENAI_API_KEY", "OPENAI_API_KEY")
+#: The context window assumed when neither the servers nor the model folder give one.
+FALLBACK_CONTEXT = 2048
+#: Seconds between health checks of a down endpoint: doubles from the first to the last.
+BACKOFF_S = (1.0, 30.0)
+
+_Item = Delta | DriverError
+_Sink = Callable[[_Item], None]
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """One configured endpoint: its base URL (ending in ``/v1`` as a rule) and capacity."""
+
+    url: str
+    capacity: int
+
+
+def parse_endpoints(
+    endpoints: str | Sequence[str],
+    capacity: int | str | Sequence[int] | None = None,
+    default_capacity: int = 4,
+) -> tuple[EndpointSpec, ...]:
+    """Endpoints from the driver's options.
+
+    ``endpoints``: URLs, as a list or one comma-separated string; ``URL#N`` gives that
+    endpoint capacity N. ``capacity``: one number for every endpoint, or one per endpoint
+    (a list or ``"8,4"``). An endpoint with neither gets ``default_capacity`` (the
+    kernel's ``--slots``). A URL without a path gets ``/v1``. Raises ValueError saying
+    what is wrong.
+    """
+    items = (
+        [u.strip() for u in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
+    )
+    items = [u for u in items if u]
+    if not items:
+        raise ValueError("endpoints is empty; give at least one URL, e.g. http://127.0.0.1:8000/v1")
+    capacities = _capacities(capacity, len(items))
+    specs: list[EndpointSpec] = []
+    for i, item in enumerate(items):
+        url, own = _parse_url(item)
+        if own is not None and capacities is not None:
+            raise ValueError(
+                f"endpoint {item!r} has a capacity of its own (#N) and the capacity option "
+                f"gives one too; use one of the two"
+            )
+        cap = (
+            own
+            if own is not None
+            else capacities[i]
+            if capacities is not None
+            else default_capacity
+        )
+        if cap < 1:
+            raise ValueError(f"capacity of {url} must be at least 1, got {cap}")
+        if any(s.url == url for s in specs):
+            raise ValueError(f"endpoint {url} is listed twice")
+        specs.append(EndpointSpec(url, cap))
+    return tuple(specs)
+
+
+def _capacities(capacity: int | str | Sequence[int] | None, count: int) -> list[int] | None:
+    if capacity is None:
+        return None
+    if isinstance(capacity, bool):
+        raise ValueError(f"capacity must be a number or a list of numbers, got {capacity!r}")
+    if isinstance(capacity, int):
+        return [capacity] * count
+    parts = capacity.split(",") if isinstance(capacity, str) else list(capacity)
+    try:
+        values = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"capacity must be whole numbers, e.g. capacity=8 or capacity=8,4; got {capacity!r}"
+        ) from None
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise ValueError(f"capacity lists {len(values)} numbers for {count} endpoints")
+    return values
+
+
+def _parse_url(item: str) -> tuple[str, int | None]:
+    """``URL[#N]`` -> (normalised URL, capacity or None)."""
+    parts = urlsplit(item)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint {item!r} is not an http(s) URL like http://host:8000/v1")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"endpoint {item!r} has a bad port") from None
+    if parts.query:
+        raise ValueError(f"endpoint {item!r} has a query string; give the base URL only")
+    own: int | None = None
+    if parts.fragment:
+        try:
+            own = int(parts.fragment)
+        except ValueError:
+            raise ValueError(
+                f"endpoint {item!r}: the part after # must be its capacity, a whole number"
+            ) from None
+    path = parts.path.rstrip("/") or "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", "")), own
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def pick_endpoint(load: Sequence[int], capacity: Sequence[int]) -> int | None:
+    """Where one more sequence goes: the index of the endpoint whose utilisation after
+    placing, ``(a_i + 1) / R_i``, is least (ties: the larger capacity, then the first), or
+    None when every endpoint is full. Never places above capacity (``a_i < R_i``).
+
+    Placing sequences one at a time this way fills endpoints in proportion to their
+    capacities, as far as whole sequences allow: see :func:`allocate`.
+    """
+    best: int | None = None
+    for i, (a, r) in enumerate(zip(load, capacity, strict=True)):
+        if a >= r:
+            continue
+        if best is None:
+            best = i
+            continue
+        # (a+1)/r < (b+1)/s, compared without division.
+        b, s = load[best], capacity[best]
+        mine, theirs = (a + 1) * s, (b + 1) * r
+        if mine < theirs or (mine == theirs and r > s):
+            best = i
+    return best
+
+
+def allocate(demand: int, capacity: Sequence[int]) -> list[int]:
+    """The allocation rule: spread ``demand`` sequences over endpoints of ``capacity``,
+    ``a_i`` with ``sum(a_i) = min(demand, sum(capacity))`` and ``0 <= a_i <= R_i``, by
+    placing them one at a time with :func:`pick_endpoint`. For every demand the result
+    has the lowest possible highest utilisation ``max(a_i / R_i)`` (tested against brute
+    force), so no endpoint is loaded more, relative to its size, than it must be."""
+    load = [0] * len(capacity)
+    for _ in range(max(demand, 0)):
+        i = pick_endpoint(load, capacity)
+        if i is None:
+            break
+        load[i] += 1
+    return load
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+class EndpointState(enum.Enum):
+    """Health of an endpoint. ``UNKNOWN`` until its first check."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """A snapshot of one endpoint (``OpenAIDriver.endpoints()``)."""
+
+    url: str
+    capacity: int
+    state: EndpointState
+    load: int
+    #: Most sequences it ever ran at once (never above ``capacity``).
+    peak: int
+    #: Why it is down (the last failure), else "".
+    error: str
+    #: The served model's context window as the endpoint reports it (None: not reported).
+    max_model_len: int | None
+    #: False once the endpoint streamed text without token ids: its resumes are approximate.
+    exact: bool
+    #: Requests that moved off this endpoint after it failed them.
+    failures: int
+
+
+@dataclass(eq=False)
+class _Endpoint:
+    """An endpoint's live state; only the I/O loop touches it."""
+
+    spec: EndpointSpec
+    state: EndpointState = EndpointState.UNKNOWN
+    load: int = 0
+    peak: int = 0
+    error: str = ""
+    #: Model ids the endpoint serves -> their context window (None if not reported).
+    models: dict[str, int | None] = field(default_factory=dict)
+    next_check: float = 0.0
+    backoff: float = BACKOFF_S[0]
+    exact: bool = True
+    failures: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def view(self, served: str | None) -> EndpointView:
+        return EndpointView(
+            self.url,
+            self.spec.capacity,
+            self.state,
+            self.load,
+            self.peak,
+            self.error,
+            self.models.get(served) if served is not None else None,
+            self.exact,
+            self.failures,
+        )
+
+
+class _EndpointFailed(Exception):
+    """The endpoint, not the request, failed: mark it down and go on elsewhere."""
+
+
+# --------------------------------------------------------------------------- I/O loop
+
+
+class _IoLoop:
+    """One thread running an asyncio loop; all HTTP work and endpoint state live on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="llmos-openai-io", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the I/O loop and await its result from another loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` soon on the I/O loop (ignored once the loop is closed)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        """Stop the loop and join the thread (blocking)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request on the I/O loop. After submission only the I/O loop touches it."""
+
+    request: GenerationRequest
+    sink: _Sink
+    prompt_ids: list[int]
+    detok: _Detokenizer
+    stop_text: _StopText
+    output_ids: list[int] = field(default_factory=list)
+    #: Ids not yet sent in a delta (sent with the next text or the finish).
+    unsent_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    #: The finish reason the server sent; the usage chunk may still follow it.
+    server_finish: FinishReason | None = None
+    endpoint: _Endpoint | None = None
+    done: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
+        """A delta carrying ``text`` and every id not sent yet."""
+        ids, self.unsent_ids = self.unsent_ids, []
+        return Delta(
+            text, ids, len(self.prompt_ids), len(self.output_ids), finish, self.cached_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """The driver's network options, as the pool uses them."""
+
+    served_model: str | None
+    api_key: str | None
+    return_token_ids: bool
+    connect_timeout: float
+    read_timeout: float
+    health_interval: float
+    retries: int
+    queue_timeout: float
+
+
+class _Pool:
+    """The endpoints, their HTTP client and health, and the live requests (I/O loop)."""
+
+    def __init__(
+        self,
+        specs: Sequence[EndpointSpec],
+        settings: _Settings,
+        tokenizer: PreTrainedTokenizerBase,
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> None:
+        self.endpoints = [_Endpoint(s) for s in specs]
+        self.settings = settings
+        self.served = settings.served_model
+        self.max_context = 0
+        self.tokenizer = tokenizer
+        self.live: dict[str, _Stream] = {}
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._changed: asyncio.Condition | None = None
+        self._health: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    # -- life
+
+    async def open(self) -> None:
+        """Create the HTTP client (on the I/O loop, which it then belongs to)."""
+        import httpx
+
+        s = self.settings
+        headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            transport=self._transport,
+        )
+        self._changed = asyncio.Condition()
+
+    async def wait_until_up(self, timeout: float, report: Progress) -> None:
+        """Check every endpoint until one is up (then start the background health
+        check), or raise DriverError after ``timeout`` seconds naming each one's fault."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await asyncio.gather(
+                *(self._check(ep) for ep in self.endpoints if ep.state is not EndpointState.UP)
+            )
+            up = [ep for ep in self.endpoints if ep.state is EndpointState.UP]
+            report(f"{len(up)}/{len(self.endpoints)} endpoints up", None)
+            if up:
+                break
+            if time.monotonic() >= deadline:
+                raise DriverError(
+                    f"no endpoint answered within {timeout:g} s: {self._faults()}. Start a "
+                    f"server (e.g. `vllm serve MODEL`) or check --driver-option endpoints."
+                )
+            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        lengths = [ep.models.get(self.served or "") for ep in up]
+        known = [n for n in lengths if isinstance(n, int) and n > 1]
+        self.max_context = min(known) if known else 0
+        self._health = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def close(self) -> None:
+        """End live requests with ``abort``, stop the health check, close the client."""
+        for task in (self._health, self._probe):
+            if task is not None:
+                task.cancel()
+        streams = list(self.live.values())
+        for stream in streams:
+            self.abort(stream.request.request_id)
+        tasks = [s.task for s in streams if s.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- health
+
+    async def _health_loop(self) -> None:
+        """Check each endpoint when it is due: up ones every ``health_interval``, down
+        ones with a doubling backoff."""
+        while True:
+            now = time.monotonic()
+            due = [ep for ep in self.endpoints if ep.next_check <= now]
+            if due:
+                await asyncio.gather(*(self._check(ep) for ep in due))
+            wake = min(ep.next_check for ep in self.endpoints)
+            await asyncio.sleep(
+                min(max(wake - time.monotonic(), 0.05), self.settings.health_interval)
+            )
+
+    async def _check(self, ep: _Endpoint) -> bool:
+        """GET ``/models`` on ``ep``; mark it up (serving our model) or down. Returns up."""
+        assert self._client is not None
+        try:
+            response = await self._client.get(
+                f"{ep.url}/models", timeout=max(self.settings.connect_timeout, 10.0)
+            )
+            if response.status_code != 200:
+                raise _EndpointFailed(
+                    f"GET /models answered HTTP {response.status_code}: {_brief(response.text)}"
+                )
+            models = {
+                str(m["id"]): _whole(m.get("max_model_len"))
+                for m in response.json().get("data", [])
+            }
+        except (_EndpointFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._set_down(ep, str(exc) or type(exc).__name__)
+            return False
+        except Exception as exc:  # noqa: BLE001 - any transport failure means down
+            self._set_down(ep, _describe(exc))
+            return False
+        ep.models = models
+        if self.served is None and models:
+            self.served = next(iter(models))  # the first endpoint to answer names the model
+        if self.served not in models:
+            served = ", ".join(models) or "nothing"
+            self._set_down(ep, f"does not serve model {self.served!r} (it serves {served})")
+            return False
+        self._set_up(ep)
+        return True
+
+    def _set_up(self, ep: _Endpoint) -> None:
+        if ep.state is not EndpointState.UP:
+            log.info("endpoint %s is up", ep.url)
+        ep.state, ep.error, ep.backoff = EndpointState.UP, "", BACKOFF_S[0]
+        ep.next_check = time.monotonic() + self.settings.health_interval
+        self._notify()
+
+    def _set_down(self, ep: _Endpoint, reason: str) -> None:
+        if ep.state is not EndpointState.DOWN:
+            log.warning("endpoint %s is down: %s", ep.url, reason)
+            ep.backoff = BACKOFF_S[0]
+        else:
+            ep.backoff = min(ep.backoff * 2, BACKOFF_S[1])
+        ep.state, ep.error = EndpointState.DOWN, reason
+        ep.next_check = time.monotonic() + ep.backoff
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake requests waiting for room (a slot freed or an endpoint's state changed)."""
+        changed = self._changed
+        if changed is None:
+            return
+
+        async def wake() -> None:
+            async with changed:
+                changed.notify_all()
+
+        asyncio.get_running_loop().create_task(wake())
+
+    def _faults(self) -> str:
+        return "; ".join(f"{ep.url}: {ep.error or ep.state.value}" for ep in self.endpoints)
+
+    # -- placement
+
+    async def _acquire(self) -> _Endpoint:
+        """A healthy endpoint with room, its load counted; waits while every healthy one
+        is full. Raises DriverError when none is reachable."""
+        assert self._changed is not None
+        deadline = time.monotonic() + self.settings.queue_timeout
+        while True:
+            up = [ep for ep in self.endpoints if ep.state is EndpointState.UP]
+            if not up:
+                await self._probe_all()
+                up = [ep for ep in self.endpoints if ep.state is EndpointState.UP]
+            if not up:
+                raise DriverError(
+                    f"no endpoint reachable: {self._faults()}. Start a server or check "
+                    f"--driver-option endpoints."
+                )
+            i = pick_endpoint([ep.load for ep in up], [ep.spec.capacity for ep in up])
+            if i is not None:
+                ep = up[i]
+                ep.load += 1
+                ep.peak = max(ep.peak, ep.load)
+                return ep
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DriverError(
+                    f"every reachable endpoint stayed full for {self.settings.queue_timeout:g} s "
+                    f"({self._faults()})."
+                )
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+
+    def _release(self, ep: _Endpoint) -> None:
+        ep.load -= 1
+        self._notify()
+
+    async def _probe_all(self) -> None:
+        """Check every endpoint now (once, shared by the requests that ask meanwhile)."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(
+                _gather(self._check(ep) for ep in self.endpoints)
+            )
+        await asyncio.shield(self._probe)
+
+    # -- requests
+
+    def start(self, stream: _Stream) -> None:
+        """Register ``stream`` and start its pump (I/O loop)."""
+        rid = stream.request.request_id
+        if rid in self.live:
+            self._send(stream, DriverError(f"Request id {rid!r} is already generating."))
+            return
+        self.live[rid] = stream
+        stream.task = asyncio.get_running_loop().create_task(self._pump(stream))
+
+    def abort(self, request_id: str) -> None:
+        """End ``request_id`` now with ``abort``; closing its HTTP stream makes the
+        server drop the request (I/O loop)."""
+        stream = self.live.get(request_id)
+        if stream is None or stream.done:
+            return
+        self._finish(stream, "abort")
+        if stream.task is not None:
+            stream.task.cancel()
+
+    async def _pump(self, stream: _Stream) -> None:
+        """Run the request on endpoints until it finishes, moving on when one fails."""
+        try:
+            self._replay(stream)
+            failures = 0
+            while not stream.done:
+                ep = await self._acquire()
+                stream.endpoint = ep
+                try:
+                    await self._attempt(ep, stream)
+                except _EndpointFailed as exc:
+                    ep.failures += 1
+                    failures += 1
+                    self._set_down(ep, str(exc))
+                    if failures > self.settings.retries:
+                        raise DriverError(
+                            f"the request failed on {failures} endpoint attempts; the last: "
+                            f"{ep.url}: {exc}"
+                        ) from None
+                    log.warning(
+                        "request %s: %s failed after %d tokens (%s); continuing elsewhere",
+                        stream.request.request_id,
+                        ep.url,
+                        len(stream.output_ids),
+                        exc,
+                    )
+                finally:
+                    stream.endpoint = None
+                    self._release(ep)
+        except asyncio.CancelledError:
+            if not stream.done:  # shutdown
+                self._finish(stream, "abort")
+        except DriverError as exc:
+            self._fail(stream, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure ends this request only
+            log.exception("request %s failed", stream.request.request_id)
+            self._fail(stream, DriverError(f"Generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            self._forget(stream)
+
+    def _replay(self, stream: _Stream) -> None:
+        """Check the prompt's size and put the detokeniser and stop-string state where an
+        uninterrupted run would have them after ``resume_ids`` (already delivered)."""
+        resume = stream.request.resume_ids
+        if not stream.prompt_ids:
+            raise DriverError("The prompt is empty; send at least one token of text.")
+        if self.max_context and len(stream.prompt_ids) >= self.max_context:
+            raise DriverError(
+                f"The prompt is {len(stream.prompt_ids)} tokens but the model's context "
+                f"window is {self.max_context}; shorten the prompt."
+            )
+        if resume and self.max_context and len(stream.prompt_ids) + len(resume) >= self.max_context:
+            raise DriverError(
+                "The prompt plus the tokens already generated fill the context window."
+            )
+        for token in resume:
+            stream.stop_text.push(stream.detok.push(token))
+        stream.output_ids = list(resume)
+
+    def _budget(self, ep: _Endpoint, stream: _Stream) -> int:
+        """Tokens the endpoint may still generate: what max_tokens and its window leave."""
+        budget = stream.request.sampling.max_tokens - len(stream.output_ids)
+        windows = [n for n in (ep.models.get(self.served or ""), self.max_context) if n]
+        if windows:
+            budget = min(budget, min(windows) - len(stream.prompt_ids) - len(stream.output_ids))
+        return budget
+
+    async def _attempt(self, ep: _Endpoint, stream: _Stream) -> None:
+        """One streamed ``/completions`` call on ``ep`` from the tokens so far. Returns
+        with the stream finished; raises _EndpointFailed if the endpoint failed it."""
+        import httpx
+
+        assert self._client is not None
+        budget = self._budget(ep, stream)
+        if budget <= 0:  # max_tokens 0, or a resumed request that is already complete
+            self._finish(stream, "length", stream.stop_text.flush())
+            return
+        try:
+            async with self._client.stream(
+                "POST", f"{ep.url}/completions", json=self._body(stream, budget)
+            ) as response:
+                if response.status_code != 200:
+                    await self._refused(ep, response)
+                async with contextlib.aclosing(response.aiter_lines()) as lines:
+                    async for line in lines:
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        self._take(ep, stream, _chunk(data))
+                        if stream.done:
+                            return  # a stop string: closing the response aborts the request
+        except httpx.HTTPError as exc:
+            if stream.server_finish is None:
+                raise _EndpointFailed(_describe(exc)) from None
+            # The finish arrived; only the usage chunk was lost.
+        if stream.server_finish is None:
+            raise _EndpointFailed("the stream ended without a finish reason")
+        reason = stream.server_finish
+        self._finish(stream, reason, stream.stop_text.flush())
+
+    def _body(self, stream: _Stream, budget: int) -> dict[str, Any]:
+        options = stream.request.sampling
+        greedy = options.temperature <= 0
+        body: dict[str, Any] = {
+            "model": self.served,
+            "prompt": [*stream.prompt_ids, *stream.output_ids],
+            "max_tokens": budget,
+            "temperature": 0.0 if greedy else options.temperature,
+            "top_p": 1.0 if greedy else max(min(options.top_p, 1.0), 1e-6),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if options.seed is not None:
+            body["seed"] = options.seed
+        if self.settings.return_token_ids:
+            body["return_token_ids"] = True  # vLLM's extension: the generated ids, exactly
+        return body
+
+    async def _refused(self, ep: _Endpoint, response: httpx.Response) -> None:
+        """Raise for a non-200 answer: the endpoint's fault (5xx, 408, 429) moves the
+        request elsewhere; any other is the request's fault and ends it."""
+        text = _brief((await response.aread()).decode(errors="replace"))
+        status = response.status_code
+        if status >= 500 or status in (408, 429):
+            raise _EndpointFailed(f"HTTP {status}: {text}")
+        hint = " (check api_key)" if status in (401, 403) else ""
+        raise DriverError(f"{ep.url} refused the request with HTTP {status}{hint}: {text}")
+
+    def _take(self, ep: _Endpoint, stream: _Stream, chunk: dict[str, Any]) -> None:
+        """Apply one streamed chunk: new tokens (and their text), finish reason, usage."""
+        if "error" in chunk and not chunk.get("choices"):
+            raise _EndpointFailed(
+                f"the server reported an error: {_brief(json.dumps(chunk['error']))}"
+            )
+        usage = chunk.get("usage") or {}
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        if isinstance(cached, int):
+            stream.cached_tokens = max(stream.cached_tokens, cached)
+        for choice in chunk.get("choices") or []:
+            ids = choice.get("token_ids")
+            if ids is None and choice.get("text"):
+                ep.exact = False  # no ids from this server: count by tokenising its text
+                text, stopped = self._accept_text(stream, choice["text"])
+            else:
+                text, stopped = self._accept_ids(stream, ids or [])
+            if stopped:
+                self._finish(stream, "stop", text)
+                return
+            if text:
+                self._send(stream, stream.delta(text))
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                if reason == "abort":
+                    raise _EndpointFailed("the server aborted the request")
+                stream.server_finish = "length" if reason == "length" else "stop"
+
+    def _accept_ids(self, stream: _Stream, ids: Iterable[int]) -> tuple[str, bool]:
+        """Record generated ids; return their releasable text and whether a stop string
+        ended the output (ids after the one completing it are dropped)."""
+        released: list[str] = []
+        for token in ids:
+            stream.output_ids.append(token)
+            stream.unsent_ids.append(token)
+            text, stopped = stream.stop_text.push(stream.detok.push(token))
+            released.append(text)
+            if stopped:
+                return "".join(released), True
+        return "".join(released), False
+
+    def _accept_text(self, stream: _Stream, text: str) -> tuple[str, bool]:
+        """A server without token ids: take its text, count tokens by tokenising it."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.output_ids.extend(ids)
+        stream.unsent_ids.extend(ids)
+        return stream.stop_text.push(text)
+
+    def _finish(self, stream: _Stream, reason: FinishReason, text: str = "") -> None:
+        if stream.done:
+            return
+        stream.done = True
+        self._forget(stream)  # before the send: the consumer may reuse the id at once
+        self._send(stream, stream.delta(text, reason))
+
+    def _fail(self, stream: _Stream, error: DriverError) -> None:
+        if stream.done:
+            return
+        stream.done = True
+        self._forget(stream)
+        self._send(stream, error)
+
+    def _forget(self, stream: _Stream) -> None:
+        if self.live.get(stream.request.request_id) is stream:
+            del self.live[stream.request.request_id]
+
+    @staticmethod
+    def _send(stream: _Stream, item: _Item) -> None:
+        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
+            stream.sink(item)
+
+
+async def _gather(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
+    await asyncio.gather(*coros)
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise _EndpointFailed(f"the server sent a line that is not JSON: {_brief(data)}") from None
+    if not isinstance(chunk, dict):
+        raise _EndpointFailed(f"the server sent an unexpected chunk: {_brief(data)}")
+    return chunk
+
+
+def _whole(value: Any) -> int | None:
+    """A positive whole number from a server's JSON, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _brief(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    """A transport failure in words (httpx's messages are sometimes empty)."""
+    import httpx
+
+    kind = {
+        httpx.ConnectError: "cannot connect",
+        httpx.ConnectTimeout: "connect timed out",
+        httpx.ReadTimeout: "no data within the read timeout",
+        httpx.RemoteProtocolError: "the connection broke",
+        httpx.ReadError: "the connection broke",
+    }.get(type(exc), type(exc).__name__)
+    detail = str(exc)
+    return f"{kind}: {_brief(detail, 120)}" if detail else kind
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class OpenAIDriver(Driver):
+    """Generates on one or more OpenAI-compatible servers; their capacities are its slots.
+
+    Args:
+        model: the local Hugging Face folder of the model the servers serve (its
+            tokenizer and chat template are used here); None means the packaged
+            SmolLM2-135M-Instruct.
+        endpoints: base URLs (``http://host:8000/v1``), a list or one comma-separated
+            string; ``URL#N`` gives an endpoint capacity N. None: ``$LLMOS_OPENAI_ENDPOINTS``,
+            else ``http://127.0.0.1:8000/v1``.
+        capacity: sequences run at once on each endpoint: one number for all, or one per
+            endpoint (``"8,4"``).
+        slots: the capacity of an endpoint given none (the kernel passes ``--slots``).
+        served_model: the model name the servers serve; None asks ``/v1/models``.
+        api_key: sent as ``Authorization: Bearer``; None reads ``$LLMOS_OPENAI_API_KEY``,
+            then ``$OPENAI_API_KEY``.
+        return_token_ids: ask for the generated token ids (vLLM's ``return_token_ids``);
+            turn off for a server that rejects the field (then counts and resumes are
+            approximate: tokens come from tokenising the server's text).
+        max_context: the context window in tokens; None takes the smallest
+            ``max_model_len`` the endpoints report, else the model's config.
+        connect_timeout / read_timeout: seconds to connect, and to wait for the next
+            streamed bytes, before an endpoint counts as failed.
+        load_timeout: seconds ``load()`` waits for the first endpoint to answer.
+        health_interval: seconds between checks of a healthy endpoint.
+        retries: endpoints a request may move to after failures (the first try aside).
+        queue_timeout: seconds a request waits for room when every healthy endpoint is full.
+        transport: (Python API only) an ``httpx`` transport, for tests.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        endpoints: str | Sequence[str] | None = None,
+        capacity: int | str | Sequence[int] | None = None,
+        slots: int = 4,
+        served_model: str | None = None,
+        api_key: str | None = None,
+        return_token_ids: bool = True,
+        max_context: int | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 120.0,
+        load_timeout: float = 120.0,
+        health_interval: float = 5.0,
+        retries: int = 2,
+        queue_timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("read_timeout", read_timeout),
+            ("load_timeout", load_timeout),
+            ("health_interval", health_interval),
+            ("queue_timeout", queue_timeout),
+        ):
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
+        if max_context is not None and max_context < 2:
+            raise ValueError(f"max_context must be at least 2, got {max_context}")
+        if endpoints is None:
+            endpoints = os.environ.get(ENDPOINTS_ENV) or DEFAULT_ENDPOINT
+        self._specs = parse_endpoints(endpoints, capacity, slots)
+        if api_key is None:
+            api_key = next((os.environ[k] for k in API_KEY_ENVS if os.environ.get(k)), None)
+        self._settings = _Settings(
+            served_model=str(served_model) if served_model is not None else None,
+            api_key=str(api_key) if api_key is not None else None,
+            return_token_ids=bool(return_token_ids),
+            connect_timeout=float(connect_timeout),
+            read_timeout=float(read_timeout),
+            health_interval=float(health_interval),
+            retries=int(retries),
+            queue_timeout=float(queue_timeout),
+        )
+        self._model_arg = model
+        self._max_context_arg = max_context
+        self._load_timeout = float(load_timeout)
+        self._transport = transport
+        self._state: DriverState = "unloaded"
+        self._detail = ""
+        self._max_context = 0
+        self._io: _IoLoop | None = None
+        self._pool: _Pool | None = None
+        self._encoder: _PromptEncoder | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def slots(self) -> int:
+        """Sequences run at once: every configured endpoint's capacity summed. Constant,
+        because the kernel sizes its scheduler once; while an endpoint is down, requests
+        beyond the healthy endpoints' room wait in the driver (``queue_timeout``)."""
+        return sum(s.capacity for s in self._specs)
+
+    def endpoints(self) -> tuple[EndpointView, ...]:
+        """A snapshot of each endpoint: state, load, peak load, last error."""
+        pool = self._pool
+        if pool is None:
+            return tuple(
+                EndpointView(s.url, s.capacity, EndpointState.UNKNOWN, 0, 0, "", None, True, 0)
+                for s in self._specs
+            )
+        return tuple(ep.view(pool.served) for ep in pool.endpoints)
+
+    def healthy_slots(self) -> int:
+        """The capacity of the endpoints that are up now."""
+        return sum(v.capacity for v in self.endpoints() if v.state is EndpointState.UP)
+
+    def serving(self, request_id: str) -> str | None:
+        """The URL of the endpoint running ``request_id`` now (None: waiting, or unknown)."""
+        pool = self._pool
+        stream = pool.live.get(request_id) if pool is not None else None
+        endpoint = stream.endpoint if stream is not None else None
+        return endpoint.url if endpoint is not None else None
+
+    def live_request_ids(self) -> frozenset[str]:
+        """Requests submitted and not finished yet (a snapshot; for tests and tools)."""
+        return frozenset(self._pool.live) if self._pool is not None else frozenset()
+
+    # -- life
+
+    async def load(self, progress: Progress | None = None) -> None:
+        """Load the tokenizer and wait (``load_timeout``) until an endpoint answers.
+
+        Raises :class:`DriverError` naming each endpoint's fault if none does; the state
+        is then ``failed``.
+        """
+        if self._state in ("ready", "loading"):
+            return
+        self._state, self._detail = "loading", ""
+        caller = asyncio.get_running_loop()
+
+        def note(description: str, fraction: float | None) -> None:
+            self._detail = description if fraction is None else f"{description} ({fraction:.0%})"
+            if progress is not None:
+                progress(description, fraction)
+
+        def report(description: str, fraction: float | None) -> None:
+            caller.call_soon_threadsafe(note, description, fraction)
+
+        try:
+            path = await asyncio.to_thread(_resolve_model_dir, self._model_arg, report)
+            tokenizer, config_context = await asyncio.to_thread(_load_tokenizer, path)
+            report(f"Waiting for {len(self._specs)} endpoint(s)", None)
+            await self._close_pool()
+            io = self._io or _IoLoop()
+            self._io = io
+            pool = _Pool(self._specs, self._settings, tokenizer, self._transport)
+            await io.run(pool.open())
+            self._pool = pool
+            await io.run(pool.wait_until_up(self._load_timeout, report))
+        except (DriverError, asyncio.CancelledError) as exc:
+            self._state, self._detail = "failed", str(exc) or "load cancelled"
+            raise
+        except Exception as exc:
+            self._state, self._detail = "failed", str(exc)
+            raise DriverError(f"The openai driver failed to load: {exc}") from exc
+        self._max_context = self._max_context_arg or pool.max_context or config_context
+        if not self._max_context:
+            self._max_context = FALLBACK_CONTEXT
+            log.warning(
+                "no endpoint reports max_model_len and %s has no max_position_embeddings; "
+                "assuming a %d-token window (set --driver-option max_context=N)",
+                path, FALLBACK_CONTEXT,
+            )  # fmt: skip
+        pool.max_context = self._max_context
+        self._tokenizer = tokenizer
+        self._encoder = _PromptEncoder(tokenizer)
+        self._state = "ready"
+        note(
+            f"{pool.served} on {sum(1 for v in self.endpoints() if v.state is EndpointState.UP)}"
+            f"/{len(self._specs)} endpoints",
+            1.0,
+        )
+
+    async def shutdown(self) -> None:
+        """End live requests with ``abort``, close connections, stop the I/O thread."""
+        await self._close_pool()
+        io, self._io = self._io, None
+        if io is not None:
+            await asyncio.to_thread(io.stop)
+        self._encoder = self._tokenizer = None
+        self._state, self._detail = "unloaded", ""
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None and self._io is not None:
+            with contextlib.suppress(Exception):
+                await self._io.run(pool.close())
+
+    # -- info
+
+    def info(self) -> ModelInfo:
+        """Driver, served model, context window, slots, state; ``detail`` lists each
+        endpoint with its state and load (``url up 1/4``)."""
+        pool = self._pool
+        model = (pool.served if pool is not None else None) or self._settings.served_model
+        detail = self._detail
+        if self._state == "ready":
+            detail = "; ".join(_describe_endpoint(v) for v in self.endpoints())
+        return ModelInfo(
+            driver=self.name,
+            model=model or self._model_arg or packaged.MODEL_NAME,
+            max_context=self._max_context,
+            slots=self.slots,
+            state=self._state,
+            detail=detail,
+        )
+
+    async def count_tokens(self, prompt: list[Message] | str) -> int:
+        """Tokens ``prompt`` occupies, exactly as ``generate`` reports ``prompt_tokens``."""
+        encoder = self._ready()[1]
+        return len(await asyncio.to_thread(encoder.encode, prompt))
+
+    # -- generation
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas for ``request``; the last has ``finish_reason`` and final usage.
+
+        Stopping iteration early (``aclose``, cancellation) aborts the request.
+        Raises :class:`DriverError` if the request fails on every endpoint it tries.
+        """
+        pool, encoder = self._ready()
+        assert self._io is not None and self._tokenizer is not None
+        io = self._io
+        prompt_ids = await asyncio.to_thread(encoder.encode, request.prompt)
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+        def sink(item: _Item) -> None:
+            caller.call_soon_threadsafe(queue.put_nowait, item)
+
+        stream = _Stream(
+            request,
+            sink,
+            prompt_ids,
+            _Detokenizer(self._tokenizer),
+            _StopText(request.sampling.stop),
+        )
+        io.call(lambda: pool.start(stream))
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, DriverError):
+                    done = True
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+        finally:
+            if not done:
+                io.call(lambda: pool.abort(request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        """End ``request_id`` at once (its stream ends with ``abort``) and close its HTTP
+        stream, which makes the server drop it. Unknown or finished ids are ignored."""
+        pool, io = self._pool, self._io
+        if pool is not None and io is not None:
+            io.call(lambda: pool.abort(request_id))
+
+    def _ready(self) -> tuple[_Pool, _PromptEncoder]:
+        pool, encoder = self._pool, self._encoder
+        if pool is None or encoder is None or self._state != "ready":
+            raise DriverError(
+                f"The openai driver is {self._state}, not ready"
+                + (f" ({self._detail})." if self._detail else "; call load() first.")
+            )
+        return pool, encoder
+
+
+def _describe_endpoint(view: EndpointView) -> str:
+    text = f"{view.url} {view.state.value} {view.load}/{view.capacity}"
+    if not view.exact:
+        text += " (no token ids: approximate counts)"
+    return text + (f" ({view.error})" if view.error else "")
+
+
+def _load_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, int]:
+    """The folder's tokenizer and its config's context length (blocking; off the loop)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise DriverError(
+            f"Could not load the tokenizer from {path}: {exc}. The openai driver tokenises "
+            f"locally: pass --model the folder of the model the servers serve."
+        ) from exc
+    try:
+        config = json.loads((path / "config.json").read_text())
+        context = int(config.get("max_position_embeddings") or 0)
+    except (OSError, ValueError, TypeError):
+        context = 0
+    return tokenizer, context
