@@ -30,6 +30,7 @@ class Errno(StrEnum):
     ESHUTDOWN = "ESHUTDOWN"
     ECONNREFUSED = "ECONNREFUSED"
     EDQUOT = "EDQUOT"
+    ENOTSUP = "ENOTSUP"
 
     @property
     def sentence(self) -> str:
@@ -56,6 +57,7 @@ _SENTENCES: dict[Errno, str] = {
     Errno.ESHUTDOWN: "the kernel is shutting down",
     Errno.ECONNREFUSED: "no kernel answers at that endpoint",
     Errno.EDQUOT: "a quota (limit set at spawn) is exhausted",
+    Errno.ENOTSUP: "the model's driver does not support that option",
 }
 
 
