@@ -132,7 +132,10 @@ def test_sampled_json_schema_output_always_validates(driver: CpuDriver, seed: in
 
 
 def test_json_object_output_is_a_json_object(driver: CpuDriver) -> None:
-    text, _, last = generate(driver, ASK_PERSON, ResponseFormat("json_object"), max_tokens=96)
+    prompt = [
+        {"role": "user", "content": "Give a JSON object with keys city and country for Paris."}
+    ]
+    text, _, last = generate(driver, prompt, ResponseFormat("json_object"), max_tokens=48)
     assert last.finish_reason == "stop", text
     assert isinstance(json.loads(text), dict)
 
