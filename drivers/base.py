@@ -156,6 +156,12 @@ class Driver(abc.ABC):
         """Stop ``request_id`` within one decoding step; its stream then ends with
         ``finish_reason == "abort"``. Unknown or finished ids are ignored."""
 
+    @property
+    def resumes_formats(self) -> bool:
+        """Whether a constrained generation resumes exactly after a preemption (its
+        grammar continues after ``resume_ids``); the kernel never preempts one otherwise."""
+        return True
+
     async def prepare_format(self, response_format: ResponseFormat) -> None:
         """Check ``response_format`` (and compile it, where the driver caches compiled
         grammars) before a generation uses it, off the event loop.

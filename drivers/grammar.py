@@ -193,9 +193,8 @@ class Constraint:
 
         row = logits if logits.dtype == torch.float32 else logits.float()
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        xgr.apply_token_bitmask_inplace(
-            row.unsqueeze(0), self._bitmask, vocab_size=self._vocab_size
-        )
+        bitmask = self._bitmask.to(row.device, non_blocking=True)  # a no-op on the CPU
+        xgr.apply_token_bitmask_inplace(row.unsqueeze(0), bitmask, vocab_size=self._vocab_size)
         if row.shape[-1] > self._vocab_size:  # padded logits: the padding is never a token
             row[self._vocab_size :] = -float("inf")
         if not torch.isfinite(row).any():

@@ -255,6 +255,8 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
                        expected: int) -> Delta:
     """Hold a slot for one uninterrupted stretch of generation; return the last delta."""
     slot = await k.scheduler.acquire(proc, expected_tokens=max(expected - len(gen.out_ids), 1))
+    # A constrained generation on a driver that cannot resume its grammar keeps its slot.
+    preemptible = gen.sampling.response_format is None or driver.resumes_formats
     rid = f"{proc.pid}.{next(_request_ids)}"
     resumed = len(gen.out_ids)
     request = GenerationRequest(rid, gen.prompt, gen.sampling, priority=-proc.nice, resume_ids=list(gen.out_ids))
@@ -280,7 +282,12 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
                     if gen.stream:
                         gen.send_text(call, delta.text)
                 last = delta
-                if delta.finish_reason is None and not gen.preempted and k.scheduler.should_preempt(slot):
+                if (
+                    delta.finish_reason is None
+                    and not gen.preempted
+                    and preemptible
+                    and k.scheduler.should_preempt(slot)
+                ):
                     gen.preempted = True
                     driver.abort(rid)  # the stream ends with "abort" within one step
         finally:
