@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from drivers.base import DriverError, FormatError, ResponseFormat
+from drivers.base import DriverError, FormatError, ResponseFormat, UnsupportedError
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,7 @@ _XGR_CHECK = re.compile(r"^Check failed: .*? is false: ")
 
 def to_grammar(fmt: ResponseFormat) -> xgr.Grammar:
     """The format's grammar; :class:`FormatError` says what is wrong with an invalid one."""
-    import xgrammar as xgr
+    xgr = _xgrammar()
 
     if "\x00" in fmt.spec or any("\x00" in c for c in fmt.choices):
         raise FormatError(f"the {fmt.type} must not contain a NUL character")
@@ -83,6 +83,18 @@ _NAMES = {
     "regex": "regular expression",
     "grammar": "EBNF grammar",
 }
+
+
+def _xgrammar() -> Any:
+    """The xgrammar module, or :class:`UnsupportedError` saying how to get it."""
+    try:
+        import xgrammar
+    except ImportError as exc:
+        raise UnsupportedError(
+            f"structured output needs xgrammar, which failed to import ({exc}); install the "
+            f"project's dependencies (bash scripts/setup.sh)"
+        ) from None
+    return xgrammar
 
 
 def choice_ebnf(choices: Iterable[str]) -> str:
