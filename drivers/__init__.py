@@ -14,11 +14,14 @@ from drivers.base import (
     Driver,
     DriverError,
     FinishReason,
+    FormatError,
     GenerationRequest,
     Message,
     ModelInfo,
     Progress,
+    ResponseFormat,
     SamplingOptions,
+    UnsupportedError,
 )
 
 __all__ = [
@@ -27,11 +30,14 @@ __all__ = [
     "Driver",
     "DriverError",
     "FinishReason",
+    "FormatError",
     "GenerationRequest",
     "Message",
     "ModelInfo",
     "Progress",
+    "ResponseFormat",
     "SamplingOptions",
+    "UnsupportedError",
     "make_driver",
 ]
 

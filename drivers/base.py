@@ -28,6 +28,35 @@ class DriverError(Exception):
     """A driver failed in a way the kernel reports to the caller as ``EIO``."""
 
 
+class FormatError(DriverError):
+    """A response format (schema, regex, grammar) is invalid or cannot be compiled: the
+    caller's mistake, reported as ``EINVAL`` with the sentence saying what is wrong."""
+
+
+class UnsupportedError(DriverError):
+    """The driver cannot do what the request asks (e.g. constrain its output): ``ENOTSUP``."""
+
+
+#: Kinds of structured output: a JSON Schema, any JSON object, one of fixed strings, a
+#: regular expression, or an EBNF grammar (xgrammar's dialect, with a ``root`` rule).
+FormatType = Literal["json_schema", "json_object", "choice", "regex", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """A formal language the output must belong to (structured output).
+
+    ``spec`` is the language's source: the JSON Schema as JSON text (``json_schema``),
+    the regular expression (``regex``) or the EBNF grammar (``grammar``); empty for
+    ``json_object`` and ``choice``, whose ``choices`` lists the allowed outputs. Hashable:
+    drivers cache compiled grammars by it.
+    """
+
+    type: FormatType
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingOptions:
     """How to pick tokens. ``temperature == 0`` means greedy (deterministic)."""
@@ -37,6 +66,8 @@ class SamplingOptions:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: Constrain the output to this language (None: free text).
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(slots=True)
@@ -124,6 +155,24 @@ class Driver(abc.ABC):
     def abort(self, request_id: str) -> None:
         """Stop ``request_id`` within one decoding step; its stream then ends with
         ``finish_reason == "abort"``. Unknown or finished ids are ignored."""
+
+    @property
+    def resumes_formats(self) -> bool:
+        """Whether a constrained generation resumes exactly after a preemption (its
+        grammar continues after ``resume_ids``); the kernel never preempts one otherwise."""
+        return True
+
+    async def prepare_format(self, response_format: ResponseFormat) -> None:
+        """Check ``response_format`` (and compile it, where the driver caches compiled
+        grammars) before a generation uses it, off the event loop.
+
+        Raises :class:`FormatError` if it is invalid and :class:`UnsupportedError` if
+        this driver cannot constrain its output (the default).
+        """
+        raise UnsupportedError(
+            f"the {self.name} driver cannot constrain its output (response_format); "
+            f"use the cpu or vllm driver"
+        )
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the model and worker threads."""

@@ -12,6 +12,10 @@ Shape (after vLLM's engine core, scaled down to one thread):
   the decoding sequences' caches merged, left-padded, re-laid out only when one joins
   or leaves). Aborts therefore land within one step.
 * Deltas go back with ``loop.call_soon_threadsafe``, so the loop never waits on torch.
+* Structured output (``response_format``): the front end compiles the format's grammar
+  on a worker thread before submitting (``drivers.grammar``, cached per format), so a
+  slow compile never holds the engine; each constrained sequence then has its own
+  matcher, which masks that sequence's logits before sampling, in the batched step too.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from drivers.base import (
     Message,
     ModelInfo,
     Progress,
+    ResponseFormat,
     SamplingOptions,
 )
+from drivers.grammar import Constraint, GrammarCache
 
 if TYPE_CHECKING:
     import torch
@@ -191,6 +197,10 @@ class _Sequence:
     orphaned: bool = False
     #: Prompt/resumed tokens whose KV came from the prefix cache.
     cached_tokens: int = 0
+    #: The compiled grammar of the request's response format (None: free text), and the
+    #: sequence's matcher over it once it runs.
+    grammar: Any = None
+    constraint: Constraint | None = None
 
     @property
     def request_id(self) -> str:
@@ -217,6 +227,8 @@ class _LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     eos_ids: frozenset[int]
     max_context: int
+    #: Width of the model's logits (may exceed the tokenizer's vocabulary).
+    vocab_size: int
 
 
 class _PromptEncoder:
@@ -290,6 +302,7 @@ def _load_model(model: str | None, dtype: str, progress: Progress) -> _LoadedMod
         tokenizer=tokenizer,
         eos_ids=_eos_ids(net, tokenizer),
         max_context=int(getattr(net.config, "max_position_embeddings", 2048)),
+        vocab_size=int(net.get_output_embeddings().weight.shape[0]),
     )
 
 
@@ -491,6 +504,7 @@ class _Engine:
         self._tokenizer = loaded.tokenizer
         self._eos_ids = loaded.eos_ids
         self._max_context = loaded.max_context
+        self._vocab_size = loaded.vocab_size
         self._encoder = encoder
         self._slots = slots
         self._threads = threads
@@ -515,14 +529,15 @@ class _Engine:
 
     # -- called from the loop thread
 
-    def submit(self, request: GenerationRequest, sink: _Sink) -> None:
-        """Queue ``request``; its deltas go to ``sink`` (called on the engine thread)."""
+    def submit(self, request: GenerationRequest, sink: _Sink, grammar: Any = None) -> None:
+        """Queue ``request``; its deltas go to ``sink`` (called on the engine thread).
+        ``grammar``: its response format, compiled (None: free text)."""
         with self._cond:
             if self._stopping:
                 raise DriverError("The cpu driver is shut down; load it again to generate.")
             if request.request_id in self._live:
                 raise DriverError(f"Request id {request.request_id!r} is already generating.")
-            seq = _Sequence(request, sink, next(self._arrivals))
+            seq = _Sequence(request, sink, next(self._arrivals), grammar=grammar)
             self._live[request.request_id] = seq
             self._inbox.append(seq)
             self._cond.notify()
@@ -609,6 +624,8 @@ class _Engine:
         seq.cache = DynamicCache(config=self._model.config)
         seq.detok = _Detokenizer(self._tokenizer)
         seq.stop_text = _StopText(seq.options.stop)
+        if seq.grammar is not None:
+            seq.constraint = Constraint(seq.grammar, self._vocab_size)
         resume = list(seq.request.resume_ids)
         if resume:
             self._replay(seq, resume)
@@ -638,6 +655,8 @@ class _Engine:
             raise DriverError("The prompt plus the tokens already generated fill the context window.")
         for token in resume:
             seq.stop_text.push(seq.detok.push(token))
+        if seq.constraint is not None:  # the matcher, too, continues after the resumed tokens
+            seq.constraint.replay(resume)
         seq.output_ids = list(resume)
 
     def _step(self) -> None:
@@ -694,6 +713,8 @@ class _Engine:
         return out.logits[0, -1]
 
     def _sample_and_accept(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        if seq.constraint is not None:  # only this sequence's row: others stay free
+            logits = seq.constraint.mask(logits)
         self._accept(seq, _sample(logits, seq.options, seq.rng))
 
     def _accept(self, seq: _Sequence, token: int) -> None:
@@ -702,7 +723,9 @@ class _Engine:
         seq.unsent_ids.append(token)
         seq.pending = [token]
         assert seq.detok is not None and seq.stop_text is not None
-        if token in self._eos_ids:
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        if token in self._eos_ids or (seq.constraint is not None and seq.constraint.terminated):
             self._finish(seq, SeqStatus.FINISHED_STOPPED)
             return
         text, stopped = seq.stop_text.push(seq.detok.push(token))
@@ -831,6 +854,7 @@ class CpuDriver(Driver):
         self._memory_bytes: int | None = None  # parameter bytes, once loaded
         self._engine: _Engine | None = None
         self._encoder: _PromptEncoder | None = None
+        self._grammars: GrammarCache | None = None
 
     @property
     def slots(self) -> int:
@@ -881,6 +905,7 @@ class CpuDriver(Driver):
         self._max_context = loaded.max_context
         self._memory_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         self._encoder = _PromptEncoder(loaded.tokenizer)
+        self._grammars = GrammarCache(loaded.tokenizer, loaded.vocab_size, loaded.eos_ids)
         self._engine = _Engine(loaded, self._encoder, self._slots, self._threads, self._prefix_cache_tokens)
         self._engine.start()
         self._state = "ready"
@@ -911,13 +936,16 @@ class CpuDriver(Driver):
         Raises :class:`DriverError` if the request fails.
         """
         engine = self._ready()[0]
+        fmt = request.sampling.response_format
+        # Compiled here, off the engine thread: a slow grammar never holds other sequences.
+        grammar = await self._grammar_cache().compile_async(fmt) if fmt is not None else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
 
         def sink(item: _Item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        engine.submit(request, sink)
+        engine.submit(request, sink, grammar)
         done = False
         try:
             while not done:
@@ -931,6 +959,15 @@ class CpuDriver(Driver):
             if not done:
                 engine.abort(request.request_id)
 
+    async def prepare_format(self, response_format: ResponseFormat) -> None:
+        """Compile ``response_format`` for this model (cached), on a worker thread.
+        Raises :class:`FormatError` saying what is wrong with an invalid one."""
+        await self._grammar_cache().compile_async(response_format)
+
+    def grammar_compiles(self) -> int:
+        """Grammars compiled so far (each distinct format once, while it stays cached)."""
+        return self._grammars.compiles if self._grammars is not None else 0
+
     def abort(self, request_id: str) -> None:
         """End ``request_id`` before its next step (stream ends with ``abort``)."""
         if self._engine is not None:
@@ -939,9 +976,15 @@ class CpuDriver(Driver):
     async def shutdown(self) -> None:
         """Stop the engine thread (live requests end with ``abort``) and drop the model."""
         engine, self._engine, self._encoder = self._engine, None, None
+        self._grammars = None
         if engine is not None:
             await asyncio.to_thread(engine.stop)
         self._state, self._detail, self._memory_bytes = "unloaded", "", None
+
+    def _grammar_cache(self) -> GrammarCache:
+        self._ready()
+        assert self._grammars is not None
+        return self._grammars
 
     def _ready(self) -> tuple[_Engine, _PromptEncoder]:
         if self._engine is None or self._encoder is None or self._state != "ready":

@@ -11,7 +11,8 @@ function of the prompt, as with a real model. It never emits EOS on its own: a
 generation ends at ``max_tokens``, after ``eos_after`` tokens if set, or where the
 prompt asks: the last message (or raw prompt) containing ``<sim:reply=N>`` makes it stop
 ("stop", as at EOS) after ``N`` tokens, so a benchmark can give every answer its own
-length without revealing it to the scheduler through ``max_tokens``.
+length without revealing it to the scheduler through ``max_tokens``. Having no tokenizer,
+it cannot constrain its output: a ``response_format`` is refused (``UnsupportedError``).
 
 Timing model, per slot (slots do not slow each other down):
 
@@ -148,6 +149,8 @@ class SimDriver(Driver):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         rid, opts = request.request_id, request.sampling
+        if opts.response_format is not None:
+            await self.prepare_format(opts.response_format)  # refuses: no tokenizer, no grammar
         n_prompt = self._count(request.prompt)
         digest = hashlib.sha256(repr(request.prompt).encode()).hexdigest()
         start = int(digest[:6], 16)

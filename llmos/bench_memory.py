@@ -36,6 +36,10 @@ from llmos.private import PrivateKernel
 
 err = Console(stderr=True)
 
+#: The program namespace the entries live in: a later run with the same --state-dir
+#: (a new process of a new program with the same namespace name) finds them.
+NS = "bench-memory"
+
 _SUBJECTS = ["The customer", "Our warehouse", "The new policy", "A delivery driver", "The support team",
              "The quarterly report", "My neighbour's cat", "The database server", "A small bakery", "The museum"]
 _VERBS = ["announced", "refused", "described", "forgot", "shipped", "repaired", "questioned", "celebrated",
@@ -68,7 +72,7 @@ def _fill(p: Process, have: int, want: int, rng: random.Random, progress: Progre
     for start in range(have, want, batch):
         n = min(batch, want - start)
         entries = [{"text": _sentence(rng, i), "metadata": {"kind": i % 10}} for i in range(start, start + n)]
-        res = p.call("mem.put", {"entries": entries}, deadline_ms=600_000)
+        res = p.call("mem.put", {"entries": entries, "namespace": NS}, deadline_ms=600_000)
         embed_s += res["embed_s"]
         progress.advance(task, n)
     wall = time.perf_counter() - t0
@@ -82,17 +86,18 @@ def _measure_size(p: Process, size: int, searches: int, puts: int, rng: random.R
     ids = []
     for i in range(puts):
         s = time.perf_counter()
-        res = p.call("mem.put", {"entries": [{"text": _sentence(rng, size + i), "metadata": {"kind": 99}}]})
+        res = p.call("mem.put", {"entries": [{"text": _sentence(rng, size + i), "metadata": {"kind": 99}}],
+                                 "namespace": NS})
         put_lat.append(time.perf_counter() - s)
         put_embed.append(res["embed_s"])
         ids.extend(res["ids"])
-    p.call("mem.delete", {"ids": ids})  # keep the size exact
+    p.call("mem.delete", {"ids": ids, "namespace": NS})  # keep the size exact
     row |= {"put_p50_ms": _ms(_pct(put_lat, 0.5)), "put_p99_ms": _ms(_pct(put_lat, 0.99)),
             "put_embed_p50_ms": _ms(_pct(put_embed, 0.5)), "puts_per_s": round(puts / sum(put_lat), 1)}
     for label, filt in (("search", None), ("filtered", {"kind": 3})):
         lat, emb, srch = [], [], []
         for i in range(searches):
-            args: dict[str, Any] = {"query": _QUERIES[i % len(_QUERIES)], "k": 10}
+            args: dict[str, Any] = {"query": _QUERIES[i % len(_QUERIES)], "k": 10, "namespaces": [NS]}
             if filt:
                 args["filter"] = filt
             s = time.perf_counter()
@@ -123,12 +128,12 @@ def bench_memory(args: argparse.Namespace) -> int:
         try:
             with kernel.admin() as admin:
                 # A named namespace: a later run on the same --state-dir finds the entries.
-                p = admin.spawn("bench-memory", namespace="bench-memory")
+                p = admin.spawn("bench-memory", namespace=NS)
                 with err.status("loading the embedding model"):
-                    p.memory.search("warm up")
+                    p.memory_of(NS).search("warm up")
                 have = json.loads(marker.read_text())["entries"] if marker.exists() else 0
                 if have == 0:
-                    p.memory.put("warm-up entry")
+                    p.memory_of(NS).put("warm-up entry")
                     have = 1
                 with Progress(console=err, transient=True) as progress:
                     for size in sizes:

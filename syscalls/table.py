@@ -58,7 +58,8 @@ SYSCALLS: dict[str, SyscallSpec] = dict([
          "Change the priority of the caller or a descendant (never above the caller's).",
          needs_process=False),
     _row("llm.generate", m.GenerateArgs, m.GenerateResult,
-         [Errno.E2BIG, Errno.EDQUOT, Errno.ECANCELED, Errno.EBUSY, Errno.EIO, Errno.EAGAIN],
+         [Errno.E2BIG, Errno.EDQUOT, Errno.ECANCELED, Errno.EBUSY, Errno.EIO, Errno.EAGAIN,
+          Errno.ENOTSUP],
          "Generate with the process's model: chat turns (kept in its context) or raw text.",
          chunk=m.GenerateChunk),
     _row("ctx.get", m.CtxGetArgs, m.CtxGetResult, [Errno.ESRCH, Errno.EPERM],
@@ -184,7 +185,7 @@ def describe_model(model: type[BaseModel]) -> str:
     """``name: type = default`` for each field, for the generated table."""
     parts = []
     for name, field in model.model_fields.items():
-        text = f"{name}: {type_name(field.annotation)}"
+        text = f"{field.alias or name}: {type_name(field.annotation)}"
         if not field.is_required():
             default = field.get_default(call_default_factory=True)
             text += f" = {default!r}"

@@ -3,6 +3,7 @@ slots never leaked; starvation freedom on the simulator (a scheduling invariant)
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,28 @@ def test_preempted_generations_yield_exactly_the_uninterrupted_text(rr: Daemon) 
         assert all(r.switch_prefill_tokens > 0 for r in preempted)
         assert admin.info().models[0].busy == 0
         assert admin.info().policy == "rr"
+
+
+FORMATS = [
+    {"type": "json_schema", "schema": {"type": "object", "properties": {
+        "day": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}}, "required": ["day", "n"]}},
+    {"type": "regex", "pattern": r"[A-Z][a-z]+(, [A-Z][a-z]+){2,4}\."},
+    {"type": "json_object"},
+]
+
+
+def test_preempted_constrained_generations_yield_exactly_the_uninterrupted_text(rr: Daemon) -> None:
+    with rr.admin() as admin:
+        jobs = list(zip(PROMPTS, FORMATS, strict=True))
+        solo = [admin.spawn("solo").generate(prompt=q, response_format=f, max_tokens=24, **GREEDY)
+                for q, f in jobs]
+        procs = [admin.spawn(f"c{i}") for i in range(len(jobs))]
+        runs = [InThread(lambda p=p, q=q, f=f: p.generate(prompt=q, response_format=f, max_tokens=24, **GREEDY))
+                for p, (q, f) in zip(procs, jobs, strict=True)]
+        for alone, res in zip(solo, [r.result() for r in runs], strict=True):
+            assert (res.text, res.usage.output_tokens) == (alone.text, alone.usage.output_tokens)
+        assert any(row.preemptions > 0 for row in admin.ps() if row.pid in {p.pid for p in procs})
+        assert solo[0].finish_reason != "stop" or json.loads(solo[0].text)["n"] is not None
 
 
 def test_the_output_token_quota_clips_then_refuses(spawn, admin: Client) -> None:

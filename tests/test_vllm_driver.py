@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import json
 import os
+import re
 import signal
 import time
 from collections.abc import Coroutine, Iterator
@@ -23,7 +25,16 @@ from typing import Any, TypeVar
 import pytest
 
 from drivers import DRIVERS, make_driver, packaged
-from drivers.base import Delta, DriverError, GenerationRequest, Message, SamplingOptions
+from drivers.base import (
+    Delta,
+    DriverError,
+    FormatError,
+    GenerationRequest,
+    Message,
+    ResponseFormat,
+    SamplingOptions,
+)
+from drivers.grammar import schema_text
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip(
@@ -32,6 +43,7 @@ if importlib.util.find_spec("vllm") is None:
     )
 
 from drivers.vllm import VllmDriver, _import_vllm, _version_supported  # noqa: E402
+from syscalls import errors  # noqa: E402
 from tests.conftest import InThread  # noqa: E402
 from tests.kernels import Daemon  # noqa: E402
 
@@ -408,6 +420,97 @@ def test_bad_options_are_refused_at_construction() -> None:
         make_driver("vllm", scheduling_policy="lottery")
 
 
+# ------------------------------------------------------------------ structured output
+
+PERSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "colour": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["name", "age", "colour"],
+}
+PERSON = ResponseFormat("json_schema", schema_text(PERSON_SCHEMA))
+ASK_PERSON: list[Message] = [
+    {"role": "user", "content": "Describe a person as JSON: name, age, favourite colour."}
+]
+PHONE = r"\(\d{3}\) \d{3}-\d{4}"
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_json_schema_output_parses_and_validates(driver: VllmDriver, seed: int | None) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    sampling = {"temperature": 0} if seed is None else {"temperature": 1.0, "seed": seed}
+    res = generate(driver, ASK_PERSON, response_format=PERSON, max_tokens=64, **sampling)
+    assert res.final.finish_reason == "stop", res.text
+    jsonschema.validate(json.loads(res.text), PERSON_SCHEMA)
+
+
+def test_choice_regex_grammar_and_json_object_outputs_are_in_their_languages(
+    driver: VllmDriver,
+) -> None:
+    ask = [{"role": "user", "content": "Is the sea blue?"}]
+    choice = generate(driver, ask, response_format=ResponseFormat("choice", choices=("yes", "no")))
+    assert choice.text in ("yes", "no")
+    phone = [{"role": "user", "content": "Give me a US phone number."}]
+    regex = generate(driver, phone, response_format=ResponseFormat("regex", PHONE))
+    assert re.fullmatch(PHONE, regex.text), regex.text
+    yes_no = ResponseFormat("grammar", 'root ::= "Answer: " ("yes" | "no") "."')
+    assert generate(driver, ask, response_format=yes_no).text in ("Answer: yes.", "Answer: no.")
+    paris = [
+        {"role": "user", "content": "Give a JSON object with keys city and country for Paris."}
+    ]
+    obj = generate(driver, paris, response_format=ResponseFormat("json_object"), max_tokens=48)
+    assert obj.final.finish_reason == "stop" and isinstance(json.loads(obj.text), dict), obj.text
+
+
+@pytest.mark.parametrize("points", [[1], [4, 3], [2, 2, 2, 2]])
+def test_a_preempted_constrained_generation_equals_uninterrupted(
+    driver: VllmDriver, points: list[int]
+) -> None:
+    """Resumed stretches go through the resumed-grammar logits processor; the whole must
+    equal vLLM's own structured output, uninterrupted."""
+    whole = generate(driver, ASK_PERSON, response_format=PERSON, max_tokens=24)
+    pieces = _preempted(driver, ASK_PERSON, points, response_format=PERSON)
+    assert [d for d in pieces.deltas if d.finish_reason == "abort"], "no stretch was preempted"
+    assert (pieces.text, pieces.ids) == (whole.text, whole.ids)
+    assert pieces.final.finish_reason == whole.final.finish_reason
+
+
+def test_constrained_and_free_requests_run_together(driver: VllmDriver) -> None:
+    free_alone = generate(driver, CHAT, max_tokens=16)
+    json_alone = generate(driver, ASK_PERSON, response_format=PERSON, max_tokens=48)
+
+    async def together() -> list[Result]:
+        free = SamplingOptions(temperature=0, max_tokens=16)
+        constrained = SamplingOptions(temperature=0, max_tokens=48, response_format=PERSON)
+        return await asyncio.gather(
+            collect(driver, request(CHAT, free)), collect(driver, request(ASK_PERSON, constrained))
+        )
+
+    free_joint, json_joint = run(together())
+    assert (free_joint.text, json_joint.text) == (free_alone.text, json_alone.text)
+
+
+@pytest.mark.parametrize(
+    "fmt,says",
+    [
+        (ResponseFormat("regex", "(unclosed"), "parenthesis is not closed"),
+        (ResponseFormat("json_schema", '{"type": "nonsense"}'), "Unsupported type"),
+        (ResponseFormat("grammar", 'root ::= "a" |'), "EBNF parser error"),
+    ],
+)
+def test_an_invalid_format_is_refused_before_it_reaches_vllm(
+    driver: VllmDriver, fmt: ResponseFormat, says: str
+) -> None:
+    with pytest.raises(FormatError, match=re.escape(says)):
+        run(driver.prepare_format(fmt))
+    with pytest.raises(FormatError, match=re.escape(says)):
+        generate(driver, CHAT, response_format=fmt)
+    assert driver.info().state == "ready"
+
+
 # ------------------------------------------------------------------ the kernel
 
 
@@ -446,6 +549,27 @@ def test_the_kernel_daemon_serves_generations_with_the_vllm_driver(tmp_path: Pat
             assert (
                 sum(row.preemptions for row in admin.ps() if row.pid in {p.pid for p in procs}) > 0
             )
+
+            fmt = {"type": "json_schema", "schema": PERSON_SCHEMA}
+            c_solo = [
+                p.generate(prompt=q, response_format=fmt, max_tokens=24, temperature=0)
+                for p, q in zip(procs, questions, strict=True)
+            ]
+            c_calls = [
+                InThread(
+                    lambda p=p, q=q: p.generate(
+                        prompt=q, response_format=fmt, max_tokens=24, temperature=0
+                    )
+                )
+                for p, q in zip(procs, questions, strict=True)
+            ]
+            for alone, joint in zip(c_solo, [c.result(timeout=300) for c in c_calls], strict=True):
+                assert (joint.text, joint.usage.output_tokens) == (
+                    alone.text,
+                    alone.usage.output_tokens,
+                )
+            with pytest.raises(errors.EINVAL, match="regular expression"):
+                procs[0].generate(prompt="x", response_format={"type": "regex", "pattern": "("})
     finally:
         assert daemon.stop(timeout=120) == 0
 
