@@ -63,6 +63,49 @@ def fts_query(text: str) -> str:
     return " OR ".join(f'"{w}"' for w in words)
 
 
+def _norm(value: Any) -> Any:
+    """A metadata value as the filter compares it (``True`` is 1, as SQLite's JSON has it)."""
+    return int(value) if isinstance(value, bool) else value
+
+
+class MetaIndex:
+    """Archival entries by exact metadata value, per namespace: ``(key, value) -> ids``.
+
+    Lives with the vector index and, like it, is touched only on the state database's
+    thread, so a metadata filter costs set intersections instead of parsing every
+    row's JSON (150 ms at 100k entries)."""
+
+    def __init__(self) -> None:
+        self._by: dict[str, dict[tuple[str, Any], set[int]]] = {}
+
+    def add(self, ns: str, id_: int, meta: dict[str, Any]) -> None:
+        part = self._by.setdefault(ns, {})
+        for key, value in meta.items():
+            part.setdefault((key, _norm(value)), set()).add(id_)
+
+    def remove(self, ns: str, id_: int, meta: dict[str, Any]) -> None:
+        part = self._by.get(ns, {})
+        for key, value in meta.items():
+            ids = part.get((key, _norm(value)))
+            if ids is not None:
+                ids.discard(id_)
+                if not ids:
+                    del part[(key, _norm(value))]
+
+    def drop(self, ns: str) -> None:
+        self._by.pop(ns, None)
+
+    def matching(self, namespaces: list[str], where: dict[str, Any]) -> set[int]:
+        """Ids in ``namespaces`` whose metadata has every ``key: value`` of ``where``."""
+        found: set[int] = set()
+        for ns in namespaces:
+            part = self._by.get(ns, {})
+            sets = sorted((part.get((key, _norm(value)), set()) for key, value in where.items()), key=len)
+            if sets and sets[0]:
+                found |= set.intersection(*sets)
+        return found
+
+
 class Memory:
     """Blocks, recall and archival memory for every namespace, with access control."""
 
@@ -72,6 +115,7 @@ class Memory:
         self.procs = procs
         self.embedder = embedder
         self.index = index
+        self.meta = MetaIndex()  # metadata filter; on the store thread, like the index
         self.blocks: dict[str, dict[str, BlockValue]] = {}
         self.grants: dict[tuple[str, str], Grant] = {}  # (namespace, grantee namespace)
         self._embed_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmos-embed")
@@ -94,7 +138,9 @@ class Memory:
         if self.index is not None:
             dim = None
             for ns, in conn.execute("SELECT DISTINCT ns FROM archival").fetchall():
-                rows = conn.execute("SELECT id, vec FROM archival WHERE ns = ?", (ns,)).fetchall()
+                rows = conn.execute("SELECT id, vec, meta FROM archival WHERE ns = ?", (ns,)).fetchall()
+                for row in rows:
+                    self.meta.add(ns, row[0], json.loads(row[2]))
                 vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
                 dim = dim or (vecs.size // len(rows))
                 self.index.add(ns, [r[0] for r in rows], vecs.reshape(len(rows), dim).astype(np.float32))
@@ -151,8 +197,8 @@ class Memory:
         for key in [key for key in self.grants if namespace in key]:
             del self.grants[key]
         if self.index is not None:
-            index = self.index
-            self.store.submit(lambda conn: index.drop(namespace))
+            index, meta = self.index, self.meta
+            self.store.submit(lambda conn: (index.drop(namespace), meta.drop(namespace)))
 
     # -- core memory blocks ----------------------------------------------------------------
     def blocks_of(self, namespace: str) -> dict[str, BlockValue]:
@@ -214,13 +260,13 @@ class Memory:
     async def put(self, namespace: str, entries: list[tuple[str, dict[str, Any]]]) -> tuple[list[int], float]:
         vecs, embed_s = await self.embed([text for text, _ in entries])
         assert self.index is not None
-        return await self.store.call(_put_archival, self.index, namespace, entries, vecs), embed_s
+        return await self.store.call(_put_archival, self.index, self.meta, namespace, entries, vecs), embed_s
 
     async def get(self, namespace: str, ids: list[int]) -> list[tuple[Any, ...]]:
         return await self.store.call(_get_archival, [namespace], ids)
 
     async def delete(self, namespace: str, ids: list[int]) -> int:
-        return await self.store.call(_del_archival, self.index, namespace, ids)
+        return await self.store.call(_del_archival, self.index, self.meta, namespace, ids)
 
     async def search(self, namespaces: list[str], query: str, k: int,
                      where: dict[str, Any]) -> tuple[list[tuple[Any, ...]], float, float]:
@@ -228,7 +274,7 @@ class Memory:
         vecs, embed_s = await self.embed([query])
         assert self.index is not None
         t0 = time.perf_counter()
-        rows = await self.store.call(_search_archival, self.index, namespaces, vecs[0], k, where)
+        rows = await self.store.call(_search_archival, self.index, self.meta, namespaces, vecs[0], k, where)
         return rows, embed_s, time.perf_counter() - t0
 
 
@@ -282,8 +328,8 @@ def _search_recall(conn: sqlite3.Connection, ns: str, match: str, since: float |
     return conn.execute(sql, [*params, k]).fetchall()
 
 
-def _put_archival(conn: sqlite3.Connection, index: VectorIndex, ns: str, entries: list[tuple[str, dict[str, Any]]],
-                  vecs: np.ndarray) -> list[int]:
+def _put_archival(conn: sqlite3.Connection, index: VectorIndex, meta_index: MetaIndex, ns: str,
+                  entries: list[tuple[str, dict[str, Any]]], vecs: np.ndarray) -> list[int]:
     now = time.time()
     ids = []
     for (text, meta), vec in zip(entries, vecs, strict=True):
@@ -291,6 +337,8 @@ def _put_archival(conn: sqlite3.Connection, index: VectorIndex, ns: str, entries
                            (ns, text, dumps(meta), now, vec.astype("<f4").tobytes()))
         ids.append(int(cur.lastrowid or 0))
     index.add(ns, ids, vecs)  # after the inserts: a failed insert leaves the index untouched
+    for id_, (_, meta) in zip(ids, entries, strict=True):
+        meta_index.add(ns, id_, meta)
     return ids
 
 
@@ -302,9 +350,13 @@ def _get_archival(conn: sqlite3.Connection, namespaces: list[str], ids: list[int
     return [(*by_id[i][:3], json.loads(by_id[i][3]), by_id[i][4]) for i in ids if i in by_id]
 
 
-def _del_archival(conn: sqlite3.Connection, index: VectorIndex | None, ns: str, ids: list[int]) -> int:
+def _del_archival(conn: sqlite3.Connection, index: VectorIndex | None, meta_index: MetaIndex, ns: str,
+                  ids: list[int]) -> int:
     marks = ",".join("?" * len(ids))
-    found = [r[0] for r in conn.execute(f"SELECT id FROM archival WHERE ns = ? AND id IN ({marks})", [ns, *ids])]
+    rows = conn.execute(f"SELECT id, meta FROM archival WHERE ns = ? AND id IN ({marks})", [ns, *ids]).fetchall()
+    found = [r[0] for r in rows]
+    for id_, meta in rows:
+        meta_index.remove(ns, id_, json.loads(meta))
     if found:
         conn.execute(f"DELETE FROM archival WHERE ns = ? AND id IN ({','.join('?' * len(found))})", [ns, *found])
         if index is not None:
@@ -312,17 +364,11 @@ def _del_archival(conn: sqlite3.Connection, index: VectorIndex | None, ns: str, 
     return len(found)
 
 
-def _search_archival(conn: sqlite3.Connection, index: VectorIndex, namespaces: list[str], query: np.ndarray,
-                     k: int, where: dict[str, Any]) -> list[tuple[Any, ...]]:
+def _search_archival(conn: sqlite3.Connection, index: VectorIndex, meta_index: MetaIndex, namespaces: list[str],
+                     query: np.ndarray, k: int, where: dict[str, Any]) -> list[tuple[Any, ...]]:
     candidates = None
     if where:
-        clauses, params = [], []
-        for key, value in where.items():
-            clauses.append("json_extract(meta, ?) = ?")
-            params.extend([f'$."{key}"', int(value) if isinstance(value, bool) else value])
-        marks = ",".join("?" * len(namespaces))
-        candidates = {r[0] for r in conn.execute(
-            f"SELECT id FROM archival WHERE ns IN ({marks}) AND {' AND '.join(clauses)}", [*namespaces, *params])}
+        candidates = meta_index.matching(namespaces, where)
         if not candidates:
             return []
     hits = index.search(namespaces, query, k, candidates)
