@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from kernel import context
 from kernel.process import SIGNAL_STATUS, Proc, ProcState
 from kernel.quota import Account
 from kernel.syscall import Call
+from kernel.tools import Tool
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 
@@ -97,7 +99,9 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     for acct in accounts:
         acct.admit_call()
     driver = await k.model_ready(proc.model)
-    fmt = _response_format(a.response_format)
+    tools = [k.tools.lookup(proc, name) for name in dict.fromkeys(a.tools)] if a.tools else []
+    fmt = _response_format(a.response_format) if not tools else ResponseFormat(
+        "json_schema", schema_text(action_schema(tools)))
     if fmt is not None:
         try:
             await driver.prepare_format(fmt)
@@ -116,6 +120,13 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
         if n_prompt >= limit:
             raise SyscallError(Errno.E2BIG, f"the prompt is {n_prompt} tokens but {proc.model}'s window is "
                                f"{limit}; shorten it")
+    if tools:  # the tools are described to the model for this call only (not kept in the context)
+        guide = {"role": "system", "content": tool_guide(tools)}
+        prompt = [*prompt[:-1], guide, prompt[-1]] if isinstance(prompt, list) and prompt else prompt
+        n_prompt += await context.count_tokens(driver, guide["content"])
+        if n_prompt >= limit:
+            raise SyscallError(Errno.E2BIG, f"the prompt with the tools' descriptions is {n_prompt} tokens; "
+                               f"{proc.model}'s window is {limit}: offer fewer tools")
     for acct in accounts:
         acct.check_context(n_prompt)
     proc.generate_calls += 1
@@ -135,7 +146,44 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     k.persist.saved(proc)
     await k.persist.barrier()  # the reply promises the new context is on disk
     usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens, cached_tokens=gen.cached)
-    return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage)
+    calls, answer = parse_action(text) if tools else ([], None)
+    return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage, tool_calls=calls,
+                            answer=answer)
+
+
+def action_schema(tools: list[Tool]) -> dict[str, Any]:
+    """The JSON Schema of one step of a tool-using model: a call of one of ``tools`` with
+    arguments valid for it, or a final answer."""
+    calls = [{"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
+              "required": ["tool", "arguments"], "additionalProperties": False} for t in tools]
+    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    return {"anyOf": [*calls, answer]}
+
+
+def tool_guide(tools: list[Tool]) -> str:
+    """What the model is told about the tools it may call in this step."""
+    lines = ["You can call one tool, or give your final answer. Reply with JSON only:",
+             '{"tool": NAME, "arguments": {...}} to call a tool, or {"answer": "..."} when you know the answer.',
+             "Tools:"]
+    for t in tools:
+        args = ", ".join(f"{name}: {spec.get('type', 'value')}" for name, spec in
+                         t.parameters.get("properties", {}).items())
+        lines.append(f"- {t.name}({args}): {t.description}")
+    return "\n".join(lines)
+
+
+def parse_action(text: str) -> tuple[list[m.ToolCall], str | None]:
+    """The tool call or answer in a constrained step's text (nothing if it was cut short)."""
+    try:
+        action = json.loads(text)
+    except ValueError:
+        return [], None
+    if isinstance(action, dict) and isinstance(action.get("tool"), str) and isinstance(action.get("arguments"), dict):
+        return [m.ToolCall(name=action["tool"], arguments=action["arguments"])], None
+    if isinstance(action, dict) and isinstance(action.get("answer"), str):
+        return [], action["answer"]
+    return [], None
 
 
 def _response_format(

@@ -382,6 +382,43 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spawn(args: argparse.Namespace) -> int:
+    """``llmos spawn``: a process for scripts (prints its pid), or with ``--task`` the
+    default agent loop on it (exit 0 when it answered, 1 when it did not)."""
+    if _kernel_pid() is None and start_kernel(_default_kernel_args()) != 0:
+        return 1
+    from llmos.agent import Agent, Step
+
+    tools = [t for t in (args.tools or "").split(",") if t] or None
+    with connect() as c:
+        proc = c.spawn(args.name, system=args.system, model=args.model, nice=args.nice,
+                       **({"tools": tools} if tools else {}))
+        if args.task is None:
+            print(json.dumps({"pid": proc.pid, "token": proc.token}) if args.json else proc.pid)
+            return 0
+        try:
+            def show(step: Step) -> None:
+                if not args.json:
+                    got = step.error or json.dumps(step.result, ensure_ascii=False)[:300]
+                    err.print(f"[cyan]{step.tool}[/]({json.dumps(step.arguments, ensure_ascii=False)}) -> {got}",
+                              highlight=False, markup=True)
+
+            result = Agent(proc, tools=tools, max_steps=args.max_steps, on_step=show).run(args.task)
+        finally:
+            if not args.keep:
+                c.kill(proc.pid, "KILL")
+                c.wait(proc.pid, timeout=10)
+    if args.json:
+        print(json.dumps({"pid": proc.pid, "answer": result.answer, "stopped": result.stopped,
+                          "output_tokens": result.output_tokens,
+                          "steps": [s.__dict__ for s in result.steps]}, default=str))
+    elif result.answer is not None:
+        out.print(result.answer, markup=False, highlight=False)
+    else:
+        err.print(f"[yellow]no answer[/] ({result.stopped} after {len(result.steps)} tool calls)")
+    return 0 if result.answer is not None else 1
+
+
 def _default_kernel_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_kernel_options(p)
@@ -532,6 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--json", action="store_true")
 
+    sn = sub.add_parser("spawn", help="spawn a process; with --task, run the default agent loop on it")
+    sn.add_argument("--name", default="agent", help="process name (default: agent)")
+    sn.add_argument("--model", default=None)
+    sn.add_argument("--system", default=None, help="system prompt")
+    sn.add_argument("--nice", type=int, default=0)
+    sn.add_argument("--task", default=None, help="a task for the agent loop (ReAct over the kernel's tools)")
+    sn.add_argument("--tools", default=None, help="comma-separated tools it may use (default: all it may)")
+    sn.add_argument("--max-steps", type=int, default=6, help="tool calls before giving up (default: 6)")
+    sn.add_argument("--keep", action="store_true", help="keep the process after the task (default: reap it)")
+    sn.add_argument("--json", action="store_true")
+
     sp = sub.add_parser("syscalls", help="print the syscall table")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--markdown", action="store_true")
@@ -621,6 +669,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_kill(args.pid, args.signal)
         case "ask":
             return cmd_ask(args)
+        case "spawn":
+            return cmd_spawn(args)
         case "syscalls":
             return cmd_syscalls(args)
         case "bench":

@@ -319,11 +319,17 @@ class GenerateArgs(Args):
         description="constrain the output: a JSON Schema, any JSON object, one of fixed "
         "choices, a regex or an EBNF grammar (structured output)",
     )
+    tools: list[ToolName] | None = Field(
+        default=None, max_length=32, description="tools the model may call: the output is constrained to "
+        "one call of one of them (valid arguments) or a final answer, returned parsed in tool_calls / answer "
+        "(chat messages only; not with response_format)")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateArgs:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if self.tools is not None and (self.prompt is not None or self.response_format is not None):
+            raise ValueError("tools work with chat 'messages' and without 'response_format' (they set it)")
         return self
 
 
@@ -331,10 +337,17 @@ class GenerateChunk(Result):
     text: str
 
 
+class ToolCall(Result):
+    name: str
+    arguments: dict[str, Any]
+
+
 class GenerateResult(Result):
     text: str
     finish_reason: FinishReason
     usage: Usage
+    tool_calls: list[ToolCall] = Field(default_factory=list, description="with tools: the call the model chose")
+    answer: str | None = Field(default=None, description="with tools: the model's final answer, if it gave one")
 
 
 # -- ctx.* -------------------------------------------------------------------------
