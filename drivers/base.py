@@ -86,6 +86,8 @@ class GenerationRequest:
     #: ``output_tokens`` includes them, so a resumed greedy generation ends with exactly
     #: the text and token count of an uninterrupted one.
     resume_ids: list[int] = field(default_factory=list)
+    #: A LoRA adapter (one of the driver's :meth:`Driver.adapters`) to generate with.
+    adapter: str | None = None
 
 
 @dataclass(slots=True)
@@ -155,6 +157,10 @@ class Driver(abc.ABC):
     def abort(self, request_id: str) -> None:
         """Stop ``request_id`` within one decoding step; its stream then ends with
         ``finish_reason == "abort"``. Unknown or finished ids are ignored."""
+
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters a process may pick at spawn (none by default)."""
+        return []
 
     @property
     def resumes_formats(self) -> bool:

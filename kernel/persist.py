@@ -43,7 +43,7 @@ def proc_record(proc: Proc) -> dict[str, Any]:
         "wait_s": proc.wait_s, "preemptions": proc.preemptions,
         "switch_prefill_tokens": proc.switch_prefill_tokens, "switch_s": proc.switch_s,
         "mean_output": proc.mean_output, "mounts": {n: [p, w] for n, (p, w) in proc.mounts.items()},
-        "tool_caps": proc.tool_caps, "confirm": proc.confirm, "ctx_policy": proc.ctx_policy, "ctx_window": proc.ctx_window,
+        "tool_caps": proc.tool_caps, "confirm": proc.confirm, "adapter": proc.adapter, "ctx_policy": proc.ctx_policy, "ctx_window": proc.ctx_window,
         "zombie": not proc.alive, "exit_status": proc.exit_status, "signal": proc.signal,
         "orphaned": proc.orphaned, "stopped": proc.state is ProcState.STOPPED,
         "never_ran": proc.state is ProcState.NEW,
@@ -181,6 +181,7 @@ def recover(store: Store, table: ProcessTable) -> Recovered:
                 setattr(proc, key, rec[key])
         proc.mounts = {n: (p, bool(w)) for n, (p, w) in rec.get("mounts", {}).items()}
         proc.tool_caps, proc.confirm = rec.get("tool_caps", []), rec.get("confirm", False)
+        proc.adapter = rec.get("adapter")
         state = json.loads(ctx) if ctx else {}
         proc.context = state.get("messages", [])
         proc.summary, proc.evicted = state.get("summary"), state.get("evicted", 0)

@@ -84,6 +84,7 @@ class Proc:
     mounts: dict[str, tuple[str, bool]] = field(default_factory=dict)  # /mnt/NAME -> (host dir, writable)
     tool_caps: list[list[str]] = field(default_factory=list)  # every layer must allow a tool's name (globs)
     confirm: bool = False  # irreversible tool calls wait for the owner's approval
+    adapter: str | None = None  # LoRA adapter of its model it generates with
     created: float = field(default_factory=time.time)
     token: str = field(default="", repr=False)  # the secret itself: set at spawn, never stored
     # usage counters

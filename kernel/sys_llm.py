@@ -308,7 +308,8 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
     preemptible = gen.sampling.response_format is None or driver.resumes_formats
     rid = f"{proc.pid}.{next(_request_ids)}"
     resumed = len(gen.out_ids)
-    request = GenerationRequest(rid, gen.prompt, gen.sampling, priority=-proc.nice, resume_ids=list(gen.out_ids))
+    request = GenerationRequest(rid, gen.prompt, gen.sampling, priority=-proc.nice, resume_ids=list(gen.out_ids),
+                                adapter=proc.adapter)
     k.running[proc.pid] = rid
     started = time.monotonic()
     last: Delta | None = None

@@ -28,6 +28,13 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     if len(k.procs) >= k.max_procs:
         raise SyscallError(Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit")
     host_started = _host_started(a.host_pid) if a.host_pid is not None else None
+    inherited = caller.proc.adapter if caller.proc is not None and caller.proc.model == model else None
+    adapter = a.adapter if a.adapter is not None else inherited
+    if adapter is not None and adapter not in (have := k.drivers[model].adapters()):
+        raise SyscallError(Errno.ENOENT if have else Errno.ENOTSUP,
+                           f"model {model} has no LoRA adapter {adapter!r}; "
+                           + (f"it has: {', '.join(have)}" if have else
+                              "its driver serves none (the vllm driver takes --driver-option adapters=NAME=PATH)"))
     mounts = await _mounts(caller.proc, a.mounts)
     ppid = caller.pid if caller.proc is not None else INIT_PID
     proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system, _limits(a.limits), _limits(a.program_limits),
@@ -38,6 +45,7 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
         proc.ctx_policy, proc.ctx_window = a.ctx_policy, a.ctx_window or proc.ctx_window
     proc.host_pid, proc.host_started = a.host_pid, host_started
     proc.mounts = mounts
+    proc.adapter = adapter
     parent = caller.proc
     proc.tool_caps = [*(parent.tool_caps if parent else []), *([list(a.tools)] if a.tools is not None else [])]
     proc.confirm = a.confirm or (parent.confirm if parent else False)

@@ -24,7 +24,7 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
         models.append(m.ModelRow(
             name=name, driver=info.driver, max_context=info.max_context, slots=info.slots,
             busy=k.scheduler.busy(name), queued=k.scheduler.queued(name), state=info.state, detail=info.detail,
-            default=name == k.default_model,
+            default=name == k.default_model, adapters=driver.adapters(),
         ))
     return m.SysInfoResult(
         version=VERSION, abi=limits.ABI_VERSION, uptime_s=round(k.uptime(), 3),

@@ -104,6 +104,8 @@ class SpawnArgs(Args):
     nice: Nice = Field(default=0, description="priority as a Unix nice value, -20 (first) .. 19")
     limits: Limits | None = Field(default=None, description="this process's quotas (never above its parent's)")
     fork: bool = Field(default=False, description="start with a copy of the caller's context, like fork()")
+    adapter: Label | None = Field(default=None, description="a LoRA adapter of its model to generate with "
+                                  "(llmos models lists them); inherited by children")
     tools: list[ToolPattern] | None = Field(
         default=None, max_length=_MAX_TOOL_PATTERNS, description="tools it may use (glob patterns, e.g. "
         "['calculator', 'fs_*']); it can never use more than its parent (default: what the parent may)")
@@ -551,6 +553,7 @@ class ModelRow(Result):
     state: str
     detail: str = ""
     default: bool = Field(default=False, description="processes that name no model run on this one")
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapters a process may pick at spawn")
 
 
 class SysInfoResult(Result):

@@ -373,3 +373,11 @@ def test_syscall_errors_are_typed_exceptions(admin):
 def test_encode_request_interoperates_with_the_daemon(daemon):
     reply = raw_exchange(daemon.endpoint, codec.encode_request(11, "sys.info", {}, 0, daemon.token))
     assert reply["id"] == 11 and reply["ok"] is True
+
+
+def test_an_adapter_the_model_does_not_serve_is_refused_at_spawn(admin) -> None:
+    from syscalls.errors import ERRORS, Errno
+
+    with pytest.raises(ERRORS[Errno.ENOTSUP], match="serves none"):
+        admin.spawn("tuned", adapter="pirate")
+    assert {m.name: m.adapters for m in admin.info().models} == {"SmolLM2-135M-Instruct": []}
