@@ -62,8 +62,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("syscalls", "", "the syscall table"),
     Command("tools", "[call NAME JSON]", "list tools, or call one with JSON arguments", ("call", "tool"), 0, 3),
     Command("pending", "", "irreversible tool calls waiting for approval"),
-    Command("approve", "ID", "let a parked tool call run", (), 1, 1),
-    Command("deny", "ID", "refuse a parked tool call", (), 1, 1),
+    Command("approve", "ID", "let a parked tool call run", ("id",), 1, 1),
+    Command("deny", "ID", "refuse a parked tool call", ("id",), 1, 1),
     Command("chat", "[PID]", "converse with a process spawned here (a new one without PID)", ("pid",), 0, 1),
     Command("cd", "PID", "choose the process whose files and memory ls/cat/mem use", ("pid",), 1, 1),
     Command("ls", "[PATH]", "list a directory of the current process", ("path",), 0, 1),
@@ -148,11 +148,11 @@ class Session:
         token = admin_token()
         if self.client is not None and token == self._token:
             return self.client
-        restarted = self.client is not None
         if self.client is not None:
             self.client.close()
             self.client = None
-        self.client, self._token = self._connect(), token
+        self.client = self._connect()
+        restarted, self._token = self._token is not None and token != self._token, token
         if restarted:
             self._forget_gone("the kernel restarted; reconnected")
         return self.client
@@ -184,10 +184,9 @@ class Session:
             getattr(self, f"do_{cmd.name}")(args)
         except SyscallError as exc:
             self.error(exc)
-            if exc.code in LOST and self.client is not None:
+            if exc.code in LOST and self.client is not None:  # the next command reconnects
                 self.client.close()
                 self.client = None
-                self._token = None
 
     # -- processes --------------------------------------------------------------------
     def do_ps(self, args: list[str]) -> None:
@@ -223,7 +222,7 @@ class Session:
         proc = self.admin().spawn(name, **opts)
         self.procs[proc.pid] = proc
         self.cwd = proc.pid
-        self.say(f"spawned [bold]{proc.pid}[/] ({name}); `chat {proc.pid}` to talk to it")
+        self.say(f"spawned {proc.pid} ({name}); `chat {proc.pid}` to talk to it")
 
     def do_kill(self, args: list[str]) -> None:
         self._signal(_int(args[0], "PID"), args[1] if len(args) > 1 else "TERM")
@@ -451,13 +450,12 @@ class Session:
                        for p in admin.ps())
         system = ("You operate the llmos shell. Answer with the shell commands that do what the user asks, "
                   f"one command per string, only from this table:\n{table}\n\nThe processes now:\n{ps}")
-        names = "|".join(c.name for c in COMMANDS if c.name not in INTERACTIVE)
-        item = {"type": "string", "pattern": f"^({names})( [^ ]+){{0,4}}$"}  # starts with a command name
+        item = {"type": "string", "pattern": command_pattern()}  # the grammar keeps lines well formed
         schema = {"type": "object", "required": ["commands"], "properties": {"commands": {
-            "type": "array", "items": item, "minItems": 1, "maxItems": 8}}}
+            "type": "array", "items": item, "minItems": 1, "maxItems": 5}}}
         helper = admin.spawn("shell-nl", system=system)
         try:
-            res = helper.generate([{"role": "user", "content": question}], max_tokens=200, temperature=0.0,
+            res = helper.generate([{"role": "user", "content": question}], max_tokens=160, temperature=0.0,
                                   response_format={"type": "json_schema", "schema": schema})
         finally:
             with contextlib.suppress(SyscallError):
@@ -467,7 +465,29 @@ class Session:
             lines = json.loads(res.text).get("commands", [])
         except (json.JSONDecodeError, AttributeError):
             raise SyscallError.of(Errno.EPROTO, f"the model's answer did not parse: {res.text[:200]!r}") from None
-        return [(str(line).strip(), check(str(line))) for line in lines if str(line).strip()]
+        lines = list(dict.fromkeys(str(line).strip() for line in lines if str(line).strip()))
+        return [(line, check(line)) for line in lines]
+
+
+#: What each kind of argument looks like, for the grammar of proposed commands.
+ARG_PATTERNS = {"pid": "[0-9]{1,7}", "id": "[0-9]{1,9}", "signal": "(TERM|KILL|STOP|CONT)",
+                "path": "[A-Za-z0-9_./-]{1,64}", "search": "search"}
+
+
+def command_pattern() -> str:
+    """A regex matching the lines the table accepts (bar the interactive commands):
+    each command name with its number of arguments, typed where the table says."""
+    alts = []
+    for c in COMMANDS:
+        if c.name in INTERACTIVE:
+            continue
+        parts = [c.name]
+        for i in range(c.max_args if c.max_args is not None else c.min_args + 3):
+            kind = c.args[i] if i < len(c.args) else None
+            atom = f" {ARG_PATTERNS.get(kind or '', '[^ ]{1,32}')}"
+            parts.append(atom if i < c.min_args else f"({atom})?")
+        alts.append("".join(parts))
+    return f"^({'|'.join(alts)})$"
 
 
 # -- completion -----------------------------------------------------------------------
@@ -502,6 +522,8 @@ def _candidates(session: Session, kind: str | None, word: str) -> Iterable[str]:
     match kind:
         case "pid":
             return [str(p.pid) for p in session.admin().ps()]
+        case "id":
+            return [str(p.id) for p in session.admin().pending()]
         case "signal":
             return ["TERM", "KILL", "STOP", "CONT"]
         case "model":
