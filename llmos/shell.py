@@ -187,6 +187,10 @@ class Session:
             if exc.code in LOST and self.client is not None:  # the next command reconnects
                 self.client.close()
                 self.client = None
+        except (ShellExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug or a broken reply: one line, and the shell goes on
+            self.console.print(f"[red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True)
 
     # -- processes --------------------------------------------------------------------
     def do_ps(self, args: list[str]) -> None:

@@ -164,6 +164,7 @@ def test_ps_spawn_models_and_an_unknown_command(kernel):
     pid = spawned_pid(term, "bob")
     run(term, "ps", "PID", rf"{pid}\s+1\s+NEW.*bob\*")
     run(term, "models", "SmolLM2-135M-Instruct \\(default\\)")
+    run(term, "top 2", "procs", "procs")
     term.sendline("frobnicate now")
     term.expect(r"error ENOSYS: unknown command 'frobnicate'")
     term.expect(PROMPT)
@@ -200,6 +201,7 @@ def test_write_cat_ls_history_in_the_current_process(kernel):
     run(term, "rollback notes.txt 1", "version 3")
     run(term, "cat notes.txt", "hello from the shell")
     run(term, "history notes.txt", "rollback to v1")
+    run(term, "tools call calculator '{\"expression\": \"6*7\"}'", "42")
     run(term, "cd 999999", "error EPERM.*not spawned in this shell")
     leave(term)
 
