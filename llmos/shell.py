@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -174,14 +175,16 @@ class Session:
         self.console.print(f"[red]error {exc.code}:[/] {exc.message}", highlight=False, markup=True)
 
     # -- running a line ---------------------------------------------------------------
-    def execute(self, line: str) -> None:
-        """Run one command line; errors are printed as one line. Raises ShellExit."""
+    def execute(self, line: str) -> bool:
+        """Run one command line; errors are printed as one line (and give False).
+        Raises ShellExit."""
         line = line.strip()
         if not line or line.startswith("#"):
-            return
+            return True
         try:
             cmd, args = parse(line)
             getattr(self, f"do_{cmd.name}")(args)
+            return True
         except SyscallError as exc:
             self.error(exc)
             if exc.code in LOST and self.client is not None:  # the next command reconnects
@@ -191,6 +194,7 @@ class Session:
             raise
         except Exception as exc:  # a bug or a broken reply: one line, and the shell goes on
             self.console.print(f"[red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True)
+        return False
 
     # -- processes --------------------------------------------------------------------
     def do_ps(self, args: list[str]) -> None:
@@ -564,6 +568,8 @@ def run_shell(start: Callable[[], int] | None = None) -> int:
     except SyscallError:
         if start is None or start() != 0:
             return 1
+    if not sys.stdin.isatty():
+        return run_script(session, sys.stdin)
     console.print("[bold]llmos shell[/]: `help` lists the commands, `? QUESTION` asks the model, Ctrl-D leaves")
 
     class _Completer(Completer):
@@ -593,6 +599,26 @@ def run_shell(start: Callable[[], int] | None = None) -> int:
             return 0
         except KeyboardInterrupt:
             console.print("[dim]interrupted[/]")
+
+
+def run_script(session: Session, lines: Iterable[str]) -> int:
+    """Run commands from a pipe or file, one a line (``echo ps | llmos shell``); the
+    interactive ones (chat, ``?``) need a terminal. Returns 1 if a command failed."""
+    failed = False
+    for line in lines:
+        if line.strip().startswith("?"):
+            session.say("[red]error EINVAL:[/] `?` asks for confirmation: it needs a terminal")
+            failed = True
+            continue
+        try:
+            failed |= not session.execute(line)
+        except ShellExit:
+            break
+        if session.chat_pid is not None:
+            session.chat_pid = None
+            session.say("[red]error EINVAL:[/] chat needs a terminal")
+            failed = True
+    return 1 if failed else 0
 
 
 def _ask(session: Session, prompt: Any, question: str) -> None:

@@ -91,6 +91,31 @@ def test_a_process_not_spawned_in_this_shell_cannot_be_attached():
     assert exc.value.code is Errno.EPERM and "spawned in this shell" in exc.value.message
 
 
+def test_a_failing_command_prints_one_line_and_the_session_goes_on():
+    import io
+
+    from rich.console import Console
+
+    class Broken:
+        def ps(self):
+            raise SyscallError.of(Errno.EIO, "the disk is on fire")
+
+        def info(self):
+            raise ValueError("not a syscall error")
+
+        def close(self) -> None: ...
+
+    buf = io.StringIO()
+    session = shell.Session(Console(file=buf, width=200), connect=Broken)  # type: ignore[arg-type]
+    assert not session.execute("ps")
+    assert not session.execute("models")
+    assert session.execute("help ps") and session.execute("# a comment") and session.execute("")
+    lines = buf.getvalue().splitlines()
+    assert lines[:2] == ["error EIO: the disk is on fire", "error: ValueError: not a syscall error"]
+    with pytest.raises(shell.ShellExit):
+        session.execute("quit")
+
+
 # -- the shell in a terminal, on a real kernel -------------------------------------------------
 
 pexpect = pytest.importorskip("pexpect")
@@ -203,7 +228,18 @@ def test_write_cat_ls_history_in_the_current_process(kernel):
     run(term, "history notes.txt", "rollback to v1")
     run(term, "tools call calculator '{\"expression\": \"6*7\"}'", "42")
     run(term, "cd 999999", "error EPERM.*not spawned in this shell")
+    run(term, "mem", "no core memory block")
     leave(term)
+
+
+@pytest.mark.model
+def test_commands_from_a_pipe_run_in_order(kernel):
+    script = "spawn piped\nwrite a.txt 'from a pipe'\ncat a.txt\nfrob\nchat\nexit\nps\n"
+    res = subprocess.run([sys.executable, "-m", "llmos.cli", "shell"], input=script, env=kernel.env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1  # frob and chat failed
+    assert "from a pipe" in res.stdout and "error ENOSYS" in res.stdout and "chat needs a terminal" in res.stdout
+    assert "PID" not in res.stdout  # nothing after exit
 
 
 @pytest.mark.model
