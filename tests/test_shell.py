@@ -197,6 +197,8 @@ def test_ps_spawn_models_and_an_unknown_command(kernel):
     run(term, f"kill {pid} KILL", f"process {pid}: ZOMBIE")
     run(term, f"wait {pid}", f"process {pid} exited")
     leave(term)
+    history = (kernel.run_dir.parent / "state" / "shell_history").read_text()
+    assert "\n+ps\n" in history and "\n+frobnicate now\n" in history  # kept in the state dir
 
 
 @pytest.mark.model
