@@ -580,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--keep", action="store_true", help="keep the process after the task (default: reap it)")
     sn.add_argument("--json", action="store_true")
 
+    sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
     sp = sub.add_parser("syscalls", help="print the syscall table")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--markdown", action="store_true")
@@ -673,6 +674,9 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_spawn(args)
         case "syscalls":
             return cmd_syscalls(args)
+        case "shell":
+            from llmos.shell import run_shell
+            return run_shell(start=lambda: start_kernel(_default_kernel_args()))
         case "bench":
             if args.bcmd == "sched":
                 from llmos.bench_sched import bench_sched
