@@ -89,3 +89,49 @@ def test_monitor_logs_structured_verdicts_to_its_home(sh):
     with sh.admin() as c:
         log = home_file(c, "watch", "/home/alerts.log").splitlines()
     assert len(log) == 2 and all(re.search(r" (ok|ALERT) \d+/2 slots busy", line) for line in log)
+
+
+def test_summarize_search_summarises_sample_docs_and_answers_by_retrieval(sh):
+    out = run(sh, "--namespace", "library", "examples/summarize_search.py").stdout
+    assert len(re.findall(r"\[docs\] \w+\.txt \(\d+ bytes\): ", out)) == 3
+    assert "sources: /home/docs/solar.txt" in out and "sources: /home/docs/bees.txt" in out
+    assert out.count("[docs] answer:") == 2
+    with sh.admin() as c:
+        summaries = home_file(c, "library", "/home/summaries.md")
+    assert summaries.startswith("# Summaries") and summaries.count("\n- **") == 3
+
+
+def test_summarize_search_loads_files_named_on_the_command_line(sh, tmp_path):
+    invoice = tmp_path / "invoice.txt"
+    invoice.write_text("Invoice 42 from Acme for 300 euros must be paid by Friday by bank transfer.")
+    garden = tmp_path / "garden.txt"
+    garden.write_text("Tomatoes need six hours of sun a day and water every morning in summer.")
+    out = run(sh, "examples/summarize_search.py", str(invoice), str(garden), "-q", "When must the invoice be paid?").stdout
+    assert "[docs] invoice.txt" in out and "[docs] garden.txt" in out and "solar" not in out
+    assert "sources: /home/docs/invoice.txt" in out
+
+
+def test_office_assistant_runs_workers_in_parallel_and_writes_a_report(sh):
+    out = run(sh, "--namespace", "office", "examples/office_assistant.py").stdout
+    statuses = re.findall(r"\[office\] worker (\d+) \(.*\) exited with status (\d+)", out)
+    assert len(statuses) >= 2 and all(s == "0" for _, s in statuses)
+    assert f"wrote /home/report.md ({len(statuses)} sections, 0 failed)" in out
+    with sh.admin() as c:
+        report = home_file(c, "office", "/home/report.md")
+        assert all(p.name != "worker1" for p in c.ps())  # every worker was reaped
+    assert report.startswith("# Report: ") and report.count("\n## ") == len(statuses)
+
+
+def test_voice_assistant_serves_a_speak_tool_and_skips_speech_without_an_engine(sh):
+    import shutil
+
+    out = run(sh, "examples/voice_assistant.py", "Hello, I am Sam.", "What is my name?").stdout
+    assert out.count("[voice] assistant:") == 2
+    if shutil.which("espeak-ng") or shutil.which("espeak"):
+        assert out.count("(spoken with ") == 2
+    else:
+        assert "speech is skipped (install it with `apt install espeak-ng`)" in out
+        assert out.count("(speech skipped: no text-to-speech engine") == 2
+    assert "2 turns" in out
+    with sh.admin() as c:
+        assert all(t.name != "speak" for t in c.tools())  # the tool left with its server
