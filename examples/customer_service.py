@@ -50,7 +50,7 @@ def main() -> int:
     args = ap.parse_args()
 
     me = llmos.this_process()
-    kb = me.memory_of(args.kb or f"prog:{me.ps()[0].program}")
+    kb = me.memory_of(args.kb or f"prog:{me.client.ps(me.pid)[0].program}")
     if not kb.search("policy", k=1, filter={"kind": "policy"}):
         for topic, text in SEED.items():
             update_policy(kb, topic, text)

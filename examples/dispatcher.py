@@ -54,6 +54,7 @@ def main() -> int:
         threads[-1].start()
         while me.client.ps(child.pid)[0].state in ("NEW", "WAITING"):  # queued before the next comes
             time.sleep(0.01)
+    waiting = {p.pid for p in me.stat().procs if p.state == "READY"}  # queued when the last job came
     for t in threads:
         t.join()
 
@@ -64,9 +65,13 @@ def main() -> int:
         print(f"{child.pid:>4} {nice:>4} {times['submitted']:>5.2f} {times['first']:>6.2f} {times['done']:>6.2f} "
               f"{r.wait_s:>6.2f} {r.preemptions:>7}  {name}")
     finish = [name for _, name, _, times in sorted(jobs, key=lambda j: j[3]["done"])]
-    urgent_first = all(n.startswith("URGENT") for n in finish[:2])
     print(f"[dispatch] finish order: {' | '.join(finish)}")
-    print(f"[dispatch] urgent jobs finished first: {'yes' if urgent_first else 'no'} (policy {stat.policy})")
+    urgent = [times for _, _, nice, times in jobs if nice == 0]
+    queued = [t for child, _, nice, t in jobs if nice > 0 and child.pid in waiting]
+    verdict = "n/a" if not queued else "yes" if max(t["first"] for t in urgent) < min(
+        t["first"] for t in queued) else "no"
+    print(f"[dispatch] urgent jobs got a slot before the {len(queued)} routine jobs queued ahead of them: "
+          f"{verdict} (policy {stat.policy})")
     for child, *_ in jobs:  # jobs are done: end and reap them
         child.exit()
         me.wait(child.pid)

@@ -60,7 +60,9 @@ def main() -> int:
 
     summaries = []
     for entry in files.list("/home/docs"):
-        text = str(files.read(f"/home/docs/{entry.name}", length=2000))
+        text = files.read(f"/home/docs/{entry.name}", length=2000)
+        if not isinstance(text, str):  # not UTF-8 text: nothing to summarise
+            continue
         me.clear()  # one document at a time
         summary = me.chat(f"Summarise this document in one sentence:\n\n{text}", max_tokens=40, temperature=0.0)
         summaries.append(f"- **{entry.name}**: {summary.strip()}")
