@@ -126,8 +126,8 @@ class Fair(Policy):
     It is in level 0 below a threshold ``T``, then one level per doubling of ``T``. Lower
     levels run first, so short agent programs are never stuck behind long ones; inside a
     level the older program goes first (program-level FCFS: a program that has started
-    is finished before newcomers are interleaved with it), then its process with the
-    least service. After its quantum a runner yields to a waiter of a lower level; a
+    is finished before newcomers are interleaved with it), then, among its processes,
+    the one of lowest nice (a program's urgent work first), then the least service. After its quantum a runner yields to a waiter of a lower level; a
     waiter that has waited ``starve_s`` goes first regardless.
 
     ``T`` is ``spread`` times the median size (output tokens) of the last ``window``
@@ -172,18 +172,18 @@ class Fair(Policy):
         self.starve_after: float = starve_s  # the waiting time at which a waiter goes first
         self._live: dict[int, tuple[Program, list[Proc]]] = {}  # pgid -> program, its processes seen
         self._swept = -math.inf
-        self._ranks: dict[Waiter, tuple[int, int, int]] = {}  # cached rank() of queued waiters
+        self._ranks: dict[Waiter, tuple[int, int, int, int]] = {}  # cached rank() of queued waiters
         self._ranked_at = -math.inf
 
     def level(self, proc: Proc) -> int:
         used = proc.program.account.output_tokens
         return 0 if used < self.threshold else int(math.log2(used / self.threshold)) + 1
 
-    def key(self, w: Waiter, now: float) -> tuple[int, float, int, int, int]:
+    def key(self, w: Waiter, now: float) -> tuple[int, float, int, int, int, int]:
         if now - w.enqueued >= self.starve_after:
-            return (0, w.enqueued, 0, 0, w.seq)
+            return (0, w.enqueued, 0, 0, 0, w.seq)
         p = w.proc
-        return (1, self.level(p), p.program.pgid, p.account.output_tokens, w.seq)
+        return (1, self.level(p), p.program.pgid, p.nice, p.account.output_tokens, w.seq)
 
     def observe(self, proc: Proc, now: float) -> None:
         """Note that ``proc`` (and its program) is scheduled; every ``sweep_s`` move the
@@ -207,10 +207,10 @@ class Fair(Policy):
             if self.starve_factor is not None:
                 self.starve_after = self.starve_factor * statistics.median(self.lifetimes)
 
-    def rank(self, w: Waiter) -> tuple[int, int, int]:
+    def rank(self, w: Waiter) -> tuple[int, int, int, int]:
         """``key`` of a waiter that is not starving, less its seq (the queue is in seq order)."""
         p = w.proc
-        return (self.level(p), p.program.pgid, p.account.output_tokens)
+        return (self.level(p), p.program.pgid, p.nice, p.account.output_tokens)
 
     def pick(self, queue: list[Waiter], now: float, load: LoadView) -> Waiter:
         # The order of key(). With a thousand programs queued this runs at every grant on

@@ -181,6 +181,19 @@ def test_fair_ranks_processes_of_one_program_by_their_own_service():
     assert Fair().pick(waiters([a, b]), 0.0, IDLE).proc is b
 
 
+def test_fair_serves_a_programs_urgent_processes_first():
+    from kernel.process import INIT_PID, ProcessTable
+
+    t = ProcessTable(owner="me")
+    root = t.spawn(INIT_PID, "dispatcher", "m", 0, None)
+    routine = t.spawn(root.pid, "routine", "m", 10, None)
+    urgent = t.spawn(root.pid, "urgent", "m", 0, None)
+    urgent.account.output_tokens = 50  # even with more service than the routine job
+    assert Fair().pick(waiters([routine, urgent]), 0.0, IDLE).proc is urgent
+    other = t.spawn(INIT_PID, "older-program-first", "m", 19, None)
+    assert Fair().pick(waiters([other, urgent]), 0.0, IDLE).proc is urgent  # nice never jumps programs
+
+
 def test_fair_lets_a_starving_waiter_go_first():
     pol = Fair(starve_s=5.0)
     rich, poor = procs(2)
