@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -225,6 +226,9 @@ def bench_driver(args: argparse.Namespace) -> int:
     from kernel.daemon import driver_options
     from llmos.private import PrivateKernel
 
+    # vLLM's engine, started in this process for the direct path, may point fd 1 elsewhere:
+    # keep our own copy of standard output for the report.
+    stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     levels = sorted({int(x) for x in str(args.concurrency).split(",") if x.strip()})
     if not levels or levels[0] < 1:
         err.print("[red]--concurrency needs positive integers, e.g. 1,4,16[/]")
@@ -257,15 +261,16 @@ def bench_driver(args: argparse.Namespace) -> int:
         str(k.concurrency): round(100 * (1 - k.row()["tokens_per_s"] / d.row()["tokens_per_s"]), 2)
         for k, d in zip(k_runs, d_runs, strict=True) if d.row()["tokens_per_s"]}
     report["prefix_cache"] = [k_hit, d_hit]
-    _print(report, args.json)
+    _print(report, args.json, stdout)
+    stdout.close()
     return 0
 
 
-def _print(report: dict[str, Any], as_json: bool) -> None:
+def _print(report: dict[str, Any], as_json: bool, stdout: Any) -> None:
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2), file=stdout, flush=True)
         return
-    out = Console()
+    out = Console(file=stdout)
     t = Table(title=f"{report['driver']} driver: greedy, {report['max_tokens']} tokens max, "
                     f"{report['requests_per_client']} requests per client, {report['slots']} slots")
     for col in ("path", "clients", "requests", "output tokens", "seconds", "tokens/s", "TTFT p50 ms",
