@@ -42,3 +42,13 @@ MAX_SEARCH_K = 100
 MAX_SNAPSHOTS = 32
 #: Smallest context window a process may ask for (tokens).
 MIN_CTX_WINDOW = 128
+
+#: IPC: one message's body (its compact JSON, in bytes), nesting, and each mailbox's bounds.
+MAX_IPC_MESSAGE_BYTES = 64 * 1024
+MAX_IPC_DEPTH = 32
+MAILBOX_MAX_MESSAGES = 256
+MAILBOX_MAX_BYTES = 1 << 20
+#: Topics: name length, subscriptions per process, distinct topics in the kernel.
+MAX_TOPIC_CHARS = 128
+MAX_SUBSCRIPTIONS = 64
+MAX_TOPICS = 4096
