@@ -12,7 +12,8 @@ the senders waiting for room parked on it. Who may message whom:
 
 A full mailbox refuses a direct message (EAGAIN, or the sender waits for room up to
 its timeout) but never slows a publisher: the subscriber's copy is dropped and its
-``dropped`` counter goes up. When a process exits its mailbox and subscriptions go
+``dropped`` counter goes up. All mailboxes together hold at most MAX_IPC_BYTES, so no
+program can fill the kernel's memory through them. When a process exits its mailbox and subscriptions go
 with it and every sender waiting on it is woken with ESRCH. Mailboxes live on the
 kernel's loop only (no locks) and are not persisted: a kernel restart empties them.
 """
@@ -126,6 +127,7 @@ class Ipc:
         self.procs = procs
         self.boxes: dict[int, Mailbox] = {}
         self.topics: dict[str, set[int]] = {}  # topic -> subscriber pids (never empty)
+        self.bytes = 0  # queued in all mailboxes, bounded by MAX_IPC_BYTES
         self._ids = itertools.count(1)
 
     def mailbox(self, proc: Proc) -> Mailbox:
@@ -139,6 +141,13 @@ class Ipc:
         """Messages waiting for ``pid``."""
         box = self.boxes.get(pid)
         return 0 if box is None else len(box)
+
+    def _fits(self, box: Mailbox, size: int) -> bool:
+        return box.fits(size) and self.bytes + size <= limits.MAX_IPC_BYTES
+
+    def _put(self, box: Mailbox, msg: Message) -> None:
+        box.put(msg)
+        self.bytes += msg.size
 
     def _message(self, caller: Caller, topic: str | None, body: object, size: int) -> Message:
         program = caller.proc.program.pgid if caller.proc is not None else 0
@@ -163,9 +172,11 @@ class Ipc:
         mailbox is full. Returns the message and the mailbox's depth. EAGAIN if it stays
         full; ESRCH if the receiver exits meanwhile."""
         box = self.mailbox(self.receiver(caller, pid))
-        while not box.fits(size):
+        while not self._fits(box, size):
             full = (f"the mailbox of process {pid} is full ({len(box)} messages, {box.bytes} bytes; "
-                    f"bounds {limits.MAILBOX_MAX_MESSAGES} messages, {limits.MAILBOX_MAX_BYTES} bytes)")
+                    f"bounds {limits.MAILBOX_MAX_MESSAGES} messages, {limits.MAILBOX_MAX_BYTES} bytes)"
+                    if not box.fits(size) else
+                    f"the kernel's mailboxes hold {self.bytes} bytes, the most they may ({limits.MAX_IPC_BYTES})")
             if until <= asyncio.get_running_loop().time():
                 raise SyscallError(Errno.EAGAIN, f"{full}; try again once it reads, or send with a timeout")
             woken = await box.room(until)
@@ -174,7 +185,7 @@ class Ipc:
             if not woken:
                 raise SyscallError(Errno.EAGAIN, f"{full} and stayed full until the timeout")
         msg = self._message(caller, None, body, size)
-        box.put(msg)
+        self._put(box, msg)
         return msg, len(box)
 
     async def recv(self, proc: Proc, sender: int | None, topic: str | None, until: float) -> tuple[Message | None, Mailbox]:
@@ -186,6 +197,7 @@ class Ipc:
                 raise SyscallError(Errno.ECANCELED, f"process {proc.pid} exited during ipc.recv")
             if until <= asyncio.get_running_loop().time() or not await box.arrival(until):
                 return None, box
+        self.bytes -= msg.size
         return msg, box
 
     # -- topics ------------------------------------------------------------------------
@@ -229,8 +241,8 @@ class Ipc:
         delivered = dropped = 0
         for pid in self.topics.get(topic, ()):
             box = self.boxes[pid]
-            if box.fits(size):
-                box.put(msg)
+            if self._fits(box, size):
+                self._put(box, msg)
                 delivered += 1
             else:
                 box.dropped += 1
@@ -246,4 +258,5 @@ class Ipc:
             return
         for topic in box.topics:
             self._forget(topic, pid)
+        self.bytes -= box.bytes
         box.close()

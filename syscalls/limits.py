@@ -48,6 +48,8 @@ MAX_IPC_MESSAGE_BYTES = 64 * 1024
 MAX_IPC_DEPTH = 32
 MAILBOX_MAX_MESSAGES = 256
 MAILBOX_MAX_BYTES = 1 << 20
+#: Bytes queued in all mailboxes together (a published copy counts once per mailbox).
+MAX_IPC_BYTES = 256 << 20
 #: Topics: name length, subscriptions per process, distinct topics in the kernel.
 MAX_TOPIC_CHARS = 128
 MAX_SUBSCRIPTIONS = 64

@@ -20,6 +20,7 @@ import pytest
 
 from llmos.client import AsyncClient
 from syscalls import errors, limits
+from syscalls.errors import Errno, SyscallError
 from tests.conftest import InThread
 from tests.kernels import Daemon
 
@@ -377,3 +378,36 @@ def test_only_processes_receive_and_subscribe(admin):
     for call, args in [("ipc.recv", {}), ("ipc.subscribe", {"topic": "t"})]:
         with pytest.raises(errors.EACCES):
             admin.call(call, args)
+
+
+# -- the mechanism in-process (kernel/ipc.py) -------------------------------------------
+
+
+def test_all_mailboxes_together_are_bounded_and_their_bytes_accounted(monkeypatch):
+    from kernel.ipc import Ipc
+    from kernel.process import INIT_PID, Caller, ProcessTable
+
+    monkeypatch.setattr(limits, "MAX_IPC_BYTES", 1000)
+    table = ProcessTable(owner="t")
+    root = table.spawn(INIT_PID, "root", "m", 0, None)
+    kids = [table.spawn(root.pid, f"k{i}", "m", 0, None) for i in range(3)]
+    ipc, me = Ipc(table), Caller(root.pid, root)
+
+    async def go() -> None:
+        far = asyncio.get_running_loop().time() + 5
+        for kid in kids[:2]:
+            await ipc.send(me, kid.pid, "x" * 398, 400, far)  # each mailbox far below its own bound
+        with pytest.raises(SyscallError) as exc:
+            await ipc.send(me, kids[2].pid, "x" * 398, 400, 0.0)
+        assert exc.value.code is Errno.EAGAIN and "kernel's mailboxes" in exc.value.message
+        ipc.subscribe(kids[2], "t")
+        assert ipc.publish(me, "t", "x" * 398, 400)[1:] == (0, 1)  # dropped, not blocked
+        msg, box = await ipc.recv(kids[0], None, None, far)
+        assert msg is not None and ipc.bytes == 400 == sum(b.bytes for b in ipc.boxes.values())
+        await ipc.send(me, kids[2].pid, "x" * 398, 400, far)
+        ipc.close(kids[1].pid)
+        assert ipc.bytes == 400 and kids[1].pid not in ipc.boxes
+        ipc.close(kids[2].pid)
+        assert ipc.bytes == 0 and ipc.topics == {}
+
+    asyncio.run(go())
