@@ -411,3 +411,34 @@ def test_all_mailboxes_together_are_bounded_and_their_bytes_accounted(monkeypatc
         assert ipc.bytes == 0 and ipc.topics == {}
 
     asyncio.run(go())
+
+
+def test_a_recv_killed_in_the_same_batch_it_arrived_in_is_still_answered():
+    """A kill dispatched before the victim's blocking call has started running must
+    still answer that call (ECANCELED), not leave its caller waiting for the deadline."""
+    from drivers.sim import SimDriver
+    from kernel.kernel import Kernel
+    from syscalls import codec
+
+    async def go() -> list[dict]:
+        k = Kernel({"sim": SimDriver()}, ["inproc://ipc-race"], embedder=None)
+        sent: list[dict] = []
+        k.dispatcher.send = lambda identity, frame: sent.append(codec.unpackb(frame))
+        try:
+            proc = k.procs.spawn(1, "victim", "sim", 0, None)
+            # both frames in one transport batch: the recv's task has not run when the kill lands
+            k.dispatcher.on_frames([b"a", codec.encode_request(1, "ipc.recv", {"timeout": 30}, proc.pid, proc.token)])
+            k.dispatcher.on_frames([b"b", codec.encode_request(2, "proc.kill", {"pid": proc.pid, "signal": "KILL"},
+                                                               0, k.admin_token)])
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not k.dispatcher.calls
+        finally:
+            await k.transport.close()  # its zmq context must not be left for the GC to terminate
+            k.memory.close()
+            await asyncio.to_thread(k.store.close)
+        return sent
+
+    replies = {r["id"]: r for r in asyncio.run(go())}
+    assert replies[2]["ok"] is True
+    assert replies[1]["ok"] is False and replies[1]["error"]["code"] == "ECANCELED"
