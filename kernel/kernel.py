@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver, DriverError
-from kernel import sys_ctx, sys_fs, sys_llm, sys_mem, sys_proc, sys_sys, sys_tool
+from kernel import sys_ctx, sys_fs, sys_ipc, sys_llm, sys_mem, sys_proc, sys_sys, sys_tool
 from kernel.fs import FileSystem, load_index
+from kernel.ipc import Ipc
 from kernel.memory import Memory
 from kernel.persist import Persist, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
@@ -39,7 +40,7 @@ VERSION = "0.1.0"
 
 #: The dispatch table: syscall name -> handler, one module per syscall family.
 HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_mem.HANDLERS, **sys_fs.HANDLERS,
-            **sys_tool.HANDLERS, **sys_sys.HANDLERS}
+            **sys_tool.HANDLERS, **sys_ipc.HANDLERS, **sys_sys.HANDLERS}
 
 #: The state database's file name in the kernel's state directory.
 STATE_DB = "state.db"
@@ -102,6 +103,7 @@ class Kernel:
         self.tools = ToolTable()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
+        self.ipc = Ipc(self.procs)
         self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum))
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
         self.stats = KernelStats()
@@ -218,8 +220,9 @@ class Kernel:
 
     # -- process control (the mechanism behind proc.kill / proc.exit) ----------------
     def terminate(self, proc: Proc, status: int, signal: str | None) -> None:
-        """End ``proc`` now: it becomes a zombie and every call it has in flight
-        (a generation on a slot included) is answered with ECANCELED at once."""
+        """End ``proc`` now: it becomes a zombie, every call it has in flight (a
+        generation on a slot, an ipc.recv included) is answered with ECANCELED at once,
+        and its IPC mailbox and subscriptions vanish."""
         if not proc.alive:
             return
         self.procs.exit(proc, status, signal)
@@ -227,6 +230,7 @@ class Kernel:
         how = f"killed by SIG{signal}" if signal else f"exited with status {status}"
         for call in list(self._calls.pop(proc.pid, ())):
             call.interrupt(SyscallError(Errno.ECANCELED, f"process {proc.pid} {how} during {call.name}"))
+        self.ipc.close(proc.pid)  # its mailbox and subscriptions go; senders waiting on it get ESRCH
         log.info("process %d (%s) %s", proc.pid, proc.name, how)
 
     def stop_process(self, proc: Proc) -> None:

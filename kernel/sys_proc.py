@@ -104,8 +104,8 @@ def sys_getpid(k: Kernel, call: Call, a: m.Empty) -> m.GetpidResult:
     return m.GetpidResult(pid=proc.pid, ppid=proc.ppid)
 
 
-def proc_info(p: Proc) -> m.ProcInfo:
-    """The ps row of a process."""
+def proc_info(p: Proc, mailbox: int = 0) -> m.ProcInfo:
+    """The ps row of a process (``mailbox``: messages waiting in its IPC mailbox)."""
     return m.ProcInfo(
         pid=p.pid, ppid=p.ppid, name=p.name, owner=p.owner, state=p.state.value, nice=p.nice,
         model=p.model, context_messages=len(p.context), generate_calls=p.generate_calls,
@@ -114,6 +114,7 @@ def proc_info(p: Proc) -> m.ProcInfo:
         exit_status=p.exit_status, signal=p.signal, program=p.program.pgid, preemptions=p.preemptions,
         switch_prefill_tokens=p.switch_prefill_tokens, switch_s=round(p.switch_s, 6),
         limits=p.account.limits.as_dict(), quota_exceeded=p.account.exceeded or p.program.account.exceeded,
+        mailbox=mailbox,
     )
 
 
@@ -125,7 +126,7 @@ def sys_ps(k: Kernel, call: Call, a: m.PsArgs) -> m.PsResult:
         procs = sorted(k.procs, key=lambda p: p.pid)
     else:
         procs = [caller.proc, *k.procs.descendants(caller.pid)]
-    return m.PsResult(procs=[proc_info(p) for p in procs])
+    return m.PsResult(procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs])
 
 
 async def sys_wait(k: Kernel, call: Call, a: m.WaitArgs) -> m.WaitResult:

@@ -65,7 +65,7 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
     return m.StatResult(
         time=time.time(), uptime_s=round(k.uptime(), 3), policy=k.scheduler.policy.name, models=models,
         states=states, tokens=tokens, host=m.HostStat(**st.host.sample().as_dict()),
-        procs=[proc_info(p) for p in procs] if a.procs else [],
+        procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs] if a.procs else [],
     )
 
 

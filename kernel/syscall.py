@@ -134,8 +134,19 @@ class Dispatcher:
             self.send(identity, codec.ok_reply(req.id, _dump(result)))
             return
         call.task = loop.create_task(self._run(entry, call, args), name=f"{req.call}#{req.id}")
+        call.task.add_done_callback(lambda _: self._unstarted(entry, call))
         self.calls.add(call)
         self.kernel.track(call)
+
+    def _unstarted(self, entry: Entry, call: Call) -> None:
+        # A task cancelled before its first step never runs _run (not even its finally):
+        # a kill in the same transport batch as the call. Answer it here instead.
+        if call not in self.calls:
+            return  # _run finished and replied
+        self.calls.discard(call)
+        self.kernel.untrack(call)
+        if call.interrupted is not None:
+            self.send(call.identity, codec.error_reply(call.id, call.interrupted, call.seq if entry.spec.chunk else None))
 
     async def _run(self, entry: Entry, call: Call, args: BaseModel) -> None:
         try:

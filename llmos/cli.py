@@ -235,14 +235,14 @@ def cmd_ps(as_json: bool) -> int:
         return 0
     table = Table(box=None)
     for col in ("PID", "PPID", "PROG", "STATE", "NI", "MODEL", "CALLS", "TOK IN", "TOK OUT", "RUN s",
-                "WAIT s", "PREEMPT", "QUOTA", "NAME"):
+                "WAIT s", "PREEMPT", "MBOX", "QUOTA", "NAME"):
         table.add_column(col, justify="left" if col in ("STATE", "MODEL", "QUOTA", "NAME") else "right")
     for p in procs:
         state = p.state if p.exit_status is None else f"{p.state}({p.exit_status})"
         quota = f"[red]{p.quota_exceeded}[/]" if p.quota_exceeded else ("set" if p.limits else "-")
         table.add_row(str(p.pid), str(p.ppid), str(p.program), state, str(p.nice), p.model, str(p.generate_calls),
                       str(p.prompt_tokens), str(p.output_tokens), f"{p.service_s:.2f}", f"{p.wait_s:.2f}",
-                      str(p.preemptions), quota, p.name)
+                      str(p.preemptions), str(p.mailbox), quota, p.name)
     (out if out.is_terminal else Console(width=200)).print(table)  # a pipe gets whole rows, not 80 columns
     return 0
 

@@ -202,10 +202,20 @@ class Client:
         return m.KillResult(**self.call("proc.kill", {"pid": pid, "signal": signal}))
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
-        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
 
     def nice(self, pid: int, nice: int) -> m.NiceResult:
         return m.NiceResult(**self.call("proc.nice", {"pid": pid, "nice": nice}))
+
+    def send(self, pid: int, message: Any, timeout: float = 0) -> m.SendResult:
+        """Put ``message`` (any JSON value) in process ``pid``'s mailbox as the admin
+        (sender 0); see :meth:`Process.send`."""
+        args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
+        return m.SendResult(**self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+
+    def publish(self, topic: str, message: Any) -> m.PublishResult:
+        """Publish ``message`` on ``topic`` as the admin; see :meth:`Process.publish`."""
+        return m.PublishResult(**self.call("ipc.publish", _ipc_args(m.PublishArgs, topic=topic, message=message)))
 
     def close(self) -> None:
         with self._lock:
@@ -341,7 +351,7 @@ class Process:
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
         """Wait for one of this process's children to exit."""
-        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
 
     def kill(self, pid: int | None = None, signal: str = "TERM") -> m.KillResult:
         """Signal this process (default) or one of its descendants."""
@@ -352,6 +362,45 @@ class Process:
 
     def exit(self, status: int = 0) -> None:
         self.call("proc.exit", {"status": status})
+
+    # ipc.*
+    def send(self, pid: int, message: Any, timeout: float = 0) -> m.SendResult:
+        """Put ``message`` (any JSON value up to 64 KiB as JSON) in the mailbox of process
+        ``pid``, which must belong to this process's program (EPERM otherwise; use a
+        topic to reach another program). If that mailbox is full: ``errors.EAGAIN`` at
+        once, or after waiting up to ``timeout`` seconds for room. ``errors.ESRCH`` if
+        ``pid`` has exited, or exits while this waits."""
+        args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
+        return m.SendResult(**self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+
+    def recv(self, timeout: float | None = None, from_pid: int | None = None,
+             topic: str | None = None) -> m.IpcMessage | None:
+        """The oldest message in this process's mailbox (only from ``from_pid`` / only
+        on ``topic``, if given), waiting up to ``timeout`` seconds (0 polls; default:
+        the call's 30 s deadline). None if none came. Its payload is ``.body``; ``.sender``,
+        ``.topic`` and ``.sent`` say where it came from."""
+        return self.recv_full(timeout, from_pid, topic).message
+
+    def recv_full(self, timeout: float | None = None, from_pid: int | None = None,
+                  topic: str | None = None) -> m.RecvResult:
+        """:meth:`recv` with the mailbox's depth after it and its ``dropped`` counter."""
+        args = _ipc_args(m.RecvArgs, timeout=timeout, from_pid=from_pid, topic=topic)
+        return m.RecvResult(**self.call("ipc.recv", args, deadline_ms=_blocking_deadline_ms(timeout)))
+
+    def subscribe(self, topic: str) -> m.SubscribeResult:
+        """Receive the messages published on ``topic`` from now on (in :meth:`recv`)."""
+        return m.SubscribeResult(**self.call("ipc.subscribe", _ipc_args(m.TopicArgs, topic=topic)))
+
+    def unsubscribe(self, topic: str) -> m.SubscribeResult:
+        """Stop receiving ``topic`` (``errors.ENOENT`` if not subscribed); messages
+        already in the mailbox stay."""
+        return m.SubscribeResult(**self.call("ipc.unsubscribe", _ipc_args(m.TopicArgs, topic=topic)))
+
+    def publish(self, topic: str, message: Any) -> m.PublishResult:
+        """Put a copy of ``message`` in the mailbox of every process subscribed to
+        ``topic`` (any program's). Never blocks: a subscriber whose mailbox is full
+        misses it (counted in its ``dropped``). Returns how many got it."""
+        return m.PublishResult(**self.call("ipc.publish", _ipc_args(m.PublishArgs, topic=topic, message=message)))
 
 
 class Tools:
@@ -571,6 +620,30 @@ def _spawn_args(name: str, system: str | None, model: str | None, nice: int,
     return args.model_dump(exclude_none=True, exclude_defaults=True) | {"name": name}
 
 
+def _ipc_args(model: type[m.Args], **kw: Any) -> dict[str, Any]:
+    """ipc.* arguments, checked here first (types, sizes, topic names) so mistakes fail
+    with EINVAL before the round trip. A ``message`` of None is sent: it is JSON null."""
+    args = _opt(**kw) | ({"message": kw["message"]} if "message" in kw else {})
+    try:
+        model.model_validate(args)
+    except ValidationError as exc:
+        raise SyscallError.of(Errno.EINVAL, codec.describe_validation(exc)) from None
+    return args
+
+
+def _blocking_deadline_ms(timeout: float | None) -> int | None:
+    """The deadline for a call that may wait ``timeout`` seconds: long enough for the
+    wait to end on its own (never shorter than the default)."""
+    if timeout is None:
+        return None
+    return min(max(limits.DEFAULT_DEADLINE_MS, int((timeout + 1) * 1000)), limits.MAX_DEADLINE_MS)
+
+
+def _wait_deadline(timeout: float | None) -> int | None:
+    """A deadline for a call that blocks up to ``timeout`` seconds: longer than it."""
+    return None if timeout is None else int(timeout * 1000) + 5000
+
+
 def _opt(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -697,7 +770,17 @@ class AsyncClient:
         return m.KillResult(**await self.call("proc.kill", {"pid": pid, "signal": signal}))
 
     async def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
-        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
+
+    async def send(self, pid: int, message: Any, timeout: float = 0) -> m.SendResult:
+        """asyncio flavour of :meth:`Client.send`."""
+        args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
+        return m.SendResult(**await self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+
+    async def publish(self, topic: str, message: Any) -> m.PublishResult:
+        """asyncio flavour of :meth:`Client.publish`."""
+        args = _ipc_args(m.PublishArgs, topic=topic, message=message)
+        return m.PublishResult(**await self.call("ipc.publish", args))
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -750,10 +833,39 @@ class AsyncProcess:
         return m.KillResult(**await self.call("proc.kill", {"pid": pid or self.pid, "signal": signal}))
 
     async def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
-        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout)))
+        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
 
     async def exit(self, status: int = 0) -> None:
         await self.call("proc.exit", {"status": status})
+
+    async def send(self, pid: int, message: Any, timeout: float = 0) -> m.SendResult:
+        """asyncio flavour of :meth:`Process.send`."""
+        args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
+        return m.SendResult(**await self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+
+    async def recv(self, timeout: float | None = None, from_pid: int | None = None,
+                   topic: str | None = None) -> m.IpcMessage | None:
+        """asyncio flavour of :meth:`Process.recv` (other calls go on while it waits)."""
+        return (await self.recv_full(timeout, from_pid, topic)).message
+
+    async def recv_full(self, timeout: float | None = None, from_pid: int | None = None,
+                        topic: str | None = None) -> m.RecvResult:
+        """asyncio flavour of :meth:`Process.recv_full`."""
+        args = _ipc_args(m.RecvArgs, timeout=timeout, from_pid=from_pid, topic=topic)
+        return m.RecvResult(**await self.call("ipc.recv", args, deadline_ms=_blocking_deadline_ms(timeout)))
+
+    async def subscribe(self, topic: str) -> m.SubscribeResult:
+        """asyncio flavour of :meth:`Process.subscribe`."""
+        return m.SubscribeResult(**await self.call("ipc.subscribe", _ipc_args(m.TopicArgs, topic=topic)))
+
+    async def unsubscribe(self, topic: str) -> m.SubscribeResult:
+        """asyncio flavour of :meth:`Process.unsubscribe`."""
+        return m.SubscribeResult(**await self.call("ipc.unsubscribe", _ipc_args(m.TopicArgs, topic=topic)))
+
+    async def publish(self, topic: str, message: Any) -> m.PublishResult:
+        """asyncio flavour of :meth:`Process.publish`."""
+        args = _ipc_args(m.PublishArgs, topic=topic, message=message)
+        return m.PublishResult(**await self.call("ipc.publish", args))
 
 
 async def aconnect(endpoint: str | None = None) -> AsyncClient:

@@ -69,3 +69,15 @@ MAX_TOOL_QUEUE = 256  # calls waiting for one serving process
 MAX_PARKED_CALLS = 256  # calls waiting for the owner's confirmation
 MAX_TOOL_PATTERNS = 32  # tool capability patterns given at spawn
 PY_MEMORY_BYTES = 512 << 20  # address space of the python tool's process
+
+#: IPC: one message's body (its compact JSON, in bytes), nesting, and each mailbox's bounds.
+MAX_IPC_MESSAGE_BYTES = 64 * 1024
+MAX_IPC_DEPTH = 32
+MAILBOX_MAX_MESSAGES = 256
+MAILBOX_MAX_BYTES = 1 << 20
+#: Bytes queued in all mailboxes together (a published copy counts once per mailbox).
+MAX_IPC_BYTES = 256 << 20
+#: Topics: name length, subscriptions per process, distinct topics in the kernel.
+MAX_TOPIC_CHARS = 128
+MAX_SUBSCRIPTIONS = 64
+MAX_TOPICS = 4096

@@ -9,7 +9,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 from syscalls import limits
 from syscalls.limits import MIN_CTX_WINDOW
@@ -35,6 +44,10 @@ ProgramNamespace = Annotated[
 ]
 Label = Annotated[str, Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")]
 CtxPolicy = Literal["truncate", "summarize", "error"]
+#: A pub/sub topic: letters, digits and ``_.:/-`` (``jobs/done``, ``team.alerts``).
+Topic = Annotated[
+    str, Field(min_length=1, max_length=limits.MAX_TOPIC_CHARS, pattern=r"^[A-Za-z0-9_.:/-]+$"),
+]
 State = Literal["NEW", "READY", "RUNNING", "WAITING", "STOPPED", "ZOMBIE"]
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -172,6 +185,7 @@ class ProcInfo(Result):
     switch_s: float = Field(default=0.0, description="time spent on those re-prefills")
     limits: dict[str, float] = Field(default_factory=dict, description="its quotas that are set")
     quota_exceeded: str | None = Field(default=None, description="the last quota it hit (process or program)")
+    mailbox: int = Field(default=0, description="messages waiting in its IPC mailbox")
 
 
 class PsArgs(Args):
@@ -538,6 +552,107 @@ class RevokeArgs(Args):
     namespace: Namespace
     pid: Pid
     program: bool = False
+
+
+# -- ipc.* -------------------------------------------------------------------------
+
+
+def body_bytes(value: object) -> int:
+    """Size of a message body: its compact JSON in UTF-8 (what the mailbox bounds count).
+    ValueError if it has no JSON form (NaN, infinity, unencodable text)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode())
+
+
+def _shallow(value: object) -> object:
+    # Checked before the recursive JSON validation, which would hit Python's recursion limit.
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limits.MAX_IPC_DEPTH:
+                raise ValueError(f"nested deeper than {limits.MAX_IPC_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+def _small(value: JsonValue) -> JsonValue:
+    try:
+        size = body_bytes(value)
+    except ValueError as exc:
+        raise ValueError(f"has no JSON form ({exc})") from None
+    if size > limits.MAX_IPC_MESSAGE_BYTES:
+        raise ValueError(f"is {size} bytes as JSON, over the {limits.MAX_IPC_MESSAGE_BYTES}-byte limit of a message")
+    return value
+
+
+#: A message body: any JSON value (text, number, list, object...), bounded in size and depth.
+Body = Annotated[JsonValue, BeforeValidator(_shallow), AfterValidator(_small)]
+#: A sender pid in a filter: 0 is the admin.
+SenderPid = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class SendArgs(Args):
+    pid: Pid = Field(description="the receiving process (of the caller's program, for a process)")
+    message: Body = Field(
+        description=f"any JSON value, at most {limits.MAX_IPC_MESSAGE_BYTES} bytes as compact JSON")
+    timeout: float = Field(
+        default=0.0, ge=0, le=limits.MAX_DEADLINE_MS / 1000,
+        description="seconds to wait for room while the receiver's mailbox is full (bounded by the call's "
+        "deadline); 0: EAGAIN at once")
+
+
+class SendResult(Result):
+    id: int = Field(description="the message's id (kernel-wide, increasing)")
+    pid: int = Field(description="the receiver")
+    queued: int = Field(description="messages in the receiver's mailbox, this one included")
+
+
+class RecvArgs(Args):
+    timeout: float | None = Field(
+        default=None, ge=0, le=limits.MAX_DEADLINE_MS / 1000,
+        description="seconds to wait for a matching message; 0 polls; default: until the call's deadline")
+    from_pid: SenderPid | None = Field(default=None, description="only messages from this sender (0: the admin)")
+    topic: Topic | None = Field(default=None, description="only messages published on this topic")
+
+
+class IpcMessage(Result):
+    """One message as its receiver gets it."""
+
+    id: int = Field(description="kernel-wide, increasing: a sender's messages arrive in id order")
+    sender: int = Field(description="pid of the sender (0: the admin)")
+    program: int = Field(description="the sender's program id (0: the admin)")
+    topic: str | None = Field(default=None, description="the topic it was published on; None: sent directly")
+    sent: float = Field(description="when it was sent, Unix seconds")
+    body: JsonValue
+
+
+class RecvResult(Result):
+    message: IpcMessage | None = Field(
+        description="the oldest matching message; None: none arrived before the timeout")
+    pending: int = Field(description="messages left in the caller's mailbox")
+    dropped: int = Field(description="published messages the caller missed because its mailbox was full")
+
+
+class TopicArgs(Args):
+    topic: Topic
+
+
+class SubscribeResult(Result):
+    topic: str
+    subscribers: int = Field(description="processes subscribed to the topic now")
+    subscriptions: int = Field(description="topics the caller is subscribed to now")
+
+
+class PublishArgs(Args):
+    topic: Topic
+    message: Body = Field(
+        description=f"any JSON value, at most {limits.MAX_IPC_MESSAGE_BYTES} bytes as compact JSON")
+
+
+class PublishResult(Result):
+    id: int = Field(description="the message's id")
+    delivered: int = Field(description="subscribers whose mailbox took a copy")
+    dropped: int = Field(description="subscribers whose mailbox was full (their dropped counter went up)")
 
 
 # -- sys.* -------------------------------------------------------------------------

@@ -113,6 +113,21 @@ SYSCALLS: dict[str, SyscallSpec] = dict([
     _row("mem.revoke", m.RevokeArgs, m.Done, [Errno.EACCES, Errno.ESRCH, Errno.ENOENT],
          "Take a grant back.",
          needs_process=False),
+    _row("ipc.send", m.SendArgs, m.SendResult, [Errno.ESRCH, Errno.EPERM, Errno.EAGAIN, Errno.ECANCELED],
+         "Put a message in the mailbox of a process of the caller's program (anyone's, for the admin); "
+         "EAGAIN while it is full, unless a timeout lets the sender wait for room.",
+         needs_process=False),
+    _row("ipc.recv", m.RecvArgs, m.RecvResult, [Errno.ECANCELED],
+         "Take the oldest message (optionally from one sender or topic) from the caller's mailbox, "
+         "waiting up to the timeout; no message (null) if none came."),
+    _row("ipc.subscribe", m.TopicArgs, m.SubscribeResult, [Errno.EAGAIN],
+         "Receive the messages published on a topic from now on."),
+    _row("ipc.unsubscribe", m.TopicArgs, m.SubscribeResult, [Errno.ENOENT],
+         "Stop receiving a topic."),
+    _row("ipc.publish", m.PublishArgs, m.PublishResult, [],
+         "Put a copy of a message in every subscriber's mailbox; a full mailbox drops its copy "
+         "(counted), never blocking the publisher.",
+         needs_process=False),
     _row("sys.info", m.Empty, m.SysInfoResult, [],
          "Kernel version, ABI, uptime, endpoints, models and their slots.",
          needs_process=False),
