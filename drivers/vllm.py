@@ -104,6 +104,9 @@ def _prepare_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM logs to standard output by default: keep it free for programs' own output
+    # (e.g. `llmos bench driver --json`).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if _cpu_only():
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         if cpus:
