@@ -253,7 +253,14 @@ def bench_driver(args: argparse.Namespace) -> int:
                 k_runs, k_hit = asyncio.run(
                     _kernel_runs(kernel.endpoint, kernel.token, levels, args.requests, args.tokens, args.turns))
         finally:
+            helpers = _children(kernel.proc.pid if kernel.proc else None)
             kernel.stop()
+            # An engine process of the kernel's (vLLM's) still winding down would slow the
+            # direct half: wait until every process the kernel started is gone.
+            with err.status("waiting for the kernel's engine processes to exit…"):
+                import psutil
+
+                psutil.wait_procs(helpers, timeout=120)
     with err.status(f"the {args.driver} driver called directly…"):
         d_runs, d_hit = asyncio.run(_direct(args, options, levels))
     report["runs"] = [r.row() for pair in zip(k_runs, d_runs, strict=True) for r in pair]
@@ -264,6 +271,16 @@ def bench_driver(args: argparse.Namespace) -> int:
     _print(report, args.json, stdout)
     stdout.close()
     return 0
+
+
+def _children(pid: int | None) -> list[Any]:
+    """The processes ``pid`` started (engine cores, workers), to wait for after it stops."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True) if pid else []
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _print(report: dict[str, Any], as_json: bool, stdout: Any) -> None:
