@@ -5,7 +5,16 @@
     print(me.chat("Hello!"))
 """
 
-from llmos.client import AsyncClient, AsyncProcess, Client, Process, aconnect, connect, this_process
+from llmos.client import (
+    AsyncClient,
+    AsyncProcess,
+    Client,
+    Process,
+    aconnect,
+    connect,
+    spawn,
+    this_process,
+)
 from syscalls import errors
 from syscalls.errors import Errno, SyscallError
 
@@ -13,5 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient", "AsyncProcess", "Client", "Errno", "Process", "SyscallError",
-    "aconnect", "connect", "errors", "this_process",
+    "aconnect", "connect", "errors", "spawn", "this_process",
 ]

@@ -394,8 +394,8 @@ def cmd_spawn(args: argparse.Namespace) -> int:
         proc = c.spawn(args.name, system=args.system, model=args.model, nice=args.nice,
                        **({"tools": tools} if tools else {}))
         if args.task is None:
-            print(json.dumps({"pid": proc.pid, "token": proc.token}) if args.json else proc.pid)
-            return 0
+            print(json.dumps({"pid": proc.pid, "token": proc.token}) if args.json else proc.pid, flush=True)
+            return cmd_wait(proc.pid, None, False) if args.wait else 0
         try:
             def show(step: Step) -> None:
                 if not args.json:
@@ -417,6 +417,24 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     else:
         err.print(f"[yellow]no answer[/] ({result.stopped} after {len(result.steps)} tool calls)")
     return 0 if result.answer is not None else 1
+
+
+def cmd_wait(pid: int, timeout: float | None, as_json: bool) -> int:
+    """``llmos wait PID``: block until PID exits; exit with its status (124 on timeout)."""
+    with connect() as c:
+        try:
+            res = c.wait(pid, timeout=timeout)
+        except SyscallError as exc:
+            if exc.code is Errno.ETIMEDOUT:
+                err.print(f"process {pid} is still running after {timeout} s")
+                return 124
+            raise
+    if as_json:
+        print(json.dumps(res.model_dump()))
+    else:
+        err.print(f"process {res.pid} exited with status {res.exit_status}"
+                  + (f" (SIG{res.signal})" if res.signal else ""))
+    return min(int(res.exit_status), 255)
 
 
 def _default_kernel_args() -> argparse.Namespace:
@@ -578,7 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--tools", default=None, help="comma-separated tools it may use (default: all it may)")
     sn.add_argument("--max-steps", type=int, default=6, help="tool calls before giving up (default: 6)")
     sn.add_argument("--keep", action="store_true", help="keep the process after the task (default: reap it)")
+    sn.add_argument("--wait", action="store_true",
+                    help="without --task: wait for the process to exit and exit with its status")
     sn.add_argument("--json", action="store_true")
+    wt = sub.add_parser("wait", help="wait for a process to exit; exit with its status (like a shell's wait)")
+    wt.add_argument("pid", type=int)
+    wt.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 124)")
+    wt.add_argument("--json", action="store_true")
 
     sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
     sp = sub.add_parser("syscalls", help="print the syscall table")
@@ -672,6 +696,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_ask(args)
         case "spawn":
             return cmd_spawn(args)
+        case "wait":
+            return cmd_wait(args.pid, args.timeout, args.json)
         case "syscalls":
             return cmd_syscalls(args)
         case "shell":

@@ -234,12 +234,35 @@ class Client:
 class Process:
     """A handle on one LLM process; its methods are the syscalls it makes."""
 
-    def __init__(self, client: Client, pid: int, token: str) -> None:
+    def __init__(self, client: Client, pid: int, token: str, parent: Process | None = None) -> None:
         self.client, self.pid, self.token = client, pid, token
+        self.parent = parent  # the process that spawned it (None: the client's own identity)
         self.last: m.GenerateResult | None = None  # result of the latest generation
 
     def __repr__(self) -> str:
         return f"Process(pid={self.pid})"
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.reap()
+
+    def reap(self, timeout: float = 10.0) -> m.WaitResult | None:
+        """End this process (KILL, if it still runs) and collect its exit status as its
+        spawner; None if it was already reaped."""
+        try:
+            self.call("proc.kill", {"pid": self.pid, "signal": "KILL"})
+        except SyscallError as exc:
+            if exc.code not in (Errno.ESRCH, Errno.EACCES):
+                raise
+        waiter = self.parent.wait if self.parent is not None else self.client.wait
+        try:
+            return waiter(self.pid, timeout=timeout)
+        except SyscallError as exc:
+            if exc.code in (Errno.ECHILD, Errno.ESRCH):
+                return None
+            raise
 
     def call(self, name: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         """A raw syscall made as this process."""
@@ -336,7 +359,7 @@ class Process:
         ctx_window, host_pid (see proc.spawn)."""
         args = _spawn_args(name, system, model, nice, limits, program_limits, **options)
         res = m.SpawnResult(**self.call("proc.spawn", args))
-        return Process(self.client, res.pid, res.token)
+        return Process(self.client, res.pid, res.token, parent=self)
 
     def fork(self, name: str, **options: Any) -> Process:
         """A child that starts with a copy of this process's context, like fork()."""
@@ -671,6 +694,24 @@ def _generate_args(**kw: Any) -> dict[str, Any]:
     return _opt(**kw)
 
 
+_default: threading.local = threading.local()
+
+
+def spawn(name: str = "agent", system: str | None = None, model: str | None = None, nice: int = 0,
+          **options: Any) -> Process:
+    """Spawn a top-level LLM process from any script, as the kernel's owner (one admin
+    connection per thread, made on first use). Use it in a ``with`` block to have it
+    killed and reaped at the end::
+
+        with llmos.spawn("helper", system="Be brief.") as p:
+            print(p.chat("Hi"))
+    """
+    client = getattr(_default, "client", None)
+    if client is None:
+        client = _default.client = Client()
+    return client.spawn(name, system=system, model=model, nice=nice, **options)
+
+
 def connect(endpoint: str | None = None) -> Client:
     """Connect to the running kernel as the admin (the user who started it)."""
     return Client(endpoint)
@@ -751,8 +792,9 @@ class AsyncClient:
         return self._frames(name, args, pid, token, deadline_ms)
 
     async def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
-              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None) -> AsyncProcess:
-        args = _spawn_args(name, system, model, nice, limits, program_limits)
+                    limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None,
+                    **options: Any) -> AsyncProcess:
+        args = _spawn_args(name, system, model, nice, limits, program_limits, **options)
         res = m.SpawnResult(**await self.call("proc.spawn", args))
         return AsyncProcess(self, res.pid, res.token)
 
@@ -801,6 +843,26 @@ class AsyncProcess:
     def __init__(self, client: AsyncClient, pid: int, token: str) -> None:
         self.client, self.pid, self.token = client, pid, token
         self.last: m.GenerateResult | None = None
+
+    async def __aenter__(self) -> AsyncProcess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.reap()
+
+    async def reap(self, timeout: float = 10.0) -> m.WaitResult | None:
+        """asyncio flavour of :meth:`Process.reap` (reaped by the client's identity)."""
+        try:
+            await self.call("proc.kill", {"pid": self.pid, "signal": "KILL"})
+        except SyscallError as exc:
+            if exc.code not in (Errno.ESRCH, Errno.EACCES):
+                raise
+        try:
+            return await self.client.wait(self.pid, timeout=timeout)
+        except SyscallError as exc:
+            if exc.code in (Errno.ECHILD, Errno.ESRCH):
+                return None
+            raise
 
     async def call(self, name: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         return await self.client.call(name, args, pid=self.pid, token=self.token, **kw)
