@@ -9,6 +9,7 @@ asyncio loop: a driver hands token deltas back to the loop as an async stream.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -182,3 +183,25 @@ class Driver(abc.ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the model and worker threads."""
+
+
+async def relay(queue: asyncio.Queue[Delta | DriverError], abort: Callable[[], None],
+                on_error: Callable[[DriverError], None] | None = None) -> AsyncIterator[Delta]:
+    """A request's deltas as its engine puts them on ``queue``, up to the one with a
+    finish reason; a :class:`DriverError` put there is raised (after ``on_error``).
+    If the consumer stops early (closed, cancelled), ``abort()`` drops the request.
+    Drivers wrap it in ``contextlib.aclosing`` so the abort runs when they are closed."""
+    done = False
+    try:
+        while not done:
+            item = await queue.get()
+            if isinstance(item, DriverError):
+                done = True
+                if on_error is not None:
+                    on_error(item)
+                raise item
+            done = item.finish_reason is not None
+            yield item
+    finally:
+        if not done:
+            abort()

@@ -21,15 +21,15 @@ Shape (after vLLM's engine core, scaled down to one thread):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import itertools
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from drivers import packaged
@@ -44,8 +44,13 @@ from drivers.base import (
     Progress,
     ResponseFormat,
     SamplingOptions,
+    relay,
 )
 from drivers.grammar import Constraint, GrammarCache
+from drivers.text import Detokenizer as _Detokenizer
+from drivers.text import PromptEncoder as _PromptEncoder
+from drivers.text import StopText as _StopText
+from drivers.text import resolve_model_dir as _resolve_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +62,6 @@ if TYPE_CHECKING:
 PREFILL_CHUNK = 256
 _DTYPES = ("bfloat16", "float32", "float16")
 DriverState = Literal["unloaded", "loading", "ready", "failed"]
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 # --------------------------------------------------------------------------- requests
@@ -88,74 +92,6 @@ _FINISH_REASONS: dict[SeqStatus, FinishReason] = {
 #: What the engine hands a request's consumer: a delta, or the error that ends it.
 _Item = Delta | DriverError
 _Sink = Callable[[_Item], None]
-
-
-class _Detokenizer:
-    """Turns output token ids into text incrementally, never splitting a character.
-
-    Decodes a small window of recent tokens and emits only what the newest token
-    added, holding back while the window ends in a partial UTF-8 sequence (U+FFFD).
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # window start: context so a token decodes as it would mid-text
-        self._read = 0  # tokens before this index have been turned into text
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the new text it completes (maybe empty)."""
-        self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith(_REPLACEMENT_CHAR):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return after[len(before) :]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-
-
-class _StopText:
-    """Holds back output that could still become a stop string, and finds stop strings.
-
-    Invariant: ``_held`` is the only text not yet released, and no stop string occurs
-    in it, so a match can only involve the newest text plus ``_held``.
-    """
-
-    def __init__(self, stops: Iterable[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add ``text``; return ``(text safe to release, whether a stop string ended it)``."""
-        if not self._stops:
-            return text, False
-        self._held += text
-        hits = [i for i in (self._held.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            released, self._held = self._held[: min(hits)], ""
-            return released, True
-        keep = self._partial_stop_length()
-        cut = len(self._held) - keep
-        released, self._held = self._held[:cut], self._held[cut:]
-        return released, False
-
-    def flush(self) -> str:
-        """Release whatever is held (the output ended without completing a stop string)."""
-        held, self._held = self._held, ""
-        return held
-
-    def _partial_stop_length(self) -> int:
-        """Length of the longest end of ``_held`` that begins some stop string."""
-        best = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(self._held)), best, -1):
-                if self._held.endswith(stop[:size]):
-                    best = size
-                    break
-        return best
 
 
 def _sample(logits: torch.Tensor, options: SamplingOptions, rng: torch.Generator | None) -> int:
@@ -229,49 +165,6 @@ class _LoadedModel:
     max_context: int
     #: Width of the model's logits (may exceed the tokenizer's vocabulary).
     vocab_size: int
-
-
-class _PromptEncoder:
-    """Prompt -> token ids, shared by the engine and ``count_tokens`` so they agree."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._tokenizer = tokenizer
-        # The Rust tokenizer may raise "Already borrowed" under concurrent calls.
-        self._lock = threading.Lock()
-
-    def encode(self, prompt: list[Message] | str) -> list[int]:
-        """Chat messages get the chat template and a generation prompt; text is encoded as is."""
-        with self._lock:
-            if isinstance(prompt, str):
-                return list(self._tokenizer(prompt)["input_ids"])
-            if not self._tokenizer.chat_template:
-                raise DriverError(
-                    "This model has no chat template; send the prompt as raw text instead."
-                )
-            text = self._tokenizer.apply_chat_template(
-                prompt, add_generation_prompt=True, tokenize=False
-            )
-            # The template already wrote any special tokens it wants.
-            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _resolve_model_dir(model: str | None, progress: Progress) -> Path:
-    """The folder to load: the packaged model's export, or a checked local folder."""
-    if model is None:
-        return packaged.ensure_exported(progress)
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise DriverError(
-            f"Model folder {path} does not exist. Pass the path of a local Hugging Face "
-            f"model folder, or no model to use the packaged {packaged.MODEL_NAME}."
-        )
-    if not (path / "config.json").is_file():
-        raise DriverError(
-            f"{path} is not a Hugging Face model folder (it has no config.json). Pass a "
-            f"folder saved with save_pretrained, or no model to use the packaged "
-            f"{packaged.MODEL_NAME}."
-        )
-    return path
 
 
 def _load_model(model: str | None, dtype: str, progress: Progress) -> _LoadedModel:
@@ -946,18 +839,9 @@ class CpuDriver(Driver):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         engine.submit(request, sink, grammar)
-        done = False
-        try:
-            while not done:
-                item = await queue.get()
-                if isinstance(item, DriverError):
-                    done = True
-                    raise item
-                done = item.finish_reason is not None
-                yield item
-        finally:
-            if not done:
-                engine.abort(request.request_id)
+        async with contextlib.aclosing(relay(queue, lambda: engine.abort(request.request_id))) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def prepare_format(self, response_format: ResponseFormat) -> None:
         """Compile ``response_format`` for this model (cached), on a worker thread.

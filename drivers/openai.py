@@ -35,7 +35,6 @@ import enum
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,10 +52,15 @@ from drivers.base import (
     Message,
     ModelInfo,
     Progress,
+    relay,
 )
 
 # Shared with the CPU and vLLM drivers so every driver cuts text and stop strings alike.
-from drivers.cpu import _Detokenizer, _PromptEncoder, _resolve_model_dir, _StopText
+from drivers.loopthread import LoopThread
+from drivers.text import Detokenizer as _Detokenizer
+from drivers.text import PromptEncoder as _PromptEncoder
+from drivers.text import StopText as _StopText
+from drivers.text import resolve_model_dir as _resolve_model_dir
 
 if TYPE_CHECKING:
     import httpx
@@ -292,37 +296,11 @@ class _EndpointFailed(Exception):
 # --------------------------------------------------------------------------- I/O loop
 
 
-class _IoLoop:
+class _IoLoop(LoopThread):
     """One thread running an asyncio loop; all HTTP work and endpoint state live on it."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="llmos-openai-io", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            with contextlib.suppress(Exception):
-                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
-
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the I/O loop and await its result from another loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` soon on the I/O loop (ignored once the loop is closed)."""
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(fn)
-
-    def stop(self) -> None:
-        """Stop the loop and join the thread (blocking)."""
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=30)
+        super().__init__("llmos-openai-io", join_timeout=30)
 
 
 @dataclass(eq=False)
@@ -1074,18 +1052,12 @@ class OpenAIDriver(Driver):
             _StopText(request.sampling.stop),
         )
         io.call(lambda: pool.start(stream))
-        done = False
-        try:
-            while not done:
-                item = await queue.get()
-                if isinstance(item, DriverError):
-                    done = True
-                    raise item
-                done = item.finish_reason is not None
-                yield item
-        finally:
-            if not done:
-                io.call(lambda: pool.abort(request.request_id))
+        def abort() -> None:
+            io.call(lambda: pool.abort(request.request_id))
+
+        async with contextlib.aclosing(relay(queue, abort)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def abort(self, request_id: str) -> None:
         """End ``request_id`` at once (its stream ends with ``abort``) and close its HTTP

@@ -47,7 +47,6 @@ import multiprocessing
 import os
 import re
 import struct
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -67,12 +66,17 @@ from drivers.base import (
     Progress,
     ResponseFormat,
     UnsupportedError,
+    relay,
 )
+from drivers.grammar import COMPILE_TIMEOUT_S, to_grammar
 
 # The text helpers are shared with the CPU driver so both drivers cut text and stop
 # strings identically (drivers.cpu imports nothing heavy at module level).
-from drivers.cpu import _Detokenizer, _PromptEncoder, _resolve_model_dir, _StopText
-from drivers.grammar import COMPILE_TIMEOUT_S, to_grammar
+from drivers.loopthread import LoopThread
+from drivers.text import Detokenizer as _Detokenizer
+from drivers.text import PromptEncoder as _PromptEncoder
+from drivers.text import StopText as _StopText
+from drivers.text import resolve_model_dir as _resolve_model_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -174,39 +178,11 @@ def _weight_count(folder: Path) -> int | None:
 # --------------------------------------------------------------------------- engine loop
 
 
-class _EngineLoop:
+class _EngineLoop(LoopThread):
     """One thread running an asyncio loop; everything touching ``AsyncLLM`` runs on it."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="llmos-vllm-engine", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            self.loop.close()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedule ``coro`` on the engine loop (from any thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the engine loop and await its result from another loop."""
-        return await asyncio.wrap_future(self.submit(coro))
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` soon on the engine loop (ignored once the loop is closed)."""
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(fn)
-
-    def stop(self) -> None:
-        """Stop the loop and join the thread (blocking)."""
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=60)
+        super().__init__("llmos-vllm-engine", join_timeout=60)
 
 
 @dataclass(eq=False)
@@ -823,19 +799,17 @@ class VllmDriver(Driver):
             _StopText(request.sampling.stop),
         )
         self._loop.call(lambda: engine.start(stream))
-        done = False
-        try:
-            while not done:
-                item = await queue.get()
-                if isinstance(item, DriverError):
-                    done = True
-                    self._check_engine(engine)
-                    raise item
-                done = item.finish_reason is not None
-                yield item
-        finally:
-            if not done:
-                self._loop.call(lambda: engine.abort(request.request_id))
+        loop = self._loop
+
+        def abort() -> None:
+            loop.call(lambda: engine.abort(request.request_id))
+
+        def on_error(_: DriverError) -> None:
+            self._check_engine(engine)
+
+        async with contextlib.aclosing(relay(queue, abort, on_error)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def abort(self, request_id: str) -> None:
         """End ``request_id`` at once (its stream ends with ``abort``); vLLM drops it

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from kernel import context
 from kernel.process import SIGNAL_STATUS, Proc, ProcState
 from kernel.quota import Account
 from kernel.syscall import Call
-from kernel.tools import Tool
+from kernel.tools import action_schema, parse_action, tool_guide
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 
@@ -149,41 +148,6 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     calls, answer = parse_action(text) if tools else ([], None)
     return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage, tool_calls=calls,
                             answer=answer)
-
-
-def action_schema(tools: list[Tool]) -> dict[str, Any]:
-    """The JSON Schema of one step of a tool-using model: a call of one of ``tools`` with
-    arguments valid for it, or a final answer."""
-    calls = [{"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
-              "required": ["tool", "arguments"], "additionalProperties": False} for t in tools]
-    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
-              "additionalProperties": False}
-    return {"anyOf": [*calls, answer]}
-
-
-def tool_guide(tools: list[Tool]) -> str:
-    """What the model is told about the tools it may call in this step."""
-    lines = ["You can call one tool, or give your final answer. Reply with JSON only:",
-             '{"tool": NAME, "arguments": {...}} to call a tool, or {"answer": "..."} when you know the answer.',
-             "Tools:"]
-    for t in tools:
-        args = ", ".join(f"{name}: {spec.get('type', 'value')}" for name, spec in
-                         t.parameters.get("properties", {}).items())
-        lines.append(f"- {t.name}({args}): {t.description}")
-    return "\n".join(lines)
-
-
-def parse_action(text: str) -> tuple[list[m.ToolCall], str | None]:
-    """The tool call or answer in a constrained step's text (nothing if it was cut short)."""
-    try:
-        action = json.loads(text)
-    except ValueError:
-        return [], None
-    if isinstance(action, dict) and isinstance(action.get("tool"), str) and isinstance(action.get("arguments"), dict):
-        return [m.ToolCall(name=action["tool"], arguments=action["arguments"])], None
-    if isinstance(action, dict) and isinstance(action.get("answer"), str):
-        return [], action["answer"]
-    return [], None
 
 
 def _response_format(

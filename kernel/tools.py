@@ -48,6 +48,7 @@ from pydantic import BaseModel, Field, ValidationError
 from kernel.process import Caller, Proc
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
+from syscalls.models import ToolCall
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -472,6 +473,44 @@ def builtin_tools() -> list[Tool]:
                  _run_memory_put),
         _builtin("memory_search", "Search your long-term memory by meaning.", SearchToolArgs, _run_memory_search),
     ]
+
+
+# -- tool calling by the model (llm.generate tools=...) ------------------------------------
+
+
+def action_schema(tools: list[Tool]) -> dict[str, Any]:
+    """The JSON Schema of one step of a tool-using model: a call of one of ``tools`` with
+    arguments valid for it, or a final answer."""
+    calls = [{"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
+              "required": ["tool", "arguments"], "additionalProperties": False} for t in tools]
+    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    return {"anyOf": [*calls, answer]}
+
+
+def tool_guide(tools: list[Tool]) -> str:
+    """What the model is told about the tools it may call in this step."""
+    lines = ["You can call one tool, or give your final answer. Reply with JSON only:",
+             '{"tool": NAME, "arguments": {...}} to call a tool, or {"answer": "..."} when you know the answer.',
+             "Tools:"]
+    for t in tools:
+        args = ", ".join(f"{name}: {spec.get('type', 'value')}" for name, spec in
+                         t.parameters.get("properties", {}).items())
+        lines.append(f"- {t.name}({args}): {t.description}")
+    return "\n".join(lines)
+
+
+def parse_action(text: str) -> tuple[list[ToolCall], str | None]:
+    """The tool call or answer in a constrained step's text (nothing if it was cut short)."""
+    try:
+        action = json.loads(text)
+    except ValueError:
+        return [], None
+    if isinstance(action, dict) and isinstance(action.get("tool"), str) and isinstance(action.get("arguments"), dict):
+        return [ToolCall(name=action["tool"], arguments=action["arguments"])], None
+    if isinstance(action, dict) and isinstance(action.get("answer"), str):
+        return [], action["answer"]
+    return [], None
 
 
 def result_json(value: Any) -> Any:
