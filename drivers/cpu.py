@@ -11,7 +11,9 @@ Shape (after vLLM's engine core, scaled down to one thread):
   decoding sequence by one token in ONE batched forward pass (:class:`_DecodeBatch`:
   the decoding sequences' caches merged, left-padded, re-laid out only when one joins
   or leaves). Aborts therefore land within one step.
-* Deltas go back with ``loop.call_soon_threadsafe``, so the loop never waits on torch.
+* Deltas go back through an :class:`~drivers.base.Outbox` flushed once per step: one
+  ``loop.call_soon_threadsafe`` per step, not per token, so the loop never waits on
+  torch and wakes once per step however many sequences decode.
 * Structured output (``response_format``): the front end compiles the format's grammar
   on a worker thread before submitting (``drivers.grammar``, cached per format), so a
   slow compile never holds the engine; each constrained sequence then has its own
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from drivers import packaged
 from drivers.base import (
+    Consumer,
     Delta,
     Driver,
     DriverError,
@@ -41,6 +44,7 @@ from drivers.base import (
     GenerationRequest,
     Message,
     ModelInfo,
+    Outbox,
     Progress,
     ResponseFormat,
     SamplingOptions,
@@ -91,7 +95,6 @@ _FINISH_REASONS: dict[SeqStatus, FinishReason] = {
 
 #: What the engine hands a request's consumer: a delta, or the error that ends it.
 _Item = Delta | DriverError
-_Sink = Callable[[_Item], None]
 
 
 def _sample(logits: torch.Tensor, options: SamplingOptions, rng: torch.Generator | None) -> int:
@@ -116,7 +119,7 @@ class _Sequence:
     """One request on the engine. After submission only the engine thread touches it."""
 
     request: GenerationRequest
-    sink: _Sink
+    sink: Consumer
     arrival: int
     status: SeqStatus = SeqStatus.WAITING
     prompt_ids: list[int] = field(default_factory=list)
@@ -413,6 +416,7 @@ class _Engine:
         self._batch = _DecodeBatch(self._model) if _DecodeBatch.supports(self._model) else None
         self.prefix = _PrefixStore(prefix_cache_tokens)
         self._arrivals = itertools.count()
+        self._outbox = Outbox()
         #: Steps run so far (tests measure abort latency in steps, not seconds).
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="llmos-cpu-engine", daemon=True)
@@ -422,8 +426,8 @@ class _Engine:
 
     # -- called from the loop thread
 
-    def submit(self, request: GenerationRequest, sink: _Sink, grammar: Any = None) -> None:
-        """Queue ``request``; its deltas go to ``sink`` (called on the engine thread).
+    def submit(self, request: GenerationRequest, sink: Consumer, grammar: Any = None) -> None:
+        """Queue ``request``; its deltas go to ``sink`` (handed over after each step).
         ``grammar``: its response format, compiled (None: free text)."""
         with self._cond:
             if self._stopping:
@@ -467,6 +471,7 @@ class _Engine:
                 while self._take_work():
                     self._admit()
                     self._step()
+                    self._flush()
                     self.steps += 1
         finally:
             # Also reached if the loop itself crashed: refuse new work, end what is live.
@@ -476,6 +481,7 @@ class _Engine:
                 self._inbox.clear()
             for seq in [*self._waiting, *self._running]:
                 self._finish(seq, SeqStatus.FINISHED_ABORTED)
+            self._flush()
 
     def _take_work(self) -> bool:
         """Sleep until there is work, then take new requests and aborts. False: stop."""
@@ -698,10 +704,17 @@ class _Engine:
             self._live.pop(seq.request_id, None)
 
     def _send(self, seq: _Sequence, item: _Item) -> None:
-        try:
-            seq.sink(item)
-        except RuntimeError:  # the consumer's event loop is closed
-            seq.orphaned = True
+        self._outbox.put(seq.sink, item)
+
+    def _flush(self) -> None:
+        """Hand the step's deltas over; a sequence whose consumer's loop is closed is
+        orphaned (it ends at the next step)."""
+        dead = self._outbox.flush()
+        if dead:
+            gone = set(dead)
+            for seq in [*self._waiting, *self._running]:
+                if seq.sink in gone:
+                    seq.orphaned = True
 
 
 # --------------------------------------------------------------------------- driver
@@ -834,11 +847,7 @@ class CpuDriver(Driver):
         grammar = await self._grammar_cache().compile_async(fmt) if fmt is not None else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
-
-        def sink(item: _Item) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        engine.submit(request, sink, grammar)
+        engine.submit(request, Consumer(loop, queue), grammar)
         async with contextlib.aclosing(relay(queue, lambda: engine.abort(request.request_id))) as deltas:
             async for delta in deltas:
                 yield delta

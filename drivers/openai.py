@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -44,6 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from drivers import packaged
 from drivers.base import (
+    Consumer,
     Delta,
     Driver,
     DriverError,
@@ -51,6 +52,7 @@ from drivers.base import (
     GenerationRequest,
     Message,
     ModelInfo,
+    Outbox,
     Progress,
     relay,
 )
@@ -82,7 +84,6 @@ FALLBACK_CONTEXT = 2048
 BACKOFF_S = (1.0, 30.0)
 
 _Item = Delta | DriverError
-_Sink = Callable[[_Item], None]
 
 
 # --------------------------------------------------------------------------- options
@@ -308,7 +309,7 @@ class _Stream:
     """One request on the I/O loop. After submission only the I/O loop touches it."""
 
     request: GenerationRequest
-    sink: _Sink
+    sink: Consumer
     prompt_ids: list[int]
     detok: _Detokenizer
     stop_text: _StopText
@@ -360,6 +361,7 @@ class _Pool:
         self.max_context = 0
         self.tokenizer = tokenizer
         self.live: dict[str, _Stream] = {}
+        self._outbox: Outbox | None = None  # made on the I/O loop
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._changed: asyncio.Condition | None = None
@@ -759,10 +761,12 @@ class _Pool:
         if self.live.get(stream.request.request_id) is stream:
             del self.live[stream.request.request_id]
 
-    @staticmethod
-    def _send(stream: _Stream, item: _Item) -> None:
-        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
-            stream.sink(item)
+    def _send(self, stream: _Stream, item: _Item) -> None:
+        # One hand-over per consumer loop for all the deltas of an engine step (the
+        # first delta schedules the flush after the step's other outputs).
+        if self._outbox is None:
+            self._outbox = Outbox(flush_on=asyncio.get_running_loop())
+        self._outbox.put(stream.sink, item)
 
 
 async def _gather(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
@@ -1040,13 +1044,9 @@ class OpenAIDriver(Driver):
         prompt_ids = await asyncio.to_thread(encoder.encode, request.prompt)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
-
-        def sink(item: _Item) -> None:
-            caller.call_soon_threadsafe(queue.put_nowait, item)
-
         stream = _Stream(
             request,
-            sink,
+            Consumer(caller, queue),
             prompt_ids,
             _Detokenizer(self._tokenizer),
             _StopText(request.sampling.stop),

@@ -48,13 +48,14 @@ import os
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from drivers import packaged
 from drivers.base import (
+    Consumer,
     Delta,
     Driver,
     DriverError,
@@ -63,6 +64,7 @@ from drivers.base import (
     GenerationRequest,
     Message,
     ModelInfo,
+    Outbox,
     Progress,
     ResponseFormat,
     UnsupportedError,
@@ -94,7 +96,6 @@ DriverState = Literal["unloaded", "loading", "ready", "failed"]
 T = TypeVar("T")
 
 _Item = Delta | DriverError
-_Sink = Callable[[_Item], None]
 
 
 def _prepare_environment() -> None:
@@ -190,7 +191,7 @@ class _Stream:
     """One request on the engine loop. After submission only the engine loop touches it."""
 
     request: GenerationRequest
-    sink: _Sink
+    sink: Consumer
     prompt_ids: list[int]
     detok: _Detokenizer
     stop_text: _StopText
@@ -221,6 +222,7 @@ class _Engine:
         self._resume_formats = resume_formats  # the resumed-grammar processor is loaded
         self.live: dict[str, _Stream] = {}
         self.dead = False
+        self._outbox: Outbox | None = None  # made on the engine loop
         self._submissions = itertools.count()
 
     # -- requests
@@ -432,10 +434,12 @@ class _Engine:
         if self.live.get(stream.request.request_id) is stream:
             del self.live[stream.request.request_id]
 
-    @staticmethod
-    def _send(stream: _Stream, item: _Item) -> None:
-        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
-            stream.sink(item)
+    def _send(self, stream: _Stream, item: _Item) -> None:
+        # One hand-over per consumer loop for all the deltas of an engine step (the
+        # first delta schedules the flush after the step's other outputs).
+        if self._outbox is None:
+            self._outbox = Outbox(flush_on=asyncio.get_running_loop())
+        self._outbox.put(stream.sink, item)
 
     async def close(self) -> None:
         """End live requests with ``abort`` and shut the engine process down."""
@@ -787,13 +791,9 @@ class VllmDriver(Driver):
         prompt_ids = await asyncio.to_thread(encoder.encode, request.prompt)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
-
-        def sink(item: _Item) -> None:
-            caller.call_soon_threadsafe(queue.put_nowait, item)
-
         stream = _Stream(
             request,
-            sink,
+            Consumer(caller, queue),
             prompt_ids,
             _Detokenizer(self._tokenizer),
             _StopText(request.sampling.stop),

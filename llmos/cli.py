@@ -635,6 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--requests", type=int, default=2, help="generations per client (default: 2)")
     bd.add_argument("--tokens", type=int, default=32, help="max output tokens per generation (default: 32)")
     bd.add_argument("--turns", type=int, default=4, help="turns per conversation of the prefix-cache workload")
+    bd.add_argument("--rounds", type=int, default=3,
+                    help="rounds of every level on both paths, order alternating (default: 3)")
+    bd.add_argument("--sequential", action="store_true",
+                    help="run the kernel's rounds, stop it, then the direct ones (one engine loaded at a time)")
     bd.add_argument("--slots", type=int, default=None, help="driver slots (default: the highest concurrency)")
     bd.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     bd.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE", type=driver_option,

@@ -34,6 +34,9 @@ from syscalls.errors import Errno, SyscallError
 
 #: Extra seconds the client waits past a call's deadline for the kernel's own ETIMEDOUT.
 GRACE_S = 5.0
+#: Most frames the asyncio client reads per wake-up before other tasks get a turn.
+_READ_BATCH = 256
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
@@ -749,10 +752,22 @@ class AsyncClient:
         self._reader: asyncio.Task[None] | None = None
 
     async def _read(self) -> None:
+        # After each awaited frame, read what else is already here (the kernel sends a
+        # loop iteration's replies to one socket as one multipart message) with plain
+        # non-blocking reads on a shadow of the socket: no future per frame.
+        plain = zmq.Socket.shadow(self._sock.underlying)
+        inbox = self._inbox
         while True:
-            frame = codec.unpackb(await self._sock.recv())
-            if isinstance(frame, dict) and (q := self._inbox.get(frame.get("id"))) is not None:
-                q.put_nowait(frame)
+            raws = [await self._sock.recv()]
+            while len(raws) < _READ_BATCH:
+                try:
+                    raws.append(plain.recv(_NOBLOCK))
+                except zmq.Again:
+                    break
+            for raw in raws:
+                frame = codec.unpackb(raw)
+                if isinstance(frame, dict) and (q := inbox.get(frame.get("id"))) is not None:
+                    q.put_nowait(frame)
 
     async def _frames(self, name: str, args: dict[str, Any], pid: int | None, token: str | None,
                       deadline_ms: int | None) -> AsyncIterator[dict[str, Any]]:

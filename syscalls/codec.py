@@ -1,6 +1,9 @@
 """The wire codec: msgpack with hard limits, and the request/reply envelopes.
 
-Frames are single ZeroMQ message parts holding one msgpack map.
+Frames are single ZeroMQ message parts holding one msgpack map. A client sends each
+request as a one-part message; the kernel may put several replies for the same socket
+(chunks of the streams it has in flight) in one multipart message, one frame per part,
+so a client reads frames with plain ``recv`` calls, one part at a time.
 
 Request  ``{"v": ABI, "id": int, "call": str, "pid": int, "token": str,
             "deadline_ms": int | None, "args": {...}}``
