@@ -143,7 +143,10 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
         proc.context.extend(turns)
         k.memory.record(proc, turns)
     k.persist.saved(proc)
-    await k.persist.barrier()  # the reply promises the new context is on disk
+    if a.prompt is None:  # the reply promises the new context is on disk
+        await k.persist.barrier()
+    # A raw-prompt call leaves the context as it was: its usage counters are written
+    # behind the reply, and the caller does not wait for a commit it was not promised.
     usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens, cached_tokens=gen.cached)
     calls, answer = parse_action(text) if tools else ([], None)
     return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage, tool_calls=calls,

@@ -297,5 +297,13 @@ def test_int8_prefilter_falls_back_to_a_full_scan_when_ties_defeat_the_bounds(
     gone = ids[:2990].tolist()
     index.remove("ns", gone)
     left_ids, left = ids[2990:], matrix[2990:]
+    # The 10 identical rows left tie for every query; in float32 their scores may differ
+    # in the last bit, so they are interchangeable: compare with each of them as "same".
+    twins = set(ids[2990:3000].tolist())
+
+    def canon(result: list[int]) -> list[int | str]:
+        return ["same" if i in twins else i for i in result]
+
     for q in [same, *unit(rng, 5, dim)]:
-        assert [i for i, _, _ in index.search(["ns"], q, 15)] == _reference_top(left_ids, left, q, 15)
+        got_ids = [i for i, _, _ in index.search(["ns"], q, 15)]
+        assert canon(got_ids) == canon(_reference_top(left_ids, left, q, 15))
