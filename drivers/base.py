@@ -184,6 +184,16 @@ class Driver(abc.ABC):
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the model and worker threads."""
 
+    async def sleep(self) -> None:
+        """Free the model's memory for another model (the kernel calls this only when no
+        request is live). Default: unload, as :meth:`shutdown`; :meth:`wake` loads again."""
+        await self.shutdown()
+
+    async def wake(self, progress: Progress | None = None) -> None:
+        """Bring a sleeping model back (default: :meth:`load` again, from the exported
+        cache). Raises :class:`DriverError` as :meth:`load` does."""
+        await self.load(progress)
+
 
 async def relay(queue: asyncio.Queue[Delta | DriverError], abort: Callable[[], None],
                 on_error: Callable[[DriverError], None] | None = None) -> AsyncIterator[Delta]:

@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator
 from drivers.base import (
     Delta,
     Driver,
+    DriverError,
     FinishReason,
     GenerationRequest,
     Message,
@@ -89,6 +90,7 @@ class SimDriver(Driver):
         self._aborted: set[str] = set()
         self._wakeups: dict[str, asyncio.Event] = {}  # requests prefilling, woken by abort
         self._state: str = "unloaded"
+        self._shut = False  # shut down after a load (a driver never loaded still serves tests)
 
     @property
     def slots(self) -> int:
@@ -96,6 +98,13 @@ class SimDriver(Driver):
 
     async def load(self, progress: Progress | None = None) -> None:
         self._state = "ready"
+        self._shut = False
+
+    async def shutdown(self) -> None:
+        """Unload: the prefix cache is gone, and generating before ``load`` fails."""
+        self._state, self._shut = "unloaded", True
+        self._kept.clear()
+        self._kept_total = 0
 
     def info(self) -> ModelInfo:
         detail = (f"simulated driver (no model): {self.tokens_per_s:g} tok/s per slot, "
@@ -149,6 +158,8 @@ class SimDriver(Driver):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         rid, opts = request.request_id, request.sampling
+        if self._shut:
+            raise DriverError("the sim driver was shut down (or put to sleep); load() it again")
         if opts.response_format is not None:
             await self.prepare_format(opts.response_format)  # refuses: no tokenizer, no grammar
         n_prompt = self._count(request.prompt)

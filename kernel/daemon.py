@@ -22,6 +22,7 @@ from typing import IO
 from drivers.base import Driver
 from kernel import paths
 from kernel.kernel import Kernel
+from kernel.residency import MIN_AWAKE_S
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
 
 log = logging.getLogger("llmos.kernel")
@@ -58,6 +59,12 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
                    help="serve another model beside the first, e.g. "
                         "name=fast,driver=sim,slots=64,tokens_per_s=200 or name=big,driver=vllm,model=PATH "
                         "(repeatable; keys name, driver, model, slots, dtype; others are driver options)")
+    p.add_argument("--max-loaded", type=int, default=None, metavar="N",
+                   help="most models loaded at once; the others sleep (unloaded) until a process needs "
+                        "one, and the least recently used idle model sleeps to make room (default: all)")
+    p.add_argument("--min-awake", type=float, default=MIN_AWAKE_S, metavar="SECONDS",
+                   help=f"a woken model stays in at least this long while calls for it wait "
+                        f"(default: {MIN_AWAKE_S:g})")
     p.add_argument("--listen", action="append", default=None, metavar="ENDPOINT",
                    help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)")
     p.add_argument("--runtime-dir", type=Path, default=None, help="socket, lock and credentials (default: $LLMOS_RUNTIME_DIR or /tmp/llmos-$UID)")
@@ -188,6 +195,10 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     setup_logging(state, foreground)
     try:
         make_policy(args.policy, args.quantum)  # refuse bad options before anything starts
+        if args.max_loaded is not None and args.max_loaded < 1:
+            raise ValueError(f"--max-loaded {args.max_loaded}: at least one model must fit")
+        if args.min_awake < 0:
+            raise ValueError(f"--min-awake {args.min_awake}: seconds cannot be negative")
         drivers = build_drivers(args)
     except ValueError as exc:
         log.error("%s", exc)
@@ -202,7 +213,8 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     paths.write_private(run / "admin.token", token + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
     kernel = Kernel(drivers, endpoints, admin_token=token, policy=args.policy,
-                    quantum=args.quantum, state_dir=state)
+                    quantum=args.quantum, state_dir=state, max_loaded=args.max_loaded,
+                    min_awake_s=args.min_awake)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, kernel.request_stop)

@@ -7,6 +7,7 @@ wraps one with a lock file, signals and a log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
@@ -14,6 +15,7 @@ import secrets
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from kernel.ipc import Ipc
 from kernel.memory import Memory
 from kernel.persist import Persist, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
+from kernel.residency import MIN_AWAKE_S, Residency
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, Scheduler, make_policy
 from kernel.stats import KernelStats
 from kernel.store import Store
@@ -57,6 +60,11 @@ def default_embedder() -> Any:
     return Embedder(threads=1)  # two torch threads beside the model driver run 4-30x slower here
 
 
+def _load_progress(name: str) -> Any:
+    """A driver's load/wake progress, logged."""
+    return lambda desc, frac: log.info("%s: %s %s", name, desc, "" if frac is None else f"{frac:.0%}")
+
+
 def _dim_of(embedder: Any) -> int:
     """The embedding width (read from the model's config; 384, MiniLM's, if unknown)."""
     try:
@@ -79,6 +87,8 @@ class Kernel:
         zombie_ttl_s: float = 600.0,
         state_dir: Path | None = None,
         embedder: Any = "default",
+        max_loaded: int | None = None,
+        min_awake_s: float = MIN_AWAKE_S,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -108,7 +118,8 @@ class Kernel:
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
         self.stats = KernelStats()
         self._calls: dict[int, set[Call]] = defaultdict(set)  # caller pid -> async calls
-        self._ready: dict[str, asyncio.Future[Driver]] = {}
+        # Which models are loaded: all of them, unless max_loaded says fewer fit at once.
+        self.residency = Residency(drivers, max_loaded, min_awake_s, progress=_load_progress)
         self._tasks: list[asyncio.Task[None]] = []
         self.transport = Transport(endpoints, self._on_frames)
         self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
@@ -130,30 +141,22 @@ class Kernel:
                      found.procs, len(found.hung_up), entries, found.next_pid)
         self.transport.bind()
         self.transport.start()
-        for name, driver in self.drivers.items():
-            self._ready[name] = loop.create_future()
-            self._tasks.append(loop.create_task(self._load(name, driver), name=f"load:{name}"))
+        self.residency.start()
         self._tasks.append(loop.create_task(self._init_reaper(), name="init"))
         log.info("kernel %s serving %s (policy %s)", VERSION, ", ".join(self.endpoints), self.scheduler.policy.name)
 
-    async def _load(self, name: str, driver: Driver) -> None:
-        fut = self._ready[name]
+    @contextlib.asynccontextmanager
+    async def use_model(self, name: str) -> AsyncIterator[Driver]:
+        """Model ``name``'s driver, held awake for the body (waits while it loads, sleeps
+        or wakes); EIO if it failed to load or to wake."""
         try:
-            await driver.load(lambda desc, frac: log.info("%s: %s %s", name, desc, "" if frac is None else f"{frac:.0%}"))
-        except Exception as exc:  # a model that fails to load must not take the kernel down
-            log.exception("model %s failed to load", name)
-            fut.set_exception(exc if isinstance(exc, DriverError) else DriverError(str(exc)))
-            fut.exception()  # mark retrieved; callers get it through model_ready()
-            return
-        log.info("model %s ready: %s", name, driver.info())
-        fut.set_result(driver)
-
-    async def model_ready(self, name: str) -> Driver:
-        """The driver of model ``name`` once loaded; EIO if it failed to load."""
-        try:
-            return await asyncio.shield(self._ready[name])
+            driver = await self.residency.acquire(name)
         except DriverError as exc:
             raise SyscallError(Errno.EIO, f"model {name} failed to load: {exc}") from None
+        try:
+            yield driver
+        finally:
+            self.residency.release(name)
 
     async def _init_reaper(self) -> None:
         """Init's housekeeping: reap top-level zombies nobody waited for."""
@@ -177,6 +180,7 @@ class Kernel:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.sleep(0.05)  # let the last replies leave the socket
         await self.transport.close()
+        await self.residency.close()
         for driver in self.drivers.values():
             try:
                 await driver.shutdown()

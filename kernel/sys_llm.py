@@ -97,7 +97,12 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     accounts = (proc.account, proc.program.account)
     for acct in accounts:
         acct.admit_call()
-    driver = await k.model_ready(proc.model)
+    async with k.use_model(proc.model) as driver:  # a sleeping model wakes; it stays in until we finish
+        return await _generate_on(k, call, proc, a, driver, accounts)
+
+
+async def _generate_on(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs, driver: Driver,
+                       accounts: tuple[Account, ...]) -> m.GenerateResult:
     tools = [k.tools.lookup(proc, name) for name in dict.fromkeys(a.tools)] if a.tools else []
     fmt = _response_format(a.response_format) if not tools else ResponseFormat(
         "json_schema", schema_text(action_schema(tools)))

@@ -23,14 +23,21 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
         info = driver.info()
         models.append(m.ModelRow(
             name=name, driver=info.driver, max_context=info.max_context, slots=info.slots,
-            busy=k.scheduler.busy(name), queued=k.scheduler.queued(name), state=info.state, detail=info.detail,
-            default=name == k.default_model, adapters=driver.adapters(),
+            busy=k.scheduler.busy(name), queued=k.scheduler.queued(name), state=model_state(k, name, info.state),
+            detail=info.detail, default=name == k.default_model, adapters=driver.adapters(),
+            wakes=k.residency.stats(name)["wakes"],
         ))
     return m.SysInfoResult(
         version=VERSION, abi=limits.ABI_VERSION, uptime_s=round(k.uptime(), 3),
         kernel_pid=k.kernel_pid, endpoints=k.endpoints, models=models, processes=len(k.procs),
         policy=k.scheduler.policy.name,
     )
+
+
+def model_state(k: Kernel, name: str, driver_state: str) -> str:
+    """The driver's state, or where the kernel has it: asleep, sleeping, waking."""
+    residence = k.residency.state(name)
+    return residence if residence in ("asleep", "sleeping", "waking") else driver_state
 
 
 def visible_procs(k: Kernel, call: Call) -> list[Proc]:
@@ -51,7 +58,8 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
         info = driver.info()
         models.append(m.ModelStat(
             name=name, driver=info.driver, slots=info.slots, busy=k.scheduler.busy(name),
-            queued=k.scheduler.queued(name), state=info.state, memory_bytes=info.memory_bytes,
+            queued=k.scheduler.queued(name), state=model_state(k, name, info.state), memory_bytes=info.memory_bytes,
+            **k.residency.stats(name),
         ))
     procs = visible_procs(k, call)
     states = dict.fromkeys((s.value for s in ProcState), 0)

@@ -49,8 +49,10 @@ def _kernel_pid() -> int | None:
 def _kernel_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "kernel", "--driver", args.driver, "--slots", str(args.slots),
             "--policy", args.policy]
-    if args.quantum is not None:
-        argv += ["--quantum", str(args.quantum)]
+    for flag, number in (("--quantum", args.quantum), ("--max-loaded", args.max_loaded),
+                         ("--min-awake", args.min_awake)):
+        if number is not None:
+            argv += [flag, str(number)]
     for flag, value in (("--model", args.model), ("--model-name", args.model_name), ("--dtype", args.dtype),
                         ("--runtime-dir", args.runtime_dir), ("--state-dir", args.state_dir)):
         if value:
@@ -96,7 +98,7 @@ def _await_ready(proc: subprocess.Popen[bytes], state: Path, timeout_s: float = 
             info = _try_info()
             if info is not None:
                 states = {mod.name: mod.state for mod in info.models}
-                if all(s == "ready" for s in states.values()):
+                if all(s in ("ready", "asleep") for s in states.values()):  # asleep: loads on first use
                     err.print(f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
                               f"models: {', '.join(states)}  [dim]({time.monotonic() - t0:.1f} s)[/]")
                     return 0

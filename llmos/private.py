@@ -31,7 +31,8 @@ class PrivateKernel:
         return (self.run_dir / "admin.token").read_text().strip()
 
     def start(self, timeout: float = 900) -> PrivateKernel:
-        """Start the daemon and wait until every model is ready."""
+        """Start the daemon and wait until every model is ready (or asleep, beyond
+        ``--max-loaded``: it loads on first use)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kernel", *self.args], env=self.env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -44,7 +45,7 @@ class PrivateKernel:
                     info = c.info()
                 if any(mod.state == "failed" for mod in info.models):
                     raise RuntimeError(f"a model failed to load:\n{self.log()[-3000:]}")
-                if all(mod.state == "ready" for mod in info.models):
+                if all(mod.state in ("ready", "asleep") for mod in info.models):
                     return self
             except (SyscallError, OSError):
                 pass

@@ -669,6 +669,7 @@ class ModelRow(Result):
     detail: str = ""
     default: bool = Field(default=False, description="processes that name no model run on this one")
     adapters: list[str] = Field(default_factory=list, description="LoRA adapters a process may pick at spawn")
+    wakes: int = Field(default=0, description="times woken after sleeping to make room for another model")
 
 
 class SysInfoResult(Result):
@@ -696,6 +697,9 @@ class ModelStat(Result):
     queued: int = Field(description="processes READY, waiting for a slot")
     state: str
     memory_bytes: int | None = Field(default=None, description="model memory, where the driver knows it")
+    wakes: int = Field(default=0, description="times woken after sleeping to make room for another model")
+    sleeps: int = Field(default=0, description="times put to sleep to make room for another model")
+    wake_s: float = Field(default=0.0, description="seconds spent waking, all wakes together")
 
 
 class TokenStat(Result):

@@ -1,0 +1,166 @@
+"""More models than fit: the kernel keeps at most ``--max-loaded`` loaded, puts the least
+recently used idle one to sleep to wake the one a process needs, never puts a model in
+use to sleep, and lets no model in demand starve."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from drivers.base import DriverError, GenerationRequest, SamplingOptions
+from drivers.sim import SimDriver
+from kernel.residency import Residency
+from tests.kernels import Daemon
+
+
+def _two(max_loaded: int = 1, min_awake_s: float = 5.0, b: SimDriver | None = None) -> Residency:
+    return Residency({"a": SimDriver(), "b": b or SimDriver()}, max_loaded, min_awake_s)
+
+
+async def _generate(driver: SimDriver) -> int:
+    request = GenerationRequest("r", "hello", SamplingOptions(max_tokens=3, temperature=0.0))
+    return sum([len(d.token_ids) async for d in driver.generate(request)])
+
+
+def test_models_beyond_max_loaded_start_asleep_and_wake_on_first_use() -> None:
+    async def go() -> None:
+        res = _two()
+        res.start()
+        await res.first_loads()
+        assert (res.state("a"), res.state("b")) == ("ready", "asleep")
+        async with res.use("b") as b:
+            assert (res.state("a"), res.state("b")) == ("asleep", "ready")
+            assert await _generate(b) == 3
+        a = res._models["a"].driver
+        with pytest.raises(DriverError, match="shut down"):
+            await _generate(a)  # type: ignore[arg-type]  # asleep means unloaded
+        assert res.stats("b")["wakes"] == 1 and res.stats("a")["sleeps"] == 1
+        async with res.use("a") as a:  # and back
+            assert await _generate(a) == 3
+        assert res.awake() == ["a"]
+        await res.close()
+
+    asyncio.run(go())
+
+
+def test_without_max_loaded_every_model_loads_and_none_sleeps() -> None:
+    async def go() -> None:
+        res = Residency({"a": SimDriver(), "b": SimDriver(), "c": SimDriver()})
+        res.start()
+        await res.first_loads()
+        for name in "abc":
+            async with res.use(name):
+                pass
+        assert res.awake() == ["a", "b", "c"]
+        assert all(res.stats(n)["sleeps"] == 0 for n in "abc")
+        await res.close()
+
+    asyncio.run(go())
+
+
+def test_a_model_in_use_is_never_put_to_sleep() -> None:
+    async def go() -> None:
+        res = _two(min_awake_s=0.0)
+        res.start()
+        await res.first_loads()
+        lease = await res.acquire("a")
+        wants_b = asyncio.create_task(res.acquire("b"))
+        await asyncio.sleep(0.5)
+        assert not wants_b.done() and res.state("a") == "ready" and res.state("b") == "asleep"
+        assert await _generate(lease) == 3  # type: ignore[arg-type]
+        res.release("a")
+        await asyncio.wait_for(wants_b, 5)
+        assert (res.state("a"), res.state("b")) == ("asleep", "ready")
+        res.release("b")
+        await res.close()
+
+    asyncio.run(go())
+
+
+def test_a_model_never_idle_still_yields_to_a_waiting_one_after_min_awake() -> None:
+    """Overlapping leases keep model a busy forever; b must still get its turn."""
+
+    async def go() -> float:
+        res = _two(min_awake_s=0.3)
+        res.start()
+        await res.first_loads()
+        stop = asyncio.Event()
+
+        async def busy_a() -> None:
+            while not stop.is_set():
+                async with res.use("a"):
+                    await asyncio.sleep(0.1)
+
+        workers = [asyncio.create_task(busy_a()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        async with res.use("b"):
+            waited = time.monotonic() - t0
+        stop.set()
+        await asyncio.gather(*workers)
+        await res.close()
+        return waited
+
+    waited = asyncio.run(go())
+    assert waited < 5.0  # about min_awake_s plus one lease: a drained instead of starving b
+
+
+def test_a_failed_wake_fails_the_waiting_calls_and_the_next_call_retries() -> None:
+    class FlakyWake(SimDriver):
+        fail_next = False
+
+        async def wake(self, progress=None) -> None:
+            if self.fail_next:
+                self.fail_next = False
+                raise DriverError("out of memory (simulated)")
+            await super().wake(progress)
+
+    async def go() -> None:
+        b = FlakyWake()
+        res = _two(b=b)
+        res.start()
+        await res.first_loads()
+        b.fail_next = True
+        with pytest.raises(DriverError, match="out of memory"):
+            async with res.use("b"):
+                pass
+        assert res.state("b") == "asleep"
+        async with res.use("b") as driver:  # the next call wakes it for real
+            assert await _generate(driver) == 3  # type: ignore[arg-type]
+        await res.close()
+
+    asyncio.run(go())
+
+
+def test_max_loaded_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Residency({"a": SimDriver()}, 0)
+
+
+@pytest.mark.model
+def test_the_kernel_swaps_real_models_on_demand_and_a_woken_model_answers_the_same(tmp_path: Path) -> None:
+    """Two CPU-driver models, room for one: each process's generate wakes its model (the
+    other sleeps), and greedy output after a sleep/wake cycle is unchanged."""
+    daemon = Daemon(tmp_path, "--driver", "cpu", "--slots", "1", "--model-name", "first", "--max-loaded", "1",
+                    "--serve", "name=second,driver=cpu,slots=1")
+    daemon.start()
+    try:
+        with daemon.admin() as admin:
+            states = {m.name: m.state for m in admin.info().models}
+            assert states == {"first": "ready", "second": "asleep"}
+            p1 = admin.spawn("one", model="first")
+            p2 = admin.spawn("two", model="second")
+            args = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0.0}
+            before = p1.call("llm.generate", args)["text"]
+            on_second = p2.call("llm.generate", args)["text"]
+            stat = {m.name: m for m in admin.stat(procs=False).models}
+            assert (stat["first"].state, stat["second"].state) == ("asleep", "ready")
+            assert stat["second"].wakes == 1 and stat["first"].sleeps == 1 and stat["second"].wake_s > 0
+            after = p1.call("llm.generate", args)["text"]
+            assert before == on_second == after  # same weights, reloaded: the same greedy text
+            assert {m.name: m.wakes for m in admin.info().models} == {"first": 1, "second": 1}
+    finally:
+        daemon.stop()
