@@ -26,7 +26,9 @@ Timing model, per slot (slots do not slow each other down):
 * prefix cache (off unless ``prefix_cache_tokens`` > 0): an aborted (preempted or
   stopped) sequence's "KV" is kept, within that many tokens in all, oldest dropped
   first, and resuming it prefills one token instead of everything (``cached_tokens`` in
-  its deltas), the way the CPU driver's prefix cache makes a context switch cheap.
+  its deltas), the way the CPU driver's prefix cache makes a context switch cheap;
+* loading: ``load`` (and so a wake after the kernel put the model to sleep) takes
+  ``load_s`` seconds; ``shutdown`` (a sleep) drops the prefix cache.
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ class SimDriver(Driver):
     def __init__(self, model: str | None = None, slots: int = 4, tokens_per_s: float = 200.0,
                  prefill_tokens_per_s: float = 2000.0, max_context: int = 8192,
                  eos_after: int | None = None, jitter: float = 0.0, seed: int = 0,
-                 prefix_cache_tokens: int = 0) -> None:
+                 prefix_cache_tokens: int = 0, load_s: float = 0.0) -> None:
         if tokens_per_s <= 0 or prefill_tokens_per_s <= 0:
             raise ValueError("tokens_per_s and prefill_tokens_per_s must be positive")
+        if load_s < 0:
+            raise ValueError("load_s (simulated load and wake time) cannot be negative")
         if not 0.0 <= jitter < 1.0:
             raise ValueError("jitter is a fraction of a decoding step, 0 <= jitter < 1")
         self._slots = slots
@@ -85,6 +89,7 @@ class SimDriver(Driver):
         self.jitter = jitter
         self.seed = seed
         self.prefix_cache_tokens = prefix_cache_tokens
+        self.load_s = load_s
         self._kept: OrderedDict[tuple[str, int], int] = OrderedDict()  # (prompt, made) -> tokens
         self._kept_total = 0
         self._aborted: set[str] = set()
@@ -97,6 +102,10 @@ class SimDriver(Driver):
         return self._slots
 
     async def load(self, progress: Progress | None = None) -> None:
+        """Become ready after ``load_s`` simulated seconds (model residency studies)."""
+        if self.load_s:
+            self._state = "loading"
+            await asyncio.sleep(self.load_s)
         self._state = "ready"
         self._shut = False
 

@@ -97,6 +97,8 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     accounts = (proc.account, proc.program.account)
     for acct in accounts:
         acct.admit_call()
+    if k.residency.state(proc.model) != "ready" and proc.state in (ProcState.NEW, ProcState.WAITING):
+        proc.state = ProcState.READY  # runnable, waiting for its model to load or wake
     async with k.use_model(proc.model) as driver:  # a sleeping model wakes; it stays in until we finish
         return await _generate_on(k, call, proc, a, driver, accounts)
 

@@ -140,6 +140,35 @@ def test_max_loaded_below_one_is_refused() -> None:
         Residency({"a": SimDriver()}, 0)
 
 
+def test_a_process_waiting_for_its_model_to_wake_is_ready_and_the_model_shows_waking(tmp_path: Path) -> None:
+    import threading
+
+    daemon = Daemon(tmp_path, "--driver", "sim", "--model-name", "a", "--max-loaded", "1", "--min-awake", "0",
+                    "--serve", "name=b,driver=sim,load_s=1.5")
+    daemon.start()
+    try:
+        with daemon.admin() as admin:
+            assert {m.name: m.state for m in admin.info().models} == {"a": "ready", "b": "asleep"}
+            p = admin.spawn("on-b", model="b")
+            result: dict = {}
+            worker = threading.Thread(target=lambda: result.update(
+                p.call("llm.generate", {"prompt": "hi", "max_tokens": 3})))
+            worker.start()
+            seen: set[tuple[str, str]] = set()
+            t0 = time.monotonic()
+            while worker.is_alive() and time.monotonic() - t0 < 30:
+                row = {r.pid: r.state for r in admin.ps()}[p.pid]
+                seen.add((row, {m.name: m.state for m in admin.info().models}["b"]))
+                time.sleep(0.05)
+            worker.join(30)
+            assert ("READY", "waking") in seen
+            assert result["usage"]["output_tokens"] == 3
+            assert {m.name: m.state for m in admin.info().models} == {"a": "asleep", "b": "ready"}
+            assert {r.pid: r.state for r in admin.ps()}[p.pid] == "WAITING"
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.model
 def test_the_kernel_swaps_real_models_on_demand_and_a_woken_model_answers_the_same(tmp_path: Path) -> None:
     """Two CPU-driver models, room for one: each process's generate wakes its model (the
