@@ -16,8 +16,13 @@ from kernel.residency import Residency
 from tests.kernels import Daemon
 
 
-def _two(max_loaded: int = 1, min_awake_s: float = 5.0, b: SimDriver | None = None) -> Residency:
-    return Residency({"a": SimDriver(), "b": b or SimDriver()}, max_loaded, min_awake_s)
+async def _started(drivers: dict[str, SimDriver] | None = None, max_loaded: int | None = 1,
+                   min_awake_s: float = 5.0, b: SimDriver | None = None) -> Residency:
+    """A residency over sim models ``a`` and ``b`` (or ``drivers``), its first loads done."""
+    res = Residency(drivers or {"a": SimDriver(), "b": b or SimDriver()}, max_loaded, min_awake_s)
+    res.start()
+    await res.first_loads()
+    return res
 
 
 async def _generate(driver: SimDriver) -> int:
@@ -27,9 +32,7 @@ async def _generate(driver: SimDriver) -> int:
 
 def test_models_beyond_max_loaded_start_asleep_and_wake_on_first_use() -> None:
     async def go() -> None:
-        res = _two()
-        res.start()
-        await res.first_loads()
+        res = await _started()
         assert (res.state("a"), res.state("b")) == ("ready", "asleep")
         async with res.use("b") as b:
             assert (res.state("a"), res.state("b")) == ("asleep", "ready")
@@ -48,9 +51,7 @@ def test_models_beyond_max_loaded_start_asleep_and_wake_on_first_use() -> None:
 
 def test_without_max_loaded_every_model_loads_and_none_sleeps() -> None:
     async def go() -> None:
-        res = Residency({"a": SimDriver(), "b": SimDriver(), "c": SimDriver()})
-        res.start()
-        await res.first_loads()
+        res = await _started({"a": SimDriver(), "b": SimDriver(), "c": SimDriver()}, max_loaded=None)
         for name in "abc":
             async with res.use(name):
                 pass
@@ -63,9 +64,7 @@ def test_without_max_loaded_every_model_loads_and_none_sleeps() -> None:
 
 def test_a_model_in_use_is_never_put_to_sleep() -> None:
     async def go() -> None:
-        res = _two(min_awake_s=0.0)
-        res.start()
-        await res.first_loads()
+        res = await _started(min_awake_s=0.0)
         lease = await res.acquire("a")
         wants_b = asyncio.create_task(res.acquire("b"))
         await asyncio.sleep(0.5)
@@ -84,9 +83,7 @@ def test_a_model_never_idle_still_yields_to_a_waiting_one_after_min_awake() -> N
     """Overlapping leases keep model a busy forever; b must still get its turn."""
 
     async def go() -> float:
-        res = _two(min_awake_s=0.3)
-        res.start()
-        await res.first_loads()
+        res = await _started(min_awake_s=0.3)
         stop = asyncio.Event()
 
         async def busy_a() -> None:
@@ -120,9 +117,7 @@ def test_a_failed_wake_fails_the_waiting_calls_and_the_next_call_retries() -> No
 
     async def go() -> None:
         b = FlakyWake()
-        res = _two(b=b)
-        res.start()
-        await res.first_loads()
+        res = await _started(b=b)
         b.fail_next = True
         with pytest.raises(DriverError, match="out of memory"):
             async with res.use("b"):
