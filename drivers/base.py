@@ -195,8 +195,11 @@ class Driver(abc.ABC):
         await self.load(progress)
 
 
-async def relay(queue: asyncio.Queue[Delta | DriverError], abort: Callable[[], None],
-                on_error: Callable[[DriverError], None] | None = None) -> AsyncIterator[Delta]:
+async def relay(
+    queue: asyncio.Queue[Delta | DriverError],
+    abort: Callable[[], None],
+    on_error: Callable[[DriverError], None] | None = None,
+) -> AsyncIterator[Delta]:
     """A request's deltas as its engine puts them on ``queue``, up to the one with a
     finish reason; a :class:`DriverError` put there is raised (after ``on_error``).
     If the consumer stops early (closed, cancelled), ``abort()`` drops the request.

@@ -152,7 +152,9 @@ class _Sequence:
     def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
         """A delta carrying ``text`` and every sampled id not sent yet."""
         ids, self.unsent_ids = self.unsent_ids, []
-        return Delta(text, ids, len(self.prompt_ids), len(self.output_ids), finish, self.cached_tokens)
+        return Delta(
+            text, ids, len(self.prompt_ids), len(self.output_ids), finish, self.cached_tokens
+        )
 
 
 # --------------------------------------------------------------------------- model
@@ -366,7 +368,9 @@ class _PrefixStore:
         if best < 0 or best_len < self.MIN_REUSE:
             return None
         _, keys, values = self._entries.pop(best)
-        layers = [(k[:, :, :best_len], v[:, :, :best_len]) for k, v in zip(keys, values, strict=True)]
+        layers = [
+            (k[:, :, :best_len], v[:, :, :best_len]) for k, v in zip(keys, values, strict=True)
+        ]
         self.hits += 1
         self.reused_tokens += best_len
         return best_len, DynamicCache(ddp_cache_data=layers)
@@ -393,7 +397,11 @@ class _Engine:
     """Owns the model on one thread and runs the step loop over at most ``slots`` sequences."""
 
     def __init__(
-        self, loaded: _LoadedModel, encoder: _PromptEncoder, slots: int, threads: int | None,
+        self,
+        loaded: _LoadedModel,
+        encoder: _PromptEncoder,
+        slots: int,
+        threads: int | None,
         prefix_cache_tokens: int = 0,
     ) -> None:
         self._model = loaded.model
@@ -551,7 +559,9 @@ class _Engine:
         would have them (their text was already delivered, so it is not sent again)."""
         assert seq.detok is not None and seq.stop_text is not None
         if len(seq.prompt_ids) + len(resume) >= self._max_context:
-            raise DriverError("The prompt plus the tokens already generated fill the context window.")
+            raise DriverError(
+                "The prompt plus the tokens already generated fill the context window."
+            )
         for token in resume:
             seq.stop_text.push(seq.detok.push(token))
         if seq.constraint is not None:  # the matcher, too, continues after the resumed tokens
@@ -662,7 +672,12 @@ class _Engine:
         if self.prefix.budget <= 0 or seq.status is SeqStatus.FAILED:
             return
         kv = self._batch.row_kv(seq) if self._batch is not None else None
-        if kv is None and seq.cache is not None and seq.cache.layers and seq.cache.layers[0].keys is not None:
+        if (
+            kv is None
+            and seq.cache is not None
+            and seq.cache.layers
+            and seq.cache.layers[0].keys is not None
+        ):
             kv = [lay.keys for lay in seq.cache.layers], [lay.values for lay in seq.cache.layers]
         if kv is None:
             return
@@ -812,7 +827,9 @@ class CpuDriver(Driver):
         self._memory_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         self._encoder = _PromptEncoder(loaded.tokenizer)
         self._grammars = GrammarCache(loaded.tokenizer, loaded.vocab_size, loaded.eos_ids)
-        self._engine = _Engine(loaded, self._encoder, self._slots, self._threads, self._prefix_cache_tokens)
+        self._engine = _Engine(
+            loaded, self._encoder, self._slots, self._threads, self._prefix_cache_tokens
+        )
         self._engine.start()
         self._state = "ready"
         self._detail = f"loaded in {time.monotonic() - started:.1f}s"
@@ -848,7 +865,9 @@ class CpuDriver(Driver):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         engine.submit(request, Consumer(loop, queue), grammar)
-        async with contextlib.aclosing(relay(queue, lambda: engine.abort(request.request_id))) as deltas:
+        async with contextlib.aclosing(
+            relay(queue, lambda: engine.abort(request.request_id))
+        ) as deltas:
             async for delta in deltas:
                 yield delta
 

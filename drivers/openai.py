@@ -1052,6 +1052,7 @@ class OpenAIDriver(Driver):
             _StopText(request.sampling.stop),
         )
         io.call(lambda: pool.start(stream))
+
         def abort() -> None:
             io.call(lambda: pool.abort(request.request_id))
 

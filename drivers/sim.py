@@ -69,10 +69,19 @@ class SimDriver(Driver):
 
     name = "sim"
 
-    def __init__(self, model: str | None = None, slots: int = 4, tokens_per_s: float = 200.0,
-                 prefill_tokens_per_s: float = 2000.0, max_context: int = 8192,
-                 eos_after: int | None = None, jitter: float = 0.0, seed: int = 0,
-                 prefix_cache_tokens: int = 0, load_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        slots: int = 4,
+        tokens_per_s: float = 200.0,
+        prefill_tokens_per_s: float = 2000.0,
+        max_context: int = 8192,
+        eos_after: int | None = None,
+        jitter: float = 0.0,
+        seed: int = 0,
+        prefix_cache_tokens: int = 0,
+        load_s: float = 0.0,
+    ) -> None:
         if tokens_per_s <= 0 or prefill_tokens_per_s <= 0:
             raise ValueError("tokens_per_s and prefill_tokens_per_s must be positive")
         if load_s < 0:
@@ -116,11 +125,19 @@ class SimDriver(Driver):
         self._kept_total = 0
 
     def info(self) -> ModelInfo:
-        detail = (f"simulated driver (no model): {self.tokens_per_s:g} tok/s per slot, "
-                  f"prefill {self.prefill_tokens_per_s:g} tok/s, jitter {self.jitter:g}, "
-                  f"prefix cache {self.prefix_cache_tokens} tokens")
-        return ModelInfo("sim", self.model, self.max_context, self._slots, self._state,  # type: ignore[arg-type]
-                         detail)
+        detail = (
+            f"simulated driver (no model): {self.tokens_per_s:g} tok/s per slot, "
+            f"prefill {self.prefill_tokens_per_s:g} tok/s, jitter {self.jitter:g}, "
+            f"prefix cache {self.prefix_cache_tokens} tokens"
+        )
+        return ModelInfo(
+            "sim",
+            self.model,
+            self.max_context,
+            self._slots,
+            self._state,  # type: ignore[arg-type]
+            detail,
+        )
 
     @staticmethod
     def _count(prompt: list[Message] | str) -> int:
@@ -182,7 +199,9 @@ class SimDriver(Driver):
         text_so_far = "".join(f" w{t}" for t in produced)
         loop = asyncio.get_running_loop()
         try:
-            await self._prefill(rid, self.prefill_s(n_prompt, len(produced)) - cached / self.prefill_tokens_per_s)
+            await self._prefill(
+                rid, self.prefill_s(n_prompt, len(produced)) - cached / self.prefill_tokens_per_s
+            )
             prefilled = rid not in self._aborted  # an abort may have cut the prefill short
             due = loop.time()  # tokens are due on a fixed schedule: loop latency does not add up
             while True:
@@ -211,7 +230,9 @@ class SimDriver(Driver):
                 # kernel never preempts (or streams an empty frame for) a finished answer.
                 if eos_at is not None and len(produced) >= eos_at:
                     finish: FinishReason | None = "stop"
-                elif len(produced) >= opts.max_tokens or n_prompt + len(produced) >= self.max_context:
+                elif (
+                    len(produced) >= opts.max_tokens or n_prompt + len(produced) >= self.max_context
+                ):
                     finish = "length"
                 else:
                     finish = None

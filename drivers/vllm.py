@@ -213,8 +213,14 @@ class _Stream:
 class _Engine:
     """The ``AsyncLLM`` and the live requests; its methods run on the engine loop."""
 
-    def __init__(self, llm: AsyncLLM, max_context: int, policy: str, resume_formats: bool,
-                 adapters: dict[str, tuple[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        max_context: int,
+        policy: str,
+        resume_formats: bool,
+        adapters: dict[str, tuple[str, int]] | None = None,
+    ) -> None:
         self.llm = llm
         self._adapters = adapters or {}
         self.max_context = max_context
@@ -678,7 +684,11 @@ class VllmDriver(Driver):
 
             options["logits_processors"] = [FQCN]
         if self._adapters:
-            options |= {"enable_lora": True, "max_lora_rank": self._max_lora_rank, "max_loras": self._max_loras}
+            options |= {
+                "enable_lora": True,
+                "max_lora_rank": self._max_lora_rank,
+                "max_loras": self._max_loras,
+            }
         if self._max_model_len is not None:
             options["max_model_len"] = self._max_model_len
         if self._kv_cache_gib is not None:
@@ -696,7 +706,13 @@ class VllmDriver(Driver):
                 f"(kv_cache_gib) larger than free memory, or max_model_len larger than the "
                 f"model supports."
             ) from exc
-        return _Engine(llm, int(llm.model_config.max_model_len), self._policy, self._resume_formats, self._adapters)
+        return _Engine(
+            llm,
+            int(llm.model_config.max_model_len),
+            self._policy,
+            self._resume_formats,
+            self._adapters,
+        )
 
     async def restart(self, progress: Progress | None = None) -> None:
         """Shut the engine down (whatever its state) and start a new one."""
@@ -741,7 +757,8 @@ class VllmDriver(Driver):
             max_context=self._max_context,
             slots=self._slots,
             state=self._state,
-            detail=self._detail + (f"; LoRA adapters: {', '.join(self._adapters)}" if self._adapters else ""),
+            detail=self._detail
+            + (f"; LoRA adapters: {', '.join(self._adapters)}" if self._adapters else ""),
             memory_bytes=self._memory_bytes,
         )
 

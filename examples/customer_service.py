@@ -46,7 +46,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("questions", nargs="*", help="customer questions (default: a built-in list)")
     ap.add_argument("--kb", help="memory namespace of the knowledge base (default: the program's)")
-    ap.add_argument("--add", action="append", default=[], metavar="TOPIC=TEXT", help="add or replace a policy")
+    ap.add_argument(
+        "--add", action="append", default=[], metavar="TOPIC=TEXT", help="add or replace a policy"
+    )
     args = ap.parse_args()
 
     me = llmos.this_process()
@@ -57,7 +59,9 @@ def main() -> int:
         print(f"[support] seeded {len(SEED)} policies into {kb.namespace}")
     for item in args.add:
         topic, _, text = item.partition("=")
-        print(f"[support] policy {topic!r} is now entry {update_policy(kb, topic.strip(), text.strip())}")
+        print(
+            f"[support] policy {topic!r} is now entry {update_policy(kb, topic.strip(), text.strip())}"
+        )
 
     for question in args.questions or QUESTIONS:
         me.clear()  # each question starts afresh: only the core memory block carries the name over
@@ -66,10 +70,16 @@ def main() -> int:
             print(f"[support] remembered the customer's name in core memory: {match.group(1)}")
         hits = kb.search(question, k=2, filter={"kind": "policy"})
         print(f"[support] customer: {question}")
-        print("[support] retrieved:", ", ".join(f"{h.metadata['topic']} ({h.score:.2f})" for h in hits))
+        print(
+            "[support] retrieved:",
+            ", ".join(f"{h.metadata['topic']} ({h.score:.2f})" for h in hits),
+        )
         policies = "\n".join(f"- {h.text}" for h in hits)
-        answer = me.chat(f"Shop policies:\n{policies}\n\nCustomer: {question}\nAnswer briefly and politely.",
-                         max_tokens=48, temperature=0.0)
+        answer = me.chat(
+            f"Shop policies:\n{policies}\n\nCustomer: {question}\nAnswer briefly and politely.",
+            max_tokens=48,
+            temperature=0.0,
+        )
         print(f"[support] bot: {answer.strip()}")
 
     print(f"[support] core memory: {kb.blocks()}")

@@ -33,7 +33,9 @@ JOBS = [  # (job, nice), in the order they are submitted
 
 def run_job(child: llmos.Process, job: str, times: dict[str, float], t0: float) -> None:
     """Stream the job's work order, noting the first token and the finish (seconds from t0)."""
-    for _ in child.stream(f"Write a one-line work order for: {job}", max_tokens=24, temperature=0.0):
+    for _ in child.stream(
+        f"Write a one-line work order for: {job}", max_tokens=24, temperature=0.0
+    ):
         times.setdefault("first", time.monotonic() - t0)
     times["done"] = time.monotonic() - t0
     times.setdefault("first", times["done"])  # an empty answer: its only "token" is the end
@@ -52,26 +54,42 @@ def main() -> int:
         jobs.append((child, name, nice, times))
         threads.append(threading.Thread(target=run_job, args=(child, name, times, t0)))
         threads[-1].start()
-        while me.client.ps(child.pid)[0].state in ("NEW", "WAITING"):  # queued before the next comes
+        while me.client.ps(child.pid)[0].state in (
+            "NEW",
+            "WAITING",
+        ):  # queued before the next comes
             time.sleep(0.01)
-    waiting = {p.pid for p in me.stat().procs if p.state == "READY"}  # queued when the last job came
+    waiting = {
+        p.pid for p in me.stat().procs if p.state == "READY"
+    }  # queued when the last job came
     for t in threads:
         t.join()
 
     rows = {p.pid: p for p in me.stat().procs}  # the kernel's accounting of each job
-    print(f"{'pid':>4} {'nice':>4} {'sub':>5} {'first':>6} {'done':>6} {'wait_s':>6} {'preempt':>7}  job")
+    print(
+        f"{'pid':>4} {'nice':>4} {'sub':>5} {'first':>6} {'done':>6} {'wait_s':>6} {'preempt':>7}  job"
+    )
     for child, name, nice, times in sorted(jobs, key=lambda j: j[3]["first"]):
         r = rows[child.pid]
-        print(f"{child.pid:>4} {nice:>4} {times['submitted']:>5.2f} {times['first']:>6.2f} {times['done']:>6.2f} "
-              f"{r.wait_s:>6.2f} {r.preemptions:>7}  {name}")
+        print(
+            f"{child.pid:>4} {nice:>4} {times['submitted']:>5.2f} {times['first']:>6.2f} {times['done']:>6.2f} "
+            f"{r.wait_s:>6.2f} {r.preemptions:>7}  {name}"
+        )
     finish = [name for _, name, _, times in sorted(jobs, key=lambda j: j[3]["done"])]
     print(f"[dispatch] finish order: {' | '.join(finish)}")
     urgent = [times for _, _, nice, times in jobs if nice == 0]
     queued = [t for child, _, nice, t in jobs if nice > 0 and child.pid in waiting]
-    verdict = "n/a" if not queued else "yes" if max(t["first"] for t in urgent) < min(
-        t["first"] for t in queued) else "no"
-    print(f"[dispatch] urgent jobs got a slot before the {len(queued)} routine jobs queued ahead of them: "
-          f"{verdict} (policy {stat.policy})")
+    verdict = (
+        "n/a"
+        if not queued
+        else "yes"
+        if max(t["first"] for t in urgent) < min(t["first"] for t in queued)
+        else "no"
+    )
+    print(
+        f"[dispatch] urgent jobs got a slot before the {len(queued)} routine jobs queued ahead of them: "
+        f"{verdict} (policy {stat.policy})"
+    )
     for child, *_ in jobs:  # jobs are done: end and reap them
         child.exit()
         me.wait(child.pid)

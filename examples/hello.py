@@ -18,8 +18,9 @@ def main() -> int:
 
     print("[hello] user: What is the capital of France?")
     print("[hello] model: ", end="", flush=True)
-    for piece in me.stream("What is the capital of France? Answer in one sentence.",
-                           max_tokens=48, temperature=0.0):
+    for piece in me.stream(
+        "What is the capital of France? Answer in one sentence.", max_tokens=48, temperature=0.0
+    ):
         print(piece, end="", flush=True)
     print()
 
@@ -29,7 +30,9 @@ def main() -> int:
 
     turns = [m["role"] for m in me.context()]
     usage = me.client.ps(me.pid)[0]
-    print(f"[hello] context: {' -> '.join(turns)}; tokens in {usage.prompt_tokens}, out {usage.output_tokens}")
+    print(
+        f"[hello] context: {' -> '.join(turns)}; tokens in {usage.prompt_tokens}, out {usage.output_tokens}"
+    )
     return 0
 
 

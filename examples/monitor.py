@@ -34,18 +34,26 @@ def summary(s: StatResult) -> str:
     m = s.models[0]
     states = ", ".join(f"{n} {state}" for state, n in s.states.items() if n)
     mem_free = 100 * s.host.mem_available / max(s.host.mem_total, 1)
-    return (f"{m.busy}/{m.slots} slots busy, {m.queued} queued; processes: {states or 'none'}; "
-            f"{s.tokens.output_tps:.1f} tokens/s; CPU {s.host.cpu_percent:.0f}% of {s.host.cpus} cores; "
-            f"load {s.host.load_avg[0]:.2f}; memory free {mem_free:.0f}%")
+    return (
+        f"{m.busy}/{m.slots} slots busy, {m.queued} queued; processes: {states or 'none'}; "
+        f"{s.tokens.output_tps:.1f} tokens/s; CPU {s.host.cpu_percent:.0f}% of {s.host.cpus} cores; "
+        f"load {s.host.load_avg[0]:.2f}; memory free {mem_free:.0f}%"
+    )
 
 
 def check(me: llmos.Process, state: str) -> Verdict:
     """Ask the model for a verdict on ``state`` (a fresh context each time)."""
     me.clear()
-    prompt = (f"You monitor a server. Current state: {state}.\n"
-              "Is this abnormal (overloaded, stuck or out of memory)? Answer in JSON.")
-    result = me.generate([{"role": "user", "content": prompt}], response_format=Verdict,
-                         max_tokens=64, temperature=0.0)
+    prompt = (
+        f"You monitor a server. Current state: {state}.\n"
+        "Is this abnormal (overloaded, stuck or out of memory)? Answer in JSON."
+    )
+    result = me.generate(
+        [{"role": "user", "content": prompt}],
+        response_format=Verdict,
+        max_tokens=64,
+        temperature=0.0,
+    )
     try:
         return Verdict.model_validate_json(result.text)
     except ValidationError:  # cut by max_tokens: the JSON is incomplete
@@ -73,8 +81,10 @@ def main() -> int:
         print(f"[monitor]   verdict: abnormal={verdict.abnormal} reason={verdict.reason!r}")
 
     written = me.files.stat(LOG)
-    print(f"[monitor] {args.samples} checks, {alerts} alerts, logged to {LOG} "
-          f"({written.size} bytes, version {written.versions})")
+    print(
+        f"[monitor] {args.samples} checks, {alerts} alerts, logged to {LOG} "
+        f"({written.size} bytes, version {written.versions})"
+    )
     return 0
 
 

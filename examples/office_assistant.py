@@ -21,26 +21,37 @@ DEFAULT_PLAN = ["Draft an agenda", "Write the invitation email", "List snacks to
 
 
 class Plan(BaseModel):
-    subtasks: list[Annotated[str, Field(min_length=10, max_length=60)]] = Field(min_length=2, max_length=3)
+    subtasks: list[Annotated[str, Field(min_length=10, max_length=60)]] = Field(
+        min_length=2, max_length=3
+    )
 
 
 def plan(me: llmos.Process, task: str) -> list[str]:
     """Sub-tasks for ``task``, from the model when its JSON parses, else the built-in plan."""
-    result = me.generate([{"role": "user", "content": f"Split this task into 3 short sub-tasks: {task}"}],
-                         response_format=Plan, max_tokens=80, temperature=0.0)
+    result = me.generate(
+        [{"role": "user", "content": f"Split this task into 3 short sub-tasks: {task}"}],
+        response_format=Plan,
+        max_tokens=80,
+        temperature=0.0,
+    )
     try:
         proposed = [s.strip() for s in Plan.model_validate_json(result.text).subtasks]
     except ValidationError:
         proposed = []
-    subtasks = list(dict.fromkeys(s for s in proposed if s and s.lower() != task.lower()))  # distinct, new
+    subtasks = list(
+        dict.fromkeys(s for s in proposed if s and s.lower() != task.lower())
+    )  # distinct, new
     return subtasks if len(subtasks) >= 2 else DEFAULT_PLAN
 
 
 def work(worker: llmos.Process, n: int, subtask: str, task: str) -> None:
     """A worker's job: one generation, its result in /home/results, then exit."""
     try:
-        text = worker.chat(f"Overall task: {task}\nDo this part, in at most three lines: {subtask}",
-                           max_tokens=48, temperature=0.0)
+        text = worker.chat(
+            f"Overall task: {task}\nDo this part, in at most three lines: {subtask}",
+            max_tokens=48,
+            temperature=0.0,
+        )
         worker.files.write(f"/home/results/{n}.md", f"## {subtask}\n\n{text.strip()}\n")
         worker.exit(0)
     except llmos.SyscallError as exc:

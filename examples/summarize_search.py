@@ -23,11 +23,11 @@ from syscalls.errors import SyscallError
 
 SAMPLES = {
     "solar.txt": "Solar panels convert sunlight into electricity. A typical home system of 6 kW "
-                 "produces about 8,000 kWh a year and pays for itself in 8 to 12 years.",
+    "produces about 8,000 kWh a year and pays for itself in 8 to 12 years.",
     "bees.txt": "Honey bees pollinate about a third of the crops we eat. A colony has one queen, "
-                "thousands of female workers and a few hundred male drones in summer.",
+    "thousands of female workers and a few hundred male drones in summer.",
     "rust.txt": "Rust is a systems programming language focused on memory safety without a "
-                "garbage collector. Its borrow checker rejects data races at compile time.",
+    "garbage collector. Its borrow checker rejects data races at compile time.",
 }
 QUESTIONS = ["How long until solar panels pay for themselves?", "Who pollinates our crops?"]
 
@@ -38,7 +38,11 @@ def gather(files: Files, paths: list[str]) -> None:
         docs = {Path(p).name: Path(p).read_text() for p in paths}
     else:
         try:
-            docs = {e.name: str(files.read(f"/mnt/docs/{e.name}")) for e in files.list("/mnt/docs") if e.type == "file"}
+            docs = {
+                e.name: str(files.read(f"/mnt/docs/{e.name}"))
+                for e in files.list("/mnt/docs")
+                if e.type == "file"
+            }
         except SyscallError:  # no such mount
             docs = {}
         if not docs and any(e.type == "file" for e in files.list("/home/docs")):
@@ -49,7 +53,9 @@ def gather(files: Files, paths: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("docs", nargs="*", help="host files to load (default: /mnt/docs, /home/docs or samples)")
+    ap.add_argument(
+        "docs", nargs="*", help="host files to load (default: /mnt/docs, /home/docs or samples)"
+    )
     ap.add_argument("-q", "--question", action="append", help="a question (default: built-in ones)")
     args = ap.parse_args()
 
@@ -64,7 +70,9 @@ def main() -> int:
         if not isinstance(text, str):  # not UTF-8 text: nothing to summarise
             continue
         me.clear()  # one document at a time
-        summary = me.chat(f"Summarise this document in one sentence:\n\n{text}", max_tokens=40, temperature=0.0)
+        summary = me.chat(
+            f"Summarise this document in one sentence:\n\n{text}", max_tokens=40, temperature=0.0
+        )
         summaries.append(f"- **{entry.name}**: {summary.strip()}")
         print(f"[docs] {entry.name} ({entry.size} bytes): {summary.strip()}")
     files.write("/home/summaries.md", "# Summaries\n\n" + "\n".join(summaries) + "\n")
@@ -76,8 +84,11 @@ def main() -> int:
         print("[docs] sources:", ", ".join(f"{h.path} ({h.score:.2f})" for h in hits))
         context = "\n".join(h.text for h in hits)
         me.clear()
-        answer = me.chat(f"Using these notes:\n{context}\n\nAnswer briefly: {question}", max_tokens=40,
-                         temperature=0.0)
+        answer = me.chat(
+            f"Using these notes:\n{context}\n\nAnswer briefly: {question}",
+            max_tokens=40,
+            temperature=0.0,
+        )
         print(f"[docs] answer: {answer.strip()}")
     return 0
 

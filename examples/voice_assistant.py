@@ -21,8 +21,11 @@ import llmos
 
 TURNS = ["Hello! My name is Sam.", "What is a good name for a cat?", "What is my name?"]
 ENGINE = shutil.which("espeak-ng") or shutil.which("espeak")
-SPEAK_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 2000}},
-                "required": ["text"]}
+SPEAK_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "maxLength": 2000}},
+    "required": ["text"],
+}
 
 
 def speak(text: str) -> dict[str, object]:
@@ -46,12 +49,16 @@ def main() -> int:
     stop = threading.Event()
     server = threading.Thread(target=tts.tools.serve, args=({"speak": speak}, stop.is_set, 0.2))
     server.start()
-    print(f"[voice] speech engine: {ENGINE or 'none: speech is skipped (install it with `apt install espeak-ng`)'}")
+    print(
+        f"[voice] speech engine: {ENGINE or 'none: speech is skipped (install it with `apt install espeak-ng`)'}"
+    )
 
     try:
         for text in turns():
             print(f"[voice] you: {text}")
-            answer = me.chat(text, max_tokens=40, temperature=0.0).strip()  # the context keeps the turns
+            answer = me.chat(
+                text, max_tokens=40, temperature=0.0
+            ).strip()  # the context keeps the turns
             print(f"[voice] assistant: {answer}")
             said = me.tools.call("speak", {"text": answer})
             if said["spoken"]:

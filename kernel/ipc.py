@@ -66,7 +66,10 @@ class Mailbox:
         return len(self.messages)
 
     def fits(self, size: int) -> bool:
-        return len(self.messages) < limits.MAILBOX_MAX_MESSAGES and self.bytes + size <= limits.MAILBOX_MAX_BYTES
+        return (
+            len(self.messages) < limits.MAILBOX_MAX_MESSAGES
+            and self.bytes + size <= limits.MAILBOX_MAX_BYTES
+        )
 
     def put(self, msg: Message) -> None:
         self.messages.append(msg)
@@ -158,37 +161,51 @@ class Ipc:
         """The live process ``pid`` if the caller may message it: ESRCH, EPERM otherwise."""
         proc = self.procs.lookup(pid)
         if not proc.alive:
-            raise SyscallError(Errno.ESRCH, f"process {pid} has exited; it receives no more messages")
+            raise SyscallError(
+                Errno.ESRCH, f"process {pid} has exited; it receives no more messages"
+            )
         me = caller.proc
         if me is not None and me.program.pgid != proc.program.pgid:
             raise SyscallError(
-                Errno.EPERM, f"process {caller.pid} (program {me.program.pgid}) may not message process {pid} "
+                Errno.EPERM,
+                f"process {caller.pid} (program {me.program.pgid}) may not message process {pid} "
                 f"of program {proc.program.pgid}: only processes of one program message each other; "
-                "to reach another program, publish on a topic it subscribes to")
+                "to reach another program, publish on a topic it subscribes to",
+            )
         return proc
 
-    async def send(self, caller: Caller, pid: int, body: object, size: int, until: float) -> tuple[Message, int]:
+    async def send(
+        self, caller: Caller, pid: int, body: object, size: int, until: float
+    ) -> tuple[Message, int]:
         """Queue a message for ``pid``, waiting for room until ``until`` (loop time) if its
         mailbox is full. Returns the message and the mailbox's depth. EAGAIN if it stays
         full; ESRCH if the receiver exits meanwhile."""
         box = self.mailbox(self.receiver(caller, pid))
         while not self._fits(box, size):
-            full = (f"the mailbox of process {pid} is full ({len(box)} messages, {box.bytes} bytes; "
-                    f"bounds {limits.MAILBOX_MAX_MESSAGES} messages, {limits.MAILBOX_MAX_BYTES} bytes)"
-                    if not box.fits(size) else
-                    f"the kernel's mailboxes hold {self.bytes} bytes, the most they may ({limits.MAX_IPC_BYTES})")
+            full = (
+                f"the mailbox of process {pid} is full ({len(box)} messages, {box.bytes} bytes; "
+                f"bounds {limits.MAILBOX_MAX_MESSAGES} messages, {limits.MAILBOX_MAX_BYTES} bytes)"
+                if not box.fits(size)
+                else f"the kernel's mailboxes hold {self.bytes} bytes, the most they may ({limits.MAX_IPC_BYTES})"
+            )
             if until <= asyncio.get_running_loop().time():
-                raise SyscallError(Errno.EAGAIN, f"{full}; try again once it reads, or send with a timeout")
+                raise SyscallError(
+                    Errno.EAGAIN, f"{full}; try again once it reads, or send with a timeout"
+                )
             woken = await box.room(until)
             if box.closed:
-                raise SyscallError(Errno.ESRCH, f"process {pid} exited while the message waited for room")
+                raise SyscallError(
+                    Errno.ESRCH, f"process {pid} exited while the message waited for room"
+                )
             if not woken:
                 raise SyscallError(Errno.EAGAIN, f"{full} and stayed full until the timeout")
         msg = self._message(caller, None, body, size)
         self._put(box, msg)
         return msg, len(box)
 
-    async def recv(self, proc: Proc, sender: int | None, topic: str | None, until: float) -> tuple[Message | None, Mailbox]:
+    async def recv(
+        self, proc: Proc, sender: int | None, topic: str | None, until: float
+    ) -> tuple[Message | None, Mailbox]:
         """The oldest message for ``proc`` matching the filters, waiting until ``until``
         (loop time) for one; None if none came."""
         box = self.mailbox(proc)
@@ -207,10 +224,15 @@ class Ipc:
         if topic in box.topics:
             return box
         if len(box.topics) >= limits.MAX_SUBSCRIPTIONS:
-            raise SyscallError(Errno.EAGAIN, f"process {proc.pid} already subscribes to "
-                               f"{limits.MAX_SUBSCRIPTIONS} topics, the most a process may; unsubscribe first")
+            raise SyscallError(
+                Errno.EAGAIN,
+                f"process {proc.pid} already subscribes to "
+                f"{limits.MAX_SUBSCRIPTIONS} topics, the most a process may; unsubscribe first",
+            )
         if topic not in self.topics and len(self.topics) >= limits.MAX_TOPICS:
-            raise SyscallError(Errno.EAGAIN, f"the kernel's topic table is full ({limits.MAX_TOPICS} topics)")
+            raise SyscallError(
+                Errno.EAGAIN, f"the kernel's topic table is full ({limits.MAX_TOPICS} topics)"
+            )
         box.topics.add(topic)
         self.topics.setdefault(topic, set()).add(proc.pid)
         return box
@@ -219,7 +241,9 @@ class Ipc:
         """Stop delivering ``topic`` to ``proc`` (ENOENT if it did not subscribe)."""
         box = self.boxes.get(proc.pid)
         if box is None or topic not in box.topics:
-            raise SyscallError(Errno.ENOENT, f"process {proc.pid} does not subscribe to topic {topic!r}")
+            raise SyscallError(
+                Errno.ENOENT, f"process {proc.pid} does not subscribe to topic {topic!r}"
+            )
         box.topics.discard(topic)
         self._forget(topic, proc.pid)
         return box
@@ -234,7 +258,9 @@ class Ipc:
             if not pids:
                 del self.topics[topic]
 
-    def publish(self, caller: Caller, topic: str, body: object, size: int) -> tuple[Message, int, int]:
+    def publish(
+        self, caller: Caller, topic: str, body: object, size: int
+    ) -> tuple[Message, int, int]:
         """Put a copy in every subscriber's mailbox now; a full one drops it (and counts
         it). Never waits. Returns the message, how many got it and how many dropped it."""
         msg = self._message(caller, topic, body, size)

@@ -42,8 +42,16 @@ log = logging.getLogger("llmos.kernel")
 VERSION = "0.1.0"
 
 #: The dispatch table: syscall name -> handler, one module per syscall family.
-HANDLERS = {**sys_proc.HANDLERS, **sys_llm.HANDLERS, **sys_ctx.HANDLERS, **sys_mem.HANDLERS, **sys_fs.HANDLERS,
-            **sys_tool.HANDLERS, **sys_ipc.HANDLERS, **sys_sys.HANDLERS}
+HANDLERS = {
+    **sys_proc.HANDLERS,
+    **sys_llm.HANDLERS,
+    **sys_ctx.HANDLERS,
+    **sys_mem.HANDLERS,
+    **sys_fs.HANDLERS,
+    **sys_tool.HANDLERS,
+    **sys_ipc.HANDLERS,
+    **sys_sys.HANDLERS,
+}
 
 #: The state database's file name in the kernel's state directory.
 STATE_DB = "state.db"
@@ -62,7 +70,9 @@ def default_embedder() -> Any:
 
 def _load_progress(name: str) -> Any:
     """A driver's load/wake progress, logged."""
-    return lambda desc, frac: log.info("%s: %s %s", name, desc, "" if frac is None else f"{frac:.0%}")
+    return lambda desc, frac: log.info(
+        "%s: %s %s", name, desc, "" if frac is None else f"{frac:.0%}"
+    )
 
 
 def _dim_of(embedder: Any) -> int:
@@ -107,14 +117,18 @@ class Kernel:
         embedder = default_embedder() if embedder == "default" else embedder
         self.memory = Memory(self.store, self.procs, embedder, VectorIndex(_dim_of(embedder)))
         # Files: real directories under the state dir (a temporary one without it).
-        self._scratch = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="llmos-files-")
+        self._scratch = (
+            None if state_dir is not None else tempfile.TemporaryDirectory(prefix="llmos-files-")
+        )
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
         self.fs = FileSystem(files, self.store, self.memory)
         self.tools = ToolTable()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
         self.ipc = Ipc(self.procs)
-        self.scheduler = Scheduler({name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum))
+        self.scheduler = Scheduler(
+            {name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum)
+        )
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
         self.stats = KernelStats()
         self._calls: dict[int, set[Call]] = defaultdict(set)  # caller pid -> async calls
@@ -137,13 +151,23 @@ class Kernel:
         if self.memory.index is not None:
             await self.store.call(load_index, self.memory.index)
         if found.procs or entries:
-            log.info("recovered %d processes (%d hung up: their programs died), %d archival entries; next pid %d",
-                     found.procs, len(found.hung_up), entries, found.next_pid)
+            log.info(
+                "recovered %d processes (%d hung up: their programs died), %d archival entries; next pid %d",
+                found.procs,
+                len(found.hung_up),
+                entries,
+                found.next_pid,
+            )
         self.transport.bind()
         self.transport.start()
         self.residency.start()
         self._tasks.append(loop.create_task(self._init_reaper(), name="init"))
-        log.info("kernel %s serving %s (policy %s)", VERSION, ", ".join(self.endpoints), self.scheduler.policy.name)
+        log.info(
+            "kernel %s serving %s (policy %s)",
+            VERSION,
+            ", ".join(self.endpoints),
+            self.scheduler.policy.name,
+        )
 
     @contextlib.asynccontextmanager
     async def use_model(self, name: str) -> AsyncIterator[Driver]:
@@ -204,10 +228,14 @@ class Kernel:
         """Resolve the caller of a syscall: the admin (pid 0) or a live process."""
         if pid == 0:
             if not secrets.compare_digest(token, self.admin_token):
-                raise SyscallError(Errno.EACCES, "pid 0 is the admin and needs the kernel's admin token")
+                raise SyscallError(
+                    Errno.EACCES, "pid 0 is the admin and needs the kernel's admin token"
+                )
             if spec.needs_process:
                 raise SyscallError(
-                    Errno.EACCES, f"{spec.name} acts on the calling process: call it with a process's pid and token")
+                    Errno.EACCES,
+                    f"{spec.name} acts on the calling process: call it with a process's pid and token",
+                )
             return Caller(0, None)
         return Caller(pid, self.procs.authenticate(pid, token))
 
@@ -233,8 +261,12 @@ class Kernel:
         self.tools.server_gone(proc.pid)
         how = f"killed by SIG{signal}" if signal else f"exited with status {status}"
         for call in list(self._calls.pop(proc.pid, ())):
-            call.interrupt(SyscallError(Errno.ECANCELED, f"process {proc.pid} {how} during {call.name}"))
-        self.ipc.close(proc.pid)  # its mailbox and subscriptions go; senders waiting on it get ESRCH
+            call.interrupt(
+                SyscallError(Errno.ECANCELED, f"process {proc.pid} {how} during {call.name}")
+            )
+        self.ipc.close(
+            proc.pid
+        )  # its mailbox and subscriptions go; senders waiting on it get ESRCH
         log.info("process %d (%s) %s", proc.pid, proc.name, how)
 
     def stop_process(self, proc: Proc) -> None:

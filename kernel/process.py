@@ -81,8 +81,12 @@ class Proc:
     ctx_window: int | None = None  # a window smaller than the model's, if asked at spawn
     host_pid: int | None = None  # OS pid of the program driving it (on the kernel's host)
     host_started: float | None = None  # that OS process's start time (pids get reused)
-    mounts: dict[str, tuple[str, bool]] = field(default_factory=dict)  # /mnt/NAME -> (host dir, writable)
-    tool_caps: list[list[str]] = field(default_factory=list)  # every layer must allow a tool's name (globs)
+    mounts: dict[str, tuple[str, bool]] = field(
+        default_factory=dict
+    )  # /mnt/NAME -> (host dir, writable)
+    tool_caps: list[list[str]] = field(
+        default_factory=list
+    )  # every layer must allow a tool's name (globs)
     confirm: bool = False  # irreversible tool calls wait for the owner's approval
     adapter: str | None = None  # LoRA adapter of its model it generates with
     created: float = field(default_factory=time.time)
@@ -198,11 +202,14 @@ class ProcessTable:
         proc = self._procs.get(pid)
         if proc is None or not proc.check_token(token):
             raise SyscallError(
-                Errno.EACCES, f"pid {pid} with that token is not a process of this kernel"
+                Errno.EACCES,
+                f"pid {pid} with that token is not a process of this kernel"
                 " (it may have exited and been reaped, or the token is wrong)",
             )
         if not proc.alive:
-            raise SyscallError(Errno.EACCES, f"process {pid} has exited; it can make no more syscalls")
+            raise SyscallError(
+                Errno.EACCES, f"process {pid} has exited; it can make no more syscalls"
+            )
         return proc
 
     def is_ancestor(self, ancestor: int, pid: int) -> bool:
@@ -225,7 +232,8 @@ class ProcessTable:
         if caller.admin or pid == caller.pid or self.is_ancestor(caller.pid, pid):
             return proc
         raise SyscallError(
-            Errno.EPERM, f"process {caller.pid} may not act on process {pid}: "
+            Errno.EPERM,
+            f"process {caller.pid} may not act on process {pid}: "
             "only on itself and its descendants",
         )
 
@@ -242,9 +250,18 @@ class ProcessTable:
         return out
 
     # -- lifecycle -----------------------------------------------------------------
-    def spawn(self, ppid: int, name: str, model: str, nice: int, system: str | None,
-              limits: Limits | None = None, program_limits: Limits | None = None,
-              namespace: str | None = None, fork: bool = False) -> Proc:
+    def spawn(
+        self,
+        ppid: int,
+        name: str,
+        model: str,
+        nice: int,
+        system: str | None,
+        limits: Limits | None = None,
+        program_limits: Limits | None = None,
+        namespace: str | None = None,
+        fork: bool = False,
+    ) -> Proc:
         """Create a process as a child of ``ppid`` (INIT_PID for top-level ones, which
         start a new program). A child inherits its parent's program and limits, and
         may only narrow the limits; with ``fork`` it starts with a copy of its parent's
@@ -252,24 +269,41 @@ class ProcessTable:
         only its hash after the reply)."""
         parent = self._procs.get(ppid)
         if parent is not None and program_limits is not None:
-            raise SyscallError(Errno.EPERM, "program limits are set when a program starts (a top-level spawn)")
+            raise SyscallError(
+                Errno.EPERM, "program limits are set when a program starts (a top-level spawn)"
+            )
         if parent is not None and namespace is not None:
-            raise SyscallError(Errno.EPERM, "a memory namespace is named when a program starts (a top-level spawn)")
+            raise SyscallError(
+                Errno.EPERM, "a memory namespace is named when a program starts (a top-level spawn)"
+            )
         if fork and parent is None:
-            raise SyscallError(Errno.EINVAL, "fork copies the caller's context: only a process can fork")
+            raise SyscallError(
+                Errno.EINVAL, "fork copies the caller's context: only a process can fork"
+            )
         pid = self._next_pid
         self._next_pid += 1
         if parent is None:
-            program = Program(pid, Account(f"program {pid}", program_limits or Limits()), namespace or "")
+            program = Program(
+                pid, Account(f"program {pid}", program_limits or Limits()), namespace or ""
+            )
             mine = limits or Limits()
         else:
             program = parent.program
-            mine = parent.account.limits.narrowed(limits or Limits(), f"parent process {parent.pid}")
+            mine = parent.account.limits.narrowed(
+                limits or Limits(), f"parent process {parent.pid}"
+            )
         token = secrets.token_urlsafe(24)
         proc = Proc(
-            pid=pid, ppid=ppid, name=name, owner=parent.owner if parent else self.owner,
-            token_hash=hash_token(token), model=model, program=program,
-            account=Account(f"process {pid}", mine), nice=nice, token=token,
+            pid=pid,
+            ppid=ppid,
+            name=name,
+            owner=parent.owner if parent else self.owner,
+            token_hash=hash_token(token),
+            model=model,
+            program=program,
+            account=Account(f"process {pid}", mine),
+            nice=nice,
+            token=token,
         )
         if fork and parent is not None:
             proc.context = [dict(msg) for msg in parent.context]
@@ -340,8 +374,12 @@ class ProcessTable:
         """Init's housekeeping: reap top-level zombies nobody waited for in time."""
         now, reaped = time.monotonic(), []
         for proc in self:
-            if (proc.ppid == INIT_PID and not proc.alive and proc.zombie_since is not None
-                    and now - proc.zombie_since >= older_than_s):
+            if (
+                proc.ppid == INIT_PID
+                and not proc.alive
+                and proc.zombie_since is not None
+                and now - proc.zombie_since >= older_than_s
+            ):
                 self.reap(proc)
                 reaped.append(proc.pid)
         return reaped

@@ -33,7 +33,9 @@ class Limits:
                 out[f.name] = mine
             elif mine is not None and theirs > mine:
                 raise SyscallError(
-                    Errno.EPERM, f"{f.name}={theirs} exceeds {who}'s own limit of {mine}; a child never gets more")
+                    Errno.EPERM,
+                    f"{f.name}={theirs} exceeds {who}'s own limit of {mine}; a child never gets more",
+                )
             else:
                 out[f.name] = theirs
         return Limits(**out)
@@ -59,7 +61,9 @@ class Account:
     def _over(self, limit: str, detail: str) -> SyscallError:
         self.exceeded = limit
         value = getattr(self.limits, limit)
-        return SyscallError(Errno.EDQUOT, f"{self.name} is over its quota: {limit}={value} ({detail})")
+        return SyscallError(
+            Errno.EDQUOT, f"{self.name} is over its quota: {limit}={value} ({detail})"
+        )
 
     def wall_left(self, now: float | None = None) -> float | None:
         """Seconds until max_wall_s runs out (None: no wall limit)."""
@@ -82,7 +86,9 @@ class Account:
             while self.calls and now - self.calls[0] >= 60.0:
                 self.calls.popleft()
             if len(self.calls) >= rate:
-                raise self._over("max_calls_per_min", f"retry in {60.0 - (now - self.calls[0]):.1f} s")
+                raise self._over(
+                    "max_calls_per_min", f"retry in {60.0 - (now - self.calls[0]):.1f} s"
+                )
             self.calls.append(now)
 
     def check_context(self, prompt_tokens: int) -> None:

@@ -57,9 +57,13 @@ class _Model:
 class Residency:
     """Loads, sleeps and wakes the kernel's models; hands out leases on them."""
 
-    def __init__(self, drivers: dict[str, Driver], max_loaded: int | None = None,
-                 min_awake_s: float = MIN_AWAKE_S,
-                 progress: Callable[[str], Callable[[str, float | None], None]] | None = None) -> None:
+    def __init__(
+        self,
+        drivers: dict[str, Driver],
+        max_loaded: int | None = None,
+        min_awake_s: float = MIN_AWAKE_S,
+        progress: Callable[[str], Callable[[str, float | None], None]] | None = None,
+    ) -> None:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.max_loaded = min(max_loaded or len(drivers), len(drivers))
@@ -155,15 +159,27 @@ class Residency:
         now = time.monotonic()
         if now - model.awake_since < self.min_awake_s:
             return False
-        return any(m.state == "asleep" and m.waiting and m.waiting_since is not None
-                   and now - m.waiting_since >= self.min_awake_s for m in self._models.values())
+        return any(
+            m.state == "asleep"
+            and m.waiting
+            and m.waiting_since is not None
+            and now - m.waiting_since >= self.min_awake_s
+            for m in self._models.values()
+        )
 
     def _make_room_for(self, model: _Model) -> None:
         """Wake ``model`` (or the sleeping model waited for longest) if there is room,
         else put the best victim to sleep (the swap itself runs as a task)."""
         # The sleeping model waited for longest goes first, whoever's call gets here.
-        model = min((m for m in self._models.values() if m.state == "asleep" and m.waiting
-                     and m.waiting_since is not None), key=lambda m: m.waiting_since or 0.0, default=model)
+        model = min(
+            (
+                m
+                for m in self._models.values()
+                if m.state == "asleep" and m.waiting and m.waiting_since is not None
+            ),
+            key=lambda m: m.waiting_since or 0.0,
+            default=model,
+        )
         awake = [m for m in self._models.values() if m.state in _AWAKE]
         if len(awake) < self.max_loaded:
             model.state = "waking"
@@ -172,8 +188,13 @@ class Residency:
         if any(m.state in ("sleeping", "waking", "loading") for m in awake):
             return  # a swap is under way: wait for it
         now = time.monotonic()
-        idle = [m for m in awake if m.state == "ready" and m.leases == 0
-                and not (m.waiting and now - m.awake_since < self.min_awake_s)]
+        idle = [
+            m
+            for m in awake
+            if m.state == "ready"
+            and m.leases == 0
+            and not (m.waiting and now - m.awake_since < self.min_awake_s)
+        ]
         if idle:
             victim = min(idle, key=lambda m: m.last_used)
             victim.state = "sleeping"
@@ -196,7 +217,9 @@ class Residency:
             else:
                 await model.driver.wake(progress)
         except Exception as exc:
-            error = exc if isinstance(exc, DriverError) else DriverError(str(exc) or type(exc).__name__)
+            error = (
+                exc if isinstance(exc, DriverError) else DriverError(str(exc) or type(exc).__name__)
+            )
             log.error("model %s failed to %s: %s", model.name, "load" if first else "wake", error)
             model.error = error
             if first:  # a model that never loaded stays failed

@@ -32,7 +32,9 @@ class Waiter:
     seq: int  # arrival order, for FIFO and tie-breaks
     expected_tokens: int  # what this generation is expected to cost (load policy)
     enqueued: float = field(default_factory=time.monotonic)
-    granted: asyncio.Future[Slot] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    granted: asyncio.Future[Slot] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 @dataclass(eq=False)
@@ -152,11 +154,22 @@ class Fair(Policy):
 
     name = "fair"
 
-    def __init__(self, quantum: int = 32, starve_s: float = 3.0, base_tokens: int = 64,
-                 spread: float = 4.0, window: int = 256, min_programs: int = 16,
-                 min_tokens: int = 8, sweep_s: float = 0.25, starve_factor: float | None = None) -> None:
+    def __init__(
+        self,
+        quantum: int = 32,
+        starve_s: float = 3.0,
+        base_tokens: int = 64,
+        spread: float = 4.0,
+        window: int = 256,
+        min_programs: int = 16,
+        min_tokens: int = 8,
+        sweep_s: float = 0.25,
+        starve_factor: float | None = None,
+    ) -> None:
         if spread <= 0 or window < 1 or min_programs < 1 or min_tokens < 1 or base_tokens < 1:
-            raise ValueError("spread, window, min_programs, min_tokens and base_tokens must be positive")
+            raise ValueError(
+                "spread, window, min_programs, min_tokens and base_tokens must be positive"
+            )
         self.quantum = quantum
         self.starve_s = starve_s
         self.base_tokens = base_tokens
@@ -170,7 +183,9 @@ class Fair(Policy):
         self.lifetimes: deque[float] = deque(maxlen=window)  # their seconds from spawn to exit
         self.starve_factor = starve_factor
         self.starve_after: float = starve_s  # the waiting time at which a waiter goes first
-        self._live: dict[int, tuple[Program, list[Proc]]] = {}  # pgid -> program, its processes seen
+        self._live: dict[
+            int, tuple[Program, list[Proc]]
+        ] = {}  # pgid -> program, its processes seen
         self._swept = -math.inf
         self._ranks: dict[Waiter, tuple[int, int, int, int]] = {}  # cached rank() of queued waiters
         self._ranked_at = -math.inf
@@ -203,7 +218,9 @@ class Fair(Policy):
             self.finished.append(account.output_tokens)
             self.lifetimes.append(now - account.opened)
         if done and len(self.finished) >= self.min_programs:
-            self.threshold = max(float(self.min_tokens), self.spread * statistics.median(self.finished))
+            self.threshold = max(
+                float(self.min_tokens), self.spread * statistics.median(self.finished)
+            )
             if self.starve_factor is not None:
                 self.starve_after = self.starve_factor * statistics.median(self.lifetimes)
 
@@ -356,7 +373,12 @@ class Scheduler:
             waiter = self._next_live(queue, model)
             if waiter is None:
                 return
-            slot.proc, slot.since, slot.tokens, slot.next_check = waiter.proc, time.monotonic(), 0, 0
+            slot.proc, slot.since, slot.tokens, slot.next_check = (
+                waiter.proc,
+                time.monotonic(),
+                0,
+                0,
+            )
             waiter.proc.state = ProcState.RUNNING
             waiter.granted.set_result(slot)
 

@@ -108,10 +108,13 @@ class HostMeter:
         mem = psutil.virtual_memory()
         load = psutil.getloadavg()
         return HostSample(
-            cpus=self.cpus, cpu_percent=self._sys_pct,
+            cpus=self.cpus,
+            cpu_percent=self._sys_pct,
             load_avg=(round(load[0], 2), round(load[1], 2), round(load[2], 2)),
-            mem_total=int(mem.total), mem_available=int(mem.available),
-            kernel_rss=int(self._proc.memory_info().rss), kernel_cpu_s=round(proc_cpu, 3),
+            mem_total=int(mem.total),
+            mem_available=int(mem.available),
+            kernel_rss=int(self._proc.memory_info().rss),
+            kernel_cpu_s=round(proc_cpu, 3),
             kernel_cpu_percent=min(self._proc_pct, 100.0 * self.cpus),
         )
 
@@ -126,7 +129,9 @@ def _total(t: Any) -> float:
 def _busy_percent(before: Any, after: Any) -> float:
     """System-wide busy share between two ``psutil.cpu_times()`` samples, 0..100."""
     total = _total(after) - _total(before)
-    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0))
+    idle = (after.idle - before.idle) + (
+        getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0)
+    )
     if total <= 0:
         return 0.0
     return round(min(max((total - idle) / total * 100, 0.0), 100.0), 1)

@@ -134,7 +134,9 @@ class Store:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmos-store")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="llmos-store"
+        )
         self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._pool.submit(self._open).result()
@@ -150,8 +152,10 @@ class Store:
             conn.execute("PRAGMA busy_timeout=5000")
             self._migrate(conn)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open the state database {target}: {exc}; "
-                             "move it aside to start with empty state") from exc
+            raise StoreError(
+                f"cannot open the state database {target}: {exc}; "
+                "move it aside to start with empty state"
+            ) from exc
         self._conn = conn
         self._thread = threading.current_thread()
 
@@ -159,9 +163,13 @@ class Store:
     def _migrate(conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"schema version {version} is newer than this llmos understands ({SCHEMA_VERSION})")
+            raise StoreError(
+                f"schema version {version} is newer than this llmos understands ({SCHEMA_VERSION})"
+            )
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            conn.executescript(f"BEGIN;\n{_MIGRATIONS[target]}\nPRAGMA user_version={target};\nCOMMIT;")
+            conn.executescript(
+                f"BEGIN;\n{_MIGRATIONS[target]}\nPRAGMA user_version={target};\nCOMMIT;"
+            )
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._conn
@@ -208,7 +216,11 @@ class Store:
 
 
 def _log_failure(fut: concurrent.futures.Future[Any]) -> None:
-    if not fut.cancelled() and (exc := fut.exception()) is not None and not isinstance(exc, SyscallError):
+    if (
+        not fut.cancelled()
+        and (exc := fut.exception()) is not None
+        and not isinstance(exc, SyscallError)
+    ):
         log.error("state database write failed: %s", exc, exc_info=exc)
 
 
@@ -223,5 +235,7 @@ def get_meta(conn: sqlite3.Connection, key: str, default: str | None = None) -> 
 
 
 def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                 (key, value))
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )

@@ -31,7 +31,9 @@ def _writable(k: Kernel, call: Call, pid: int | None) -> Proc:
     if not proc.alive:
         raise SyscallError(Errno.ESRCH, f"process {proc.pid} has exited; its context is read-only")
     if proc.busy:
-        raise SyscallError(Errno.EBUSY, f"process {proc.pid} is generating; change its context after that")
+        raise SyscallError(
+            Errno.EBUSY, f"process {proc.pid} is generating; change its context after that"
+        )
     return proc
 
 
@@ -42,15 +44,22 @@ async def _commit(k: Kernel, proc: Proc) -> None:
 
 def sys_ctx_get(k: Kernel, call: Call, a: m.CtxGetArgs) -> m.CtxGetResult:
     proc = k.procs.target(call.caller, a.pid)
-    msgs = proc.context if a.last is None else proc.context[len(proc.context) - a.last:]
-    return m.CtxGetResult(pid=proc.pid, messages=[m.ChatMessage(**x) for x in msgs], total=len(proc.context),
-                          summary=proc.summary, evicted=proc.evicted)
+    msgs = proc.context if a.last is None else proc.context[len(proc.context) - a.last :]
+    return m.CtxGetResult(
+        pid=proc.pid,
+        messages=[m.ChatMessage(**x) for x in msgs],
+        total=len(proc.context),
+        summary=proc.summary,
+        evicted=proc.evicted,
+    )
 
 
 async def sys_ctx_append(k: Kernel, call: Call, a: m.CtxAppendArgs) -> m.CtxResult:
     proc = _writable(k, call, a.pid)
     if len(proc.context) + len(a.messages) > MAX_CONTEXT_MESSAGES:
-        raise SyscallError(Errno.E2BIG, f"a context holds at most {MAX_CONTEXT_MESSAGES} messages; clear it first")
+        raise SyscallError(
+            Errno.E2BIG, f"a context holds at most {MAX_CONTEXT_MESSAGES} messages; clear it first"
+        )
     turns = [msg.model_dump() for msg in a.messages]
     proc.context.extend(turns)
     k.memory.record(proc, turns)
@@ -60,7 +69,11 @@ async def sys_ctx_append(k: Kernel, call: Call, a: m.CtxAppendArgs) -> m.CtxResu
 
 async def sys_ctx_clear(k: Kernel, call: Call, a: m.CtxClearArgs) -> m.CtxResult:
     proc = _writable(k, call, a.pid)
-    keep = proc.context[:1] if a.keep_system and proc.context[:1] and proc.context[0]["role"] == "system" else []
+    keep = (
+        proc.context[:1]
+        if a.keep_system and proc.context[:1] and proc.context[0]["role"] == "system"
+        else []
+    )
     proc.context[:] = keep
     proc.summary, proc.evicted = None, 0
     await _commit(k, proc)
@@ -68,23 +81,34 @@ async def sys_ctx_clear(k: Kernel, call: Call, a: m.CtxClearArgs) -> m.CtxResult
 
 
 def _put_snapshot(conn: sqlite3.Connection, pid: int, name: str, state: str, created: float) -> int:
-    count = conn.execute("SELECT COUNT(*) FROM snapshots WHERE pid = ? AND name != ?", (pid, name)).fetchone()[0]
+    count = conn.execute(
+        "SELECT COUNT(*) FROM snapshots WHERE pid = ? AND name != ?", (pid, name)
+    ).fetchone()[0]
     if count >= limits.MAX_SNAPSHOTS:
-        raise SyscallError(Errno.EDQUOT, f"process {pid} already has {limits.MAX_SNAPSHOTS} snapshots; "
-                           "restore or replace one (same name) instead")
-    conn.execute("INSERT INTO snapshots (pid, name, state, created) VALUES (?, ?, ?, ?) "
-                 "ON CONFLICT (pid, name) DO UPDATE SET state = excluded.state, created = excluded.created",
-                 (pid, name, state, created))
+        raise SyscallError(
+            Errno.EDQUOT,
+            f"process {pid} already has {limits.MAX_SNAPSHOTS} snapshots; "
+            "restore or replace one (same name) instead",
+        )
+    conn.execute(
+        "INSERT INTO snapshots (pid, name, state, created) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (pid, name) DO UPDATE SET state = excluded.state, created = excluded.created",
+        (pid, name, state, created),
+    )
     return count + 1
 
 
 def _get_snapshot(conn: sqlite3.Connection, pid: int, name: str) -> str | None:
-    row = conn.execute("SELECT state FROM snapshots WHERE pid = ? AND name = ?", (pid, name)).fetchone()
+    row = conn.execute(
+        "SELECT state FROM snapshots WHERE pid = ? AND name = ?", (pid, name)
+    ).fetchone()
     return None if row is None else row[0]
 
 
 def _list_snapshots(conn: sqlite3.Connection, pid: int) -> list[tuple[str, str, float]]:
-    return conn.execute("SELECT name, state, created FROM snapshots WHERE pid = ? ORDER BY created", (pid,)).fetchall()
+    return conn.execute(
+        "SELECT name, state, created FROM snapshots WHERE pid = ? ORDER BY created", (pid,)
+    ).fetchall()
 
 
 async def sys_ctx_snapshot(k: Kernel, call: Call, a: m.CtxSnapshotArgs) -> m.SnapshotInfo:
@@ -98,7 +122,9 @@ async def sys_ctx_restore(k: Kernel, call: Call, a: m.CtxSnapshotArgs) -> m.CtxR
     proc = _writable(k, call, a.pid)
     raw = await k.store.call(_get_snapshot, proc.pid, a.name)
     if raw is None:
-        raise SyscallError(Errno.ENOENT, f"process {proc.pid} has no snapshot named {a.name!r} (see ctx.snapshots)")
+        raise SyscallError(
+            Errno.ENOENT, f"process {proc.pid} has no snapshot named {a.name!r} (see ctx.snapshots)"
+        )
     if proc.busy:  # it may have started generating while we read
         raise SyscallError(Errno.EBUSY, f"process {proc.pid} is generating; restore after that")
     state: dict[str, Any] = json.loads(raw)
@@ -111,12 +137,20 @@ async def sys_ctx_restore(k: Kernel, call: Call, a: m.CtxSnapshotArgs) -> m.CtxR
 async def sys_ctx_snapshots(k: Kernel, call: Call, a: m.CtxSnapshotsArgs) -> m.CtxSnapshotsResult:
     proc = k.procs.target(call.caller, a.pid)
     rows = await k.store.call(_list_snapshots, proc.pid)
-    return m.CtxSnapshotsResult(pid=proc.pid, snapshots=[
-        m.SnapshotInfo(name=name, messages=len(json.loads(state)["messages"]), created=created)
-        for name, state, created in rows])
+    return m.CtxSnapshotsResult(
+        pid=proc.pid,
+        snapshots=[
+            m.SnapshotInfo(name=name, messages=len(json.loads(state)["messages"]), created=created)
+            for name, state, created in rows
+        ],
+    )
 
 
 HANDLERS = {
-    "ctx.get": sys_ctx_get, "ctx.append": sys_ctx_append, "ctx.clear": sys_ctx_clear,
-    "ctx.snapshot": sys_ctx_snapshot, "ctx.restore": sys_ctx_restore, "ctx.snapshots": sys_ctx_snapshots,
+    "ctx.get": sys_ctx_get,
+    "ctx.append": sys_ctx_append,
+    "ctx.clear": sys_ctx_clear,
+    "ctx.snapshot": sys_ctx_snapshot,
+    "ctx.restore": sys_ctx_restore,
+    "ctx.snapshots": sys_ctx_snapshots,
 }

@@ -35,7 +35,9 @@ async def sys_read(k: Kernel, call: Call, a: m.FsReadArgs) -> m.FsReadResult:
         raise SyscallError(Errno.EINVAL, "/mnt is a directory of mounts; list it with fs.list")
     data, size, version = await k.fs.read(place, a.offset, a.length)
     try:
-        return m.FsReadResult(path=place.shown, text=data.decode("utf-8"), size=size, version=version)
+        return m.FsReadResult(
+            path=place.shown, text=data.decode("utf-8"), size=size, version=version
+        )
     except UnicodeDecodeError:
         return m.FsReadResult(path=place.shown, data=data, size=size, version=version)
 
@@ -59,17 +61,27 @@ async def sys_append(k: Kernel, call: Call, a: m.FsWriteArgs) -> m.FsWriteResult
 async def sys_list(k: Kernel, call: Call, a: m.FsPathArgs) -> m.FsListResult:
     place = _at(k, call, a.path)
     entries = await k.fs.listdir(_me(call), place)
-    return m.FsListResult(path=place.shown, entries=[
-        m.FsEntry(name=n, type=t, size=s, mtime=mt) for n, t, s, mt in entries])
+    return m.FsListResult(
+        path=place.shown,
+        entries=[m.FsEntry(name=n, type=t, size=s, mtime=mt) for n, t, s, mt in entries],
+    )
 
 
 async def sys_stat(k: Kernel, call: Call, a: m.FsPathArgs) -> m.FsStatResult:
     place = _at(k, call, a.path)
     if place.area == "mnt":
-        return m.FsStatResult(path="/mnt", type="dir", size=0, mtime=0.0, versions=0, writable=False)
+        return m.FsStatResult(
+            path="/mnt", type="dir", size=0, mtime=0.0, versions=0, writable=False
+        )
     kind, size, mtime, versions = await k.fs.stat(place)
-    return m.FsStatResult(path=place.shown, type=kind, size=size, mtime=mtime, versions=versions,
-                          writable=place.writable)
+    return m.FsStatResult(
+        path=place.shown,
+        type=kind,
+        size=size,
+        mtime=mtime,
+        versions=versions,
+        writable=place.writable,
+    )
 
 
 async def sys_mkdir(k: Kernel, call: Call, a: m.FsMkdirArgs) -> m.Done:
@@ -98,13 +110,20 @@ async def sys_rename(k: Kernel, call: Call, a: m.FsRenameArgs) -> m.Done:
 async def sys_history(k: Kernel, call: Call, a: m.FsHistoryArgs) -> m.FsHistoryResult:
     place = _at(k, call, a.path)
     rows = await k.fs.history(place, a.limit)
-    return m.FsHistoryResult(path=place.shown, versions=[
-        m.FsVersion(version=v, sha256=sha, size=size, time=ts, op=op) for v, sha, size, ts, op in rows])
+    return m.FsHistoryResult(
+        path=place.shown,
+        versions=[
+            m.FsVersion(version=v, sha256=sha, size=size, time=ts, op=op)
+            for v, sha, size, ts, op in rows
+        ],
+    )
 
 
 async def sys_rollback(k: Kernel, call: Call, a: m.FsRollbackArgs) -> m.FsWriteResult:
     if (a.version is None) == (a.time is None):
-        raise SyscallError(Errno.EINVAL, "give exactly one of version (a number from fs.history) or time")
+        raise SyscallError(
+            Errno.EINVAL, "give exactly one of version (a number from fs.history) or time"
+        )
     place = _at(k, call, a.path)
     version, size = await k.fs.rollback(place, a.version, a.time)
     return m.FsWriteResult(path=place.shown, size=size, version=version)
@@ -112,11 +131,21 @@ async def sys_rollback(k: Kernel, call: Call, a: m.FsRollbackArgs) -> m.FsWriteR
 
 async def sys_search(k: Kernel, call: Call, a: m.FsSearchArgs) -> m.FsSearchResult:
     hits = await k.fs.search(_me(call), a.query, a.k)
-    return m.FsSearchResult(hits=[m.FsHit(path=p, passage=n, text=t, score=s) for p, n, t, s in hits])
+    return m.FsSearchResult(
+        hits=[m.FsHit(path=p, passage=n, text=t, score=s) for p, n, t, s in hits]
+    )
 
 
 HANDLERS = {
-    "fs.read": sys_read, "fs.write": sys_write, "fs.append": sys_append, "fs.list": sys_list,
-    "fs.stat": sys_stat, "fs.mkdir": sys_mkdir, "fs.remove": sys_remove, "fs.rename": sys_rename,
-    "fs.history": sys_history, "fs.rollback": sys_rollback, "fs.search": sys_search,
+    "fs.read": sys_read,
+    "fs.write": sys_write,
+    "fs.append": sys_append,
+    "fs.list": sys_list,
+    "fs.stat": sys_stat,
+    "fs.mkdir": sys_mkdir,
+    "fs.remove": sys_remove,
+    "fs.rename": sys_rename,
+    "fs.history": sys_history,
+    "fs.rollback": sys_rollback,
+    "fs.search": sys_search,
 }

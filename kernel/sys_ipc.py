@@ -31,12 +31,20 @@ def _until(call: Call, timeout: float | None) -> float:
 
 
 def _message(msg: Message) -> m.IpcMessage:
-    return m.IpcMessage(id=msg.id, sender=msg.sender, program=msg.program, topic=msg.topic, sent=msg.sent,
-                        body=msg.body)
+    return m.IpcMessage(
+        id=msg.id,
+        sender=msg.sender,
+        program=msg.program,
+        topic=msg.topic,
+        sent=msg.sent,
+        body=msg.body,
+    )
 
 
 async def sys_send(k: Kernel, call: Call, a: m.SendArgs) -> m.SendResult:
-    msg, queued = await k.ipc.send(call.caller, a.pid, a.message, m.body_bytes(a.message), _until(call, a.timeout))
+    msg, queued = await k.ipc.send(
+        call.caller, a.pid, a.message, m.body_bytes(a.message), _until(call, a.timeout)
+    )
     return m.SendResult(id=msg.id, pid=a.pid, queued=queued)
 
 
@@ -44,11 +52,15 @@ async def sys_recv(k: Kernel, call: Call, a: m.RecvArgs) -> m.RecvResult:
     proc = call.caller.proc
     assert proc is not None
     msg, box = await k.ipc.recv(proc, a.from_pid, a.topic, _until(call, a.timeout))
-    return m.RecvResult(message=None if msg is None else _message(msg), pending=len(box), dropped=box.dropped)
+    return m.RecvResult(
+        message=None if msg is None else _message(msg), pending=len(box), dropped=box.dropped
+    )
 
 
 def _subscribed(k: Kernel, topic: str, box: Mailbox) -> m.SubscribeResult:
-    return m.SubscribeResult(topic=topic, subscribers=k.ipc.subscribers(topic), subscriptions=len(box.topics))
+    return m.SubscribeResult(
+        topic=topic, subscribers=k.ipc.subscribers(topic), subscriptions=len(box.topics)
+    )
 
 
 def sys_subscribe(k: Kernel, call: Call, a: m.TopicArgs) -> m.SubscribeResult:
@@ -64,7 +76,9 @@ def sys_unsubscribe(k: Kernel, call: Call, a: m.TopicArgs) -> m.SubscribeResult:
 
 
 def sys_publish(k: Kernel, call: Call, a: m.PublishArgs) -> m.PublishResult:
-    msg, delivered, dropped = k.ipc.publish(call.caller, a.topic, a.message, m.body_bytes(a.message))
+    msg, delivered, dropped = k.ipc.publish(
+        call.caller, a.topic, a.message, m.body_bytes(a.message)
+    )
     return m.PublishResult(id=msg.id, delivered=delivered, dropped=dropped)
 
 

@@ -71,7 +71,9 @@ class Generation:
         if text:
             self.unsent.append(text)
         now = time.monotonic()
-        if self.unsent and (final or self.last_chunk is None or now - self.last_chunk >= CHUNK_INTERVAL_S):
+        if self.unsent and (
+            final or self.last_chunk is None or now - self.last_chunk >= CHUNK_INTERVAL_S
+        ):
             call.chunk({"text": "".join(self.unsent)})
             self.unsent.clear()
             self.last_chunk = now
@@ -81,7 +83,9 @@ async def sys_generate(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateRe
     proc = call.caller.proc
     assert proc is not None
     if proc.busy:
-        raise SyscallError(Errno.EBUSY, f"process {proc.pid} is already generating; one call at a time")
+        raise SyscallError(
+            Errno.EBUSY, f"process {proc.pid} is already generating; one call at a time"
+        )
     proc.busy = True
     try:
         return await _generate(k, call, proc, a)
@@ -97,17 +101,31 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
     accounts = (proc.account, proc.program.account)
     for acct in accounts:
         acct.admit_call()
-    if k.residency.state(proc.model) != "ready" and proc.state in (ProcState.NEW, ProcState.WAITING):
+    if k.residency.state(proc.model) != "ready" and proc.state in (
+        ProcState.NEW,
+        ProcState.WAITING,
+    ):
         proc.state = ProcState.READY  # runnable, waiting for its model to load or wake
-    async with k.use_model(proc.model) as driver:  # a sleeping model wakes; it stays in until we finish
+    async with k.use_model(
+        proc.model
+    ) as driver:  # a sleeping model wakes; it stays in until we finish
         return await _generate_on(k, call, proc, a, driver, accounts)
 
 
-async def _generate_on(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs, driver: Driver,
-                       accounts: tuple[Account, ...]) -> m.GenerateResult:
+async def _generate_on(
+    k: Kernel,
+    call: Call,
+    proc: Proc,
+    a: m.GenerateArgs,
+    driver: Driver,
+    accounts: tuple[Account, ...],
+) -> m.GenerateResult:
     tools = [k.tools.lookup(proc, name) for name in dict.fromkeys(a.tools)] if a.tools else []
-    fmt = _response_format(a.response_format) if not tools else ResponseFormat(
-        "json_schema", schema_text(action_schema(tools)))
+    fmt = (
+        _response_format(a.response_format)
+        if not tools
+        else ResponseFormat("json_schema", schema_text(action_schema(tools)))
+    )
     if fmt is not None:
         try:
             await driver.prepare_format(fmt)
@@ -117,22 +135,35 @@ async def _generate_on(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs, dri
     limit = context.window(proc, driver)
     if a.prompt is None:
         evicted = proc.evicted  # fit changes the context only by evicting (counted here)
-        prompt, n_prompt = await context.fit(proc, k.memory, driver, new, a.max_tokens,
-                                             lambda chat: _summarize(k, call, proc, driver, chat, limit))
+        prompt, n_prompt = await context.fit(
+            proc,
+            k.memory,
+            driver,
+            new,
+            a.max_tokens,
+            lambda chat: _summarize(k, call, proc, driver, chat, limit),
+        )
         if proc.evicted != evicted:
             k.persist.saved(proc)  # turns moved out stay moved out even if this call fails
     else:
         prompt, n_prompt = a.prompt, await context.count_tokens(driver, a.prompt)
         if n_prompt >= limit:
-            raise SyscallError(Errno.E2BIG, f"the prompt is {n_prompt} tokens but {proc.model}'s window is "
-                               f"{limit}; shorten it")
+            raise SyscallError(
+                Errno.E2BIG,
+                f"the prompt is {n_prompt} tokens but {proc.model}'s window is {limit}; shorten it",
+            )
     if tools:  # the tools are described to the model for this call only (not kept in the context)
         guide = {"role": "system", "content": tool_guide(tools)}
-        prompt = [*prompt[:-1], guide, prompt[-1]] if isinstance(prompt, list) and prompt else prompt
+        prompt = (
+            [*prompt[:-1], guide, prompt[-1]] if isinstance(prompt, list) and prompt else prompt
+        )
         n_prompt += await context.count_tokens(driver, guide["content"])
         if n_prompt >= limit:
-            raise SyscallError(Errno.E2BIG, f"the prompt with the tools' descriptions is {n_prompt} tokens; "
-                               f"{proc.model}'s window is {limit}: offer fewer tools")
+            raise SyscallError(
+                Errno.E2BIG,
+                f"the prompt with the tools' descriptions is {n_prompt} tokens; "
+                f"{proc.model}'s window is {limit}: offer fewer tools",
+            )
     for acct in accounts:
         acct.check_context(n_prompt)
     proc.generate_calls += 1
@@ -143,8 +174,11 @@ async def _generate_on(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs, dri
     )
     text = "".join(gen.parts)
     proc.prompt_tokens += last.prompt_tokens
-    proc.mean_output = last.output_tokens if proc.mean_output is None else (
-        (1 - EWMA) * proc.mean_output + EWMA * last.output_tokens)
+    proc.mean_output = (
+        last.output_tokens
+        if proc.mean_output is None
+        else ((1 - EWMA) * proc.mean_output + EWMA * last.output_tokens)
+    )
     if a.messages is not None:
         turns = [*new, {"role": "assistant", "content": text}]
         proc.context.extend(turns)
@@ -154,10 +188,13 @@ async def _generate_on(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs, dri
         await k.persist.barrier()
     # A raw-prompt call leaves the context as it was: its usage counters are written
     # behind the reply, and the caller does not wait for a commit it was not promised.
-    usage = m.Usage(prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens, cached_tokens=gen.cached)
+    usage = m.Usage(
+        prompt_tokens=last.prompt_tokens, output_tokens=last.output_tokens, cached_tokens=gen.cached
+    )
     calls, answer = parse_action(text) if tools else ([], None)
-    return m.GenerateResult(text=text, finish_reason=last.finish_reason, usage=usage, tool_calls=calls,
-                            answer=answer)
+    return m.GenerateResult(
+        text=text, finish_reason=last.finish_reason, usage=usage, tool_calls=calls, answer=answer
+    )
 
 
 def _response_format(
@@ -194,8 +231,16 @@ def _driver_error(proc: Proc, exc: DriverError) -> SyscallError:
     return SyscallError(Errno.EIO, f"{proc.model}: {exc}")
 
 
-async def complete(k: Kernel, call: Call, proc: Proc, driver: Driver, prompt: list[dict[str, str]] | str,
-                   want: int, stream: bool, **sampling: Any) -> tuple[Generation, Delta]:
+async def complete(
+    k: Kernel,
+    call: Call,
+    proc: Proc,
+    driver: Driver,
+    prompt: list[dict[str, str]] | str,
+    want: int,
+    stream: bool,
+    **sampling: Any,
+) -> tuple[Generation, Delta]:
     """Generate for ``proc`` with its quotas: reserve output tokens, run on slots (with
     preemption, STOP/CONT, wall limit), settle what was used. Returns the generation and
     its last delta."""
@@ -206,14 +251,17 @@ async def complete(k: Kernel, call: Call, proc: Proc, driver: Driver, prompt: li
         last = await _within_wall(proc, _run(k, call, proc, driver, gen))
     finally:
         for acct, granted in zip(accounts, grants, strict=True):
-            acct.settle(granted, len(gen.out_ids))  # tokens made stay charged even if the call failed
+            acct.settle(
+                granted, len(gen.out_ids)
+            )  # tokens made stay charged even if the call failed
     if gen.stream:
         gen.send_text(call, "", final=True)  # the rest, before the reply ends the stream
     return gen, last
 
 
-async def _summarize(k: Kernel, call: Call, proc: Proc, driver: Driver, chat: list[dict[str, str]],
-                     limit: int) -> str:
+async def _summarize(
+    k: Kernel, call: Call, proc: Proc, driver: Driver, chat: list[dict[str, str]], limit: int
+) -> str:
     """The model's running summary for ``proc`` (context policy ``summarize``), greedy,
     on the process's own slot time and quotas. An over-long transcript keeps its end."""
     room = limit - context.SUMMARY_TOKENS
@@ -226,7 +274,9 @@ async def _summarize(k: Kernel, call: Call, proc: Proc, driver: Driver, chat: li
         chat = [*chat[:-1], {"role": "user", "content": "[...]" + body[-keep:]}]
     else:
         raise SyscallError(Errno.E2BIG, f"could not fit the summary prompt in {limit} tokens")
-    gen, _ = await complete(k, call, proc, driver, chat, context.SUMMARY_TOKENS, False, temperature=0.0)
+    gen, _ = await complete(
+        k, call, proc, driver, chat, context.SUMMARY_TOKENS, False, temperature=0.0
+    )
     return "".join(gen.parts).strip()
 
 
@@ -254,7 +304,10 @@ async def _within_wall(proc: Proc, work: Coroutine[Any, Any, Delta]) -> Delta:
         async with asyncio.timeout(max(min(lefts), 0.0)):
             return await work
     except TimeoutError:
-        over = min(accounts, key=lambda acct: acct.wall_left() if acct.wall_left() is not None else float("inf"))
+        over = min(
+            accounts,
+            key=lambda acct: acct.wall_left() if acct.wall_left() is not None else float("inf"),
+        )
         raise over.wall_exceeded() from None
 
 
@@ -271,19 +324,28 @@ async def _run(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: Generatio
         if gen.preempted:
             proc.preemptions += 1
         elif proc.state is not ProcState.STOPPED:
-            raise SyscallError(Errno.ECANCELED, f"the driver aborted process {proc.pid}'s generation")
+            raise SyscallError(
+                Errno.ECANCELED, f"the driver aborted process {proc.pid}'s generation"
+            )
 
 
-async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: Generation,
-                       expected: int) -> Delta:
+async def _run_on_slot(
+    k: Kernel, call: Call, proc: Proc, driver: Driver, gen: Generation, expected: int
+) -> Delta:
     """Hold a slot for one uninterrupted stretch of generation; return the last delta."""
     slot = await k.scheduler.acquire(proc, expected_tokens=max(expected - len(gen.out_ids), 1))
     # A constrained generation on a driver that cannot resume its grammar keeps its slot.
     preemptible = gen.sampling.response_format is None or driver.resumes_formats
     rid = f"{proc.pid}.{next(_request_ids)}"
     resumed = len(gen.out_ids)
-    request = GenerationRequest(rid, gen.prompt, gen.sampling, priority=-proc.nice, resume_ids=list(gen.out_ids),
-                                adapter=proc.adapter)
+    request = GenerationRequest(
+        rid,
+        gen.prompt,
+        gen.sampling,
+        priority=-proc.nice,
+        resume_ids=list(gen.out_ids),
+        adapter=proc.adapter,
+    )
     k.running[proc.pid] = rid
     started = time.monotonic()
     last: Delta | None = None
@@ -296,7 +358,9 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
                     k.stats.cached += delta.cached_tokens
                     gen.cached += delta.cached_tokens
                     if resumed:  # a context switch: what the driver had to compute again
-                        proc.switch_prefill_tokens += delta.prompt_tokens + resumed - delta.cached_tokens
+                        proc.switch_prefill_tokens += (
+                            delta.prompt_tokens + resumed - delta.cached_tokens
+                        )
                         proc.switch_s += time.monotonic() - started
                 k.stats.add_output(len(delta.token_ids))
                 proc.account.charge(len(delta.token_ids))
@@ -325,7 +389,9 @@ async def _run_on_slot(k: Kernel, call: Call, proc: Proc, driver: Driver, gen: G
             del k.running[proc.pid]
         k.scheduler.release(slot)
     if last is None or last.finish_reason is None:
-        raise SyscallError(Errno.EIO, f"{proc.model}: the driver ended a generation without a finish reason")
+        raise SyscallError(
+            Errno.EIO, f"{proc.model}: the driver ended a generation without a finish reason"
+        )
     return last
 
 

@@ -18,14 +18,18 @@ if TYPE_CHECKING:
 
 
 def _block(ns: str, label: str, b: BlockValue) -> m.Block:
-    return m.Block(namespace=ns, label=label, value=b.value, max_chars=b.max_chars, updated=b.updated)
+    return m.Block(
+        namespace=ns, label=label, value=b.value, max_chars=b.max_chars, updated=b.updated
+    )
 
 
 def sys_block_get(k: Kernel, call: Call, a: m.BlockGetArgs) -> m.BlocksResult:
     ns = k.memory.resolve(call.caller, a.namespace, write=False)
     if a.label is not None:
         return m.BlocksResult(blocks=[_block(ns, a.label, k.memory.block(ns, a.label))])
-    return m.BlocksResult(blocks=[_block(ns, label, b) for label, b in sorted(k.memory.blocks_of(ns).items())])
+    return m.BlocksResult(
+        blocks=[_block(ns, label, b) for label, b in sorted(k.memory.blocks_of(ns).items())]
+    )
 
 
 async def sys_block_set(k: Kernel, call: Call, a: m.BlockSetArgs) -> m.Block:
@@ -44,8 +48,13 @@ async def sys_block_replace(k: Kernel, call: Call, a: m.BlockReplaceArgs) -> m.B
     ns = k.memory.resolve(call.caller, a.namespace, write=True)
     old = k.memory.block(ns, a.label)
     if a.old not in old.value:
-        raise SyscallError(Errno.ENOENT, f"block {a.label!r} does not contain that text; read it with mem.block.get")
-    return _block(ns, a.label, await k.memory.block_write(ns, a.label, old.value.replace(a.old, a.new), None))
+        raise SyscallError(
+            Errno.ENOENT,
+            f"block {a.label!r} does not contain that text; read it with mem.block.get",
+        )
+    return _block(
+        ns, a.label, await k.memory.block_write(ns, a.label, old.value.replace(a.old, a.new), None)
+    )
 
 
 async def sys_block_delete(k: Kernel, call: Call, a: m.BlockDeleteArgs) -> m.Done:
@@ -57,8 +66,11 @@ async def sys_block_delete(k: Kernel, call: Call, a: m.BlockDeleteArgs) -> m.Don
 async def sys_recall_search(k: Kernel, call: Call, a: m.RecallSearchArgs) -> m.RecallSearchResult:
     ns = k.memory.resolve(call.caller, a.namespace, write=False)
     rows = await k.memory.recall_search(ns, a.query, a.since, a.until, a.role, a.k)
-    return m.RecallSearchResult(hits=[m.RecallHit(id=i, pid=pid, role=role, content=c, ts=ts)
-                                      for i, pid, role, c, ts in rows])
+    return m.RecallSearchResult(
+        hits=[
+            m.RecallHit(id=i, pid=pid, role=role, content=c, ts=ts) for i, pid, role, c, ts in rows
+        ]
+    )
 
 
 async def sys_put(k: Kernel, call: Call, a: m.PutArgs) -> m.PutResult:
@@ -69,8 +81,14 @@ async def sys_put(k: Kernel, call: Call, a: m.PutArgs) -> m.PutResult:
 
 def _entry(row: tuple, score: float | None = None) -> m.StoredEntry:
     i, ns, text, meta, created = row[:5]
-    return m.StoredEntry(id=i, namespace=ns, text=text, metadata=meta, created=created,
-                         score=None if score is None else round(float(score), 6))
+    return m.StoredEntry(
+        id=i,
+        namespace=ns,
+        text=text,
+        metadata=meta,
+        created=created,
+        score=None if score is None else round(float(score), 6),
+    )
 
 
 async def sys_get(k: Kernel, call: Call, a: m.IdsArgs) -> m.EntriesResult:
@@ -87,8 +105,9 @@ async def sys_search(k: Kernel, call: Call, a: m.SearchArgs) -> m.SearchResult:
     names = a.namespaces or [None]
     spaces = list(dict.fromkeys(k.memory.resolve(call.caller, ns, write=False) for ns in names))
     rows, embed_s, search_s = await k.memory.search(spaces, a.query, a.k, dict(a.filter))
-    return m.SearchResult(hits=[_entry(r, r[5]) for r in rows], embed_s=round(embed_s, 6),
-                          search_s=round(search_s, 6))
+    return m.SearchResult(
+        hits=[_entry(r, r[5]) for r in rows], embed_s=round(embed_s, 6), search_s=round(search_s, 6)
+    )
 
 
 async def sys_grant(k: Kernel, call: Call, a: m.GrantArgs) -> m.Done:
@@ -105,8 +124,16 @@ async def sys_revoke(k: Kernel, call: Call, a: m.RevokeArgs) -> m.Done:
 
 
 HANDLERS = {
-    "mem.block.get": sys_block_get, "mem.block.set": sys_block_set, "mem.block.append": sys_block_append,
-    "mem.block.replace": sys_block_replace, "mem.block.delete": sys_block_delete,
-    "mem.recall.search": sys_recall_search, "mem.put": sys_put, "mem.get": sys_get, "mem.delete": sys_delete,
-    "mem.search": sys_search, "mem.grant": sys_grant, "mem.revoke": sys_revoke,
+    "mem.block.get": sys_block_get,
+    "mem.block.set": sys_block_set,
+    "mem.block.append": sys_block_append,
+    "mem.block.replace": sys_block_replace,
+    "mem.block.delete": sys_block_delete,
+    "mem.recall.search": sys_recall_search,
+    "mem.put": sys_put,
+    "mem.get": sys_get,
+    "mem.delete": sys_delete,
+    "mem.search": sys_search,
+    "mem.grant": sys_grant,
+    "mem.revoke": sys_revoke,
 }

@@ -22,23 +22,46 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     caller = call.caller
     model = a.model or k.default_model
     if model not in k.drivers:
-        raise SyscallError(Errno.ENOENT, f"no model named {model!r}; loaded: {', '.join(k.drivers)}")
+        raise SyscallError(
+            Errno.ENOENT, f"no model named {model!r}; loaded: {', '.join(k.drivers)}"
+        )
     if caller.proc is not None and a.nice < caller.proc.nice:
-        raise SyscallError(Errno.EPERM, f"a child cannot run at nice {a.nice}, above its parent's {caller.proc.nice}")
+        raise SyscallError(
+            Errno.EPERM,
+            f"a child cannot run at nice {a.nice}, above its parent's {caller.proc.nice}",
+        )
     if len(k.procs) >= k.max_procs:
-        raise SyscallError(Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit")
+        raise SyscallError(
+            Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit"
+        )
     host_started = _host_started(a.host_pid) if a.host_pid is not None else None
-    inherited = caller.proc.adapter if caller.proc is not None and caller.proc.model == model else None
+    inherited = (
+        caller.proc.adapter if caller.proc is not None and caller.proc.model == model else None
+    )
     adapter = a.adapter if a.adapter is not None else inherited
     if adapter is not None and adapter not in (have := k.drivers[model].adapters()):
-        raise SyscallError(Errno.ENOENT if have else Errno.ENOTSUP,
-                           f"model {model} has no LoRA adapter {adapter!r}; "
-                           + (f"it has: {', '.join(have)}" if have else
-                              "its driver serves none (the vllm driver takes --driver-option adapters=NAME=PATH)"))
+        raise SyscallError(
+            Errno.ENOENT if have else Errno.ENOTSUP,
+            f"model {model} has no LoRA adapter {adapter!r}; "
+            + (
+                f"it has: {', '.join(have)}"
+                if have
+                else "its driver serves none (the vllm driver takes --driver-option adapters=NAME=PATH)"
+            ),
+        )
     mounts = await _mounts(caller.proc, a.mounts)
     ppid = caller.pid if caller.proc is not None else INIT_PID
-    proc = k.procs.spawn(ppid, a.name, model, a.nice, a.system, _limits(a.limits), _limits(a.program_limits),
-                         namespace=a.namespace, fork=a.fork)
+    proc = k.procs.spawn(
+        ppid,
+        a.name,
+        model,
+        a.nice,
+        a.system,
+        _limits(a.limits),
+        _limits(a.program_limits),
+        namespace=a.namespace,
+        fork=a.fork,
+    )
     if not a.fork:
         proc.ctx_policy, proc.ctx_window = a.ctx_policy, a.ctx_window
     elif "ctx_policy" in a.model_fields_set or a.ctx_window is not None:
@@ -47,7 +70,10 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     proc.mounts = mounts
     proc.adapter = adapter
     parent = caller.proc
-    proc.tool_caps = [*(parent.tool_caps if parent else []), *([list(a.tools)] if a.tools is not None else [])]
+    proc.tool_caps = [
+        *(parent.tool_caps if parent else []),
+        *([list(a.tools)] if a.tools is not None else []),
+    ]
     proc.confirm = a.confirm or (parent.confirm if parent else False)
     k.memory.record(proc, proc.context)  # what it starts with is what it has seen
     k.persist.saved(proc)
@@ -55,7 +81,9 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     return m.SpawnResult(pid=proc.pid, token=proc.token)
 
 
-async def _mounts(parent: Proc | None, specs: list[m.MountSpec] | None) -> dict[str, tuple[str, bool]]:
+async def _mounts(
+    parent: Proc | None, specs: list[m.MountSpec] | None
+) -> dict[str, tuple[str, bool]]:
     """The mounts of a new process: its parent's by default; the admin mounts host
     directories, a process passes on its own mounts (never with more access)."""
     if specs is None:
@@ -67,21 +95,34 @@ async def _mounts(parent: Proc | None, specs: list[m.MountSpec] | None) -> dict[
         write = spec.mode == "rw"
         if parent is None:
             if spec.path is None or not os.path.isabs(spec.path):
-                raise SyscallError(Errno.EINVAL, f"mount {spec.name!r}: the admin gives an absolute host path")
+                raise SyscallError(
+                    Errno.EINVAL, f"mount {spec.name!r}: the admin gives an absolute host path"
+                )
             real = await asyncio.to_thread(os.path.realpath, spec.path)
             if not await asyncio.to_thread(os.path.isdir, real):
-                raise SyscallError(Errno.ENOENT, f"mount {spec.name!r}: {spec.path} is not a directory")
+                raise SyscallError(
+                    Errno.ENOENT, f"mount {spec.name!r}: {spec.path} is not a directory"
+                )
             found[spec.name] = (real, write)
             continue
         if spec.path is not None:
-            raise SyscallError(Errno.EPERM, f"mount {spec.name!r}: only the admin mounts host directories; "
-                               "a process passes on one of its own mounts by name")
+            raise SyscallError(
+                Errno.EPERM,
+                f"mount {spec.name!r}: only the admin mounts host directories; "
+                "a process passes on one of its own mounts by name",
+            )
         have = parent.mounts.get(spec.name)
         if have is None:
-            raise SyscallError(Errno.EPERM, f"mount {spec.name!r}: process {parent.pid} has no such mount to pass on")
+            raise SyscallError(
+                Errno.EPERM,
+                f"mount {spec.name!r}: process {parent.pid} has no such mount to pass on",
+            )
         if write and not have[1]:
-            raise SyscallError(Errno.EPERM, f"mount {spec.name!r} is read-only for process {parent.pid}: "
-                               "a child cannot get it read-write")
+            raise SyscallError(
+                Errno.EPERM,
+                f"mount {spec.name!r} is read-only for process {parent.pid}: "
+                "a child cannot get it read-write",
+            )
         found[spec.name] = (have[0], write)
     return found
 
@@ -91,7 +132,9 @@ def _host_started(pid: int) -> float:
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        raise SyscallError(Errno.EINVAL, f"host_pid {pid} is not a running process on the kernel's host") from None
+        raise SyscallError(
+            Errno.EINVAL, f"host_pid {pid} is not a running process on the kernel's host"
+        ) from None
 
 
 def _limits(given: m.Limits | None) -> Limits | None:
@@ -107,13 +150,28 @@ def sys_getpid(k: Kernel, call: Call, a: m.Empty) -> m.GetpidResult:
 def proc_info(p: Proc, mailbox: int = 0) -> m.ProcInfo:
     """The ps row of a process (``mailbox``: messages waiting in its IPC mailbox)."""
     return m.ProcInfo(
-        pid=p.pid, ppid=p.ppid, name=p.name, owner=p.owner, state=p.state.value, nice=p.nice,
-        model=p.model, context_messages=len(p.context), generate_calls=p.generate_calls,
-        prompt_tokens=p.prompt_tokens, output_tokens=p.output_tokens,
-        service_s=round(p.service_s, 6), wait_s=round(p.wait_s, 6), created=p.created,
-        exit_status=p.exit_status, signal=p.signal, program=p.program.pgid, preemptions=p.preemptions,
-        switch_prefill_tokens=p.switch_prefill_tokens, switch_s=round(p.switch_s, 6),
-        limits=p.account.limits.as_dict(), quota_exceeded=p.account.exceeded or p.program.account.exceeded,
+        pid=p.pid,
+        ppid=p.ppid,
+        name=p.name,
+        owner=p.owner,
+        state=p.state.value,
+        nice=p.nice,
+        model=p.model,
+        context_messages=len(p.context),
+        generate_calls=p.generate_calls,
+        prompt_tokens=p.prompt_tokens,
+        output_tokens=p.output_tokens,
+        service_s=round(p.service_s, 6),
+        wait_s=round(p.wait_s, 6),
+        created=p.created,
+        exit_status=p.exit_status,
+        signal=p.signal,
+        program=p.program.pgid,
+        preemptions=p.preemptions,
+        switch_prefill_tokens=p.switch_prefill_tokens,
+        switch_s=round(p.switch_s, 6),
+        limits=p.account.limits.as_dict(),
+        quota_exceeded=p.account.exceeded or p.program.account.exceeded,
         mailbox=mailbox,
     )
 
@@ -169,7 +227,9 @@ def sys_nice(k: Kernel, call: Call, a: m.NiceArgs) -> m.NiceResult:
     caller = call.caller.proc
     if caller is not None and a.nice < caller.nice:
         raise SyscallError(
-            Errno.EPERM, f"nice {a.nice} would rank above the caller's own {caller.nice}; only the admin may")
+            Errno.EPERM,
+            f"nice {a.nice} would rank above the caller's own {caller.nice}; only the admin may",
+        )
     proc.nice = a.nice
     k.persist.saved(proc)
     return m.NiceResult(pid=proc.pid, nice=proc.nice)

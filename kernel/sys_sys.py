@@ -21,15 +21,29 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
     models = []
     for name, driver in k.drivers.items():
         info = driver.info()
-        models.append(m.ModelRow(
-            name=name, driver=info.driver, max_context=info.max_context, slots=info.slots,
-            busy=k.scheduler.busy(name), queued=k.scheduler.queued(name), state=model_state(k, name, info.state),
-            detail=info.detail, default=name == k.default_model, adapters=driver.adapters(),
-            wakes=k.residency.stats(name)["wakes"],
-        ))
+        models.append(
+            m.ModelRow(
+                name=name,
+                driver=info.driver,
+                max_context=info.max_context,
+                slots=info.slots,
+                busy=k.scheduler.busy(name),
+                queued=k.scheduler.queued(name),
+                state=model_state(k, name, info.state),
+                detail=info.detail,
+                default=name == k.default_model,
+                adapters=driver.adapters(),
+                wakes=k.residency.stats(name)["wakes"],
+            )
+        )
     return m.SysInfoResult(
-        version=VERSION, abi=limits.ABI_VERSION, uptime_s=round(k.uptime(), 3),
-        kernel_pid=k.kernel_pid, endpoints=k.endpoints, models=models, processes=len(k.procs),
+        version=VERSION,
+        abi=limits.ABI_VERSION,
+        uptime_s=round(k.uptime(), 3),
+        kernel_pid=k.kernel_pid,
+        endpoints=k.endpoints,
+        models=models,
+        processes=len(k.procs),
         policy=k.scheduler.policy.name,
     )
 
@@ -56,23 +70,39 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
     models = []
     for name, driver in k.drivers.items():
         info = driver.info()
-        models.append(m.ModelStat(
-            name=name, driver=info.driver, slots=info.slots, busy=k.scheduler.busy(name),
-            queued=k.scheduler.queued(name), state=model_state(k, name, info.state), memory_bytes=info.memory_bytes,
-            **k.residency.stats(name),
-        ))
+        models.append(
+            m.ModelStat(
+                name=name,
+                driver=info.driver,
+                slots=info.slots,
+                busy=k.scheduler.busy(name),
+                queued=k.scheduler.queued(name),
+                state=model_state(k, name, info.state),
+                memory_bytes=info.memory_bytes,
+                **k.residency.stats(name),
+            )
+        )
     procs = visible_procs(k, call)
     states = dict.fromkeys((s.value for s in ProcState), 0)
     for p in procs:
         states[p.state.value] += 1
     st = k.stats
     tokens = m.TokenStat(
-        window_s=st.window_s, prompt_tps=round(st.prompt.rate(), 3), output_tps=round(st.output.rate(), 3),
-        prompt_total=st.prompt.total, output_total=st.output.total, cached_total=st.cached,
+        window_s=st.window_s,
+        prompt_tps=round(st.prompt.rate(), 3),
+        output_tps=round(st.output.rate(), 3),
+        prompt_total=st.prompt.total,
+        output_total=st.output.total,
+        cached_total=st.cached,
     )
     return m.StatResult(
-        time=time.time(), uptime_s=round(k.uptime(), 3), policy=k.scheduler.policy.name, models=models,
-        states=states, tokens=tokens, host=m.HostStat(**st.host.sample().as_dict()),
+        time=time.time(),
+        uptime_s=round(k.uptime(), 3),
+        policy=k.scheduler.policy.name,
+        models=models,
+        states=states,
+        tokens=tokens,
+        host=m.HostStat(**st.host.sample().as_dict()),
         procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs] if a.procs else [],
     )
 

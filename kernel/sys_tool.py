@@ -36,16 +36,27 @@ def _admin(call: Call, what: str) -> None:
 
 
 def sys_list(k: Kernel, call: Call, a: m.Empty) -> m.ToolListResult:
-    return m.ToolListResult(tools=[
-        m.ToolInfo(name=t.name, description=t.description, parameters=t.parameters, irreversible=t.irreversible,
-                   server=t.server) for t in k.tools.visible(call.caller.proc)])
+    return m.ToolListResult(
+        tools=[
+            m.ToolInfo(
+                name=t.name,
+                description=t.description,
+                parameters=t.parameters,
+                irreversible=t.irreversible,
+                server=t.server,
+            )
+            for t in k.tools.visible(call.caller.proc)
+        ]
+    )
 
 
 async def sys_call(k: Kernel, call: Call, a: m.ToolCallArgs) -> m.ToolCallResult:
     proc = _me(call)
     tool = k.tools.lookup(proc, a.name)
     if len(json.dumps(a.args, default=str)) > limits.MAX_TOOL_ARGS_BYTES:
-        raise SyscallError(Errno.EINVAL, f"the arguments are over {limits.MAX_TOOL_ARGS_BYTES} bytes of JSON")
+        raise SyscallError(
+            Errno.EINVAL, f"the arguments are over {limits.MAX_TOOL_ARGS_BYTES} bytes of JSON"
+        )
     k.tools.validate(tool, a.args)
     loop = asyncio.get_running_loop()
     timeout = max(0.001, min(a.timeout_s, call.deadline - loop.time() - 0.05))
@@ -62,13 +73,19 @@ async def sys_call(k: Kernel, call: Call, a: m.ToolCallArgs) -> m.ToolCallResult
             async with asyncio.timeout(timeout):
                 result = await tool.run(k, proc, a.args)
         except TimeoutError:
-            raise SyscallError(Errno.ETIMEDOUT, f"tool {tool.name!r} did not finish within {timeout:.3g} s") from None
+            raise SyscallError(
+                Errno.ETIMEDOUT, f"tool {tool.name!r} did not finish within {timeout:.3g} s"
+            ) from None
         except SyscallError:
             raise
         except Exception as exc:  # a failing tool is an error for its caller, never for the kernel
             log.exception("tool %s failed", tool.name)
-            raise SyscallError(Errno.EIO, f"tool {tool.name!r} failed: {type(exc).__name__}: {exc}") from None
-    return m.ToolCallResult(name=tool.name, result=result_json(result), elapsed_s=round(time.monotonic() - t0, 4))
+            raise SyscallError(
+                Errno.EIO, f"tool {tool.name!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+    return m.ToolCallResult(
+        name=tool.name, result=result_json(result), elapsed_s=round(time.monotonic() - t0, 4)
+    )
 
 
 def sys_register(k: Kernel, call: Call, a: m.ToolRegisterArgs) -> m.Done:
@@ -89,7 +106,9 @@ async def sys_next(k: Kernel, call: Call, a: m.ToolNextArgs) -> m.ToolRequest:
     request = await k.tools.next_request(_me(call), timeout)
     if request is None:
         return m.ToolRequest()
-    return m.ToolRequest(id=request.id, name=request.tool.name, args=request.args, caller=request.caller)
+    return m.ToolRequest(
+        id=request.id, name=request.tool.name, args=request.args, caller=request.caller
+    )
 
 
 def sys_reply(k: Kernel, call: Call, a: m.ToolReplyArgs) -> m.Done:
@@ -106,9 +125,13 @@ def sys_reply(k: Kernel, call: Call, a: m.ToolReplyArgs) -> m.Done:
 
 def sys_pending(k: Kernel, call: Call, a: m.Empty) -> m.ToolPendingResult:
     proc = call.caller.proc
-    return m.ToolPendingResult(calls=[
-        m.ParkedCall(id=p.id, name=p.tool.name, args=p.args, caller=p.caller, since=p.since)
-        for p in k.tools.parked.values() if proc is None or p.caller == proc.pid])
+    return m.ToolPendingResult(
+        calls=[
+            m.ParkedCall(id=p.id, name=p.tool.name, args=p.args, caller=p.caller, since=p.since)
+            for p in k.tools.parked.values()
+            if proc is None or p.caller == proc.pid
+        ]
+    )
 
 
 def sys_approve(k: Kernel, call: Call, a: m.ToolDecideArgs) -> m.Done:
@@ -124,7 +147,13 @@ def sys_deny(k: Kernel, call: Call, a: m.ToolDecideArgs) -> m.Done:
 
 
 HANDLERS = {
-    "tool.list": sys_list, "tool.call": sys_call, "tool.register": sys_register, "tool.unregister": sys_unregister,
-    "tool.next": sys_next, "tool.reply": sys_reply, "tool.pending": sys_pending, "tool.approve": sys_approve,
+    "tool.list": sys_list,
+    "tool.call": sys_call,
+    "tool.register": sys_register,
+    "tool.unregister": sys_unregister,
+    "tool.next": sys_next,
+    "tool.reply": sys_reply,
+    "tool.pending": sys_pending,
+    "tool.approve": sys_approve,
     "tool.deny": sys_deny,
 }

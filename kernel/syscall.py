@@ -74,7 +74,9 @@ def build_table(handlers: dict[str, Handler]) -> dict[str, Entry]:
     if missing or extra:
         raise RuntimeError(f"syscall table mismatch: missing handlers {missing}, unknown {extra}")
     return {
-        name: Entry(spec, handlers[name], inspect.iscoroutinefunction(handlers[name]), _empty(spec.args))
+        name: Entry(
+            spec, handlers[name], inspect.iscoroutinefunction(handlers[name]), _empty(spec.args)
+        )
         for name, spec in SYSCALLS.items()
     }
 
@@ -102,7 +104,9 @@ class Dispatcher:
         rid: int | None = None
         try:
             if len(parts) != 2:
-                raise SyscallError(Errno.EPROTO, f"expected one frame per request, got {len(parts) - 1}")
+                raise SyscallError(
+                    Errno.EPROTO, f"expected one frame per request, got {len(parts) - 1}"
+                )
             try:
                 req = codec.decode_request(parts[1])
             except SyscallError:
@@ -114,19 +118,30 @@ class Dispatcher:
             self.send(identity, codec.error_reply(rid, err))
         except Exception:  # a kernel bug must not take the kernel down
             log.exception("internal error handling a frame")
-            self.send(identity, codec.error_reply(
-                rid, SyscallError(Errno.EIO, "internal kernel error; see the kernel log")))
+            self.send(
+                identity,
+                codec.error_reply(
+                    rid, SyscallError(Errno.EIO, "internal kernel error; see the kernel log")
+                ),
+            )
 
     def _dispatch(self, identity: bytes, req: codec.Request) -> None:
         if not self.accepting:
             raise SyscallError(Errno.ESHUTDOWN, "the kernel is shutting down")
         entry = self.table.get(req.call)
         if entry is None:
-            raise SyscallError(Errno.ENOSYS, f"no syscall named {req.call!r} (see `llmos syscalls`)")
+            raise SyscallError(
+                Errno.ENOSYS, f"no syscall named {req.call!r} (see `llmos syscalls`)"
+            )
         caller = self.kernel.authenticate(req.pid, req.token, entry.spec)
-        args = entry.empty if not req.args and entry.empty is not None else _validate(entry.spec.args, req.args)
+        args = (
+            entry.empty
+            if not req.args and entry.empty is not None
+            else _validate(entry.spec.args, req.args)
+        )
         budget_ms = req.deadline_ms or (
-            limits.DEFAULT_GENERATE_DEADLINE_MS if entry.spec.chunk else limits.DEFAULT_DEADLINE_MS)
+            limits.DEFAULT_GENERATE_DEADLINE_MS if entry.spec.chunk else limits.DEFAULT_DEADLINE_MS
+        )
         loop = asyncio.get_running_loop()
         call = Call(req.id, req.call, caller, loop.time() + budget_ms / 1000, identity, self.send)
         if not entry.is_async:
@@ -146,16 +161,25 @@ class Dispatcher:
         self.calls.discard(call)
         self.kernel.untrack(call)
         if call.interrupted is not None:
-            self.send(call.identity, codec.error_reply(call.id, call.interrupted, call.seq if entry.spec.chunk else None))
+            self.send(
+                call.identity,
+                codec.error_reply(
+                    call.id, call.interrupted, call.seq if entry.spec.chunk else None
+                ),
+            )
 
     async def _run(self, entry: Entry, call: Call, args: BaseModel) -> None:
         try:
             try:
                 async with asyncio.timeout_at(call.deadline):
                     result = await entry.handler(self.kernel, call, args)
-                frame = codec.ok_reply(call.id, _dump(result), call.seq if entry.spec.chunk else None)
+                frame = codec.ok_reply(
+                    call.id, _dump(result), call.seq if entry.spec.chunk else None
+                )
             except TimeoutError:
-                raise SyscallError(Errno.ETIMEDOUT, f"{call.name} did not finish before its deadline") from None
+                raise SyscallError(
+                    Errno.ETIMEDOUT, f"{call.name} did not finish before its deadline"
+                ) from None
             except asyncio.CancelledError:
                 if call.interrupted is None:
                     raise  # kernel shutdown: stop() answers the caller
@@ -164,8 +188,12 @@ class Dispatcher:
             frame = codec.error_reply(call.id, err, call.seq if entry.spec.chunk else None)
         except Exception:
             log.exception("internal error in %s", call.name)
-            frame = codec.error_reply(call.id, SyscallError(
-                Errno.EIO, f"internal kernel error in {call.name}; see the kernel log"))
+            frame = codec.error_reply(
+                call.id,
+                SyscallError(
+                    Errno.EIO, f"internal kernel error in {call.name}; see the kernel log"
+                ),
+            )
         finally:
             self.calls.discard(call)
             self.kernel.untrack(call)
@@ -202,4 +230,3 @@ def _dump(result: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(result, BaseModel):
         return result.model_dump(mode="python")
     return result
-

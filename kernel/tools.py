@@ -83,7 +83,9 @@ class Request:
     tool: Tool
     args: dict[str, Any]
     caller: int
-    answer: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    answer: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 @dataclass(eq=False)
@@ -95,12 +97,16 @@ class Parked:
     args: dict[str, Any]
     caller: int
     since: float
-    verdict: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    verdict: asyncio.Future[bool] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 def allowed(proc: Proc, name: str) -> bool:
     """May ``proc`` use tool ``name``? Every capability layer must allow it."""
-    return all(any(fnmatch.fnmatchcase(name, pattern) for pattern in layer) for layer in proc.tool_caps)
+    return all(
+        any(fnmatch.fnmatchcase(name, pattern) for pattern in layer) for layer in proc.tool_caps
+    )
 
 
 class ToolTable:
@@ -117,16 +123,23 @@ class ToolTable:
 
     def visible(self, proc: Proc | None) -> list[Tool]:
         """The tools ``proc`` may use (all of them for the admin), by name."""
-        return sorted((t for t in self.tools.values() if proc is None or allowed(proc, t.name)),
-                      key=lambda t: t.name)
+        return sorted(
+            (t for t in self.tools.values() if proc is None or allowed(proc, t.name)),
+            key=lambda t: t.name,
+        )
 
     def lookup(self, proc: Proc, name: str) -> Tool:
         tool = self.tools.get(name)
         if tool is None:
-            raise SyscallError(Errno.ENOENT, f"no tool named {name!r}; tool.list shows the ones you may use")
+            raise SyscallError(
+                Errno.ENOENT, f"no tool named {name!r}; tool.list shows the ones you may use"
+            )
         if not allowed(proc, name):
-            raise SyscallError(Errno.EPERM, f"process {proc.pid} may not use tool {name!r} (its tool capabilities "
-                               "were narrowed at spawn)")
+            raise SyscallError(
+                Errno.EPERM,
+                f"process {proc.pid} may not use tool {name!r} (its tool capabilities "
+                "were narrowed at spawn)",
+            )
         return tool
 
     @staticmethod
@@ -138,18 +151,33 @@ class ToolTable:
             raise SyscallError(Errno.EINVAL, f"tool {tool.name!r}: {where}: {error.message}")
 
     # -- served tools -------------------------------------------------------------------
-    def register(self, server: Proc, name: str, description: str, parameters: dict[str, Any],
-                 irreversible: bool) -> None:
+    def register(
+        self,
+        server: Proc,
+        name: str,
+        description: str,
+        parameters: dict[str, Any],
+        irreversible: bool,
+    ) -> None:
         existing = self.tools.get(name)
         if existing is not None and existing.server != server.pid:
             owner = "the kernel" if existing.server is None else f"process {existing.server}"
-            raise SyscallError(Errno.EBUSY, f"tool {name!r} is already provided by {owner}; pick another name")
-        if existing is None and sum(t.server == server.pid for t in self.tools.values()) >= limits.MAX_SERVED_TOOLS:
-            raise SyscallError(Errno.EDQUOT, f"a process serves at most {limits.MAX_SERVED_TOOLS} tools")
+            raise SyscallError(
+                Errno.EBUSY, f"tool {name!r} is already provided by {owner}; pick another name"
+            )
+        if (
+            existing is None
+            and sum(t.server == server.pid for t in self.tools.values()) >= limits.MAX_SERVED_TOOLS
+        ):
+            raise SyscallError(
+                Errno.EDQUOT, f"a process serves at most {limits.MAX_SERVED_TOOLS} tools"
+            )
         try:
             tool = Tool(name, description, parameters, irreversible, server=server.pid)
         except jsonschema.exceptions.SchemaError as exc:
-            raise SyscallError(Errno.EINVAL, f"parameters is not a valid JSON schema: {exc.message}") from None
+            raise SyscallError(
+                Errno.EINVAL, f"parameters is not a valid JSON schema: {exc.message}"
+            ) from None
         self.tools[name] = tool
         self.queues.setdefault(server.pid, asyncio.Queue(maxsize=limits.MAX_TOOL_QUEUE))
 
@@ -164,7 +192,9 @@ class ToolTable:
         """Process ``pid`` ended: its tools go, and calls waiting on them fail at once."""
         for name in [n for n, t in self.tools.items() if t.server == pid]:
             del self.tools[name]
-        self._fail_waiting(lambda r: r.tool.server == pid, f"the server of the tool (process {pid}) exited")
+        self._fail_waiting(
+            lambda r: r.tool.server == pid, f"the server of the tool (process {pid}) exited"
+        )
         self.queues.pop(pid, None)
         for parked in [p for p in self.parked.values() if p.caller == pid]:
             self.parked.pop(parked.id, None)
@@ -186,27 +216,36 @@ class ToolTable:
             for request in kept:
                 queue.put_nowait(request)
 
-    async def call_served(self, tool: Tool, args: dict[str, Any], caller: int, timeout: float) -> Any:
+    async def call_served(
+        self, tool: Tool, args: dict[str, Any], caller: int, timeout: float
+    ) -> Any:
         assert tool.server is not None
         queue = self.queues[tool.server]
         request = Request(next(self._ids), tool, args, caller)
         try:
             queue.put_nowait(request)
         except asyncio.QueueFull:
-            raise SyscallError(Errno.EAGAIN, f"the server of tool {tool.name!r} has {queue.maxsize} calls "
-                               "waiting; try again later") from None
+            raise SyscallError(
+                Errno.EAGAIN,
+                f"the server of tool {tool.name!r} has {queue.maxsize} calls "
+                "waiting; try again later",
+            ) from None
         try:
             async with asyncio.timeout(timeout):
                 return await request.answer
         except TimeoutError:
-            raise SyscallError(Errno.ETIMEDOUT, f"tool {tool.name!r} did not answer within {timeout:.3g} s") from None
+            raise SyscallError(
+                Errno.ETIMEDOUT, f"tool {tool.name!r} did not answer within {timeout:.3g} s"
+            ) from None
         finally:
             self.inflight.pop(request.id, None)
 
     async def next_request(self, server: Proc, timeout: float) -> Request | None:
         queue = self.queues.get(server.pid)
         if queue is None:
-            raise SyscallError(Errno.ENOENT, f"process {server.pid} serves no tools; tool.register one first")
+            raise SyscallError(
+                Errno.ENOENT, f"process {server.pid} serves no tools; tool.register one first"
+            )
         while True:
             try:
                 async with asyncio.timeout(timeout):
@@ -220,13 +259,18 @@ class ToolTable:
     def reply(self, server: Proc, request_id: int, result: Any, error: str | None) -> None:
         request = self.inflight.get(request_id)
         if request is None or request.tool.server != server.pid:
-            raise SyscallError(Errno.ENOENT, f"no call {request_id} is waiting for process {server.pid}'s reply "
-                               "(its caller may have timed out)")
+            raise SyscallError(
+                Errno.ENOENT,
+                f"no call {request_id} is waiting for process {server.pid}'s reply "
+                "(its caller may have timed out)",
+            )
         del self.inflight[request_id]
         if request.answer.done():
             return
         if error is not None:
-            request.answer.set_exception(SyscallError(Errno.EIO, f"tool {request.tool.name!r} failed: {error}"))
+            request.answer.set_exception(
+                SyscallError(Errno.EIO, f"tool {request.tool.name!r} failed: {error}")
+            )
         else:
             request.answer.set_result(result)
 
@@ -234,7 +278,9 @@ class ToolTable:
     async def confirm(self, tool: Tool, args: dict[str, Any], caller: int, timeout: float) -> None:
         """Park the call until the owner approves (return) or denies / lets it time out (EPERM)."""
         if len(self.parked) >= limits.MAX_PARKED_CALLS:
-            raise SyscallError(Errno.EAGAIN, "too many calls wait for confirmation; approve or deny some")
+            raise SyscallError(
+                Errno.EAGAIN, "too many calls wait for confirmation; approve or deny some"
+            )
         parked = Parked(next(self._ids), tool, args, caller, time.time())
         self.parked[parked.id] = parked
         try:
@@ -245,13 +291,18 @@ class ToolTable:
         finally:
             self.parked.pop(parked.id, None)
         if not approved:
-            raise SyscallError(Errno.EPERM, f"the owner did not approve irreversible tool {tool.name!r} "
-                               f"(call {parked.id}: denied or not answered in {timeout:.3g} s)")
+            raise SyscallError(
+                Errno.EPERM,
+                f"the owner did not approve irreversible tool {tool.name!r} "
+                f"(call {parked.id}: denied or not answered in {timeout:.3g} s)",
+            )
 
     def decide(self, call_id: int, approve: bool) -> None:
         parked = self.parked.get(call_id)
         if parked is None:
-            raise SyscallError(Errno.ENOENT, f"no call {call_id} waits for confirmation; see tool.pending")
+            raise SyscallError(
+                Errno.ENOENT, f"no call {call_id} waits for confirmation; see tool.pending"
+            )
         if not parked.verdict.done():
             parked.verdict.set_result(approve)
 
@@ -260,17 +311,24 @@ class ToolTable:
 
 
 class CalculatorArgs(BaseModel):
-    expression: str = Field(min_length=1, max_length=500,
-                            description="arithmetic, e.g. '(17 * 23) + sqrt(2) ** 2'; functions: sqrt, sin, cos, "
-                                        "tan, log, log10, exp, abs, round, floor, ceil, min, max; names: pi, e")
+    expression: str = Field(
+        min_length=1,
+        max_length=500,
+        description="arithmetic, e.g. '(17 * 23) + sqrt(2) ** 2'; functions: sqrt, sin, cos, "
+        "tan, log, log10, exp, abs, round, floor, ceil, min, max; names: pi, e",
+    )
 
 
 class DatetimeArgs(BaseModel):
-    timezone: str = Field(default="UTC", max_length=64, description="IANA time zone, e.g. Europe/Paris")
+    timezone: str = Field(
+        default="UTC", max_length=64, description="IANA time zone, e.g. Europe/Paris"
+    )
 
 
 class PythonArgs(BaseModel):
-    code: str = Field(min_length=1, max_length=20_000, description="a Python 3 program; print what you want back")
+    code: str = Field(
+        min_length=1, max_length=20_000, description="a Python 3 program; print what you want back"
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=60, description="wall-clock limit in seconds")
 
 
@@ -280,23 +338,33 @@ class FsReadToolArgs(BaseModel):
 
 class FsWriteToolArgs(BaseModel):
     path: str = Field(max_length=limits.MAX_PATH_BYTES, description="file path in your file root")
-    text: str = Field(max_length=limits.MAX_IO_BYTES, description="the new content (the old one is kept)")
+    text: str = Field(
+        max_length=limits.MAX_IO_BYTES, description="the new content (the old one is kept)"
+    )
 
 
 class FsListToolArgs(BaseModel):
-    path: str = Field(default="/", max_length=limits.MAX_PATH_BYTES, description="directory to list")
+    path: str = Field(
+        default="/", max_length=limits.MAX_PATH_BYTES, description="directory to list"
+    )
 
 
 class SearchToolArgs(BaseModel):
-    query: str = Field(min_length=1, max_length=1000, description="what to look for, in your own words")
+    query: str = Field(
+        min_length=1, max_length=1000, description="what to look for, in your own words"
+    )
     k: int = Field(default=3, ge=1, le=20, description="how many results")
 
 
 class MemoryPutToolArgs(BaseModel):
-    text: str = Field(min_length=1, max_length=limits.MAX_ENTRY_CHARS, description="a fact to remember for later")
+    text: str = Field(
+        min_length=1, max_length=limits.MAX_ENTRY_CHARS, description="a fact to remember for later"
+    )
 
 
-def _builtin(name: str, description: str, model: type[BaseModel], run: Runner, irreversible: bool = False) -> Tool:
+def _builtin(
+    name: str, description: str, model: type[BaseModel], run: Runner, irreversible: bool = False
+) -> Tool:
     schema = model.model_json_schema()
     schema.pop("title", None)
     return Tool(name, description, schema, irreversible, run=_validated(model, run))
@@ -308,25 +376,37 @@ def _validated(model: type[BaseModel], run: Runner) -> Runner:
             parsed = model.model_validate(args)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise SyscallError(Errno.EINVAL, f"{'/'.join(map(str, first['loc'])) or 'arguments'}: {first['msg']}") from None
+            raise SyscallError(
+                Errno.EINVAL, f"{'/'.join(map(str, first['loc'])) or 'arguments'}: {first['msg']}"
+            ) from None
         return await run(k, proc, parsed.model_dump())
+
     return runner
 
 
-_MATH = {name: getattr(math, name) for name in ("sqrt", "sin", "cos", "tan", "log", "log10", "exp", "floor", "ceil")}
+_MATH = {
+    name: getattr(math, name)
+    for name in ("sqrt", "sin", "cos", "tan", "log", "log10", "exp", "floor", "ceil")
+}
 
 
 def _calculate(expression: str) -> float | int:
     from simpleeval import SimpleEval
 
-    evaluator = SimpleEval(functions={**_MATH, "abs": abs, "round": round, "min": min, "max": max},
-                           names={"pi": math.pi, "e": math.e})
+    evaluator = SimpleEval(
+        functions={**_MATH, "abs": abs, "round": round, "min": min, "max": max},
+        names={"pi": math.pi, "e": math.e},
+    )
     try:
         value = evaluator.eval(expression)
     except Exception as exc:
-        raise SyscallError(Errno.EINVAL, f"cannot evaluate {expression!r}: {type(exc).__name__}: {exc}") from None
+        raise SyscallError(
+            Errno.EINVAL, f"cannot evaluate {expression!r}: {type(exc).__name__}: {exc}"
+        ) from None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SyscallError(Errno.EINVAL, f"{expression!r} is not a number (got {type(value).__name__})")
+        raise SyscallError(
+            Errno.EINVAL, f"{expression!r} is not a number (got {type(value).__name__})"
+        )
     if isinstance(value, int) and abs(value) > 10**100:
         raise SyscallError(Errno.EINVAL, f"{expression!r} is too large to return")
     return value
@@ -341,11 +421,17 @@ async def _run_datetime(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, A
     try:
         zone = zoneinfo.ZoneInfo(a["timezone"])
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise SyscallError(Errno.EINVAL, f"unknown time zone {a['timezone']!r}; use an IANA name such as "
-                           "Europe/Paris") from None
+        raise SyscallError(
+            Errno.EINVAL,
+            f"unknown time zone {a['timezone']!r}; use an IANA name such as Europe/Paris",
+        ) from None
     now = dt.datetime.now(zone)
-    return {"iso": now.isoformat(timespec="seconds"), "weekday": now.strftime("%A"), "timezone": a["timezone"],
-            "unix": round(now.timestamp(), 3)}
+    return {
+        "iso": now.isoformat(timespec="seconds"),
+        "weekday": now.strftime("%A"),
+        "timezone": a["timezone"],
+        "unix": round(now.timestamp(), 3),
+    }
 
 
 def _limit_child(cpu_s: int, memory_bytes: int) -> None:
@@ -357,17 +443,30 @@ def _limit_child(cpu_s: int, memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-async def run_python(code: str, cwd: str, timeout_s: float, cpu_s: int | None = None,
-                     memory_bytes: int = limits.PY_MEMORY_BYTES) -> dict[str, Any]:
+async def run_python(
+    code: str,
+    cwd: str,
+    timeout_s: float,
+    cpu_s: int | None = None,
+    memory_bytes: int = limits.PY_MEMORY_BYTES,
+) -> dict[str, Any]:
     """Run ``code`` with ``python -I`` in a new session under resource limits; never
     longer than ``timeout_s`` (the whole process group is killed)."""
     cpu = cpu_s or max(1, math.ceil(timeout_s))
     os.makedirs(cwd, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-c", code, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        sys.executable,
+        "-I",
+        "-c",
+        code,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
         env={"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8", "HOME": cwd},
-        preexec_fn=lambda: _limit_child(cpu, memory_bytes))
+        preexec_fn=lambda: _limit_child(cpu, memory_bytes),
+    )
     t0 = time.monotonic()
     timed_out = False
     try:
@@ -382,8 +481,14 @@ async def run_python(code: str, cwd: str, timeout_s: float, cpu_s: int | None = 
             await proc.wait()
     code_ = proc.returncode
     killed_by = -code_ if code_ is not None and code_ < 0 else None
-    return {"exit_code": code_, "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace"),
-            "timed_out": timed_out, "signal": killed_by, "wall_s": round(time.monotonic() - t0, 3)}
+    return {
+        "exit_code": code_,
+        "stdout": out.decode("utf-8", "replace"),
+        "stderr": err.decode("utf-8", "replace"),
+        "timed_out": timed_out,
+        "signal": killed_by,
+        "wall_s": round(time.monotonic() - t0, 3),
+    }
 
 
 async def _read_capped(proc: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
@@ -421,7 +526,10 @@ async def _run_fs_read(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, An
     from syscalls import models as m
 
     res = await sys_fs.sys_read(k, _As(proc), m.FsReadArgs(path=a["path"]))  # type: ignore[arg-type]
-    return {"path": res.path, "text": res.text if res.text is not None else f"<{res.size} bytes of binary data>"}
+    return {
+        "path": res.path,
+        "text": res.text if res.text is not None else f"<{res.size} bytes of binary data>",
+    }
 
 
 async def _run_fs_write(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
@@ -437,7 +545,10 @@ async def _run_fs_list(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, An
     from syscalls import models as m
 
     res = await sys_fs.sys_list(k, _As(proc), m.FsPathArgs(path=a["path"]))  # type: ignore[arg-type]
-    return {"path": res.path, "entries": [f"{e.name}/" if e.type == "dir" else e.name for e in res.entries]}
+    return {
+        "path": res.path,
+        "entries": [f"{e.name}/" if e.type == "dir" else e.name for e in res.entries],
+    }
 
 
 async def _run_fs_search(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
@@ -451,27 +562,55 @@ async def _run_memory_put(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str,
 
 
 async def _run_memory_search(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    rows, _, _ = await k.memory.search([proc.namespace, proc.program.namespace], a["query"], a["k"], {})
+    rows, _, _ = await k.memory.search(
+        [proc.namespace, proc.program.namespace], a["query"], a["k"], {}
+    )
     return {"hits": [{"text": row[2], "score": round(float(row[-1]), 3)} for row in rows]}
 
 
 def builtin_tools() -> list[Tool]:
     """The kernel's own tools."""
     return [
-        _builtin("calculator", "Evaluate an arithmetic expression exactly (no code execution).", CalculatorArgs,
-                 _run_calculator),
-        _builtin("datetime", "The current date and time in a time zone.", DatetimeArgs, _run_datetime),
-        _builtin("python", "Run a short Python program (separate OS process; CPU, memory and time limits; "
-                 "working directory: your file root) and return its output.", PythonArgs, _run_python_tool,
-                 irreversible=True),
+        _builtin(
+            "calculator",
+            "Evaluate an arithmetic expression exactly (no code execution).",
+            CalculatorArgs,
+            _run_calculator,
+        ),
+        _builtin(
+            "datetime", "The current date and time in a time zone.", DatetimeArgs, _run_datetime
+        ),
+        _builtin(
+            "python",
+            "Run a short Python program (separate OS process; CPU, memory and time limits; "
+            "working directory: your file root) and return its output.",
+            PythonArgs,
+            _run_python_tool,
+            irreversible=True,
+        ),
         _builtin("fs_read", "Read a text file from your file root.", FsReadToolArgs, _run_fs_read),
-        _builtin("fs_write", "Write a text file in your file root (the previous content stays in its history).",
-                 FsWriteToolArgs, _run_fs_write),
+        _builtin(
+            "fs_write",
+            "Write a text file in your file root (the previous content stays in its history).",
+            FsWriteToolArgs,
+            _run_fs_write,
+        ),
         _builtin("fs_list", "List a directory of your file root.", FsListToolArgs, _run_fs_list),
-        _builtin("fs_search", "Find passages of your files by meaning.", SearchToolArgs, _run_fs_search),
-        _builtin("memory_put", "Remember a fact in your long-term (archival) memory.", MemoryPutToolArgs,
-                 _run_memory_put),
-        _builtin("memory_search", "Search your long-term memory by meaning.", SearchToolArgs, _run_memory_search),
+        _builtin(
+            "fs_search", "Find passages of your files by meaning.", SearchToolArgs, _run_fs_search
+        ),
+        _builtin(
+            "memory_put",
+            "Remember a fact in your long-term (archival) memory.",
+            MemoryPutToolArgs,
+            _run_memory_put,
+        ),
+        _builtin(
+            "memory_search",
+            "Search your long-term memory by meaning.",
+            SearchToolArgs,
+            _run_memory_search,
+        ),
     ]
 
 
@@ -481,21 +620,36 @@ def builtin_tools() -> list[Tool]:
 def action_schema(tools: list[Tool]) -> dict[str, Any]:
     """The JSON Schema of one step of a tool-using model: a call of one of ``tools`` with
     arguments valid for it, or a final answer."""
-    calls = [{"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
-              "required": ["tool", "arguments"], "additionalProperties": False} for t in tools]
-    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
-              "additionalProperties": False}
+    calls = [
+        {
+            "type": "object",
+            "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
+            "required": ["tool", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    answer = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
     return {"anyOf": [*calls, answer]}
 
 
 def tool_guide(tools: list[Tool]) -> str:
     """What the model is told about the tools it may call in this step."""
-    lines = ["You can call one tool, or give your final answer. Reply with JSON only:",
-             '{"tool": NAME, "arguments": {...}} to call a tool, or {"answer": "..."} when you know the answer.',
-             "Tools:"]
+    lines = [
+        "You can call one tool, or give your final answer. Reply with JSON only:",
+        '{"tool": NAME, "arguments": {...}} to call a tool, or {"answer": "..."} when you know the answer.',
+        "Tools:",
+    ]
     for t in tools:
-        args = ", ".join(f"{name}: {spec.get('type', 'value')}" for name, spec in
-                         t.parameters.get("properties", {}).items())
+        args = ", ".join(
+            f"{name}: {spec.get('type', 'value')}"
+            for name, spec in t.parameters.get("properties", {}).items()
+        )
         lines.append(f"- {t.name}({args}): {t.description}")
     return "\n".join(lines)
 
@@ -506,7 +660,11 @@ def parse_action(text: str) -> tuple[list[ToolCall], str | None]:
         action = json.loads(text)
     except ValueError:
         return [], None
-    if isinstance(action, dict) and isinstance(action.get("tool"), str) and isinstance(action.get("arguments"), dict):
+    if (
+        isinstance(action, dict)
+        and isinstance(action.get("tool"), str)
+        and isinstance(action.get("arguments"), dict)
+    ):
         return [ToolCall(name=action["tool"], arguments=action["arguments"])], None
     if isinstance(action, dict) and isinstance(action.get("answer"), str):
         return [], action["answer"]
@@ -520,6 +678,9 @@ def result_json(value: Any) -> Any:
     except (TypeError, ValueError):
         raise SyscallError(Errno.EIO, "the tool returned something that is not JSON data") from None
     if len(text) > limits.MAX_TOOL_RESULT_BYTES:
-        raise SyscallError(Errno.EIO, f"the tool's result is {len(text)} bytes, over the "
-                           f"{limits.MAX_TOOL_RESULT_BYTES}-byte limit")
+        raise SyscallError(
+            Errno.EIO,
+            f"the tool's result is {len(text)} bytes, over the "
+            f"{limits.MAX_TOOL_RESULT_BYTES}-byte limit",
+        )
     return json.loads(text)

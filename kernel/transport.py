@@ -63,7 +63,7 @@ class Transport:
         for ep in self.endpoints:
             self._sock.bind(ep)
             if ep.startswith("ipc://"):
-                Path(ep[len("ipc://"):]).chmod(0o600)
+                Path(ep[len("ipc://") :]).chmod(0o600)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -142,4 +142,4 @@ class Transport:
         self._ctx.term()
         for ep in self.endpoints:
             if ep.startswith("ipc://"):
-                Path(ep[len("ipc://"):]).unlink(missing_ok=True)
+                Path(ep[len("ipc://") :]).unlink(missing_ok=True)

@@ -170,7 +170,9 @@ class _Partition:
         assert _nk is not None
         q_scale = float(np.abs(query).max()) / 127.0
         q_codes = np.rint(query / q_scale).astype(np.int8)
-        raw = np.asarray(_nk.cdist(q_codes[None, :], self.codes[:n], metric="dot", out_dtype="float32"))
+        raw = np.asarray(
+            _nk.cdist(q_codes[None, :], self.codes[:n], metric="dot", out_dtype="float32")
+        )
         scale = self.scale[:n]
         # upper[i] >= the true score of row i (see _quantize for the bound).
         bound = scale * (q_scale * (0.5 * float(np.abs(q_codes.astype(np.int32)).sum())))

@@ -1,8 +1,8 @@
 """llmos user space: the SDK agent programs import, the ``llmos`` command and shell.
 
-    import llmos
-    me = llmos.this_process()          # inside a program started by `llmos run`
-    print(me.chat("Hello!"))
+import llmos
+me = llmos.this_process()          # inside a program started by `llmos run`
+print(me.chat("Hello!"))
 """
 
 from llmos.client import (
@@ -21,6 +21,15 @@ from syscalls.errors import Errno, SyscallError
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "AsyncProcess", "Client", "Errno", "Process", "SyscallError",
-    "aconnect", "connect", "errors", "spawn", "this_process",
+    "AsyncClient",
+    "AsyncProcess",
+    "Client",
+    "Errno",
+    "Process",
+    "SyscallError",
+    "aconnect",
+    "connect",
+    "errors",
+    "spawn",
+    "this_process",
 ]

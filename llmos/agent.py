@@ -61,15 +61,23 @@ class Agent:
         on_step: called with each :class:`Step` once its tool has answered.
     """
 
-    def __init__(self, process: Process, tools: list[str] | None = None, max_steps: int = 6,
-                 max_tokens: int = 192, temperature: float = 0.0,
-                 on_step: Callable[[Step], None] | None = None) -> None:
+    def __init__(
+        self,
+        process: Process,
+        tools: list[str] | None = None,
+        max_steps: int = 6,
+        max_tokens: int = 192,
+        temperature: float = 0.0,
+        on_step: Callable[[Step], None] | None = None,
+    ) -> None:
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         self.process = process
         self.tools = tools if tools is not None else [t.name for t in process.tools.list()]
         if not self.tools:
-            raise ValueError("the agent has no tools to call; give tools=[...] or spawn with tool capabilities")
+            raise ValueError(
+                "the agent has no tools to call; give tools=[...] or spawn with tool capabilities"
+            )
         self.max_steps = max_steps
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -80,8 +88,12 @@ class Agent:
         result = AgentResult(answer=None)
         message = task
         for _ in range(self.max_steps + 1):
-            res = self.process.generate([{"role": "user", "content": message}], tools=self.tools,
-                                        max_tokens=self.max_tokens, temperature=self.temperature)
+            res = self.process.generate(
+                [{"role": "user", "content": message}],
+                tools=self.tools,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+            )
             result.output_tokens += res.usage.output_tokens
             if res.answer is not None:
                 result.answer = res.answer

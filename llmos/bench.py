@@ -36,7 +36,9 @@ PROMPTS = [
 ]
 
 
-def _client_worker(endpoint: str, pid: int, token: str, call: str, n: int, barrier: Any, q: Any) -> None:
+def _client_worker(
+    endpoint: str, pid: int, token: str, call: str, n: int, barrier: Any, q: Any
+) -> None:
     from llmos.client import Client
 
     c = Client(endpoint, pid=pid, token=token)
@@ -109,9 +111,15 @@ def _measure(ctx: Any, target: Any, argss: list[tuple[Any, ...]], label: str) ->
         w.join()
     lat = sorted(x for _, _, lats in results for x in lats)
     wall = max(e for _, e, _ in results) - min(s for s, _, _ in results)
-    return {"syscall": label, "clients": len(argss), "calls": len(lat),
-            "p50_us": round(_pct(lat, 0.50), 1), "p99_us": round(_pct(lat, 0.99), 1),
-            "mean_us": round(statistics.fmean(lat) / 1000, 1), "per_s": round(len(lat) / wall)}
+    return {
+        "syscall": label,
+        "clients": len(argss),
+        "calls": len(lat),
+        "p50_us": round(_pct(lat, 0.50), 1),
+        "p99_us": round(_pct(lat, 0.99), 1),
+        "mean_us": round(statistics.fmean(lat) / 1000, 1),
+        "per_s": round(len(lat) / wall),
+    }
 
 
 def _pct(sorted_ns: list[int], p: float) -> float:
@@ -125,7 +133,9 @@ def run_round_trips(endpoint: str, admin: Any, call: str, clients: int, n: int) 
         p.append([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     ctx = mp.get_context("spawn")
     try:
-        return _measure(ctx, _client_worker, [(endpoint, p.pid, p.token, call, n) for p in procs], call)
+        return _measure(
+            ctx, _client_worker, [(endpoint, p.pid, p.token, call, n) for p in procs], call
+        )
     finally:
         for p in procs:
             admin.kill(p.pid, "KILL")
@@ -137,12 +147,18 @@ def gen_through_kernel(admin: Any, max_tokens: int) -> dict[str, Any]:
     p.generate(prompt="Hello", max_tokens=4, temperature=0.0)  # warm-up
     tokens, t0 = 0, time.perf_counter()
     for prompt in PROMPTS:
-        tokens += p.generate(prompt=prompt, max_tokens=max_tokens, temperature=0.0).usage.output_tokens
+        tokens += p.generate(
+            prompt=prompt, max_tokens=max_tokens, temperature=0.0
+        ).usage.output_tokens
     wall = time.perf_counter() - t0
     admin.kill(p.pid, "KILL")
     admin.wait(p.pid)
-    return {"path": "kernel (SDK -> ZeroMQ -> kernel -> driver)", "output_tokens": tokens,
-            "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+    return {
+        "path": "kernel (SDK -> ZeroMQ -> kernel -> driver)",
+        "output_tokens": tokens,
+        "seconds": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+    }
 
 
 async def _gen_direct(max_tokens: int, slots: int) -> dict[str, Any]:
@@ -154,7 +170,9 @@ async def _gen_direct(max_tokens: int, slots: int) -> dict[str, Any]:
 
     async def one(rid: str, prompt: str, n: int) -> int:
         last = 0
-        async for d in driver.generate(GenerationRequest(rid, prompt, SamplingOptions(temperature=0.0, max_tokens=n))):
+        async for d in driver.generate(
+            GenerationRequest(rid, prompt, SamplingOptions(temperature=0.0, max_tokens=n))
+        ):
             last = d.output_tokens
         return last
 
@@ -164,8 +182,12 @@ async def _gen_direct(max_tokens: int, slots: int) -> dict[str, Any]:
         tokens += await one(f"r{i}", prompt, max_tokens)
     wall = time.perf_counter() - t0
     await driver.shutdown()
-    return {"path": "driver called directly, same process", "output_tokens": tokens,
-            "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+    return {
+        "path": "driver called directly, same process",
+        "output_tokens": tokens,
+        "seconds": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+    }
 
 
 def bench_syscalls(args: argparse.Namespace) -> int:
@@ -173,7 +195,11 @@ def bench_syscalls(args: argparse.Namespace) -> int:
     from llmos.private import PrivateKernel
 
     client_counts = [int(x) for x in str(args.clients).split(",") if x.strip()]
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "round_trips": [], "generation": []}
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count()},
+        "round_trips": [],
+        "generation": [],
+    }
     with tempfile.TemporaryDirectory(prefix="llmos-bench-") as tmp:
         kernel = PrivateKernel(Path(tmp), "--slots", "1")
         with err.status("starting a private kernel (CPU driver, packaged model)…"):
@@ -187,7 +213,8 @@ def bench_syscalls(args: argparse.Namespace) -> int:
                 for n_clients in client_counts:
                     with err.status(f"{call} with {n_clients} client(s)…"):
                         report["round_trips"].append(
-                            run_round_trips(kernel.endpoint, admin, call, n_clients, args.calls))
+                            run_round_trips(kernel.endpoint, admin, call, n_clients, args.calls)
+                        )
             if args.gen_tokens > 0:
                 with err.status("llm.generate through the kernel…"):
                     report["generation"].append(gen_through_kernel(admin, args.gen_tokens))
@@ -198,7 +225,9 @@ def bench_syscalls(args: argparse.Namespace) -> int:
         with err.status("llm.generate on the driver directly…"):
             report["generation"].append(asyncio.run(_gen_direct(args.gen_tokens, 1)))
         k, d = report["generation"]
-        report["kernel_generation_overhead_pct"] = round(100 * (1 - k["tokens_per_s"] / d["tokens_per_s"]), 2)
+        report["kernel_generation_overhead_pct"] = round(
+            100 * (1 - k["tokens_per_s"] / d["tokens_per_s"]), 2
+        )
     _print(report, args.json)
     return 0
 
@@ -211,14 +240,27 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     for col in ("syscall", "clients", "calls", "p50 µs", "p99 µs", "syscalls/s"):
         t.add_column(col, justify="right")
     for r in report["round_trips"]:
-        t.add_row(r["syscall"], str(r["clients"]), str(r["calls"]), f"{r['p50_us']:.0f}",
-                  f"{r['p99_us']:.0f}", f"{r['per_s']:,}")
+        t.add_row(
+            r["syscall"],
+            str(r["clients"]),
+            str(r["calls"]),
+            f"{r['p50_us']:.0f}",
+            f"{r['p99_us']:.0f}",
+            f"{r['per_s']:,}",
+        )
     Console().print(t)
     if report["generation"]:
         g = Table(title="llm.generate, greedy, same prompts")
         for col in ("path", "output tokens", "seconds", "tokens/s"):
             g.add_column(col)
         for r in report["generation"]:
-            g.add_row(r["path"], str(r["output_tokens"]), f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.2f}")
+            g.add_row(
+                r["path"],
+                str(r["output_tokens"]),
+                f"{r['seconds']:.2f}",
+                f"{r['tokens_per_s']:.2f}",
+            )
         Console().print(g)
-        Console().print(f"kernel overhead on generation: {report['kernel_generation_overhead_pct']:+.2f}% tokens/s")
+        Console().print(
+            f"kernel overhead on generation: {report['kernel_generation_overhead_pct']:+.2f}% tokens/s"
+        )

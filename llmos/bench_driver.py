@@ -67,7 +67,12 @@ PROMPTS = [
     "Suggest a name for a small bakery.",
 ]
 #: Follow-up questions of the multi-turn workload.
-FOLLOW_UPS = ["Tell me more.", "Can you give an example?", "Summarise that in one line.", "Why is that?"]
+FOLLOW_UPS = [
+    "Tell me more.",
+    "Can you give an example?",
+    "Summarise that in one line.",
+    "Why is that?",
+]
 
 
 @dataclass
@@ -93,14 +98,24 @@ class Run:
         """The figures as a JSON-able dict."""
         ttft = sorted(self.ttft_s)
         return {
-            "path": self.path, "concurrency": self.concurrency, "round": self.round, "ran_first": self.first,
-            "requests": self.requests, "output_tokens": self.output_tokens, "wall_s": round(self.wall_s, 3),
+            "path": self.path,
+            "concurrency": self.concurrency,
+            "round": self.round,
+            "ran_first": self.first,
+            "requests": self.requests,
+            "output_tokens": self.output_tokens,
+            "wall_s": round(self.wall_s, 3),
             "tokens_per_s": round(self.tokens_per_s, 2),
-            "ttft_p50_ms": round(1000 * _pct(ttft, 0.50), 1), "ttft_p95_ms": round(1000 * _pct(ttft, 0.95), 1),
+            "ttft_p50_ms": round(1000 * _pct(ttft, 0.50), 1),
+            "ttft_p95_ms": round(1000 * _pct(ttft, 0.95), 1),
             "cpu_s": round(self.cpu_s, 3),
-            "cpu_ms_per_token": round(1000 * self.cpu_s / self.output_tokens, 3) if self.output_tokens else 0.0,
+            "cpu_ms_per_token": round(1000 * self.cpu_s / self.output_tokens, 3)
+            if self.output_tokens
+            else 0.0,
             "loop_cpu_s": round(self.loop_cpu_s, 3),
-            "loop_cpu_us_per_token": round(1e6 * self.loop_cpu_s / self.output_tokens, 1) if self.output_tokens else 0.0,
+            "loop_cpu_us_per_token": round(1e6 * self.loop_cpu_s / self.output_tokens, 1)
+            if self.output_tokens
+            else 0.0,
         }
 
 
@@ -114,7 +129,9 @@ class BenchPath(Protocol):
     name: str
 
     async def run(self, run: Run, requests: int, max_tokens: int) -> None: ...
-    async def converse(self, conversations: int, turns: int, max_tokens: int) -> tuple[int, int]: ...
+    async def converse(
+        self, conversations: int, turns: int, max_tokens: int
+    ) -> tuple[int, int]: ...
     def cpu(self) -> tuple[float, float]: ...
 
 
@@ -222,7 +239,9 @@ class KernelPath:
             args = {"prompt": prompt, "stream": True, "max_tokens": max_tokens, "temperature": 0.0}
             t0 = time.perf_counter()
             first: float | None = None
-            async for frame in self.client.stream("llm.generate", args, pid=proc.pid, token=proc.token):
+            async for frame in self.client.stream(
+                "llm.generate", args, pid=proc.pid, token=proc.token
+            ):
                 if first is None:
                     first = time.perf_counter() - t0
                 if "finish_reason" in frame:
@@ -239,8 +258,14 @@ class KernelPath:
     async def run(self, run: Run, requests: int, max_tokens: int) -> None:
         procs = [await self.client.spawn(f"bench{i}") for i in range(run.concurrency)]
         try:
-            await _timed(run, self.cpu, [self._client(p, _prompts(i, requests), max_tokens, run)
-                                         for i, p in enumerate(procs)])
+            await _timed(
+                run,
+                self.cpu,
+                [
+                    self._client(p, _prompts(i, requests), max_tokens, run)
+                    for i, p in enumerate(procs)
+                ],
+            )
         finally:
             await self._reap(procs)
 
@@ -251,8 +276,11 @@ class KernelPath:
         async def one(i: int, p: Any) -> tuple[int, int]:
             r = c_ = 0
             for t in range(turns):
-                res = await p.generate([{"role": "user", "content": _turn(i, t)}], max_tokens=max_tokens,
-                                       temperature=0.0)
+                res = await p.generate(
+                    [{"role": "user", "content": _turn(i, t)}],
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                )
                 if t:  # the first turn has nothing to reuse
                     r, c_ = r + res.usage.prompt_tokens, c_ + res.usage.cached_tokens
             return r, c_
@@ -290,8 +318,9 @@ class DirectPath:
         t0 = time.perf_counter()
         first: float | None = None
         text, last = [], None
-        request = GenerationRequest(f"d{next(self._ids)}", prompt,
-                                    SamplingOptions(temperature=0.0, max_tokens=max_tokens))
+        request = GenerationRequest(
+            f"d{next(self._ids)}", prompt, SamplingOptions(temperature=0.0, max_tokens=max_tokens)
+        )
         async for delta in self.driver.generate(request):
             if first is None:
                 first = time.perf_counter() - t0
@@ -318,7 +347,9 @@ class DirectPath:
             r = c_ = 0
             for t in range(turns):
                 messages.append({"role": "user", "content": _turn(i, t)})
-                text, prompt_tokens, cached = await self._one(list(messages), Run("chat", 1), max_tokens)
+                text, prompt_tokens, cached = await self._one(
+                    list(messages), Run("chat", 1), max_tokens
+                )
                 messages.append({"role": "assistant", "content": text})
                 if t:
                     r, c_ = r + prompt_tokens, c_ + cached
@@ -349,8 +380,14 @@ def _sum_pairs(pairs: list[tuple[int, int]]) -> tuple[int, int]:
 
 
 def _hit(path: str, conversations: int, turns: int, read: int, cached: int) -> dict[str, Any]:
-    return {"path": path, "conversations": conversations, "turns": turns, "prompt_tokens": read,
-            "cached_tokens": cached, "hit_rate": round(cached / read, 3) if read else 0.0}
+    return {
+        "path": path,
+        "conversations": conversations,
+        "turns": turns,
+        "prompt_tokens": read,
+        "cached_tokens": cached,
+        "hit_rate": round(cached / read, 3) if read else 0.0,
+    }
 
 
 # -- orchestration --------------------------------------------------------------------
@@ -391,7 +428,9 @@ async def _prefix(path: BenchPath, plan: Plan) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _direct_path(args: argparse.Namespace, options: dict[str, Any], meter: CpuMeter) -> AsyncIterator[DirectPath]:
+async def _direct_path(
+    args: argparse.Namespace, options: dict[str, Any], meter: CpuMeter
+) -> AsyncIterator[DirectPath]:
     from drivers import make_driver
 
     driver = make_driver(args.driver, args.model, **options)
@@ -414,8 +453,9 @@ async def _kernel_path(kernel: Any, meter: CpuMeter) -> AsyncIterator[KernelPath
         yield path
 
 
-async def _interleaved(args: argparse.Namespace, options: dict[str, Any], kernel: Any,
-                       plan: Plan) -> tuple[list[Run], list[dict[str, Any]]]:
+async def _interleaved(
+    args: argparse.Namespace, options: dict[str, Any], kernel: Any, plan: Plan
+) -> tuple[list[Run], list[dict[str, Any]]]:
     meter = CpuMeter(kernel.proc.pid)
     async with _kernel_path(kernel, meter) as kp, _direct_path(args, options, meter) as dp:
         runs = await _rounds([kp, dp], plan, range(plan.rounds), alternate=True)
@@ -424,12 +464,18 @@ async def _interleaved(args: argparse.Namespace, options: dict[str, Any], kernel
 
 async def _kernel_only(kernel: Any, plan: Plan) -> tuple[list[Run], dict[str, Any]]:
     async with _kernel_path(kernel, CpuMeter(kernel.proc.pid)) as kp:
-        return await _rounds([kp], plan, range(plan.rounds), alternate=False), await _prefix(kp, plan)
+        return await _rounds([kp], plan, range(plan.rounds), alternate=False), await _prefix(
+            kp, plan
+        )
 
 
-async def _direct_only(args: argparse.Namespace, options: dict[str, Any], plan: Plan) -> tuple[list[Run], dict]:
+async def _direct_only(
+    args: argparse.Namespace, options: dict[str, Any], plan: Plan
+) -> tuple[list[Run], dict]:
     async with _direct_path(args, options, CpuMeter(None)) as dp:
-        return await _rounds([dp], plan, range(plan.rounds), alternate=False), await _prefix(dp, plan)
+        return await _rounds([dp], plan, range(plan.rounds), alternate=False), await _prefix(
+            dp, plan
+        )
 
 
 def _summary(runs: list[Run], levels: list[int]) -> list[dict[str, Any]]:
@@ -439,25 +485,46 @@ def _summary(runs: list[Run], levels: list[int]) -> list[dict[str, Any]]:
     for c in levels:
         k = {r.round: r for r in runs if r.concurrency == c and r.path == "kernel"}
         d = {r.round: r for r in runs if r.concurrency == c and r.path == "direct"}
-        pcts = [100 * (1 - k[i].tokens_per_s / d[i].tokens_per_s) for i in sorted(k) if d[i].tokens_per_s]
+        pcts = [
+            100 * (1 - k[i].tokens_per_s / d[i].tokens_per_s)
+            for i in sorted(k)
+            if d[i].tokens_per_s
+        ]
         k_tok = max(sum(r.output_tokens for r in k.values()), 1)
         d_tok = max(sum(r.output_tokens for r in d.values()), 1)
-        k_cpu, d_cpu = sum(r.cpu_s for r in k.values()) / k_tok, sum(r.cpu_s for r in d.values()) / d_tok
-        k_loop, d_loop = sum(r.loop_cpu_s for r in k.values()) / k_tok, sum(r.loop_cpu_s for r in d.values()) / d_tok
-        out.append({
-            "concurrency": c, "rounds": len(pcts),
-            "kernel_tokens_per_s": round(statistics.median(r.tokens_per_s for r in k.values()), 2),
-            "direct_tokens_per_s": round(statistics.median(r.tokens_per_s for r in d.values()), 2),
-            "overhead_pct": round(statistics.median(pcts), 2) if pcts else None,
-            "overhead_pct_rounds": [round(p, 2) for p in pcts],
-            "kernel_cpu_ms_per_token": round(1000 * k_cpu, 3), "direct_cpu_ms_per_token": round(1000 * d_cpu, 3),
-            "added_cpu_us_per_token": round(1e6 * (k_cpu - d_cpu), 1),
-            "kernel_loop_cpu_us_per_token": round(1e6 * k_loop, 1), "direct_loop_cpu_us_per_token": round(1e6 * d_loop, 1),
-            "added_loop_cpu_us_per_token": round(1e6 * (k_loop - d_loop), 1),
-            # The added loop CPU as a share of one core at this level's tokens/s.
-            "added_loop_core_pct": round(100 * (k_loop - d_loop) * statistics.median(
-                r.tokens_per_s for r in k.values()), 2),
-        })
+        k_cpu, d_cpu = (
+            sum(r.cpu_s for r in k.values()) / k_tok,
+            sum(r.cpu_s for r in d.values()) / d_tok,
+        )
+        k_loop, d_loop = (
+            sum(r.loop_cpu_s for r in k.values()) / k_tok,
+            sum(r.loop_cpu_s for r in d.values()) / d_tok,
+        )
+        out.append(
+            {
+                "concurrency": c,
+                "rounds": len(pcts),
+                "kernel_tokens_per_s": round(
+                    statistics.median(r.tokens_per_s for r in k.values()), 2
+                ),
+                "direct_tokens_per_s": round(
+                    statistics.median(r.tokens_per_s for r in d.values()), 2
+                ),
+                "overhead_pct": round(statistics.median(pcts), 2) if pcts else None,
+                "overhead_pct_rounds": [round(p, 2) for p in pcts],
+                "kernel_cpu_ms_per_token": round(1000 * k_cpu, 3),
+                "direct_cpu_ms_per_token": round(1000 * d_cpu, 3),
+                "added_cpu_us_per_token": round(1e6 * (k_cpu - d_cpu), 1),
+                "kernel_loop_cpu_us_per_token": round(1e6 * k_loop, 1),
+                "direct_loop_cpu_us_per_token": round(1e6 * d_loop, 1),
+                "added_loop_cpu_us_per_token": round(1e6 * (k_loop - d_loop), 1),
+                # The added loop CPU as a share of one core at this level's tokens/s.
+                "added_loop_core_pct": round(
+                    100 * (k_loop - d_loop) * statistics.median(r.tokens_per_s for r in k.values()),
+                    2,
+                ),
+            }
+        )
     return out
 
 
@@ -486,10 +553,17 @@ def bench_driver(args: argparse.Namespace) -> int:
     for option in args.driver_option or []:
         argv += ["--driver-option", option]
     mode = "sequential" if args.sequential else "interleaved"
-    report: dict[str, Any] = {"bench": "driver", "driver": args.driver, "model": args.model or "packaged default",
-                              "slots": slots, "max_tokens": args.tokens, "requests_per_client": args.requests,
-                              "rounds": args.rounds, "mode": mode,
-                              "machine": {"cpus": os.cpu_count(), "load_avg_start": _load()}}
+    report: dict[str, Any] = {
+        "bench": "driver",
+        "driver": args.driver,
+        "model": args.model or "packaged default",
+        "slots": slots,
+        "max_tokens": args.tokens,
+        "requests_per_client": args.requests,
+        "rounds": args.rounds,
+        "mode": mode,
+        "machine": {"cpus": os.cpu_count(), "load_avg_start": _load()},
+    }
     with tempfile.TemporaryDirectory(prefix="llmos-bench-driver-") as tmp:
         kernel = PrivateKernel(Path(tmp), *argv)
         with err.status(f"starting a private kernel with the {args.driver} driver…"):
@@ -546,34 +620,72 @@ def _print(report: dict[str, Any], as_json: bool, stdout: Any) -> None:
         print(json.dumps(report, indent=2), file=stdout, flush=True)
         return
     out = Console(file=stdout, width=max(Console(file=stdout).width, 130))
-    t = Table(title=f"{report['driver']} driver: greedy, {report['max_tokens']} tokens max, "
-                    f"{report['requests_per_client']} requests per client, {report['slots']} slots, "
-                    f"{report['rounds']} {report['mode']} round(s)")
-    for col in ("round", "path", "clients", "output tokens", "seconds", "tokens/s", "TTFT p50 ms",
-                "TTFT p95 ms", "CPU ms/token", "loop CPU µs/token"):
+    t = Table(
+        title=f"{report['driver']} driver: greedy, {report['max_tokens']} tokens max, "
+        f"{report['requests_per_client']} requests per client, {report['slots']} slots, "
+        f"{report['rounds']} {report['mode']} round(s)"
+    )
+    for col in (
+        "round",
+        "path",
+        "clients",
+        "output tokens",
+        "seconds",
+        "tokens/s",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "CPU ms/token",
+        "loop CPU µs/token",
+    ):
         t.add_column(col, justify="left" if col == "path" else "right")
     for r in report["runs"]:
-        t.add_row(str(r["round"]), r["path"] + ("" if r["ran_first"] else "*"), str(r["concurrency"]),
-                  str(r["output_tokens"]), f"{r['wall_s']:.2f}", f"{r['tokens_per_s']:.1f}",
-                  f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p95_ms']:.0f}", f"{r['cpu_ms_per_token']:.1f}",
-                  f"{r['loop_cpu_us_per_token']:.0f}")
+        t.add_row(
+            str(r["round"]),
+            r["path"] + ("" if r["ran_first"] else "*"),
+            str(r["concurrency"]),
+            str(r["output_tokens"]),
+            f"{r['wall_s']:.2f}",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['ttft_p50_ms']:.0f}",
+            f"{r['ttft_p95_ms']:.0f}",
+            f"{r['cpu_ms_per_token']:.1f}",
+            f"{r['loop_cpu_us_per_token']:.0f}",
+        )
     out.print(t)
     out.print("* ran second in its round")
     s = Table(title="per level: medians over the rounds")
-    for col in ("clients", "kernel tok/s", "direct tok/s", "kernel overhead", "per round",
-                "added loop CPU µs/token", "= % of a core"):
+    for col in (
+        "clients",
+        "kernel tok/s",
+        "direct tok/s",
+        "kernel overhead",
+        "per round",
+        "added loop CPU µs/token",
+        "= % of a core",
+    ):
         s.add_column(col, justify="right")
     for row in report["summary"]:
         pct = row["overhead_pct"]
-        s.add_row(str(row["concurrency"]), f"{row['kernel_tokens_per_s']:.1f}", f"{row['direct_tokens_per_s']:.1f}",
-                  "n/a" if pct is None else f"{pct:+.2f}%",
-                  " ".join(f"{p:+.1f}" for p in row["overhead_pct_rounds"]),
-                  f"{row['added_loop_cpu_us_per_token']:.0f}", f"{row['added_loop_core_pct']:.2f}%")
+        s.add_row(
+            str(row["concurrency"]),
+            f"{row['kernel_tokens_per_s']:.1f}",
+            f"{row['direct_tokens_per_s']:.1f}",
+            "n/a" if pct is None else f"{pct:+.2f}%",
+            " ".join(f"{p:+.1f}" for p in row["overhead_pct_rounds"]),
+            f"{row['added_loop_cpu_us_per_token']:.0f}",
+            f"{row['added_loop_core_pct']:.2f}%",
+        )
     out.print(s)
     h = Table(title="prefix cache on a multi-turn workload (turns after the first)")
     for col in ("path", "conversations", "turns", "prompt tokens", "cached", "hit rate"):
         h.add_column(col, justify="left" if col == "path" else "right")
     for r in report["prefix_cache"]:
-        h.add_row(r["path"], str(r["conversations"]), str(r["turns"]), str(r["prompt_tokens"]),
-                  str(r["cached_tokens"]), f"{r['hit_rate']:.1%}")
+        h.add_row(
+            r["path"],
+            str(r["conversations"]),
+            str(r["turns"]),
+            str(r["prompt_tokens"]),
+            str(r["cached_tokens"]),
+            f"{r['hit_rate']:.1%}",
+        )
     out.print(h)

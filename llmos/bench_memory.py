@@ -40,17 +40,52 @@ err = Console(stderr=True)
 #: (a new process of a new program with the same namespace name) finds them.
 NS = "bench-memory"
 
-_SUBJECTS = ["The customer", "Our warehouse", "The new policy", "A delivery driver", "The support team",
-             "The quarterly report", "My neighbour's cat", "The database server", "A small bakery", "The museum"]
-_VERBS = ["announced", "refused", "described", "forgot", "shipped", "repaired", "questioned", "celebrated",
-          "delayed", "explained"]
-_OBJECTS = ["a refund for the broken kettle", "the late parcel to Lisbon", "new opening hours on Sundays",
-            "a recipe for sourdough bread", "the outage on Tuesday night", "three tickets to the concert",
-            "a discount for returning customers", "the lost passport", "a faster route through the city",
-            "the annual budget for training"]
-_QUERIES = ["when can I get my money back for a faulty appliance", "package arriving late abroad",
-            "bread baking instructions", "server went down overnight", "cheaper prices for loyal clients",
-            "missing travel documents", "weekend schedule changes", "music event tickets"]
+_SUBJECTS = [
+    "The customer",
+    "Our warehouse",
+    "The new policy",
+    "A delivery driver",
+    "The support team",
+    "The quarterly report",
+    "My neighbour's cat",
+    "The database server",
+    "A small bakery",
+    "The museum",
+]
+_VERBS = [
+    "announced",
+    "refused",
+    "described",
+    "forgot",
+    "shipped",
+    "repaired",
+    "questioned",
+    "celebrated",
+    "delayed",
+    "explained",
+]
+_OBJECTS = [
+    "a refund for the broken kettle",
+    "the late parcel to Lisbon",
+    "new opening hours on Sundays",
+    "a recipe for sourdough bread",
+    "the outage on Tuesday night",
+    "three tickets to the concert",
+    "a discount for returning customers",
+    "the lost passport",
+    "a faster route through the city",
+    "the annual budget for training",
+]
+_QUERIES = [
+    "when can I get my money back for a faulty appliance",
+    "package arriving late abroad",
+    "bread baking instructions",
+    "server went down overnight",
+    "cheaper prices for loyal clients",
+    "missing travel documents",
+    "weekend schedule changes",
+    "music event tickets",
+]
 
 
 def _sentence(rng: random.Random, i: int) -> str:
@@ -66,38 +101,60 @@ def _ms(x: float) -> float:
     return round(x * 1000, 3)
 
 
-def _fill(p: Process, have: int, want: int, rng: random.Random, progress: Progress, task: Any) -> dict[str, float]:
+def _fill(
+    p: Process, have: int, want: int, rng: random.Random, progress: Progress, task: Any
+) -> dict[str, float]:
     """Bulk-insert entries ``have .. want``; returns throughput and embedding share."""
     t0, embed_s, batch = time.perf_counter(), 0.0, 256
     for start in range(have, want, batch):
         n = min(batch, want - start)
-        entries = [{"text": _sentence(rng, i), "metadata": {"kind": i % 10}} for i in range(start, start + n)]
+        entries = [
+            {"text": _sentence(rng, i), "metadata": {"kind": i % 10}}
+            for i in range(start, start + n)
+        ]
         res = p.call("mem.put", {"entries": entries, "namespace": NS}, deadline_ms=600_000)
         embed_s += res["embed_s"]
         progress.advance(task, n)
     wall = time.perf_counter() - t0
-    return {"fill_entries_per_s": round((want - have) / wall, 1) if wall else 0.0,
-            "fill_embed_share": round(embed_s / wall, 3) if wall else 0.0}
+    return {
+        "fill_entries_per_s": round((want - have) / wall, 1) if wall else 0.0,
+        "fill_embed_share": round(embed_s / wall, 3) if wall else 0.0,
+    }
 
 
-def _measure_size(p: Process, size: int, searches: int, puts: int, rng: random.Random) -> dict[str, Any]:
+def _measure_size(
+    p: Process, size: int, searches: int, puts: int, rng: random.Random
+) -> dict[str, Any]:
     row: dict[str, Any] = {"entries": size}
     put_lat, put_embed = [], []
     ids = []
     for i in range(puts):
         s = time.perf_counter()
-        res = p.call("mem.put", {"entries": [{"text": _sentence(rng, size + i), "metadata": {"kind": 99}}],
-                                 "namespace": NS})
+        res = p.call(
+            "mem.put",
+            {
+                "entries": [{"text": _sentence(rng, size + i), "metadata": {"kind": 99}}],
+                "namespace": NS,
+            },
+        )
         put_lat.append(time.perf_counter() - s)
         put_embed.append(res["embed_s"])
         ids.extend(res["ids"])
     p.call("mem.delete", {"ids": ids, "namespace": NS})  # keep the size exact
-    row |= {"put_p50_ms": _ms(_pct(put_lat, 0.5)), "put_p99_ms": _ms(_pct(put_lat, 0.99)),
-            "put_embed_p50_ms": _ms(_pct(put_embed, 0.5)), "puts_per_s": round(puts / sum(put_lat), 1)}
+    row |= {
+        "put_p50_ms": _ms(_pct(put_lat, 0.5)),
+        "put_p99_ms": _ms(_pct(put_lat, 0.99)),
+        "put_embed_p50_ms": _ms(_pct(put_embed, 0.5)),
+        "puts_per_s": round(puts / sum(put_lat), 1),
+    }
     for label, filt in (("search", None), ("filtered", {"kind": 3})):
         lat, emb, srch = [], [], []
         for i in range(searches):
-            args: dict[str, Any] = {"query": _QUERIES[i % len(_QUERIES)], "k": 10, "namespaces": [NS]}
+            args: dict[str, Any] = {
+                "query": _QUERIES[i % len(_QUERIES)],
+                "k": 10,
+                "namespaces": [NS],
+            }
             if filt:
                 args["filter"] = filt
             s = time.perf_counter()
@@ -106,9 +163,14 @@ def _measure_size(p: Process, size: int, searches: int, puts: int, rng: random.R
             emb.append(res["embed_s"])
             srch.append(res["search_s"])
             assert res["hits"], "a search over a full index found nothing"
-        row |= {f"{label}_p50_ms": _ms(_pct(lat, 0.5)), f"{label}_p99_ms": _ms(_pct(lat, 0.99)),
-                f"{label}_embed_p50_ms": _ms(_pct(emb, 0.5)), f"{label}_scan_p50_ms": _ms(_pct(srch, 0.5)),
-                f"{label}_scan_p99_ms": _ms(_pct(srch, 0.99)), f"{label}_per_s": round(searches / sum(lat), 1)}
+        row |= {
+            f"{label}_p50_ms": _ms(_pct(lat, 0.5)),
+            f"{label}_p99_ms": _ms(_pct(lat, 0.99)),
+            f"{label}_embed_p50_ms": _ms(_pct(emb, 0.5)),
+            f"{label}_scan_p50_ms": _ms(_pct(srch, 0.5)),
+            f"{label}_scan_p99_ms": _ms(_pct(srch, 0.99)),
+            f"{label}_per_s": round(searches / sum(lat), 1),
+        }
     return row
 
 
@@ -123,7 +185,9 @@ def bench_memory(args: argparse.Namespace) -> int:
             base = Path(args.state_dir)
             base.mkdir(parents=True, exist_ok=True)
         marker = base / "bench-memory.json"
-        with err.status("starting a private kernel (simulated model driver; real embedding model and SQLite)"):
+        with err.status(
+            "starting a private kernel (simulated model driver; real embedding model and SQLite)"
+        ):
             kernel = PrivateKernel(base, "--driver", "sim").start()
         try:
             with kernel.admin() as admin:
@@ -143,7 +207,9 @@ def bench_memory(args: argparse.Namespace) -> int:
                         marker.write_text(json.dumps({"entries": have}))
                         progress.remove_task(task)
                         if size < have:
-                            err.print(f"[yellow]{size:,} entries: skipped, {args.state_dir} holds {have:,}[/]")
+                            err.print(
+                                f"[yellow]{size:,} entries: skipped, {args.state_dir} holds {have:,}[/]"
+                            )
                             continue
                         row = _measure_size(p, size, args.searches, args.puts, rng) | fill
                         row["load_avg_1m"] = round(os.getloadavg()[0], 2)
@@ -152,9 +218,14 @@ def bench_memory(args: argparse.Namespace) -> int:
                 rss = admin.stat(procs=False).host.kernel_rss
         finally:
             kernel.stop()
-    report = {"bench": "memory", "embedding_model": "all-MiniLM-L6-v2", "rows": rows, "kernel_rss": rss,
-              "goal": "search p50 < 20 ms at 100k entries",
-              "goal_met": None}
+    report = {
+        "bench": "memory",
+        "embedding_model": "all-MiniLM-L6-v2",
+        "rows": rows,
+        "kernel_rss": rss,
+        "goal": "search p50 < 20 ms at 100k entries",
+        "goal_met": None,
+    }
     big = [r for r in rows if r["entries"] >= 100_000]
     if big:
         report["goal_met"] = all(r["search_p50_ms"] < 20 for r in big)
@@ -162,16 +233,31 @@ def bench_memory(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     table = Table(title="llmos bench memory (archival memory through the kernel; times in ms)")
-    for col in ("entries", "put p50/p99", "fill/s (embed %)", "search p50/p99", "embed p50", "scan p50/p99",
-                "filtered p50", "search/s"):
+    for col in (
+        "entries",
+        "put p50/p99",
+        "fill/s (embed %)",
+        "search p50/p99",
+        "embed p50",
+        "scan p50/p99",
+        "filtered p50",
+        "search/s",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r['entries']:,}", f"{r['put_p50_ms']}/{r['put_p99_ms']}",
-                      f"{r['fill_entries_per_s']} ({r['fill_embed_share']:.0%})",
-                      f"{r['search_p50_ms']}/{r['search_p99_ms']}", f"{r['search_embed_p50_ms']}",
-                      f"{r['search_scan_p50_ms']}/{r['search_scan_p99_ms']}", f"{r['filtered_p50_ms']}",
-                      f"{r['search_per_s']}")
+        table.add_row(
+            f"{r['entries']:,}",
+            f"{r['put_p50_ms']}/{r['put_p99_ms']}",
+            f"{r['fill_entries_per_s']} ({r['fill_embed_share']:.0%})",
+            f"{r['search_p50_ms']}/{r['search_p99_ms']}",
+            f"{r['search_embed_p50_ms']}",
+            f"{r['search_scan_p50_ms']}/{r['search_scan_p99_ms']}",
+            f"{r['filtered_p50_ms']}",
+            f"{r['search_per_s']}",
+        )
     Console().print(table)
-    err.print(f"kernel RSS {rss / 2**20:.0f} MiB; goal: {report['goal']} -> "
-              f"{'met' if report['goal_met'] else 'not met' if report['goal_met'] is False else 'not measured'}")
+    err.print(
+        f"kernel RSS {rss / 2**20:.0f} MiB; goal: {report['goal']} -> "
+        f"{'met' if report['goal_met'] else 'not met' if report['goal_met'] is False else 'not measured'}"
+    )
     return 0

@@ -63,14 +63,54 @@ SYSTEM = "You are a helpful agent. Answer briefly."
 WORKLOADS = ("chat", "react", "mix")
 #: One program in this many of the mix workload is a long one.
 LONG_EVERY = 33
-VOCAB = ("the", "agent", "reads", "file", "data", "plan", "next", "step", "tool", "call",
-         "result", "search", "web", "page", "list", "items", "check", "value", "error",
-         "retry", "answer", "user", "asks", "about", "weather", "code", "test", "build", "run",
-         "report", "summary", "table", "row", "column", "query", "database", "open", "close",
-         "write", "note")
+VOCAB = (
+    "the",
+    "agent",
+    "reads",
+    "file",
+    "data",
+    "plan",
+    "next",
+    "step",
+    "tool",
+    "call",
+    "result",
+    "search",
+    "web",
+    "page",
+    "list",
+    "items",
+    "check",
+    "value",
+    "error",
+    "retry",
+    "answer",
+    "user",
+    "asks",
+    "about",
+    "weather",
+    "code",
+    "test",
+    "build",
+    "run",
+    "report",
+    "summary",
+    "table",
+    "row",
+    "column",
+    "query",
+    "database",
+    "open",
+    "close",
+    "write",
+    "note",
+)
 #: Bench defaults of the simulator; ``--driver-option`` overrides them.
-SIM_OPTIONS: dict[str, Any] = {"tokens_per_s": 100, "prefill_tokens_per_s": 2000,
-                               "prefix_cache_tokens": 8192}  # like the CPU driver's KV prefix cache
+SIM_OPTIONS: dict[str, Any] = {
+    "tokens_per_s": 100,
+    "prefill_tokens_per_s": 2000,
+    "prefix_cache_tokens": 8192,
+}  # like the CPU driver's KV prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +132,25 @@ class Scale:
 
 
 SCALES = {
-    "sim": Scale({"chat": 200, "react": 200, "mix": 1200}, slots=32,
-                 arrivals_per_s={"chat": 100, "react": 100, "mix": 1000}, out=1.0, max_out=256,
-                 long_out=200, words=1.0, reply_cap=512),
-    "cpu": Scale({"chat": 6, "react": 6, "mix": 6}, slots=2,
-                 arrivals_per_s={"chat": 3, "react": 3, "mix": 3}, out=0.5, max_out=24,
-                 long_out=64, words=0.5),
+    "sim": Scale(
+        {"chat": 200, "react": 200, "mix": 1200},
+        slots=32,
+        arrivals_per_s={"chat": 100, "react": 100, "mix": 1000},
+        out=1.0,
+        max_out=256,
+        long_out=200,
+        words=1.0,
+        reply_cap=512,
+    ),
+    "cpu": Scale(
+        {"chat": 6, "react": 6, "mix": 6},
+        slots=2,
+        arrivals_per_s={"chat": 3, "react": 3, "mix": 3},
+        out=0.5,
+        max_out=24,
+        long_out=64,
+        words=0.5,
+    ),
 }
 
 
@@ -135,11 +188,11 @@ def describe(kind: str, s: Scale) -> str:
     """What workload ``kind`` is made of at scale ``s`` (for the report)."""
     return {
         "chat": f"2-5 turns; user text lognormal (median {24 * s.words:g} words), output lognormal (median "
-                f"{20 * s.out:g} tokens, sigma 0.9, at most {s.max_out}), think time exp(0.3 s) between turns",
+        f"{20 * s.out:g} tokens, sigma 0.9, at most {s.max_out}), think time exp(0.3 s) between turns",
         "react": f"3-8 calls; task {30 * s.words:g} words, observations {10 * s.words:g}-{60 * s.words:g} words, "
-                 f"output lognormal (median {10 * s.out:g} tokens, sigma 0.5), tool wait uniform 0.05-0.5 s",
+        f"output lognormal (median {10 * s.out:g} tokens, sigma 0.5), tool wait uniform 0.05-0.5 s",
         "mix": f"1 program in {LONG_EVERY} is long (2 calls of {s.long_out} tokens), the others short (1-2 "
-               f"calls, output median {8 * s.out:g} tokens, waits 0.05-0.3 s)",
+        f"calls, output median {8 * s.out:g} tokens, waits 0.05-0.3 s)",
     }[kind]
 
 
@@ -153,21 +206,35 @@ def _chat(rng: random.Random, i: int, n: int, s: Scale) -> tuple[list[Step], boo
 
 
 def _react(rng: random.Random, i: int, n: int, s: Scale) -> tuple[list[Step], bool]:
-    steps = [Step(_text(rng, "Task:", round(30 * s.words)), _lognormal(rng, 10 * s.out, 0.5, 2, s.max_out),
-                  rng.uniform(0.05, 0.5))]
+    steps = [
+        Step(
+            _text(rng, "Task:", round(30 * s.words)),
+            _lognormal(rng, 10 * s.out, 0.5, 2, s.max_out),
+            rng.uniform(0.05, 0.5),
+        )
+    ]
     for _ in range(rng.randint(2, 7)):
         obs = _text(rng, "Observation:", round(rng.randint(10, 60) * s.words))
-        steps.append(Step(obs, _lognormal(rng, 10 * s.out, 0.5, 2, s.max_out), rng.uniform(0.05, 0.5)))
+        steps.append(
+            Step(obs, _lognormal(rng, 10 * s.out, 0.5, 2, s.max_out), rng.uniform(0.05, 0.5))
+        )
     return steps, False
 
 
 def _mix(rng: random.Random, i: int, n: int, s: Scale) -> tuple[list[Step], bool]:
     if i % LONG_EVERY == LONG_EVERY // 2 or (n < LONG_EVERY and i == n // 2):
-        return [Step(_text(rng, "Task:", round(40 * s.words)), s.long_out, 0.2),
-                Step(_text(rng, "Continue:", round(10 * s.words)), s.long_out, 0.0)], True
-    steps = [Step(_text(rng, "Question:", round(rng.randint(8, 30) * s.words)),
-                  _lognormal(rng, 8 * s.out, 0.5, 2, s.max_out), rng.uniform(0.05, 0.3))
-             for _ in range(rng.randint(1, 2))]
+        return [
+            Step(_text(rng, "Task:", round(40 * s.words)), s.long_out, 0.2),
+            Step(_text(rng, "Continue:", round(10 * s.words)), s.long_out, 0.0),
+        ], True
+    steps = [
+        Step(
+            _text(rng, "Question:", round(rng.randint(8, 30) * s.words)),
+            _lognormal(rng, 8 * s.out, 0.5, 2, s.max_out),
+            rng.uniform(0.05, 0.3),
+        )
+        for _ in range(rng.randint(1, 2))
+    ]
     return steps, False
 
 
@@ -232,15 +299,23 @@ class RunState:
     done: int = 0
 
 
-async def _timed_generate(rs: RunState, pid: int, token: str, step: Step) -> tuple[float, dict[str, Any]]:
+async def _timed_generate(
+    rs: RunState, pid: int, token: str, step: Step
+) -> tuple[float, dict[str, Any]]:
     """One streamed call: (time to first token, final result)."""
     text, max_tokens = step.text, step.max_tokens
     if rs.reply_cap is not None:
         text, max_tokens = f"{text} <sim:reply={step.max_tokens}>", rs.reply_cap
-    args = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True}
+    args = {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+    }
     sent, first, final = time.perf_counter(), None, {}
-    async for frame in rs.admin.stream("llm.generate", args, pid=pid, token=token, deadline_ms=DEADLINE_MS):
+    async for frame in rs.admin.stream(
+        "llm.generate", args, pid=pid, token=token, deadline_ms=DEADLINE_MS
+    ):
         if "finish_reason" in frame:
             final = frame
         elif first is None:
@@ -282,7 +357,9 @@ async def run_program(rs: RunState, spec: ProgramSpec) -> ProgramResult:
             res.ttft_s.append(ttft)
             res.prompt_tokens += usage.get("prompt_tokens", 0)
             res.output_tokens += usage.get("output_tokens", 0)
-            res.ideal_s += rs.service.ideal_s(usage.get("prompt_tokens", 0), usage.get("output_tokens", 0))
+            res.ideal_s += rs.service.ideal_s(
+                usage.get("prompt_tokens", 0), usage.get("output_tokens", 0)
+            )
             res.ideal_s += step.after_s
             if step.after_s:
                 await asyncio.sleep(step.after_s)
@@ -316,7 +393,9 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def _sample(pid: int, rs: RunState, total: int, peak: list[int], show: Callable[[str], None]) -> None:
+async def _sample(
+    pid: int, rs: RunState, total: int, peak: list[int], show: Callable[[str], None]
+) -> None:
     """Track the kernel's peak RSS and show progress until cancelled."""
     while True:
         with contextlib.suppress(OSError):
@@ -344,8 +423,14 @@ async def calibrate(admin: AsyncClient) -> ServiceModel:
         await _kill_and_reap(admin, proc.pid)
 
 
-async def drive(endpoint: str, token: str, programs: list[ProgramSpec], service: ServiceModel | None,
-                reply_cap: int | None, show: Callable[[str], None]) -> dict[str, Any]:
+async def drive(
+    endpoint: str,
+    token: str,
+    programs: list[ProgramSpec],
+    service: ServiceModel | None,
+    reply_cap: int | None,
+    show: Callable[[str], None],
+) -> dict[str, Any]:
     """Run ``programs`` against the kernel at ``endpoint``; the run's raw measurements."""
     admin = AsyncClient(endpoint, pid=0, token=token)
     try:
@@ -363,9 +448,16 @@ async def drive(endpoint: str, token: str, programs: list[ProgramSpec], service:
         sampler.cancel()
         cpu1, loop1 = cpu_seconds(kpid), cpu_seconds(kpid, kpid)
         live = [p for p in await admin.ps() if p.pid > 1 and p.state != "ZOMBIE"]
-        return {"results": results, "wall_s": wall, "service": service, "peak_concurrent": rs.peak,
-                "kernel_cpu_s": cpu1 - cpu0, "kernel_loop_cpu_s": loop1 - loop0,
-                "rss_growth_kib": max(0, peak[0] - rss0), "leftover_processes": len(live)}
+        return {
+            "results": results,
+            "wall_s": wall,
+            "service": service,
+            "peak_concurrent": rs.peak,
+            "kernel_cpu_s": cpu1 - cpu0,
+            "kernel_loop_cpu_s": loop1 - loop0,
+            "rss_growth_kib": max(0, peak[0] - rss0),
+            "leftover_processes": len(live),
+        }
     finally:
         await admin.close()
 
@@ -379,9 +471,17 @@ def _stop(kernel: Any) -> None:
         kernel.proc.wait()
 
 
-def run_one(base: Path, driver: str, policy: str, slots: int, options: dict[str, Any],
-            programs: list[ProgramSpec], service: ServiceModel | None, reply_cap: int | None,
-            label: str) -> dict[str, Any]:
+def run_one(
+    base: Path,
+    driver: str,
+    policy: str,
+    slots: int,
+    options: dict[str, Any],
+    programs: list[ProgramSpec],
+    service: ServiceModel | None,
+    reply_cap: int | None,
+    label: str,
+) -> dict[str, Any]:
     """A fresh private kernel with ``policy``; drive ``programs``; stop it whatever happens."""
     from llmos.private import PrivateKernel
 
@@ -392,8 +492,16 @@ def run_one(base: Path, driver: str, policy: str, slots: int, options: dict[str,
     try:
         with err.status(f"{label} · {policy}: starting a private kernel…") as status:
             kernel.start()
-            return asyncio.run(drive(kernel.endpoint, kernel.token, programs, service, reply_cap,
-                                     lambda text: status.update(f"{label} · {policy}: {text}")))
+            return asyncio.run(
+                drive(
+                    kernel.endpoint,
+                    kernel.token,
+                    programs,
+                    service,
+                    reply_cap,
+                    lambda text: status.update(f"{label} · {policy}: {text}"),
+                )
+            )
     finally:
         _stop(kernel)
 
@@ -431,16 +539,28 @@ def summarize(raw: dict[str, Any], workload: str, policy: str) -> dict[str, Any]
     completion = [r.completion_s for r in ok]
     errors = [r.error for r in results if r.error]
     return {
-        "workload": workload, "policy": policy, "programs": len(results), "completed": len(ok),
-        "errors": len(errors), "first_error": errors[0] if errors else None,
-        "peak_concurrent": raw["peak_concurrent"], "wall_s": round(raw["wall_s"], 3),
-        "mean_completion_s": round(mean(completion), 3), "p95_completion_s": round(p95(completion), 3),
+        "workload": workload,
+        "policy": policy,
+        "programs": len(results),
+        "completed": len(ok),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "peak_concurrent": raw["peak_concurrent"],
+        "wall_s": round(raw["wall_s"], 3),
+        "mean_completion_s": round(mean(completion), 3),
+        "p95_completion_s": round(p95(completion), 3),
         "mean_completion_long_s": round(mean([r.completion_s for r in ok if r.long]), 3),
-        "calls": calls, "output_tokens": output, "tokens_per_s": round(output / raw["wall_s"], 1),
-        "mean_ttft_s": round(mean(ttfts), 4), "p95_ttft_s": round(p95(ttfts), 4),
+        "calls": calls,
+        "output_tokens": output,
+        "tokens_per_s": round(output / raw["wall_s"], 1),
+        "mean_ttft_s": round(mean(ttfts), 4),
+        "p95_ttft_s": round(p95(ttfts), 4),
         "jain": round(jain([r.ideal_s / r.completion_s for r in ok if r.completion_s > 0]), 4),
-        "preemptions": sum(r.preemptions for r in ok), "switch_prefill_tokens": switch,
-        "switch_prefill_pct": round(100 * switch / (prompt + switch), 2) if prompt + switch else 0.0,
+        "preemptions": sum(r.preemptions for r in ok),
+        "switch_prefill_tokens": switch,
+        "switch_prefill_pct": round(100 * switch / (prompt + switch), 2)
+        if prompt + switch
+        else 0.0,
         "switch_s": round(sum(r.switch_s for r in ok), 3),
         "kernel_cpu_us_per_call": round(1e6 * raw["kernel_cpu_s"] / max(calls, 1), 1),
         "kernel_loop_cpu_us_per_call": round(1e6 * raw["kernel_loop_cpu_s"] / max(calls, 1), 1),
@@ -459,13 +579,19 @@ def speedups(runs: list[dict[str, Any]], policy: str) -> dict[str, dict[str, Any
             continue
         best = min(rows.values(), key=lambda r: r["mean_completion_s"])
         fifo = rows["fifo"]
-        entry: dict[str, Any] = {"best_policy": best["policy"],
-                                 "best_mean_speedup": round(fifo["mean_completion_s"] / best["mean_completion_s"], 2)}
+        entry: dict[str, Any] = {
+            "best_policy": best["policy"],
+            "best_mean_speedup": round(fifo["mean_completion_s"] / best["mean_completion_s"], 2),
+        }
         if policy in rows:
             own = rows[policy]
-            entry |= {"policy": policy,
-                      "mean_speedup": round(fifo["mean_completion_s"] / own["mean_completion_s"], 2),
-                      "p95_speedup": round(fifo["p95_completion_s"] / max(own["p95_completion_s"], 1e-9), 2)}
+            entry |= {
+                "policy": policy,
+                "mean_speedup": round(fifo["mean_completion_s"] / own["mean_completion_s"], 2),
+                "p95_speedup": round(
+                    fifo["p95_completion_s"] / max(own["p95_completion_s"], 1e-9), 2
+                ),
+            }
         out[wl] = entry
     return out
 
@@ -509,8 +635,14 @@ class _Call:
     stretch: int = 0  # bumped at every grant, so stale token events are dropped
 
 
-def model_run(programs: list[ProgramSpec], policy: Policy, slots: int, prefill_tokens_per_s: float,
-              decode_tokens_per_s: float, reply_cap: int = 512) -> dict[str, Any]:
+def model_run(
+    programs: list[ProgramSpec],
+    policy: Policy,
+    slots: int,
+    prefill_tokens_per_s: float,
+    decode_tokens_per_s: float,
+    reply_cap: int = 512,
+) -> dict[str, Any]:
     """Replay ``programs`` in virtual time on an ideal kernel running ``policy``.
 
     The timing is the simulator's (``drivers/sim.py``: prefill at ``prefill_tokens_per_s``,
@@ -529,8 +661,12 @@ def model_run(programs: list[ProgramSpec], policy: Policy, slots: int, prefill_t
     for proc, spec in zip(procs, programs, strict=True):
         proc.program.account.opened = spec.arrival_s  # spawned on arrival, in virtual time
     if isinstance(policy, OracleSRPT):
-        policy.remaining.update({pr.program.pgid: sum(s.max_tokens for s in p.steps)
-                                 for pr, p in zip(procs, programs, strict=True)})
+        policy.remaining.update(
+            {
+                pr.program.pgid: sum(s.max_tokens for s in p.steps)
+                for pr, p in zip(procs, programs, strict=True)
+            }
+        )
     ctx = [2 + len(SYSTEM.split())] * len(programs)  # the system message, + 1 per prompt
     step_of = [0] * len(programs)
     done_at = [0.0] * len(programs)
@@ -594,7 +730,9 @@ def model_run(programs: list[ProgramSpec], policy: Policy, slots: int, prefill_t
         if call.made >= call.answer:  # the answer is complete: release the slot
             holders[index], s.proc = None, None
             del waiting[w]
-            proc.mean_output = call.made if proc.mean_output is None else 0.7 * proc.mean_output + 0.3 * call.made
+            proc.mean_output = (
+                call.made if proc.mean_output is None else 0.7 * proc.mean_output + 0.3 * call.made
+            )
             spec = programs[call.prog].steps[step_of[call.prog]]
             ctx[call.prog] += 1 + call.made
             step_of[call.prog] += 1
@@ -621,16 +759,23 @@ def model_run(programs: list[ProgramSpec], policy: Policy, slots: int, prefill_t
     completion = [done_at[i] - p.arrival_s for i, p in enumerate(programs)]
     span = max(done_at) - programs[0].arrival_s if programs else 0.0
     output = sum(s.max_tokens for p in programs for s in p.steps)
-    return {"policy": policy.name, "mean_completion_s": round(mean(completion), 3),
-            "p95_completion_s": round(p95(completion), 3),
-            "mean_completion_long_s": round(mean([c for c, p in zip(completion, programs, strict=True) if p.long]), 3),
-            "mean_ttft_s": round(mean(ttfts), 4), "p95_ttft_s": round(p95(ttfts), 4),
-            "preemptions": preemptions, "tokens_per_s": round(output / span, 1) if span else 0.0}
+    return {
+        "policy": policy.name,
+        "mean_completion_s": round(mean(completion), 3),
+        "p95_completion_s": round(p95(completion), 3),
+        "mean_completion_long_s": round(
+            mean([c for c, p in zip(completion, programs, strict=True) if p.long]), 3
+        ),
+        "mean_ttft_s": round(mean(ttfts), 4),
+        "p95_ttft_s": round(p95(ttfts), 4),
+        "preemptions": preemptions,
+        "tokens_per_s": round(output / span, 1) if span else 0.0,
+    }
 
 
-
-def offered_load(programs: list[ProgramSpec], slots: int, prefill_tokens_per_s: float,
-                 decode_tokens_per_s: float) -> float:
+def offered_load(
+    programs: list[ProgramSpec], slots: int, prefill_tokens_per_s: float, decode_tokens_per_s: float
+) -> float:
     """Slot-seconds of work the programs bring (each call's prefill of its whole context,
     as the simulator counts it, and its decoding) over the slot-seconds the model has
     while they arrive: above 1 the arrivals outrun the slots, i.e. the run is at
@@ -646,15 +791,38 @@ def offered_load(programs: list[ProgramSpec], slots: int, prefill_tokens_per_s: 
     return work / (slots * span) if span > 0 else math.inf
 
 
-def model_rows(programs: list[ProgramSpec], policies: list[str], slots: int, service: ServiceModel,
-               reply_cap: int, workload: str) -> list[dict[str, Any]]:
+def model_rows(
+    programs: list[ProgramSpec],
+    policies: list[str],
+    slots: int,
+    service: ServiceModel,
+    reply_cap: int,
+    workload: str,
+) -> list[dict[str, Any]]:
     """:func:`model_run` for every policy and the clairvoyant bound, with speed-ups."""
     from kernel.scheduler import make_policy
 
-    rows = [model_run(programs, make_policy(name), slots, service.prefill_tokens_per_s,
-                      service.decode_tokens_per_s, reply_cap) for name in policies]
-    rows.append(model_run(programs, OracleSRPT({}), slots, service.prefill_tokens_per_s,
-                          service.decode_tokens_per_s, reply_cap))
+    rows = [
+        model_run(
+            programs,
+            make_policy(name),
+            slots,
+            service.prefill_tokens_per_s,
+            service.decode_tokens_per_s,
+            reply_cap,
+        )
+        for name in policies
+    ]
+    rows.append(
+        model_run(
+            programs,
+            OracleSRPT({}),
+            slots,
+            service.prefill_tokens_per_s,
+            service.decode_tokens_per_s,
+            reply_cap,
+        )
+    )
     fifo = next((r for r in rows if r["policy"] == "fifo"), None)
     for r in rows:
         r["workload"] = workload
@@ -662,6 +830,7 @@ def model_rows(programs: list[ProgramSpec], policies: list[str], slots: int, ser
             r["mean_speedup"] = round(fifo["mean_completion_s"] / r["mean_completion_s"], 2)
             r["p95_speedup"] = round(fifo["p95_completion_s"] / r["p95_completion_s"], 2)
     return rows
+
 
 # -- entry point ----------------------------------------------------------------------
 
@@ -701,28 +870,65 @@ def bench_sched(args: argparse.Namespace) -> int:
     scale = SCALES[args.driver]
     slots = args.slots or scale.slots
     options = _options(args.driver, args.driver_option)
-    service = (ServiceModel(float(options["prefill_tokens_per_s"]), float(options["tokens_per_s"]), "settings")
-               if args.driver == "sim" else None)
+    service = (
+        ServiceModel(
+            float(options["prefill_tokens_per_s"]), float(options["tokens_per_s"]), "settings"
+        )
+        if args.driver == "sim"
+        else None
+    )
     report: dict[str, Any] = {
-        "bench": "sched", "driver": args.driver, "slots": slots, "seed": args.seed,
-        "driver_options": options, "policies": policies, "default_policy": _default_policy(),
-        "max_tokens": (f"{scale.reply_cap} on every call; each answer's length is asked in its prompt"
-                       if scale.reply_cap else "the sampled answer length (the model may stop earlier)"),
-        "machine": {"cpus": os.cpu_count()}, "workloads": {}, "runs": [], "model": []}
+        "bench": "sched",
+        "driver": args.driver,
+        "slots": slots,
+        "seed": args.seed,
+        "driver_options": options,
+        "policies": policies,
+        "default_policy": _default_policy(),
+        "max_tokens": (
+            f"{scale.reply_cap} on every call; each answer's length is asked in its prompt"
+            if scale.reply_cap
+            else "the sampled answer length (the model may stop earlier)"
+        ),
+        "machine": {"cpus": os.cpu_count()},
+        "workloads": {},
+        "runs": [],
+        "model": [],
+    }
     with tempfile.TemporaryDirectory(prefix="llmos-bench-sched-") as tmp:
         for wl in workloads:
             n = args.programs or scale.programs[wl]
             programs = make_workload(wl, n, args.seed, scale)
-            report["workloads"][wl] = {"programs": n, "calls": sum(len(p.steps) for p in programs),
-                                       "description": describe(wl, scale),
-                                       "arrivals_per_s": scale.arrivals_per_s[wl]}
-            if service is not None and scale.reply_cap is not None:  # the simulator: its rates are known
-                report["workloads"][wl]["offered_load"] = round(offered_load(
-                    programs, slots, service.prefill_tokens_per_s, service.decode_tokens_per_s), 2)
-                report["model"] += model_rows(programs, policies, slots, service, scale.reply_cap, wl)
+            report["workloads"][wl] = {
+                "programs": n,
+                "calls": sum(len(p.steps) for p in programs),
+                "description": describe(wl, scale),
+                "arrivals_per_s": scale.arrivals_per_s[wl],
+            }
+            if (
+                service is not None and scale.reply_cap is not None
+            ):  # the simulator: its rates are known
+                report["workloads"][wl]["offered_load"] = round(
+                    offered_load(
+                        programs, slots, service.prefill_tokens_per_s, service.decode_tokens_per_s
+                    ),
+                    2,
+                )
+                report["model"] += model_rows(
+                    programs, policies, slots, service, scale.reply_cap, wl
+                )
             for policy in policies:
-                raw = run_one(Path(tmp), args.driver, policy, slots, options, programs, service,
-                              scale.reply_cap, wl)
+                raw = run_one(
+                    Path(tmp),
+                    args.driver,
+                    policy,
+                    slots,
+                    options,
+                    programs,
+                    service,
+                    scale.reply_cap,
+                    wl,
+                )
                 service = raw["service"]
                 report["runs"].append(summarize(raw, wl, policy))
     report["service_model"] = asdict(service) if service else None
@@ -731,7 +937,9 @@ def bench_sched(args: argparse.Namespace) -> int:
     for run in report["runs"]:  # how much the kernel (and the shared CPU) slows programs down
         ideal = modelled.get((run["workload"], run["policy"]))
         if ideal and ideal["mean_completion_s"] > 0 and run["mean_completion_s"] > 0:
-            run["vs_model_mean_completion"] = round(run["mean_completion_s"] / ideal["mean_completion_s"], 3)
+            run["vs_model_mean_completion"] = round(
+                run["mean_completion_s"] / ideal["mean_completion_s"], 3
+            )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -748,39 +956,69 @@ def _f(value: float, digits: int = 0) -> str:
 
 #: The three printed tables: (title, [(column, cell of a run's row)]).
 TABLES: list[tuple[str, list[tuple[str, Callable[[dict[str, Any]], str]]]]] = [
-    ("programs: completion time (CT, s from arrival to last answer) and fairness", [
-        ("done", lambda r: str(r["completed"]) if r["completed"] == r["programs"]
-         else f"{r['completed']}/{r['programs']}"),
-        ("peak alive", lambda r: str(r["peak_concurrent"])),
-        ("mean CT", lambda r: _f(r["mean_completion_s"], 2)),
-        ("p95 CT", lambda r: _f(r["p95_completion_s"], 2)),
-        ("long CT", lambda r: _f(r["mean_completion_long_s"], 2) if r["mean_completion_long_s"] else "-"),
-        ("Jain", lambda r: _f(r["jain"], 3)),
-        ("÷ model", lambda r: _f(r["vs_model_mean_completion"], 2) if "vs_model_mean_completion" in r else "-"),
-    ]),
-    ("calls: throughput, time to first token, context switches", [
-        ("out tok/s", lambda r: _f(r["tokens_per_s"])),
-        ("TTFT ms", lambda r: _f(1000 * r["mean_ttft_s"])),
-        ("p95 TTFT ms", lambda r: _f(1000 * r["p95_ttft_s"])),
-        ("preempt", lambda r: _f(r["preemptions"])),
-        ("switch tok", lambda r: _f(r["switch_prefill_tokens"])),
-        ("% prefill", lambda r: _f(r["switch_prefill_pct"], 1)),
-    ]),
-    ("the kernel's own cost (CPU from /proc/<pid>/stat, RSS growth at peak)", [
-        ("loop µs/call", lambda r: _f(r["kernel_loop_cpu_us_per_call"])),
-        ("process µs/call", lambda r: _f(r["kernel_cpu_us_per_call"])),
-        ("process µs/token", lambda r: _f(r["kernel_cpu_us_per_output_token"])),
-        ("KiB/program", lambda r: _f(r["kernel_rss_kib_per_process"], 1)),
-    ]),
+    (
+        "programs: completion time (CT, s from arrival to last answer) and fairness",
+        [
+            (
+                "done",
+                lambda r: (
+                    str(r["completed"])
+                    if r["completed"] == r["programs"]
+                    else f"{r['completed']}/{r['programs']}"
+                ),
+            ),
+            ("peak alive", lambda r: str(r["peak_concurrent"])),
+            ("mean CT", lambda r: _f(r["mean_completion_s"], 2)),
+            ("p95 CT", lambda r: _f(r["p95_completion_s"], 2)),
+            (
+                "long CT",
+                lambda r: (
+                    _f(r["mean_completion_long_s"], 2) if r["mean_completion_long_s"] else "-"
+                ),
+            ),
+            ("Jain", lambda r: _f(r["jain"], 3)),
+            (
+                "÷ model",
+                lambda r: (
+                    _f(r["vs_model_mean_completion"], 2) if "vs_model_mean_completion" in r else "-"
+                ),
+            ),
+        ],
+    ),
+    (
+        "calls: throughput, time to first token, context switches",
+        [
+            ("out tok/s", lambda r: _f(r["tokens_per_s"])),
+            ("TTFT ms", lambda r: _f(1000 * r["mean_ttft_s"])),
+            ("p95 TTFT ms", lambda r: _f(1000 * r["p95_ttft_s"])),
+            ("preempt", lambda r: _f(r["preemptions"])),
+            ("switch tok", lambda r: _f(r["switch_prefill_tokens"])),
+            ("% prefill", lambda r: _f(r["switch_prefill_pct"], 1)),
+        ],
+    ),
+    (
+        "the kernel's own cost (CPU from /proc/<pid>/stat, RSS growth at peak)",
+        [
+            ("loop µs/call", lambda r: _f(r["kernel_loop_cpu_us_per_call"])),
+            ("process µs/call", lambda r: _f(r["kernel_cpu_us_per_call"])),
+            ("process µs/token", lambda r: _f(r["kernel_cpu_us_per_output_token"])),
+            ("KiB/program", lambda r: _f(r["kernel_rss_kib_per_process"], 1)),
+        ],
+    ),
 ]
 
 
-MODEL_TITLE = ("the ideal model: the same programs and policies in virtual time, no kernel "
-               "(oracle: shortest remaining program first, told each program's length: a bound, not a policy)")
+MODEL_TITLE = (
+    "the ideal model: the same programs and policies in virtual time, no kernel "
+    "(oracle: shortest remaining program first, told each program's length: a bound, not a policy)"
+)
 MODEL_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("mean CT", lambda r: _f(r["mean_completion_s"], 2)),
     ("p95 CT", lambda r: _f(r["p95_completion_s"], 2)),
-    ("long CT", lambda r: _f(r["mean_completion_long_s"], 2) if r["mean_completion_long_s"] else "-"),
+    (
+        "long CT",
+        lambda r: _f(r["mean_completion_long_s"], 2) if r["mean_completion_long_s"] else "-",
+    ),
     ("× fifo mean", lambda r: _f(r.get("mean_speedup", 0), 2)),
     ("× fifo p95", lambda r: _f(r.get("p95_speedup", 0), 2)),
     ("TTFT ms", lambda r: _f(1000 * r["mean_ttft_s"])),
@@ -789,8 +1027,11 @@ MODEL_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 ]
 
 
-def _table(title: str, columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
-           runs: list[dict[str, Any]]) -> Table:
+def _table(
+    title: str,
+    columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
+    runs: list[dict[str, Any]],
+) -> Table:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     t.add_column("workload")
     t.add_column("policy")
@@ -800,8 +1041,11 @@ def _table(title: str, columns: list[tuple[str, Callable[[dict[str, Any]], str]]
     for r in runs:
         if previous is not None and r["workload"] != previous:
             t.add_section()
-        t.add_row(r["workload"] if r["workload"] != previous else "", r["policy"],
-                  *(cell(r) for _, cell in columns))
+        t.add_row(
+            r["workload"] if r["workload"] != previous else "",
+            r["policy"],
+            *(cell(r) for _, cell in columns),
+        )
         previous = r["workload"]
     return t
 
@@ -811,18 +1055,28 @@ def print_report(report: dict[str, Any]) -> None:
     out = Console()
     svc = report["service_model"] or {}
     setting = ", ".join(f"{k}={v}" for k, v in report["driver_options"].items()) or "defaults"
-    out.print(f"[bold]llmos bench sched[/] — driver [bold]{report['driver']}[/] ({setting}), "
-              f"{report['slots']} slots, seed {report['seed']}; one request alone: prefill "
-              f"{svc.get('prefill_tokens_per_s', 0):,.0f} tok/s, decode {svc.get('decode_tokens_per_s', 0):,.1f} "
-              f"tok/s ({svc.get('source', '?')})")
+    out.print(
+        f"[bold]llmos bench sched[/] — driver [bold]{report['driver']}[/] ({setting}), "
+        f"{report['slots']} slots, seed {report['seed']}; one request alone: prefill "
+        f"{svc.get('prefill_tokens_per_s', 0):,.0f} tok/s, decode {svc.get('decode_tokens_per_s', 0):,.1f} "
+        f"tok/s ({svc.get('source', '?')})"
+    )
     if report["driver"] == "sim":
-        out.print("[dim]sim is a simulator: no model, a fixed token rate per slot and a prefill cost per "
-                  "prompt token (drivers/sim.py)[/]")
+        out.print(
+            "[dim]sim is a simulator: no model, a fixed token rate per slot and a prefill cost per "
+            "prompt token (drivers/sim.py)[/]"
+        )
     out.print(f"max_tokens: {report['max_tokens']}")
     for wl, meta in report["workloads"].items():
-        load = f", offered load {meta['offered_load']:.1f}× the slots" if "offered_load" in meta else ""
-        out.print(f"[bold]{wl}[/]: {meta['programs']} programs, {meta['calls']} calls, Poisson arrivals "
-                  f"{meta.get('arrivals_per_s', 0):g}/s{load} — {meta['description']}")
+        load = (
+            f", offered load {meta['offered_load']:.1f}× the slots"
+            if "offered_load" in meta
+            else ""
+        )
+        out.print(
+            f"[bold]{wl}[/]: {meta['programs']} programs, {meta['calls']} calls, Poisson arrivals "
+            f"{meta.get('arrivals_per_s', 0):g}/s{load} — {meta['description']}"
+        )
     for title, columns in TABLES:
         out.print(_table(title, columns, report["runs"]))
     if report.get("model"):
@@ -830,9 +1084,13 @@ def print_report(report: dict[str, Any]) -> None:
     for wl, s in report["speedup_vs_fifo"].items():
         best = f"best {s['best_policy']} {s['best_mean_speedup']:.2f}× mean completion vs fifo"
         if "policy" in s:
-            best = (f"default policy {s['policy']}: {s['mean_speedup']:.2f}× mean, {s['p95_speedup']:.2f}× "
-                    f"p95 completion vs fifo; {best}")
+            best = (
+                f"default policy {s['policy']}: {s['mean_speedup']:.2f}× mean, {s['p95_speedup']:.2f}× "
+                f"p95 completion vs fifo; {best}"
+            )
         out.print(f"{wl}: {best}")
     for r in report["runs"]:
         if r["errors"]:
-            out.print(f"[red]{r['workload']} · {r['policy']}: {r['errors']} program(s) failed[/]: {r['first_error']}")
+            out.print(
+                f"[red]{r['workload']} · {r['policy']}: {r['errors']} program(s) failed[/]: {r['first_error']}"
+            )

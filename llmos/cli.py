@@ -47,14 +47,31 @@ def _kernel_pid() -> int | None:
 
 
 def _kernel_argv(args: argparse.Namespace) -> list[str]:
-    argv = [sys.executable, "-m", "kernel", "--driver", args.driver, "--slots", str(args.slots),
-            "--policy", args.policy]
-    for flag, number in (("--quantum", args.quantum), ("--max-loaded", args.max_loaded),
-                         ("--min-awake", args.min_awake)):
+    argv = [
+        sys.executable,
+        "-m",
+        "kernel",
+        "--driver",
+        args.driver,
+        "--slots",
+        str(args.slots),
+        "--policy",
+        args.policy,
+    ]
+    for flag, number in (
+        ("--quantum", args.quantum),
+        ("--max-loaded", args.max_loaded),
+        ("--min-awake", args.min_awake),
+    ):
         if number is not None:
             argv += [flag, str(number)]
-    for flag, value in (("--model", args.model), ("--model-name", args.model_name), ("--dtype", args.dtype),
-                        ("--runtime-dir", args.runtime_dir), ("--state-dir", args.state_dir)):
+    for flag, value in (
+        ("--model", args.model),
+        ("--model-name", args.model_name),
+        ("--dtype", args.dtype),
+        ("--runtime-dir", args.runtime_dir),
+        ("--state-dir", args.state_dir),
+    ):
         if value:
             argv += [flag, str(value)]
     for ep in args.listen or []:
@@ -73,13 +90,21 @@ def start_kernel(args: argparse.Namespace, wait: bool = True) -> int:
     if args.state_dir:
         os.environ["LLMOS_STATE_DIR"] = str(args.state_dir)
     if (pid := _kernel_pid()) is not None:
-        err.print(f"[yellow]a kernel is already running[/] (pid {pid}); `llmos kernel stop` to stop it")
+        err.print(
+            f"[yellow]a kernel is already running[/] (pid {pid}); `llmos kernel stop` to stop it"
+        )
         return 0
     state = paths.ensure_private_dir(paths.state_dir())
     paths.ensure_private_dir(paths.runtime_dir())
     with open(state / "kernel.out", "ab") as log:
-        proc = subprocess.Popen(_kernel_argv(args), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, cwd="/")
+        proc = subprocess.Popen(
+            _kernel_argv(args),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd="/",
+        )
     if not wait:
         err.print(f"kernel starting (pid {proc.pid}); log: {state / 'kernel.log'}")
         return 0
@@ -91,25 +116,35 @@ def _await_ready(proc: subprocess.Popen[bytes], state: Path, timeout_s: float = 
     with err.status("starting the kernel…") as status:
         while time.monotonic() - t0 < timeout_s:
             if proc.poll() is not None:
-                err.print(f"[red]the kernel exited with status {proc.returncode}[/]; see {state / 'kernel.log'}")
+                err.print(
+                    f"[red]the kernel exited with status {proc.returncode}[/]; see {state / 'kernel.log'}"
+                )
                 _tail(state / "kernel.log")
                 _tail(state / "kernel.out")
                 return 1
             info = _try_info()
             if info is not None:
                 states = {mod.name: mod.state for mod in info.models}
-                if all(s in ("ready", "asleep") for s in states.values()):  # asleep: loads on first use
-                    err.print(f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
-                              f"models: {', '.join(states)}  [dim]({time.monotonic() - t0:.1f} s)[/]")
+                if all(
+                    s in ("ready", "asleep") for s in states.values()
+                ):  # asleep: loads on first use
+                    err.print(
+                        f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
+                        f"models: {', '.join(states)}  [dim]({time.monotonic() - t0:.1f} s)[/]"
+                    )
                     return 0
                 failed = [mod for mod in info.models if mod.state == "failed"]
                 if failed:
                     err.print(f"[red]model {failed[0].name} failed to load:[/] {failed[0].detail}")
                     return 1
-                detail = "; ".join(f"{mod.name}: {mod.state} {mod.detail}".strip() for mod in info.models)
+                detail = "; ".join(
+                    f"{mod.name}: {mod.state} {mod.detail}".strip() for mod in info.models
+                )
                 status.update(f"loading model… {detail}")
             time.sleep(0.3)
-    err.print(f"[red]the kernel did not become ready in {timeout_s:.0f} s[/]; see {state / 'kernel.log'}")
+    err.print(
+        f"[red]the kernel did not become ready in {timeout_s:.0f} s[/]; see {state / 'kernel.log'}"
+    )
     return 1
 
 
@@ -141,7 +176,9 @@ def stop_kernel(timeout_s: float = 30) -> int:
             err.print(f"kernel (pid {pid}) stopped")
             return 0
         time.sleep(0.1)
-    err.print(f"[red]kernel (pid {pid}) did not stop in {timeout_s:.0f} s[/]; `kill -9 {pid}` if it is stuck")
+    err.print(
+        f"[red]kernel (pid {pid}) did not stop in {timeout_s:.0f} s[/]; `kill -9 {pid}` if it is stuck"
+    )
     return 1
 
 
@@ -149,16 +186,31 @@ def kernel_status(as_json: bool) -> int:
     pid = _kernel_pid()
     info = _try_info() if pid else None
     if as_json:
-        print(json.dumps({"running": info is not None, "pid": pid,
-                          "info": info.model_dump() if info else None}))
+        print(
+            json.dumps(
+                {
+                    "running": info is not None,
+                    "pid": pid,
+                    "info": info.model_dump() if info else None,
+                }
+            )
+        )
         return 0 if info else 3
     if info is None:
-        err.print("no kernel is running" if pid is None else f"kernel pid {pid} holds the lock but does not answer")
+        err.print(
+            "no kernel is running"
+            if pid is None
+            else f"kernel pid {pid} holds the lock but does not answer"
+        )
         return 3
-    out.print(f"kernel {info.version} (ABI {info.abi}) pid {info.kernel_pid}, up {info.uptime_s:.0f} s, "
-              f"policy {info.policy}, {info.processes} processes, on {', '.join(info.endpoints)}")
+    out.print(
+        f"kernel {info.version} (ABI {info.abi}) pid {info.kernel_pid}, up {info.uptime_s:.0f} s, "
+        f"policy {info.policy}, {info.processes} processes, on {', '.join(info.endpoints)}"
+    )
     for mod in info.models:
-        out.print(f"  model {mod.name}: {mod.driver} driver, {mod.slots} slots, window {mod.max_context}, {mod.state}")
+        out.print(
+            f"  model {mod.name}: {mod.driver} driver, {mod.slots} slots, window {mod.max_context}, {mod.state}"
+        )
     return 0
 
 
@@ -174,11 +226,21 @@ def cmd_models(as_json: bool) -> int:
         return 0
     table = Table(box=None)
     for col in ("MODEL", "DRIVER", "STATE", "SLOTS", "BUSY", "QUEUED", "WINDOW", "DETAIL"):
-        table.add_column(col, justify="right" if col in ("SLOTS", "BUSY", "QUEUED", "WINDOW") else "left")
+        table.add_column(
+            col, justify="right" if col in ("SLOTS", "BUSY", "QUEUED", "WINDOW") else "left"
+        )
     for mod in info.models:
         name = f"{mod.name} [dim](default)[/]" if mod.default else mod.name
-        table.add_row(name, mod.driver, mod.state, str(mod.slots), str(mod.busy), str(mod.queued),
-                      str(mod.max_context), mod.detail)
+        table.add_row(
+            name,
+            mod.driver,
+            mod.state,
+            str(mod.slots),
+            str(mod.busy),
+            str(mod.queued),
+            str(mod.max_context),
+            mod.detail,
+        )
     out.print(table)
     return 0
 
@@ -195,8 +257,13 @@ def cmd_tools(as_json: bool) -> int:
         table.add_column(col)
     for t in tools:
         args = ", ".join(t.parameters.get("properties", {}))
-        table.add_row(t.name, "kernel" if t.server is None else f"pid {t.server}", "yes" if t.irreversible else "",
-                      args, t.description)
+        table.add_row(
+            t.name,
+            "kernel" if t.server is None else f"pid {t.server}",
+            "yes" if t.irreversible else "",
+            args,
+            t.description,
+        )
     out.print(table)
     return 0
 
@@ -215,8 +282,13 @@ def cmd_pending(as_json: bool) -> int:
     for col in ("ID", "PID", "TOOL", "WAITING s", "ARGUMENTS"):
         table.add_column(col)
     for p in calls:
-        table.add_row(str(p.id), str(p.caller), p.name, f"{time.time() - p.since:.0f}",
-                      json.dumps(p.args)[:200])
+        table.add_row(
+            str(p.id),
+            str(p.caller),
+            p.name,
+            f"{time.time() - p.since:.0f}",
+            json.dumps(p.args)[:200],
+        )
     out.print(table)
     err.print("[dim]llmos approve ID / llmos deny ID[/]")
     return 0
@@ -236,16 +308,49 @@ def cmd_ps(as_json: bool) -> int:
         print(json.dumps([p.model_dump() for p in procs]))
         return 0
     table = Table(box=None)
-    for col in ("PID", "PPID", "PROG", "STATE", "NI", "MODEL", "CALLS", "TOK IN", "TOK OUT", "RUN s",
-                "WAIT s", "PREEMPT", "MBOX", "QUOTA", "NAME"):
-        table.add_column(col, justify="left" if col in ("STATE", "MODEL", "QUOTA", "NAME") else "right")
+    for col in (
+        "PID",
+        "PPID",
+        "PROG",
+        "STATE",
+        "NI",
+        "MODEL",
+        "CALLS",
+        "TOK IN",
+        "TOK OUT",
+        "RUN s",
+        "WAIT s",
+        "PREEMPT",
+        "MBOX",
+        "QUOTA",
+        "NAME",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("STATE", "MODEL", "QUOTA", "NAME") else "right"
+        )
     for p in procs:
         state = p.state if p.exit_status is None else f"{p.state}({p.exit_status})"
         quota = f"[red]{p.quota_exceeded}[/]" if p.quota_exceeded else ("set" if p.limits else "-")
-        table.add_row(str(p.pid), str(p.ppid), str(p.program), state, str(p.nice), p.model, str(p.generate_calls),
-                      str(p.prompt_tokens), str(p.output_tokens), f"{p.service_s:.2f}", f"{p.wait_s:.2f}",
-                      str(p.preemptions), str(p.mailbox), quota, p.name)
-    (out if out.is_terminal else Console(width=200)).print(table)  # a pipe gets whole rows, not 80 columns
+        table.add_row(
+            str(p.pid),
+            str(p.ppid),
+            str(p.program),
+            state,
+            str(p.nice),
+            p.model,
+            str(p.generate_calls),
+            str(p.prompt_tokens),
+            str(p.output_tokens),
+            f"{p.service_s:.2f}",
+            f"{p.wait_s:.2f}",
+            str(p.preemptions),
+            str(p.mailbox),
+            quota,
+            p.name,
+        )
+    (out if out.is_terminal else Console(width=200)).print(
+        table
+    )  # a pipe gets whole rows, not 80 columns
     return 0
 
 
@@ -282,43 +387,86 @@ def top_view(snap: m.StatResult, prev: m.StatResult | None, max_rows: int | None
     h, t = snap.host, snap.tokens
     up = time.strftime("%H:%M:%S", time.gmtime(snap.uptime_s))
     days = int(snap.uptime_s // 86400)
-    lines = [Text.from_markup(
-        f"[bold]llmos top[/]  {time.strftime('%H:%M:%S', time.localtime(snap.time))}  "
-        f"up {f'{days}d ' if days else ''}{up}  policy {snap.policy}")]
+    lines = [
+        Text.from_markup(
+            f"[bold]llmos top[/]  {time.strftime('%H:%M:%S', time.localtime(snap.time))}  "
+            f"up {f'{days}d ' if days else ''}{up}  policy {snap.policy}"
+        )
+    ]
     for mod in snap.models:
         mem = f", {_size(mod.memory_bytes)}" if mod.memory_bytes is not None else ""
-        lines.append(Text.from_markup(
-            f"[bold]model[/]  {mod.name} ({mod.driver}, {mod.state}{mem}): "
-            f"slots [bold]{mod.busy}[/]/{mod.slots} busy, [bold]{mod.queued}[/] queued"))
+        lines.append(
+            Text.from_markup(
+                f"[bold]model[/]  {mod.name} ({mod.driver}, {mod.state}{mem}): "
+                f"slots [bold]{mod.busy}[/]/{mod.slots} busy, [bold]{mod.queued}[/] queued"
+            )
+        )
     counts = ", ".join(f"{n} {state}" for state, n in snap.states.items())
     lines.append(Text.from_markup(f"[bold]procs[/]  {sum(snap.states.values())}: {counts}"))
-    lines.append(Text.from_markup(
-        f"[bold]tokens[/] prompt [bold]{t.prompt_tps:.1f}[/]/s ({t.prompt_total} total), "
-        f"output [bold]{t.output_tps:.1f}[/]/s ({t.output_total} total)  [dim]over {t.window_s:.0f} s[/]"))
+    lines.append(
+        Text.from_markup(
+            f"[bold]tokens[/] prompt [bold]{t.prompt_tps:.1f}[/]/s ({t.prompt_total} total), "
+            f"output [bold]{t.output_tps:.1f}[/]/s ({t.output_total} total)  [dim]over {t.window_s:.0f} s[/]"
+        )
+    )
     load = " ".join(f"{x:.2f}" for x in h.load_avg)
-    lines.append(Text.from_markup(
-        f"[bold]host[/]   cpu [bold]{h.cpu_percent:.1f}%[/] of {h.cpus} cpus, load {load}, "
-        f"mem {_size(h.mem_available)} free of {_size(h.mem_total)}"))
-    lines.append(Text.from_markup(
-        f"[bold]kernel[/] rss [bold]{_size(h.kernel_rss)}[/], cpu {h.kernel_cpu_percent:.1f}% "
-        f"({h.kernel_cpu_s:.1f} s)"))
+    lines.append(
+        Text.from_markup(
+            f"[bold]host[/]   cpu [bold]{h.cpu_percent:.1f}%[/] of {h.cpus} cpus, load {load}, "
+            f"mem {_size(h.mem_available)} free of {_size(h.mem_total)}"
+        )
+    )
+    lines.append(
+        Text.from_markup(
+            f"[bold]kernel[/] rss [bold]{_size(h.kernel_rss)}[/], cpu {h.kernel_cpu_percent:.1f}% "
+            f"({h.kernel_cpu_s:.1f} s)"
+        )
+    )
 
     shares = tok_shares(snap, prev)
     rows = sorted(snap.procs, key=lambda p: (-shares.get(p.pid, 0.0), p.pid))
     table = Table(box=None, header_style="bold reverse", pad_edge=False)
     # Minimum widths keep the figures whole in 80 columns; NAME (and MODEL) give way.
-    widths = {"PID": 5, "PPID": 5, "STATE": 7, "NI": 3, "MODEL": 5, "TOK IN": 6, "TOK OUT": 7,
-              "%TOK": 5, "RUN s": 6, "WAIT s": 6, "NAME": None}
+    widths = {
+        "PID": 5,
+        "PPID": 5,
+        "STATE": 7,
+        "NI": 3,
+        "MODEL": 5,
+        "TOK IN": 6,
+        "TOK OUT": 7,
+        "%TOK": 5,
+        "RUN s": 6,
+        "WAIT s": 6,
+        "NAME": None,
+    }
     for col, width in widths.items():
         left = col in ("STATE", "MODEL", "NAME")
-        table.add_column(col, justify="left" if left else "right", no_wrap=True, overflow="ellipsis",
-                         min_width=width, max_width=16 if col == "MODEL" else None)
-    shown = rows if max_rows is None else rows[:max(max_rows, 1)]
+        table.add_column(
+            col,
+            justify="left" if left else "right",
+            no_wrap=True,
+            overflow="ellipsis",
+            min_width=width,
+            max_width=16 if col == "MODEL" else None,
+        )
+    shown = rows if max_rows is None else rows[: max(max_rows, 1)]
     for p in shown:
         style = "green" if p.state == "RUNNING" else "dim" if p.state == "ZOMBIE" else None
-        table.add_row(str(p.pid), str(p.ppid), p.state, str(p.nice), p.model, str(p.prompt_tokens),
-                      str(p.output_tokens), f"{shares.get(p.pid, 0.0):.1f}", f"{p.service_s:.2f}",
-                      f"{p.wait_s:.2f}", p.name, style=style)
+        table.add_row(
+            str(p.pid),
+            str(p.ppid),
+            p.state,
+            str(p.nice),
+            p.model,
+            str(p.prompt_tokens),
+            str(p.output_tokens),
+            f"{shares.get(p.pid, 0.0):.1f}",
+            f"{p.service_s:.2f}",
+            f"{p.wait_s:.2f}",
+            p.name,
+            style=style,
+        )
     hidden = len(rows) - len(shown)
     parts: list[Any] = [*lines, Text(""), table]
     if hidden:
@@ -331,6 +479,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     interval = max(args.interval, 0.1)
     deadline_ms = int(max(5.0, 2 * interval) * 1000)
     with connect() as c:
+
         def snapshot() -> tuple[dict[str, Any], m.StatResult]:
             raw = c.call("sys.stat", deadline_ms=deadline_ms)
             return raw, m.StatResult(**raw)
@@ -345,12 +494,15 @@ def cmd_top(args: argparse.Namespace) -> int:
 
         prev: m.StatResult | None = None
         try:
-            with Live(console=out, auto_refresh=False, screen=out.is_terminal,
-                      vertical_overflow="crop") as live:
+            with Live(
+                console=out, auto_refresh=False, screen=out.is_terminal, vertical_overflow="crop"
+            ) as live:
                 while True:
                     snap = snapshot()[1]
-                    live.update(top_view(snap, prev, max_rows=out.height - len(snap.models) - 9),
-                                refresh=True)
+                    live.update(
+                        top_view(snap, prev, max_rows=out.height - len(snap.models) - 9),
+                        refresh=True,
+                    )
                     prev = snap
                     time.sleep(interval)
         except KeyboardInterrupt:
@@ -393,17 +545,29 @@ def cmd_spawn(args: argparse.Namespace) -> int:
 
     tools = [t for t in (args.tools or "").split(",") if t] or None
     with connect() as c:
-        proc = c.spawn(args.name, system=args.system, model=args.model, nice=args.nice,
-                       **({"tools": tools} if tools else {}))
+        proc = c.spawn(
+            args.name,
+            system=args.system,
+            model=args.model,
+            nice=args.nice,
+            **({"tools": tools} if tools else {}),
+        )
         if args.task is None:
-            print(json.dumps({"pid": proc.pid, "token": proc.token}) if args.json else proc.pid, flush=True)
+            print(
+                json.dumps({"pid": proc.pid, "token": proc.token}) if args.json else proc.pid,
+                flush=True,
+            )
             return cmd_wait(proc.pid, None, False) if args.wait else 0
         try:
+
             def show(step: Step) -> None:
                 if not args.json:
                     got = step.error or json.dumps(step.result, ensure_ascii=False)[:300]
-                    err.print(f"[cyan]{step.tool}[/]({json.dumps(step.arguments, ensure_ascii=False)}) -> {got}",
-                              highlight=False, markup=True)
+                    err.print(
+                        f"[cyan]{step.tool}[/]({json.dumps(step.arguments, ensure_ascii=False)}) -> {got}",
+                        highlight=False,
+                        markup=True,
+                    )
 
             result = Agent(proc, tools=tools, max_steps=args.max_steps, on_step=show).run(args.task)
         finally:
@@ -411,9 +575,18 @@ def cmd_spawn(args: argparse.Namespace) -> int:
                 c.kill(proc.pid, "KILL")
                 c.wait(proc.pid, timeout=10)
     if args.json:
-        print(json.dumps({"pid": proc.pid, "answer": result.answer, "stopped": result.stopped,
-                          "output_tokens": result.output_tokens,
-                          "steps": [s.__dict__ for s in result.steps]}, default=str))
+        print(
+            json.dumps(
+                {
+                    "pid": proc.pid,
+                    "answer": result.answer,
+                    "stopped": result.stopped,
+                    "output_tokens": result.output_tokens,
+                    "steps": [s.__dict__ for s in result.steps],
+                },
+                default=str,
+            )
+        )
     elif result.answer is not None:
         out.print(result.answer, markup=False, highlight=False)
     else:
@@ -434,8 +607,10 @@ def cmd_wait(pid: int, timeout: float | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(res.model_dump()))
     else:
-        err.print(f"process {res.pid} exited with status {res.exit_status}"
-                  + (f" (SIG{res.signal})" if res.signal else ""))
+        err.print(
+            f"process {res.pid} exited with status {res.exit_status}"
+            + (f" (SIG{res.signal})" if res.signal else "")
+        )
     return min(int(res.exit_status), 255)
 
 
@@ -455,11 +630,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if started and start_kernel(_default_kernel_args()) != 0:
         return 1
     with connect() as c:
-        proc = c.spawn(args.name or program.stem[:64], system=args.system, nice=args.nice, model=args.model,
-                       program_limits=_parse_limits(args.limit), namespace=args.namespace,
-                       host_pid=os.getpid())  # if `llmos run` dies with the kernel down, the process is hung up
-        env = {**os.environ, "LLMOS_PID": str(proc.pid), "LLMOS_TOKEN": proc.token,
-               "LLMOS_ENDPOINT": resolve_endpoint()}
+        proc = c.spawn(
+            args.name or program.stem[:64],
+            system=args.system,
+            nice=args.nice,
+            model=args.model,
+            program_limits=_parse_limits(args.limit),
+            namespace=args.namespace,
+            host_pid=os.getpid(),
+        )  # if `llmos run` dies with the kernel down, the process is hung up
+        env = {
+            **os.environ,
+            "LLMOS_PID": str(proc.pid),
+            "LLMOS_TOKEN": proc.token,
+            "LLMOS_ENDPOINT": resolve_endpoint(),
+        }
         child = subprocess.Popen([sys.executable, str(program), *args.args], env=env)
         try:
             status = child.wait()
@@ -469,7 +654,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             _kill_tree(c, proc.pid)
         if not args.quiet:
-            err.print(f"[dim]{program.name} exited with status {status} (LLM process {proc.pid} reaped)[/]")
+            err.print(
+                f"[dim]{program.name} exited with status {status} (LLM process {proc.pid} reaped)[/]"
+            )
             if started:
                 err.print("[dim]the kernel keeps running; `llmos kernel stop` stops it[/]")
     return status if status >= 0 else 128 - status
@@ -522,7 +709,9 @@ def cmd_syscalls(args: argparse.Namespace) -> int:
         for col in ("syscall", "arguments", "result", "errors"):
             table.add_column(col)
         for r in table_rows():
-            table.add_row(f"[bold]{r['name']}[/]\n[dim]{r['doc']}[/]", r["args"], r["result"], r["errors"])
+            table.add_row(
+                f"[bold]{r['name']}[/]\n[dim]{r['doc']}[/]", r["args"], r["result"], r["errors"]
+            )
         out.print(table)
     return 0
 
@@ -531,7 +720,9 @@ def cmd_syscalls(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmos", description="llmos: an operating system for LLM agents")
+    p = argparse.ArgumentParser(
+        prog="llmos", description="llmos: an operating system for LLM agents"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     kp = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
@@ -539,7 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     ks = ksub.add_parser("start", help="start the kernel (detached unless --foreground)")
     add_kernel_options(ks)
     ks.add_argument("--foreground", action="store_true", help="run in this terminal, log to stderr")
-    ks.add_argument("--no-wait", action="store_true", help="return without waiting for the model to load")
+    ks.add_argument(
+        "--no-wait", action="store_true", help="return without waiting for the model to load"
+    )
     ksub.add_parser("stop", help="stop the running kernel (SIGTERM)")
     kst = ksub.add_parser("status", help="is a kernel running, with what")
     kst.add_argument("--json", action="store_true")
@@ -550,12 +743,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--name", default=None, help="process name (default: the program's)")
     rp.add_argument("--system", default=None, help="system prompt of its process")
     rp.add_argument("--nice", type=int, default=0)
-    rp.add_argument("--model", default=None, help="model its process runs on (default: the kernel's first; see `llmos models`)")
-    rp.add_argument("--namespace", default=None, metavar="NAME",
-                    help="name of the program's memory namespace: a later run with the same name finds its memory")
-    rp.add_argument("--limit", action="append", default=None, metavar="KEY=VALUE",
-                    help="a quota for the whole program: max_output_tokens, max_context_tokens, "
-                         "max_wall_s, max_calls_per_min (repeatable)")
+    rp.add_argument(
+        "--model",
+        default=None,
+        help="model its process runs on (default: the kernel's first; see `llmos models`)",
+    )
+    rp.add_argument(
+        "--namespace",
+        default=None,
+        metavar="NAME",
+        help="name of the program's memory namespace: a later run with the same name finds its memory",
+    )
+    rp.add_argument(
+        "--limit",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a quota for the whole program: max_output_tokens, max_context_tokens, "
+        "max_wall_s, max_calls_per_min (repeatable)",
+    )
     rp.add_argument("--quiet", action="store_true")
 
     mp = sub.add_parser("models", help="list the kernel's models: driver, state, slots, queue")
@@ -565,7 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--json", action="store_true")
     pe = sub.add_parser("pending", help="irreversible tool calls waiting for your approval")
     pe.add_argument("--json", action="store_true")
-    for verb, what in (("approve", "let a parked tool call run"), ("deny", "refuse a parked tool call")):
+    for verb, what in (
+        ("approve", "let a parked tool call run"),
+        ("deny", "refuse a parked tool call"),
+    ):
         dp = sub.add_parser(verb, help=what)
         dp.add_argument("id", type=int, help="the call's id (llmos pending)")
 
@@ -573,9 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true")
 
     tp = sub.add_parser("top", help="live view of models, processes, token rates and the host")
-    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    tp.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)"
+    )
     tp.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    tp.add_argument("--json", action="store_true", help="print the raw sys.stat result as JSON (implies --once)")
+    tp.add_argument(
+        "--json", action="store_true", help="print the raw sys.stat result as JSON (implies --once)"
+    )
 
     kl = sub.add_parser("kill", help="signal a process")
     kl.add_argument("pid", type=int)
@@ -584,26 +797,47 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("ask", help="one-shot generation in a fresh process")
     ap.add_argument("prompt")
     ap.add_argument("--system", default=None)
-    ap.add_argument("--model", default=None, help="model to ask (default: the kernel's first; see `llmos models`)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="model to ask (default: the kernel's first; see `llmos models`)",
+    )
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--json", action="store_true")
 
-    sn = sub.add_parser("spawn", help="spawn a process; with --task, run the default agent loop on it")
+    sn = sub.add_parser(
+        "spawn", help="spawn a process; with --task, run the default agent loop on it"
+    )
     sn.add_argument("--name", default="agent", help="process name (default: agent)")
     sn.add_argument("--model", default=None)
     sn.add_argument("--system", default=None, help="system prompt")
     sn.add_argument("--nice", type=int, default=0)
-    sn.add_argument("--task", default=None, help="a task for the agent loop (ReAct over the kernel's tools)")
-    sn.add_argument("--tools", default=None, help="comma-separated tools it may use (default: all it may)")
-    sn.add_argument("--max-steps", type=int, default=6, help="tool calls before giving up (default: 6)")
-    sn.add_argument("--keep", action="store_true", help="keep the process after the task (default: reap it)")
-    sn.add_argument("--wait", action="store_true",
-                    help="without --task: wait for the process to exit and exit with its status")
+    sn.add_argument(
+        "--task", default=None, help="a task for the agent loop (ReAct over the kernel's tools)"
+    )
+    sn.add_argument(
+        "--tools", default=None, help="comma-separated tools it may use (default: all it may)"
+    )
+    sn.add_argument(
+        "--max-steps", type=int, default=6, help="tool calls before giving up (default: 6)"
+    )
+    sn.add_argument(
+        "--keep", action="store_true", help="keep the process after the task (default: reap it)"
+    )
+    sn.add_argument(
+        "--wait",
+        action="store_true",
+        help="without --task: wait for the process to exit and exit with its status",
+    )
     sn.add_argument("--json", action="store_true")
-    wt = sub.add_parser("wait", help="wait for a process to exit; exit with its status (like a shell's wait)")
+    wt = sub.add_parser(
+        "wait", help="wait for a process to exit; exit with its status (like a shell's wait)"
+    )
     wt.add_argument("pid", type=int)
-    wt.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 124)")
+    wt.add_argument(
+        "--timeout", type=float, default=None, help="give up after this many seconds (exit 124)"
+    )
     wt.add_argument("--json", action="store_true")
 
     sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
@@ -614,46 +848,105 @@ def build_parser() -> argparse.ArgumentParser:
     bp = sub.add_parser("bench", help="benchmarks")
     bsub = bp.add_subparsers(dest="bcmd", required=True)
     bs = bsub.add_parser("syscalls", help="syscall round trips and generation overhead")
-    bs.add_argument("--clients", default="1,16", help="comma-separated client counts (default: 1,16)")
+    bs.add_argument(
+        "--clients", default="1,16", help="comma-separated client counts (default: 1,16)"
+    )
     bs.add_argument("--calls", type=int, default=5000, help="calls per client per syscall")
     bs.add_argument("--gen-tokens", type=int, default=64, help="tokens per generation (0 skips it)")
     bs.add_argument("--json", action="store_true")
     bsc = bsub.add_parser("sched", help="agent-program workloads under every scheduling policy")
-    bsc.add_argument("--driver", choices=["sim", "cpu"], default="sim",
-                     help="sim: the simulator at scale (default); cpu: a small run on the real model")
-    bsc.add_argument("--policies", default=None, help="comma-separated policies (default: every one the kernel has)")
-    bsc.add_argument("--workloads", default="chat,react,mix", help="comma-separated workloads (default: chat,react,mix)")
-    bsc.add_argument("--programs", type=int, default=None,
-                     help="programs per workload (default: sim 200/200/1200, cpu 6)")
+    bsc.add_argument(
+        "--driver",
+        choices=["sim", "cpu"],
+        default="sim",
+        help="sim: the simulator at scale (default); cpu: a small run on the real model",
+    )
+    bsc.add_argument(
+        "--policies",
+        default=None,
+        help="comma-separated policies (default: every one the kernel has)",
+    )
+    bsc.add_argument(
+        "--workloads",
+        default="chat,react,mix",
+        help="comma-separated workloads (default: chat,react,mix)",
+    )
+    bsc.add_argument(
+        "--programs",
+        type=int,
+        default=None,
+        help="programs per workload (default: sim 200/200/1200, cpu 6)",
+    )
     bsc.add_argument("--slots", type=int, default=None, help="model slots (default: sim 32, cpu 2)")
     bsc.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
-    bsc.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE",
-                     type=driver_option, help="driver option, e.g. tokens_per_s=100 (repeatable)")
+    bsc.add_argument(
+        "--driver-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        type=driver_option,
+        help="driver option, e.g. tokens_per_s=100 (repeatable)",
+    )
     bsc.add_argument("--json", action="store_true")
-    bd = bsub.add_parser("driver", help="a driver's tokens/s and time to first token, through the kernel and direct")
+    bd = bsub.add_parser(
+        "driver", help="a driver's tokens/s and time to first token, through the kernel and direct"
+    )
     bd.add_argument("--driver", default="cpu", help="cpu (default), vllm, openai or sim")
-    bd.add_argument("--model", default=None, help="local Hugging Face model folder (default: the packaged model)")
-    bd.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default: 1,4,16)")
+    bd.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model folder (default: the packaged model)",
+    )
+    bd.add_argument(
+        "--concurrency", default="1,4,16", help="comma-separated client counts (default: 1,4,16)"
+    )
     bd.add_argument("--requests", type=int, default=2, help="generations per client (default: 2)")
-    bd.add_argument("--tokens", type=int, default=32, help="max output tokens per generation (default: 32)")
-    bd.add_argument("--turns", type=int, default=4, help="turns per conversation of the prefix-cache workload")
-    bd.add_argument("--rounds", type=int, default=3,
-                    help="rounds of every level on both paths, order alternating (default: 3)")
-    bd.add_argument("--sequential", action="store_true",
-                    help="run the kernel's rounds, stop it, then the direct ones (one engine loaded at a time)")
-    bd.add_argument("--slots", type=int, default=None, help="driver slots (default: the highest concurrency)")
+    bd.add_argument(
+        "--tokens", type=int, default=32, help="max output tokens per generation (default: 32)"
+    )
+    bd.add_argument(
+        "--turns", type=int, default=4, help="turns per conversation of the prefix-cache workload"
+    )
+    bd.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of every level on both paths, order alternating (default: 3)",
+    )
+    bd.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the kernel's rounds, stop it, then the direct ones (one engine loaded at a time)",
+    )
+    bd.add_argument(
+        "--slots", type=int, default=None, help="driver slots (default: the highest concurrency)"
+    )
     bd.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    bd.add_argument("--driver-option", action="append", default=None, metavar="KEY=VALUE", type=driver_option,
-                    help="driver option (repeatable), e.g. endpoints=http://host:8000/v1 for openai")
+    bd.add_argument(
+        "--driver-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        type=driver_option,
+        help="driver option (repeatable), e.g. endpoints=http://host:8000/v1 for openai",
+    )
     bd.add_argument("--json", action="store_true")
-    bm = bsub.add_parser("memory", help="archival memory put/search latency and throughput at growing sizes")
-    bm.add_argument("--sizes", default="1000,10000,100000", help="entry counts (default: 1000,10000,100000)")
+    bm = bsub.add_parser(
+        "memory", help="archival memory put/search latency and throughput at growing sizes"
+    )
+    bm.add_argument(
+        "--sizes", default="1000,10000,100000", help="entry counts (default: 1000,10000,100000)"
+    )
     bm.add_argument("--searches", type=int, default=200, help="searches per size (default: 200)")
     bm.add_argument("--puts", type=int, default=50, help="single-entry puts per size (default: 50)")
     bm.add_argument("--seed", type=int, default=0)
-    bm.add_argument("--state-dir", default=None, metavar="DIR",
-                    help="keep the kernel's state (and the filled entries) in DIR: a later run measures "
-                         "again without refilling (default: a temporary directory)")
+    bm.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the kernel's state (and the filled entries) in DIR: a later run measures "
+        "again without refilling (default: a temporary directory)",
+    )
     bm.add_argument("--json", action="store_true")
     return p
 
@@ -677,6 +970,7 @@ def _run(args: argparse.Namespace) -> int:
                     import asyncio
 
                     from kernel.daemon import run_kernel
+
                     return asyncio.run(run_kernel(args))
                 return start_kernel(args, wait=not args.no_wait)
             if args.kcmd == "stop":
@@ -708,18 +1002,23 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_syscalls(args)
         case "shell":
             from llmos.shell import run_shell
+
             return run_shell(start=lambda: start_kernel(_default_kernel_args()))
         case "bench":
             if args.bcmd == "sched":
                 from llmos.bench_sched import bench_sched
+
                 return bench_sched(args)
             if args.bcmd == "driver":
                 from llmos.bench_driver import bench_driver
+
                 return bench_driver(args)
             if args.bcmd == "memory":
                 from llmos.bench_memory import bench_memory
+
                 return bench_memory(args)
             from llmos.bench import bench_syscalls
+
             return bench_syscalls(args)
     return 2
 

@@ -65,7 +65,9 @@ def admin_token() -> str | None:
 def _check_endpoint(endpoint: str) -> None:
     if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists():
         raise SyscallError.of(
-            Errno.ECONNREFUSED, f"no kernel socket at {endpoint[6:]}; start one with `llmos kernel start`")
+            Errno.ECONNREFUSED,
+            f"no kernel socket at {endpoint[6:]}; start one with `llmos kernel start`",
+        )
 
 
 def _deadline_of(args: dict[str, Any], deadline_ms: int | None, name: str) -> float:
@@ -116,20 +118,40 @@ class Client:
         return sock
 
     # -- raw syscalls -------------------------------------------------------------------
-    def call(self, name: str, args: dict[str, Any] | None = None, *, pid: int | None = None,
-             token: str | None = None, deadline_ms: int | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        pid: int | None = None,
+        token: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> dict[str, Any]:
         """Make one syscall and return its result (a dict), or raise its error."""
         for frame in self._frames(name, args or {}, pid, token, deadline_ms):
             final = frame
         return final
 
-    def stream(self, name: str, args: dict[str, Any], *, pid: int | None = None,
-               token: str | None = None, deadline_ms: int | None = None) -> Iterator[dict[str, Any]]:
+    def stream(
+        self,
+        name: str,
+        args: dict[str, Any],
+        *,
+        pid: int | None = None,
+        token: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
         """Make a streaming syscall: yields each chunk, then the final result."""
         yield from self._frames(name, args, pid, token, deadline_ms)
 
-    def _frames(self, name: str, args: dict[str, Any], pid: int | None, token: str | None,
-                deadline_ms: int | None) -> Iterator[dict[str, Any]]:
+    def _frames(
+        self,
+        name: str,
+        args: dict[str, Any],
+        pid: int | None,
+        token: str | None,
+        deadline_ms: int | None,
+    ) -> Iterator[dict[str, Any]]:
         sock = self._socket()
         rid = next(self._ids)
         pid = self.pid if pid is None else pid
@@ -144,8 +166,10 @@ class Client:
                 raw = sock.recv()
             except zmq.Again:
                 raise SyscallError.of(
-                    Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}; "
-                    "is it running? (`llmos kernel status`)") from None
+                    Errno.ETIMEDOUT,
+                    f"no reply from the kernel at {self.endpoint} for {name}; "
+                    "is it running? (`llmos kernel status`)",
+                ) from None
             frame = codec.unpackb(raw)
             if not isinstance(frame, dict) or frame.get("id") not in (rid, None):
                 continue  # a late reply to an earlier call (timed out, or a stream left early)
@@ -156,9 +180,16 @@ class Client:
             return
 
     # -- conveniences -------------------------------------------------------------------
-    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
-              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None,
-              **options: Any) -> Process:
+    def spawn(
+        self,
+        name: str,
+        system: str | None = None,
+        model: str | None = None,
+        nice: int = 0,
+        limits: dict[str, Any] | None = None,
+        program_limits: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Process:
         """Create an LLM process (a child of this client's process, or of init).
         ``options``: fork, namespace, ctx_policy, ctx_window, host_pid (see proc.spawn)."""
         args = _spawn_args(name, system, model, nice, limits, program_limits, **options)
@@ -205,7 +236,11 @@ class Client:
         return m.KillResult(**self.call("proc.kill", {"pid": pid, "signal": signal}))
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
-        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
+        return m.WaitResult(
+            **self.call(
+                "proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)
+            )
+        )
 
     def nice(self, pid: int, nice: int) -> m.NiceResult:
         return m.NiceResult(**self.call("proc.nice", {"pid": pid, "nice": nice}))
@@ -214,11 +249,15 @@ class Client:
         """Put ``message`` (any JSON value) in process ``pid``'s mailbox as the admin
         (sender 0); see :meth:`Process.send`."""
         args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
-        return m.SendResult(**self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+        return m.SendResult(
+            **self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None))
+        )
 
     def publish(self, topic: str, message: Any) -> m.PublishResult:
         """Publish ``message`` on ``topic`` as the admin; see :meth:`Process.publish`."""
-        return m.PublishResult(**self.call("ipc.publish", _ipc_args(m.PublishArgs, topic=topic, message=message)))
+        return m.PublishResult(
+            **self.call("ipc.publish", _ipc_args(m.PublishArgs, topic=topic, message=message))
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -272,8 +311,13 @@ class Process:
         return self.client.call(name, args, pid=self.pid, token=self.token, **kw)
 
     # llm.*
-    def generate(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
-                 deadline_ms: int | None = None, **options: Any) -> m.GenerateResult:
+    def generate(
+        self,
+        messages: list[dict[str, str]] | None = None,
+        prompt: str | None = None,
+        deadline_ms: int | None = None,
+        **options: Any,
+    ) -> m.GenerateResult:
         """Generate from chat ``messages`` (kept in the context) or a raw ``prompt``.
         Options: temperature, top_p, max_tokens, stop, seed, response_format.
 
@@ -291,15 +335,21 @@ class Process:
         """Say ``text`` as the user; return the model's answer (both stay in the context)."""
         return self.generate([{"role": "user", "content": text}], **options).text
 
-    def stream(self, text: str | None = None, messages: list[dict[str, str]] | None = None,
-               deadline_ms: int | None = None, **options: Any) -> Iterator[str]:
+    def stream(
+        self,
+        text: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+        deadline_ms: int | None = None,
+        **options: Any,
+    ) -> Iterator[str]:
         """Like :meth:`chat` but yields text as it is generated; ``self.last`` holds
         the final result afterwards."""
         if text is not None:
             messages = [*(messages or []), {"role": "user", "content": text}]
         args = _generate_args(messages=messages, stream=True, **options)
-        for frame in self.client.stream("llm.generate", args, pid=self.pid, token=self.token,
-                                        deadline_ms=deadline_ms):
+        for frame in self.client.stream(
+            "llm.generate", args, pid=self.pid, token=self.token, deadline_ms=deadline_ms
+        ):
             if "finish_reason" in frame:
                 self.last = m.GenerateResult(**frame)
             else:
@@ -354,9 +404,16 @@ class Process:
     def getpid(self) -> m.GetpidResult:
         return m.GetpidResult(**self.call("proc.getpid"))
 
-    def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
-              limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None,
-              **options: Any) -> Process:
+    def spawn(
+        self,
+        name: str,
+        system: str | None = None,
+        model: str | None = None,
+        nice: int = 0,
+        limits: dict[str, Any] | None = None,
+        program_limits: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Process:
         """Spawn a child of this process (``program_limits`` is refused: a child joins its
         parent's program). ``options``: fork (copy this process's context), ctx_policy,
         ctx_window, host_pid (see proc.spawn)."""
@@ -377,7 +434,11 @@ class Process:
 
     def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
         """Wait for one of this process's children to exit."""
-        return m.WaitResult(**self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
+        return m.WaitResult(
+            **self.call(
+                "proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)
+            )
+        )
 
     def kill(self, pid: int | None = None, signal: str = "TERM") -> m.KillResult:
         """Signal this process (default) or one of its descendants."""
@@ -397,21 +458,27 @@ class Process:
         once, or after waiting up to ``timeout`` seconds for room. ``errors.ESRCH`` if
         ``pid`` has exited, or exits while this waits."""
         args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
-        return m.SendResult(**self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+        return m.SendResult(
+            **self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None))
+        )
 
-    def recv(self, timeout: float | None = None, from_pid: int | None = None,
-             topic: str | None = None) -> m.IpcMessage | None:
+    def recv(
+        self, timeout: float | None = None, from_pid: int | None = None, topic: str | None = None
+    ) -> m.IpcMessage | None:
         """The oldest message in this process's mailbox (only from ``from_pid`` / only
         on ``topic``, if given), waiting up to ``timeout`` seconds (0 polls; default:
         the call's 30 s deadline). None if none came. Its payload is ``.body``; ``.sender``,
         ``.topic`` and ``.sent`` say where it came from."""
         return self.recv_full(timeout, from_pid, topic).message
 
-    def recv_full(self, timeout: float | None = None, from_pid: int | None = None,
-                  topic: str | None = None) -> m.RecvResult:
+    def recv_full(
+        self, timeout: float | None = None, from_pid: int | None = None, topic: str | None = None
+    ) -> m.RecvResult:
         """:meth:`recv` with the mailbox's depth after it and its ``dropped`` counter."""
         args = _ipc_args(m.RecvArgs, timeout=timeout, from_pid=from_pid, topic=topic)
-        return m.RecvResult(**self.call("ipc.recv", args, deadline_ms=_blocking_deadline_ms(timeout)))
+        return m.RecvResult(
+            **self.call("ipc.recv", args, deadline_ms=_blocking_deadline_ms(timeout))
+        )
 
     def subscribe(self, topic: str) -> m.SubscribeResult:
         """Receive the messages published on ``topic`` from now on (in :meth:`recv`)."""
@@ -420,13 +487,17 @@ class Process:
     def unsubscribe(self, topic: str) -> m.SubscribeResult:
         """Stop receiving ``topic`` (``errors.ENOENT`` if not subscribed); messages
         already in the mailbox stay."""
-        return m.SubscribeResult(**self.call("ipc.unsubscribe", _ipc_args(m.TopicArgs, topic=topic)))
+        return m.SubscribeResult(
+            **self.call("ipc.unsubscribe", _ipc_args(m.TopicArgs, topic=topic))
+        )
 
     def publish(self, topic: str, message: Any) -> m.PublishResult:
         """Put a copy of ``message`` in the mailbox of every process subscribed to
         ``topic`` (any program's). Never blocks: a subscriber whose mailbox is full
         misses it (counted in its ``dropped``). Returns how many got it."""
-        return m.PublishResult(**self.call("ipc.publish", _ipc_args(m.PublishArgs, topic=topic, message=message)))
+        return m.PublishResult(
+            **self.call("ipc.publish", _ipc_args(m.PublishArgs, topic=topic, message=message))
+        )
 
 
 class Tools:
@@ -441,25 +512,40 @@ class Tools:
 
     def call(self, name: str, args: dict[str, Any] | None = None, timeout_s: float = 30.0) -> Any:
         """Call tool ``name`` and return its JSON result (errors raise SyscallError)."""
-        res = self._call("tool.call", {"name": name, "args": args or {}, "timeout_s": timeout_s},
-                         deadline_ms=int(timeout_s * 1000) + 5000)
+        res = self._call(
+            "tool.call",
+            {"name": name, "args": args or {}, "timeout_s": timeout_s},
+            deadline_ms=int(timeout_s * 1000) + 5000,
+        )
         return m.ToolCallResult(**res).result
 
-    def register(self, name: str, description: str, parameters: dict[str, Any] | type[BaseModel] | None = None,
-                 irreversible: bool = False) -> None:
+    def register(
+        self,
+        name: str,
+        description: str,
+        parameters: dict[str, Any] | type[BaseModel] | None = None,
+        irreversible: bool = False,
+    ) -> None:
         """Serve tool ``name``; ``parameters`` is a JSON schema or a pydantic model class."""
         if isinstance(parameters, type) and issubclass(parameters, BaseModel):
             parameters = parameters.model_json_schema()
-        self._call("tool.register", _opt(name=name, description=description, parameters=parameters,
-                                         irreversible=irreversible))
+        self._call(
+            "tool.register",
+            _opt(
+                name=name, description=description, parameters=parameters, irreversible=irreversible
+            ),
+        )
 
     def unregister(self, name: str) -> None:
         self._call("tool.unregister", {"name": name})
 
     def next(self, timeout_s: float = 10.0) -> m.ToolRequest:
         """The next call of a tool this process serves (``id`` None if none came in time)."""
-        return m.ToolRequest(**self._call("tool.next", {"timeout_s": timeout_s},
-                                          deadline_ms=int(timeout_s * 1000) + 5000))
+        return m.ToolRequest(
+            **self._call(
+                "tool.next", {"timeout_s": timeout_s}, deadline_ms=int(timeout_s * 1000) + 5000
+            )
+        )
 
     def reply(self, call_id: int, result: Any = None, error: str | None = None) -> None:
         """Answer a call: a JSON result, or an error sentence."""
@@ -505,12 +591,16 @@ class Files:
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> str | bytes:
         """The file's content (text, or bytes when it is not UTF-8), up to ``length`` bytes."""
-        res = m.FsReadResult(**self._call("fs.read", _opt(path=path, offset=offset or None, length=length)))
+        res = m.FsReadResult(
+            **self._call("fs.read", _opt(path=path, offset=offset or None, length=length))
+        )
         return res.text if res.text is not None else (res.data or b"")
 
     def write(self, path: str, content: str | bytes, parents: bool = True) -> m.FsWriteResult:
         """Replace the file's content (the old one stays in :meth:`history`)."""
-        return m.FsWriteResult(**self._call("fs.write", {"path": path, **_content(content), "parents": parents}))
+        return m.FsWriteResult(
+            **self._call("fs.write", {"path": path, **_content(content), "parents": parents})
+        )
 
     def append(self, path: str, content: str | bytes) -> m.FsWriteResult:
         """Append to the file (created if absent)."""
@@ -527,18 +617,26 @@ class Files:
 
     def remove(self, path: str, recursive: bool = False) -> int:
         """Remove a file or directory; returns how many files went (their content stays in history)."""
-        return m.FsRemoveResult(**self._call("fs.remove", {"path": path, "recursive": recursive})).removed
+        return m.FsRemoveResult(
+            **self._call("fs.remove", {"path": path, "recursive": recursive})
+        ).removed
 
     def rename(self, src: str, dst: str) -> None:
         self._call("fs.rename", {"src": src, "dst": dst})
 
     def history(self, path: str, limit: int = 50) -> list[m.FsVersion]:
         """The path's versions, newest first."""
-        return m.FsHistoryResult(**self._call("fs.history", {"path": path, "limit": limit})).versions
+        return m.FsHistoryResult(
+            **self._call("fs.history", {"path": path, "limit": limit})
+        ).versions
 
-    def rollback(self, path: str, version: int | None = None, time: float | None = None) -> m.FsWriteResult:
+    def rollback(
+        self, path: str, version: int | None = None, time: float | None = None
+    ) -> m.FsWriteResult:
         """Bring back ``version`` (or the content as of Unix ``time``) as the newest version."""
-        return m.FsWriteResult(**self._call("fs.rollback", _opt(path=path, version=version, time=time)))
+        return m.FsWriteResult(
+            **self._call("fs.rollback", _opt(path=path, version=version, time=time))
+        )
 
     def search(self, query: str, k: int = 5) -> list[m.FsHit]:
         """Passages of this process's files closest in meaning to ``query``."""
@@ -569,10 +667,14 @@ class Memory:
         return {b.label: b.value for b in res.blocks}
 
     def block(self, label: str) -> str:
-        return m.BlocksResult(**self._call("mem.block.get", self._args(label=label))).blocks[0].value
+        return (
+            m.BlocksResult(**self._call("mem.block.get", self._args(label=label))).blocks[0].value
+        )
 
     def set_block(self, label: str, value: str, max_chars: int | None = None) -> m.Block:
-        return m.Block(**self._call("mem.block.set", self._args(label=label, value=value, max_chars=max_chars)))
+        return m.Block(
+            **self._call("mem.block.set", self._args(label=label, value=value, max_chars=max_chars))
+        )
 
     def append_block(self, label: str, text: str) -> m.Block:
         return m.Block(**self._call("mem.block.append", self._args(label=label, text=text)))
@@ -584,8 +686,14 @@ class Memory:
         self._call("mem.block.delete", self._args(label=label))
 
     # recall memory
-    def recall(self, query: str = "", k: int = 10, since: float | None = None, until: float | None = None,
-               role: str | None = None) -> list[m.RecallHit]:
+    def recall(
+        self,
+        query: str = "",
+        k: int = 10,
+        since: float | None = None,
+        until: float | None = None,
+        role: str | None = None,
+    ) -> list[m.RecallHit]:
         """Messages this namespace's process has seen, by words (ranked) and time."""
         args = self._args(query=query, k=k, since=since, until=until, role=role)
         return m.RecallSearchResult(**self._call("mem.recall.search", args)).hits
@@ -593,8 +701,10 @@ class Memory:
     # archival memory
     def put(self, *texts: str | tuple[str, dict[str, Any]]) -> list[int]:
         """Store entries (text, or (text, metadata)); returns their ids."""
-        entries = [{"text": t, "metadata": {}} if isinstance(t, str) else {"text": t[0], "metadata": t[1]}
-                   for t in texts]
+        entries = [
+            {"text": t, "metadata": {}} if isinstance(t, str) else {"text": t[0], "metadata": t[1]}
+            for t in texts
+        ]
         return m.PutResult(**self._call("mem.put", self._args(entries=entries))).ids
 
     def get(self, *ids: int) -> list[m.StoredEntry]:
@@ -603,16 +713,30 @@ class Memory:
     def delete(self, *ids: int) -> int:
         return m.DeleteResult(**self._call("mem.delete", self._args(ids=list(ids)))).deleted
 
-    def search(self, query: str, k: int = 5, filter: dict[str, Any] | None = None,
-               namespaces: list[str] | None = None) -> list[m.StoredEntry]:
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        filter: dict[str, Any] | None = None,
+        namespaces: list[str] | None = None,
+    ) -> list[m.StoredEntry]:
         """The ``k`` entries closest in meaning to ``query`` (best first, with scores)."""
         return self.search_full(query, k, filter, namespaces).hits
 
-    def search_full(self, query: str, k: int = 5, filter: dict[str, Any] | None = None,
-                    namespaces: list[str] | None = None) -> m.SearchResult:
+    def search_full(
+        self,
+        query: str,
+        k: int = 5,
+        filter: dict[str, Any] | None = None,
+        namespaces: list[str] | None = None,
+    ) -> m.SearchResult:
         """:meth:`search` with the embedding and search times."""
-        args = _opt(query=query, k=k, filter=filter or None,
-                    namespaces=namespaces or ([self.namespace] if self.namespace else None))
+        args = _opt(
+            query=query,
+            k=k,
+            filter=filter or None,
+            namespaces=namespaces or ([self.namespace] if self.namespace else None),
+        )
         return m.SearchResult(**self._call("mem.search", args))
 
     # sharing
@@ -620,7 +744,9 @@ class Memory:
         """Let process ``pid`` (or its whole program) read, or read and write, this namespace."""
         ns = self.namespace or self._own
         if ns is None:
-            raise SyscallError.of(Errno.EINVAL, "name the namespace to grant: memory_of('pid:N') or a name")
+            raise SyscallError.of(
+                Errno.EINVAL, "name the namespace to grant: memory_of('pid:N') or a name"
+            )
         self._call("mem.grant", {"namespace": ns, "pid": pid, "write": write, "program": program})
 
     def revoke(self, pid: int, program: bool = False) -> None:
@@ -630,17 +756,31 @@ class Memory:
         self._call("mem.revoke", {"namespace": ns, "pid": pid, "program": program})
 
 
-def _spawn_args(name: str, system: str | None, model: str | None, nice: int,
-                limits: dict[str, Any] | None, program_limits: dict[str, Any] | None,
-                **options: Any) -> dict[str, Any]:
+def _spawn_args(
+    name: str,
+    system: str | None,
+    model: str | None,
+    nice: int,
+    limits: dict[str, Any] | None,
+    program_limits: dict[str, Any] | None,
+    **options: Any,
+) -> dict[str, Any]:
     """proc.spawn arguments, checked here first so mistakes fail before the round trip.
     ``limits``/``program_limits``: max_output_tokens, max_context_tokens, max_wall_s,
     max_calls_per_min."""
     try:
         args = m.SpawnArgs.model_validate(
-            _opt(name=name, system=system, model=model, nice=nice, limits=limits, program_limits=program_limits,
-                 **options),
-            strict=False)
+            _opt(
+                name=name,
+                system=system,
+                model=model,
+                nice=nice,
+                limits=limits,
+                program_limits=program_limits,
+                **options,
+            ),
+            strict=False,
+        )
     except ValidationError as exc:
         raise SyscallError.of(Errno.EINVAL, codec.describe_validation(exc)) from None
     return args.model_dump(exclude_none=True, exclude_defaults=True) | {"name": name}
@@ -700,8 +840,13 @@ def _generate_args(**kw: Any) -> dict[str, Any]:
 _default: threading.local = threading.local()
 
 
-def spawn(name: str = "agent", system: str | None = None, model: str | None = None, nice: int = 0,
-          **options: Any) -> Process:
+def spawn(
+    name: str = "agent",
+    system: str | None = None,
+    model: str | None = None,
+    nice: int = 0,
+    **options: Any,
+) -> Process:
     """Spawn a top-level LLM process from any script, as the kernel's owner (one admin
     connection per thread, made on first use). Use it in a ``with`` block to have it
     killed and reaped at the end::
@@ -727,7 +872,8 @@ def this_process(endpoint: str | None = None) -> Process:
         pid, token = int(os.environ["LLMOS_PID"]), os.environ["LLMOS_TOKEN"]
     except (KeyError, ValueError):
         raise SyscallError.of(
-            Errno.EACCES, "this program has no LLM process: run it with `llmos run PROGRAM.py`") from None
+            Errno.EACCES, "this program has no LLM process: run it with `llmos run PROGRAM.py`"
+        ) from None
     client = Client(endpoint, pid=pid, token=token)
     return Process(client, pid, token)
 
@@ -769,17 +915,30 @@ class AsyncClient:
                 if isinstance(frame, dict) and (q := inbox.get(frame.get("id"))) is not None:
                     q.put_nowait(frame)
 
-    async def _frames(self, name: str, args: dict[str, Any], pid: int | None, token: str | None,
-                      deadline_ms: int | None) -> AsyncIterator[dict[str, Any]]:
+    async def _frames(
+        self,
+        name: str,
+        args: dict[str, Any],
+        pid: int | None,
+        token: str | None,
+        deadline_ms: int | None,
+    ) -> AsyncIterator[dict[str, Any]]:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         rid = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._inbox[rid] = q
         try:
-            await self._sock.send(codec.encode_request(
-                rid, name, args, self.pid if pid is None else pid,
-                self.token if token is None else token, deadline_ms))
+            await self._sock.send(
+                codec.encode_request(
+                    rid,
+                    name,
+                    args,
+                    self.pid if pid is None else pid,
+                    self.token if token is None else token,
+                    deadline_ms,
+                )
+            )
             async with asyncio.timeout(_deadline_of(args, deadline_ms, name) + GRACE_S):
                 while True:
                     frame = await q.get()
@@ -789,26 +948,49 @@ class AsyncClient:
                     yield _final(frame)
                     return
         except TimeoutError:
-            raise SyscallError.of(Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}") from None
+            raise SyscallError.of(
+                Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}"
+            ) from None
         finally:
             self._inbox.pop(rid, None)
 
-    async def call(self, name: str, args: dict[str, Any] | None = None, *, pid: int | None = None,
-                   token: str | None = None, deadline_ms: int | None = None) -> dict[str, Any]:
+    async def call(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        pid: int | None = None,
+        token: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> dict[str, Any]:
         """Make one syscall and return its result, or raise its error."""
         result: dict[str, Any] = {}
         async for frame in self._frames(name, args or {}, pid, token, deadline_ms):
             result = frame
         return result
 
-    def stream(self, name: str, args: dict[str, Any], *, pid: int | None = None, token: str | None = None,
-               deadline_ms: int | None = None) -> AsyncIterator[dict[str, Any]]:
+    def stream(
+        self,
+        name: str,
+        args: dict[str, Any],
+        *,
+        pid: int | None = None,
+        token: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
         """Chunks of a streaming syscall, then its final result."""
         return self._frames(name, args, pid, token, deadline_ms)
 
-    async def spawn(self, name: str, system: str | None = None, model: str | None = None, nice: int = 0,
-                    limits: dict[str, Any] | None = None, program_limits: dict[str, Any] | None = None,
-                    **options: Any) -> AsyncProcess:
+    async def spawn(
+        self,
+        name: str,
+        system: str | None = None,
+        model: str | None = None,
+        nice: int = 0,
+        limits: dict[str, Any] | None = None,
+        program_limits: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncProcess:
         args = _spawn_args(name, system, model, nice, limits, program_limits, **options)
         res = m.SpawnResult(**await self.call("proc.spawn", args))
         return AsyncProcess(self, res.pid, res.token)
@@ -827,12 +1009,18 @@ class AsyncClient:
         return m.KillResult(**await self.call("proc.kill", {"pid": pid, "signal": signal}))
 
     async def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
-        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
+        return m.WaitResult(
+            **await self.call(
+                "proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)
+            )
+        )
 
     async def send(self, pid: int, message: Any, timeout: float = 0) -> m.SendResult:
         """asyncio flavour of :meth:`Client.send`."""
         args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
-        return m.SendResult(**await self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+        return m.SendResult(
+            **await self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None))
+        )
 
     async def publish(self, topic: str, message: Any) -> m.PublishResult:
         """asyncio flavour of :meth:`Client.publish`."""
@@ -879,22 +1067,34 @@ class AsyncProcess:
                 return None
             raise
 
-    async def call(self, name: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    async def call(
+        self, name: str, args: dict[str, Any] | None = None, **kw: Any
+    ) -> dict[str, Any]:
         return await self.client.call(name, args, pid=self.pid, token=self.token, **kw)
 
-    async def generate(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
-                       deadline_ms: int | None = None, **options: Any) -> m.GenerateResult:
+    async def generate(
+        self,
+        messages: list[dict[str, str]] | None = None,
+        prompt: str | None = None,
+        deadline_ms: int | None = None,
+        **options: Any,
+    ) -> m.GenerateResult:
         args = _generate_args(messages=messages, prompt=prompt, **options)
-        self.last = m.GenerateResult(**await self.call("llm.generate", args, deadline_ms=deadline_ms))
+        self.last = m.GenerateResult(
+            **await self.call("llm.generate", args, deadline_ms=deadline_ms)
+        )
         return self.last
 
     async def chat(self, text: str, **options: Any) -> str:
         return (await self.generate([{"role": "user", "content": text}], **options)).text
 
-    async def stream(self, text: str, deadline_ms: int | None = None, **options: Any) -> AsyncIterator[str]:
+    async def stream(
+        self, text: str, deadline_ms: int | None = None, **options: Any
+    ) -> AsyncIterator[str]:
         args = _generate_args(messages=[{"role": "user", "content": text}], stream=True, **options)
-        async for frame in self.client.stream("llm.generate", args, pid=self.pid, token=self.token,
-                                              deadline_ms=deadline_ms):
+        async for frame in self.client.stream(
+            "llm.generate", args, pid=self.pid, token=self.token, deadline_ms=deadline_ms
+        ):
             if "finish_reason" in frame:
                 self.last = m.GenerateResult(**frame)
             else:
@@ -907,10 +1107,16 @@ class AsyncProcess:
         return m.GetpidResult(**await self.call("proc.getpid"))
 
     async def kill(self, pid: int | None = None, signal: str = "TERM") -> m.KillResult:
-        return m.KillResult(**await self.call("proc.kill", {"pid": pid or self.pid, "signal": signal}))
+        return m.KillResult(
+            **await self.call("proc.kill", {"pid": pid or self.pid, "signal": signal})
+        )
 
     async def wait(self, pid: int | None = None, timeout: float | None = None) -> m.WaitResult:
-        return m.WaitResult(**await self.call("proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)))
+        return m.WaitResult(
+            **await self.call(
+                "proc.wait", _opt(pid=pid, timeout=timeout), deadline_ms=_wait_deadline(timeout)
+            )
+        )
 
     async def exit(self, status: int = 0) -> None:
         await self.call("proc.exit", {"status": status})
@@ -918,26 +1124,36 @@ class AsyncProcess:
     async def send(self, pid: int, message: Any, timeout: float = 0) -> m.SendResult:
         """asyncio flavour of :meth:`Process.send`."""
         args = _ipc_args(m.SendArgs, pid=pid, message=message, timeout=timeout or None)
-        return m.SendResult(**await self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None)))
+        return m.SendResult(
+            **await self.call("ipc.send", args, deadline_ms=_blocking_deadline_ms(timeout or None))
+        )
 
-    async def recv(self, timeout: float | None = None, from_pid: int | None = None,
-                   topic: str | None = None) -> m.IpcMessage | None:
+    async def recv(
+        self, timeout: float | None = None, from_pid: int | None = None, topic: str | None = None
+    ) -> m.IpcMessage | None:
         """asyncio flavour of :meth:`Process.recv` (other calls go on while it waits)."""
         return (await self.recv_full(timeout, from_pid, topic)).message
 
-    async def recv_full(self, timeout: float | None = None, from_pid: int | None = None,
-                        topic: str | None = None) -> m.RecvResult:
+    async def recv_full(
+        self, timeout: float | None = None, from_pid: int | None = None, topic: str | None = None
+    ) -> m.RecvResult:
         """asyncio flavour of :meth:`Process.recv_full`."""
         args = _ipc_args(m.RecvArgs, timeout=timeout, from_pid=from_pid, topic=topic)
-        return m.RecvResult(**await self.call("ipc.recv", args, deadline_ms=_blocking_deadline_ms(timeout)))
+        return m.RecvResult(
+            **await self.call("ipc.recv", args, deadline_ms=_blocking_deadline_ms(timeout))
+        )
 
     async def subscribe(self, topic: str) -> m.SubscribeResult:
         """asyncio flavour of :meth:`Process.subscribe`."""
-        return m.SubscribeResult(**await self.call("ipc.subscribe", _ipc_args(m.TopicArgs, topic=topic)))
+        return m.SubscribeResult(
+            **await self.call("ipc.subscribe", _ipc_args(m.TopicArgs, topic=topic))
+        )
 
     async def unsubscribe(self, topic: str) -> m.SubscribeResult:
         """asyncio flavour of :meth:`Process.unsubscribe`."""
-        return m.SubscribeResult(**await self.call("ipc.unsubscribe", _ipc_args(m.TopicArgs, topic=topic)))
+        return m.SubscribeResult(
+            **await self.call("ipc.unsubscribe", _ipc_args(m.TopicArgs, topic=topic))
+        )
 
     async def publish(self, topic: str, message: Any) -> m.PublishResult:
         """asyncio flavour of :meth:`Process.publish`."""

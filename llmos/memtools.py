@@ -29,27 +29,43 @@ class _Params(BaseModel):
 
 
 class CoreAppend(_Params):
-    label: str = Field(description="block to add to, e.g. 'user' or 'persona'", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    text: str = Field(description="the line to add", min_length=1, max_length=limits.MAX_BLOCK_CHARS)
+    label: str = Field(
+        description="block to add to, e.g. 'user' or 'persona'", pattern=r"^[A-Za-z0-9_.-]{1,64}$"
+    )
+    text: str = Field(
+        description="the line to add", min_length=1, max_length=limits.MAX_BLOCK_CHARS
+    )
 
 
 class CoreReplace(_Params):
     label: str = Field(description="block to edit", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    old: str = Field(description="exact text to replace", min_length=1, max_length=limits.MAX_BLOCK_CHARS)
-    new: str = Field(description="replacement text (empty deletes)", max_length=limits.MAX_BLOCK_CHARS)
+    old: str = Field(
+        description="exact text to replace", min_length=1, max_length=limits.MAX_BLOCK_CHARS
+    )
+    new: str = Field(
+        description="replacement text (empty deletes)", max_length=limits.MAX_BLOCK_CHARS
+    )
 
 
 class ArchivalInsert(_Params):
-    text: str = Field(description="a fact worth keeping for later", min_length=1, max_length=limits.MAX_ENTRY_CHARS)
+    text: str = Field(
+        description="a fact worth keeping for later",
+        min_length=1,
+        max_length=limits.MAX_ENTRY_CHARS,
+    )
 
 
 class ArchivalSearch(_Params):
-    query: str = Field(description="what to look for, in plain words", min_length=1, max_length=1000)
+    query: str = Field(
+        description="what to look for, in plain words", min_length=1, max_length=1000
+    )
     k: int = Field(default=3, ge=1, le=10, description="how many results")
 
 
 class ConversationSearch(_Params):
-    query: str = Field(description="words from the earlier conversation", min_length=1, max_length=1000)
+    query: str = Field(
+        description="words from the earlier conversation", min_length=1, max_length=1000
+    )
     k: int = Field(default=5, ge=1, le=20, description="how many messages")
 
 
@@ -64,8 +80,14 @@ class MemoryTool:
 
     def spec(self) -> dict[str, Any]:
         """The tool as an OpenAI-style function spec (JSON schema parameters)."""
-        return {"type": "function", "function": {
-            "name": self.name, "description": self.description, "parameters": self.params.model_json_schema()}}
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.params.model_json_schema(),
+            },
+        }
 
 
 def _core_append(p: Process, a: CoreAppend) -> str:
@@ -102,17 +124,43 @@ def _conversation_search(p: Process, a: ConversationSearch) -> str:
     return "\n".join(f"{h.role}: {h.content}" for h in hits)
 
 
-MEMORY_TOOLS: dict[str, MemoryTool] = {t.name: t for t in (
-    MemoryTool("core_memory_append", "Add a line to a core memory block (always in your prompt), creating it "
-               "if needed. Use it for lasting facts about the user or yourself.", CoreAppend, _core_append),
-    MemoryTool("core_memory_replace", "Replace exact text in a core memory block.", CoreReplace, _core_replace),
-    MemoryTool("archival_memory_insert", "Store a fact in long-term archival memory for later search.",
-               ArchivalInsert, _archival_insert),
-    MemoryTool("archival_memory_search", "Search long-term archival memory by meaning.", ArchivalSearch,
-               _archival_search),
-    MemoryTool("conversation_search", "Search every earlier message of this conversation, including those "
-               "moved out of the context window.", ConversationSearch, _conversation_search),
-)}
+MEMORY_TOOLS: dict[str, MemoryTool] = {
+    t.name: t
+    for t in (
+        MemoryTool(
+            "core_memory_append",
+            "Add a line to a core memory block (always in your prompt), creating it "
+            "if needed. Use it for lasting facts about the user or yourself.",
+            CoreAppend,
+            _core_append,
+        ),
+        MemoryTool(
+            "core_memory_replace",
+            "Replace exact text in a core memory block.",
+            CoreReplace,
+            _core_replace,
+        ),
+        MemoryTool(
+            "archival_memory_insert",
+            "Store a fact in long-term archival memory for later search.",
+            ArchivalInsert,
+            _archival_insert,
+        ),
+        MemoryTool(
+            "archival_memory_search",
+            "Search long-term archival memory by meaning.",
+            ArchivalSearch,
+            _archival_search,
+        ),
+        MemoryTool(
+            "conversation_search",
+            "Search every earlier message of this conversation, including those "
+            "moved out of the context window.",
+            ConversationSearch,
+            _conversation_search,
+        ),
+    )
+}
 
 
 def memory_tool_specs() -> list[dict[str, Any]]:
@@ -126,7 +174,9 @@ def call_memory_tool(process: Process, name: str, arguments: dict[str, Any] | st
     unknown tool or bad arguments, or the syscall's own error)."""
     tool = MEMORY_TOOLS.get(name)
     if tool is None:
-        raise SyscallError.of(Errno.EINVAL, f"no memory tool {name!r}; there are: {', '.join(MEMORY_TOOLS)}")
+        raise SyscallError.of(
+            Errno.EINVAL, f"no memory tool {name!r}; there are: {', '.join(MEMORY_TOOLS)}"
+        )
     try:
         raw = json.loads(arguments) if isinstance(arguments, str) else arguments
         params = tool.params.model_validate(raw)

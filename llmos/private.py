@@ -19,7 +19,11 @@ class PrivateKernel:
     def __init__(self, base: Path, *args: str) -> None:
         self.run_dir, self.state_dir = base / "run", base / "state"
         self.args = args
-        self.env = {**os.environ, "LLMOS_RUNTIME_DIR": str(self.run_dir), "LLMOS_STATE_DIR": str(self.state_dir)}
+        self.env = {
+            **os.environ,
+            "LLMOS_RUNTIME_DIR": str(self.run_dir),
+            "LLMOS_STATE_DIR": str(self.state_dir),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -34,12 +38,18 @@ class PrivateKernel:
         """Start the daemon and wait until every model is ready (or asleep, beyond
         ``--max-loaded``: it loads on first use)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel", *self.args], env=self.env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [sys.executable, "-m", "kernel", *self.args],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the kernel exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"the kernel exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             try:
                 with self.admin() as c:
                     info = c.info()

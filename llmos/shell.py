@@ -43,17 +43,33 @@ class Command:
     name: str
     usage: str  # the arguments, as help shows them
     help: str  # one line
-    args: tuple[str, ...] = ()  # kind of each positional argument, for completion: pid, path, model, tool, signal
+    args: tuple[
+        str, ...
+    ] = ()  # kind of each positional argument, for completion: pid, path, model, tool, signal
     min_args: int = 0
     max_args: int | None = 0  # None: any number (the rest of the line)
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("ps", "", "list processes"),
-    Command("top", "[N]", "live view of models and processes (N refreshes, or until Ctrl-C)", max_args=1),
-    Command("spawn", "NAME [--system TEXT] [--model MODEL]", "spawn a process (kept for chat, cd)",
-            min_args=1, max_args=None),
-    Command("kill", "PID [SIG]", "signal a process: TERM (default), KILL, STOP, CONT", ("pid", "signal"), 1, 2),
+    Command(
+        "top", "[N]", "live view of models and processes (N refreshes, or until Ctrl-C)", max_args=1
+    ),
+    Command(
+        "spawn",
+        "NAME [--system TEXT] [--model MODEL]",
+        "spawn a process (kept for chat, cd)",
+        min_args=1,
+        max_args=None,
+    ),
+    Command(
+        "kill",
+        "PID [SIG]",
+        "signal a process: TERM (default), KILL, STOP, CONT",
+        ("pid", "signal"),
+        1,
+        2,
+    ),
     Command("stop", "PID", "stop a process (SIGSTOP)", ("pid",), 1, 1),
     Command("cont", "PID", "resume a stopped process (SIGCONT)", ("pid",), 1, 1),
     Command("nice", "PID N", "set a process's nice value", ("pid",), 2, 2),
@@ -61,19 +77,37 @@ COMMANDS: tuple[Command, ...] = (
     Command("stat", "", "system state: models, process counts, token rates, host"),
     Command("models", "", "the kernel's models"),
     Command("syscalls", "", "the syscall table"),
-    Command("tools", "[call NAME JSON]", "list tools, or call one with JSON arguments", ("call", "tool"), 0, 3),
+    Command(
+        "tools",
+        "[call NAME JSON]",
+        "list tools, or call one with JSON arguments",
+        ("call", "tool"),
+        0,
+        3,
+    ),
     Command("pending", "", "irreversible tool calls waiting for approval"),
     Command("approve", "ID", "let a parked tool call run", ("id",), 1, 1),
     Command("deny", "ID", "refuse a parked tool call", ("id",), 1, 1),
-    Command("chat", "[PID]", "converse with a process spawned here (a new one without PID)", ("pid",), 0, 1),
-    Command("cd", "PID", "choose the process whose files and memory ls/cat/mem use", ("pid",), 1, 1),
+    Command(
+        "chat",
+        "[PID]",
+        "converse with a process spawned here (a new one without PID)",
+        ("pid",),
+        0,
+        1,
+    ),
+    Command(
+        "cd", "PID", "choose the process whose files and memory ls/cat/mem use", ("pid",), 1, 1
+    ),
     Command("ls", "[PATH]", "list a directory of the current process", ("path",), 0, 1),
     Command("cat", "PATH", "print a file", ("path",), 1, 1),
     Command("write", "PATH TEXT", "replace a file's content with TEXT", ("path",), 2, None),
     Command("rm", "PATH", "remove a file (its content stays in history)", ("path",), 1, 1),
     Command("history", "PATH", "a file's versions, newest first", ("path",), 1, 1),
     Command("rollback", "PATH VERSION", "bring back an old version of a file", ("path",), 2, 2),
-    Command("mem", "[search QUERY]", "core memory blocks, or an archival search", ("search",), 0, None),
+    Command(
+        "mem", "[search QUERY]", "core memory blocks, or an archival search", ("search",), 0, None
+    ),
     Command("help", "[COMMAND]", "this table", ("command",), 0, 1),
     Command("exit", "", "leave the shell (also quit, Ctrl-D)"),
     Command("quit", "", "leave the shell"),
@@ -134,7 +168,9 @@ def _spawn_options(args: list[str]) -> tuple[str, dict[str, Any]]:
 class Session:
     """The shell's state and its commands; prints to ``console``."""
 
-    def __init__(self, console: Console | None = None, connect: Callable[[], Client] = Client) -> None:
+    def __init__(
+        self, console: Console | None = None, connect: Callable[[], Client] = Client
+    ) -> None:
         self.console = console or Console(highlight=False)
         self._connect = connect
         self.client: Client | None = None
@@ -193,20 +229,43 @@ class Session:
         except (ShellExit, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug or a broken reply: one line, and the shell goes on
-            self.console.print(f"[red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True)
+            self.console.print(
+                f"[red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True
+            )
         return False
 
     # -- processes --------------------------------------------------------------------
     def do_ps(self, args: list[str]) -> None:
         table = Table(box=None, header_style="bold")
-        for col in ("PID", "PPID", "STATE", "NI", "MODEL", "TOK IN", "TOK OUT", "WAIT s", "AGE s", "NAME"):
+        for col in (
+            "PID",
+            "PPID",
+            "STATE",
+            "NI",
+            "MODEL",
+            "TOK IN",
+            "TOK OUT",
+            "WAIT s",
+            "AGE s",
+            "NAME",
+        ):
             table.add_column(col, justify="left" if col in ("STATE", "MODEL", "NAME") else "right")
         now = time.time()
         for p in self.admin().ps():
             mark = "*" if p.pid in self.procs else ""
-            table.add_row(str(p.pid), str(p.ppid), p.state, str(p.nice), p.model, str(p.prompt_tokens),
-                          str(p.output_tokens), f"{p.wait_s:.1f}", f"{now - p.created:.0f}", p.name + mark,
-                          style="green" if p.state == "RUNNING" else None)
+            table.add_row(
+                str(p.pid),
+                str(p.ppid),
+                p.state,
+                str(p.nice),
+                p.model,
+                str(p.prompt_tokens),
+                str(p.output_tokens),
+                f"{p.wait_s:.1f}",
+                f"{now - p.created:.0f}",
+                p.name + mark,
+                style="green" if p.state == "RUNNING" else None,
+            )
         self.console.print(table)
 
     def do_top(self, args: list[str]) -> None:
@@ -217,7 +276,10 @@ class Session:
         n = _int(args[0], "N") if args else None
         prev: m.StatResult | None = None
         done = 0
-        with contextlib.suppress(KeyboardInterrupt), Live(console=self.console, auto_refresh=False) as live:
+        with (
+            contextlib.suppress(KeyboardInterrupt),
+            Live(console=self.console, auto_refresh=False) as live,
+        ):
             while n is None or done < n:
                 snap = self.admin().stat()
                 live.update(top_view(snap, prev, max_rows=20), refresh=True)
@@ -256,8 +318,10 @@ class Session:
         pid = _int(args[0], "PID")
         res = self.admin().wait(pid)
         self.procs.pop(pid, None)
-        self.say(f"process {res.pid} exited with status {res.exit_status}"
-                 + (f" (signal {res.signal})" if res.signal else ""))
+        self.say(
+            f"process {res.pid} exited with status {res.exit_status}"
+            + (f" (signal {res.signal})" if res.signal else "")
+        )
 
     # -- the system -------------------------------------------------------------------
     def do_stat(self, args: list[str]) -> None:
@@ -270,8 +334,15 @@ class Session:
         for col in ("MODEL", "DRIVER", "STATE", "SLOTS", "BUSY", "QUEUED", "WINDOW"):
             table.add_column(col)
         for mod in self.admin().info().models:
-            table.add_row(mod.name + (" (default)" if mod.default else ""), mod.driver, mod.state, str(mod.slots),
-                          str(mod.busy), str(mod.queued), str(mod.max_context))
+            table.add_row(
+                mod.name + (" (default)" if mod.default else ""),
+                mod.driver,
+                mod.state,
+                str(mod.slots),
+                str(mod.busy),
+                str(mod.queued),
+                str(mod.max_context),
+            )
         self.console.print(table)
 
     def do_syscalls(self, args: list[str]) -> None:
@@ -299,8 +370,12 @@ class Session:
         for col in ("TOOL", "SERVED BY", "ARGUMENTS", "DESCRIPTION"):
             table.add_column(col)
         for t in self.admin().tools():
-            table.add_row(t.name, "kernel" if t.server is None else f"pid {t.server}",
-                          ", ".join(t.parameters.get("properties", {})), t.description)
+            table.add_row(
+                t.name,
+                "kernel" if t.server is None else f"pid {t.server}",
+                ", ".join(t.parameters.get("properties", {})),
+                t.description,
+            )
         self.console.print(table)
 
     def do_pending(self, args: list[str]) -> None:
@@ -312,7 +387,13 @@ class Session:
         for col in ("ID", "PID", "TOOL", "WAITING s", "ARGUMENTS"):
             table.add_column(col)
         for p in calls:
-            table.add_row(str(p.id), str(p.caller), p.name, f"{time.time() - p.since:.0f}", json.dumps(p.args)[:200])
+            table.add_row(
+                str(p.id),
+                str(p.caller),
+                p.name,
+                f"{time.time() - p.since:.0f}",
+                json.dumps(p.args)[:200],
+            )
         self.console.print(table)
 
     def do_approve(self, args: list[str]) -> None:
@@ -335,7 +416,9 @@ class Session:
             table.add_row(c.name, c.usage, c.help)
         self.console.print(table)
         if not args:
-            self.say("[dim]? QUESTION asks the model to propose commands (run only after you confirm)[/]")
+            self.say(
+                "[dim]? QUESTION asks the model to propose commands (run only after you confirm)[/]"
+            )
 
     def do_exit(self, args: list[str]) -> None:
         raise ShellExit
@@ -349,8 +432,10 @@ class Session:
         proc = self.procs.get(pid)
         if proc is None:
             raise SyscallError.of(
-                Errno.EPERM, f"process {pid} was not spawned in this shell, so it cannot be attached; "
-                "`spawn NAME` or `chat` alone makes one")
+                Errno.EPERM,
+                f"process {pid} was not spawned in this shell, so it cannot be attached; "
+                "`spawn NAME` or `chat` alone makes one",
+            )
         return proc
 
     def _current(self) -> Process:
@@ -369,7 +454,9 @@ class Session:
             self.do_spawn(["chat"])
             self.chat_pid = self.cwd
 
-    def chat_turn(self, pid: int, text: str, write: Callable[[str], None], max_tokens: int = 512) -> str:
+    def chat_turn(
+        self, pid: int, text: str, write: Callable[[str], None], max_tokens: int = 512
+    ) -> str:
         """Say ``text`` to process ``pid``; ``write`` gets the reply as it streams.
 
         The generation runs in a fork of the process (a child with a copy of its
@@ -386,7 +473,12 @@ class Session:
             with contextlib.suppress(SyscallError):
                 proc.kill(turn.pid, "KILL")
                 proc.wait(turn.pid, timeout=10)
-            proc.append([{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}])
+            proc.append(
+                [
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": "".join(pieces)},
+                ]
+            )
         return "".join(pieces)
 
     def do_ls(self, args: list[str]) -> None:
@@ -397,7 +489,9 @@ class Session:
             table.add_column(col)
         for e in entries:
             name = f"[blue]{e.name}/[/]" if e.type == "dir" else e.name
-            table.add_row(name, e.type, str(e.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime)))
+            table.add_row(
+                name, e.type, str(e.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+            )
         if not entries:
             self.say(f"{path}: empty")
             return
@@ -421,8 +515,12 @@ class Session:
         for col in ("VERSION", "TIME", "SIZE", "OP"):
             table.add_column(col)
         for v in self._current().files.history(args[0]):
-            table.add_row(str(v.version), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.time)),
-                          str(v.size), v.op)
+            table.add_row(
+                str(v.version),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.time)),
+                str(v.size),
+                v.op,
+            )
         self.console.print(table)
 
     def do_rollback(self, args: list[str]) -> None:
@@ -438,7 +536,9 @@ class Session:
             if not hits:
                 self.say("no archival entry")
             for h in hits:
-                self.console.print(f"[bold]{h.id}[/] [dim]{h.score or 0:.3f}[/] {h.text}", highlight=False)
+                self.console.print(
+                    f"[bold]{h.id}[/] [dim]{h.score or 0:.3f}[/] {h.text}", highlight=False
+                )
             return
         blocks = mem.blocks()
         if not blocks:
@@ -451,20 +551,39 @@ class Session:
         """Ask a helper process for shell commands that do ``question``: each proposed
         line with why it is invalid (None when it is a valid command)."""
         admin = self.admin()
-        table = "\n".join(f"{c.name} {c.usage}".rstrip() + f"  # {c.help}" for c in COMMANDS
-                          if c.name not in INTERACTIVE)
+        table = "\n".join(
+            f"{c.name} {c.usage}".rstrip() + f"  # {c.help}"
+            for c in COMMANDS
+            if c.name not in INTERACTIVE
+        )
         now = time.time()
-        ps = "\n".join(f"pid {p.pid} name {p.name} state {p.state} waiting {p.wait_s:.0f}s age {now - p.created:.0f}s"
-                       for p in admin.ps())
-        system = ("You operate the llmos shell. Answer with the shell commands that do what the user asks, "
-                  f"one command per string, only from this table:\n{table}\n\nThe processes now:\n{ps}")
-        item = {"type": "string", "pattern": command_pattern()}  # the grammar keeps lines well formed
-        schema = {"type": "object", "required": ["commands"], "properties": {"commands": {
-            "type": "array", "items": item, "minItems": 1, "maxItems": 5}}}
+        ps = "\n".join(
+            f"pid {p.pid} name {p.name} state {p.state} waiting {p.wait_s:.0f}s age {now - p.created:.0f}s"
+            for p in admin.ps()
+        )
+        system = (
+            "You operate the llmos shell. Answer with the shell commands that do what the user asks, "
+            f"one command per string, only from this table:\n{table}\n\nThe processes now:\n{ps}"
+        )
+        item = {
+            "type": "string",
+            "pattern": command_pattern(),
+        }  # the grammar keeps lines well formed
+        schema = {
+            "type": "object",
+            "required": ["commands"],
+            "properties": {
+                "commands": {"type": "array", "items": item, "minItems": 1, "maxItems": 5}
+            },
+        }
         helper = admin.spawn("shell-nl", system=system)
         try:
-            res = helper.generate([{"role": "user", "content": question}], max_tokens=160, temperature=0.0,
-                                  response_format={"type": "json_schema", "schema": schema})
+            res = helper.generate(
+                [{"role": "user", "content": question}],
+                max_tokens=160,
+                temperature=0.0,
+                response_format={"type": "json_schema", "schema": schema},
+            )
         finally:
             with contextlib.suppress(SyscallError):
                 admin.kill(helper.pid, "KILL")
@@ -472,14 +591,21 @@ class Session:
         try:
             lines = json.loads(res.text).get("commands", [])
         except (json.JSONDecodeError, AttributeError):
-            raise SyscallError.of(Errno.EPROTO, f"the model's answer did not parse: {res.text[:200]!r}") from None
+            raise SyscallError.of(
+                Errno.EPROTO, f"the model's answer did not parse: {res.text[:200]!r}"
+            ) from None
         lines = list(dict.fromkeys(str(line).strip() for line in lines if str(line).strip()))
         return [(line, check(line)) for line in lines]
 
 
 #: What each kind of argument looks like, for the grammar of proposed commands.
-ARG_PATTERNS = {"pid": "[0-9]{1,7}", "id": "[0-9]{1,9}", "signal": "(TERM|KILL|STOP|CONT)",
-                "path": "[A-Za-z0-9_./-]{1,64}", "search": "search"}
+ARG_PATTERNS = {
+    "pid": "[0-9]{1,7}",
+    "id": "[0-9]{1,9}",
+    "signal": "(TERM|KILL|STOP|CONT)",
+    "path": "[A-Za-z0-9_./-]{1,64}",
+    "search": "search",
+}
 
 
 def command_pattern() -> str:
@@ -570,7 +696,9 @@ def run_shell(start: Callable[[], int] | None = None) -> int:
             return 1
     if not sys.stdin.isatty():
         return run_script(session, sys.stdin)
-    console.print("[bold]llmos shell[/]: `help` lists the commands, `? QUESTION` asks the model, Ctrl-D leaves")
+    console.print(
+        "[bold]llmos shell[/]: `help` lists the commands, `? QUESTION` asks the model, Ctrl-D leaves"
+    )
 
     class _Completer(Completer):
         def get_completions(self, document: Any, complete_event: Any) -> Iterator[Completion]:
@@ -578,8 +706,11 @@ def run_shell(start: Callable[[], int] | None = None) -> int:
                 yield Completion(cand, start_position=pos)
 
     state = paths.ensure_private_dir(paths.state_dir())
-    prompt = PromptSession(history=FileHistory(str(state / "shell_history")), completer=_Completer(),
-                           complete_while_typing=False)
+    prompt = PromptSession(
+        history=FileHistory(str(state / "shell_history")),
+        completer=_Completer(),
+        complete_while_typing=False,
+    )
     while True:
         try:
             line = prompt.prompt(PROMPT)
@@ -634,13 +765,20 @@ def _ask(session: Session, prompt: Any, question: str) -> None:
         return
     valid = [line for line, why in proposed if why is None]
     for line, why in proposed:
-        console.print(f"  [bold]{line}[/]" if why is None else f"  [dim]{line}[/]  [yellow](skipped: {why})[/]",
-                      highlight=False, markup=True)
+        console.print(
+            f"  [bold]{line}[/]"
+            if why is None
+            else f"  [dim]{line}[/]  [yellow](skipped: {why})[/]",
+            highlight=False,
+            markup=True,
+        )
     if not valid:
         console.print("the model proposed no valid command")
         return
     try:
-        answer = prompt.prompt(f"run {'this command' if len(valid) == 1 else f'these {len(valid)} commands'}? [y/N] ")
+        answer = prompt.prompt(
+            f"run {'this command' if len(valid) == 1 else f'these {len(valid)} commands'}? [y/N] "
+        )
     except (KeyboardInterrupt, EOFError):
         answer = ""
     if answer.strip().lower() not in ("y", "yes"):
@@ -667,7 +805,9 @@ def _chat(session: Session, pid: int) -> None:
         if not text.strip() or text.strip() == "/exit":
             return
         try:
-            session.chat_turn(pid, text, lambda piece: console.print(piece, end="", markup=False, highlight=False))
+            session.chat_turn(
+                pid, text, lambda piece: console.print(piece, end="", markup=False, highlight=False)
+            )
             console.print()
         except KeyboardInterrupt:
             console.print("\n[dim]^C (reply stopped)[/]")

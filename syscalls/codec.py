@@ -62,7 +62,8 @@ def unpackb(frame: bytes) -> Any:
     """
     if len(frame) > limits.MAX_FRAME_BYTES:
         raise SyscallError(
-            Errno.E2BIG, f"frame of {len(frame)} bytes exceeds the {limits.MAX_FRAME_BYTES}-byte limit"
+            Errno.E2BIG,
+            f"frame of {len(frame)} bytes exceeds the {limits.MAX_FRAME_BYTES}-byte limit",
         )
     try:
         return msgpack.unpackb(
@@ -130,14 +131,25 @@ def _check_envelope(obj: dict[str, Any]) -> Request:
 
 
 def encode_request(
-    rid: int, call: str, args: dict[str, Any], pid: int = 0, token: str = "",
+    rid: int,
+    call: str,
+    args: dict[str, Any],
+    pid: int = 0,
+    token: str = "",
     deadline_ms: int | None = None,
 ) -> bytes:
     """Build a request frame (used by the SDK)."""
-    return packb({
-        "v": limits.ABI_VERSION, "id": rid, "call": call, "pid": pid, "token": token,
-        "deadline_ms": deadline_ms, "args": args,
-    })
+    return packb(
+        {
+            "v": limits.ABI_VERSION,
+            "id": rid,
+            "call": call,
+            "pid": pid,
+            "token": token,
+            "deadline_ms": deadline_ms,
+            "args": args,
+        }
+    )
 
 
 def ok_reply(rid: int | None, result: dict[str, Any], seq: int | None = None) -> bytes:

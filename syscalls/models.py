@@ -37,16 +37,24 @@ ExitSignal = Literal["HUP", "TERM", "KILL"]
 #: to a program at spawn (letters, digits, ``_.-``) that a later run can use again.
 Namespace = Annotated[
     str,
-    Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^(pid:[0-9]+|prog:[0-9]+|[A-Za-z0-9_.-]+)$"),
+    Field(
+        min_length=1,
+        max_length=limits.MAX_NAME_CHARS,
+        pattern=r"^(pid:[0-9]+|prog:[0-9]+|[A-Za-z0-9_.-]+)$",
+    ),
 ]
 ProgramNamespace = Annotated[
-    str, Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$"),
+    str,
+    Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$"),
 ]
-Label = Annotated[str, Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")]
+Label = Annotated[
+    str, Field(min_length=1, max_length=limits.MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
+]
 CtxPolicy = Literal["truncate", "summarize", "error"]
 #: A pub/sub topic: letters, digits and ``_.:/-`` (``jobs/done``, ``team.alerts``).
 Topic = Annotated[
-    str, Field(min_length=1, max_length=limits.MAX_TOPIC_CHARS, pattern=r"^[A-Za-z0-9_.:/-]+$"),
+    str,
+    Field(min_length=1, max_length=limits.MAX_TOPIC_CHARS, pattern=r"^[A-Za-z0-9_.:/-]+$"),
 ]
 State = Literal["NEW", "READY", "RUNNING", "WAITING", "STOPPED", "ZOMBIE"]
 FinishReason = Literal["stop", "length", "abort"]
@@ -88,10 +96,18 @@ Messages = Annotated[list[ChatMessage], Field(max_length=limits.MAX_MESSAGES)]
 class Limits(Args):
     """Quotas; unset fields are inherited from the parent (or unlimited at top level)."""
 
-    max_output_tokens: int | None = Field(default=None, ge=1, le=2**40, description="output tokens over its life")
-    max_context_tokens: int | None = Field(default=None, ge=1, le=2**31, description="prompt tokens of any one call")
-    max_wall_s: float | None = Field(default=None, gt=0, le=365 * 86400, description="seconds since spawn")
-    max_calls_per_min: int | None = Field(default=None, ge=1, le=10**6, description="llm.generate calls per minute")
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, le=2**40, description="output tokens over its life"
+    )
+    max_context_tokens: int | None = Field(
+        default=None, ge=1, le=2**31, description="prompt tokens of any one call"
+    )
+    max_wall_s: float | None = Field(
+        default=None, gt=0, le=365 * 86400, description="seconds since spawn"
+    )
+    max_calls_per_min: int | None = Field(
+        default=None, ge=1, le=10**6, description="llm.generate calls per minute"
+    )
 
 
 _MAX_MOUNTS = limits.MAX_MOUNTS  # SpawnArgs has a field named limits
@@ -105,42 +121,76 @@ class MountSpec(Args):
 
     name: Label = Field(description="the mount's name: it appears at /mnt/NAME")
     path: Annotated[str, Field(min_length=1, max_length=limits.MAX_PATH_BYTES)] | None = Field(
-        default=None, description="host directory (the admin only); a process passes on one of its own "
-        "mounts by name, leaving this out")
+        default=None,
+        description="host directory (the admin only); a process passes on one of its own "
+        "mounts by name, leaving this out",
+    )
     mode: Literal["ro", "rw"] = Field(default="ro", description="read-only or read-write")
 
 
 class SpawnArgs(Args):
     name: Name = Field(description="process name shown by ps")
-    model: Name | None = Field(default=None, description="model to run on (default: the kernel's first)")
-    system: Text | None = Field(default=None, description="system prompt placed first in the context")
+    model: Name | None = Field(
+        default=None, description="model to run on (default: the kernel's first)"
+    )
+    system: Text | None = Field(
+        default=None, description="system prompt placed first in the context"
+    )
     nice: Nice = Field(default=0, description="priority as a Unix nice value, -20 (first) .. 19")
-    limits: Limits | None = Field(default=None, description="this process's quotas (never above its parent's)")
-    fork: bool = Field(default=False, description="start with a copy of the caller's context, like fork()")
-    adapter: Label | None = Field(default=None, description="a LoRA adapter of its model to generate with "
-                                  "(llmos models lists them); inherited by children")
+    limits: Limits | None = Field(
+        default=None, description="this process's quotas (never above its parent's)"
+    )
+    fork: bool = Field(
+        default=False, description="start with a copy of the caller's context, like fork()"
+    )
+    adapter: Label | None = Field(
+        default=None,
+        description="a LoRA adapter of its model to generate with "
+        "(llmos models lists them); inherited by children",
+    )
     tools: list[ToolPattern] | None = Field(
-        default=None, max_length=_MAX_TOOL_PATTERNS, description="tools it may use (glob patterns, e.g. "
-        "['calculator', 'fs_*']); it can never use more than its parent (default: what the parent may)")
-    confirm: bool = Field(default=False, description="irreversible tool calls wait for the owner's approval "
-                          "(inherited; a child cannot turn it off)")
+        default=None,
+        max_length=_MAX_TOOL_PATTERNS,
+        description="tools it may use (glob patterns, e.g. "
+        "['calculator', 'fs_*']); it can never use more than its parent (default: what the parent may)",
+    )
+    confirm: bool = Field(
+        default=False,
+        description="irreversible tool calls wait for the owner's approval "
+        "(inherited; a child cannot turn it off)",
+    )
     mounts: list[MountSpec] | None = Field(
-        default=None, max_length=_MAX_MOUNTS, description="directories at /mnt/NAME (default: the "
-        "parent's mounts); a child gets only mounts its parent has, never with more access")
+        default=None,
+        max_length=_MAX_MOUNTS,
+        description="directories at /mnt/NAME (default: the "
+        "parent's mounts); a child gets only mounts its parent has, never with more access",
+    )
     namespace: ProgramNamespace | None = Field(
-        default=None, description="name of the program's shared memory namespace (top-level spawns); "
-        "a later program spawned with the same name finds that memory again")
+        default=None,
+        description="name of the program's shared memory namespace (top-level spawns); "
+        "a later program spawned with the same name finds that memory again",
+    )
     ctx_policy: CtxPolicy = Field(
-        default="truncate", description="when a prompt would overflow the window: drop the oldest turns "
-        "(truncate), fold them into a running summary (summarize), or fail with E2BIG (error)")
+        default="truncate",
+        description="when a prompt would overflow the window: drop the oldest turns "
+        "(truncate), fold them into a running summary (summarize), or fail with E2BIG (error)",
+    )
     ctx_window: int | None = Field(
-        default=None, ge=MIN_CTX_WINDOW, le=2**24,
-        description="context window in tokens, if smaller than the model's")
+        default=None,
+        ge=MIN_CTX_WINDOW,
+        le=2**24,
+        description="context window in tokens, if smaller than the model's",
+    )
     host_pid: int | None = Field(
-        default=None, ge=1, lt=2**31, description="OS pid of the program driving the new process, on the "
-        "kernel's host; if it is gone after a kernel restart the process is hung up (HUP)")
+        default=None,
+        ge=1,
+        lt=2**31,
+        description="OS pid of the program driving the new process, on the "
+        "kernel's host; if it is gone after a kernel restart the process is hung up (HUP)",
+    )
     program_limits: Limits | None = Field(
-        default=None, description="quotas of the whole program (top-level spawns only)")
+        default=None, description="quotas of the whole program (top-level spawns only)"
+    )
 
 
 class SpawnResult(Result):
@@ -157,7 +207,9 @@ class Usage(Result):
     prompt_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = Field(
-        default=0, description="prompt tokens the driver reused from its prefix cache (all stretches)")
+        default=0,
+        description="prompt tokens the driver reused from its prefix cache (all stretches)",
+    )
 
 
 class ProcInfo(Result):
@@ -179,12 +231,20 @@ class ProcInfo(Result):
     created: float = Field(description="spawn time, Unix seconds")
     exit_status: int | None = None
     signal: ExitSignal | None = Field(default=None, description="signal that ended it, if any")
-    program: int = Field(default=0, description="pid of the program's first process (its program id)")
-    preemptions: int = Field(default=0, description="times the scheduler took its slot mid-generation")
-    switch_prefill_tokens: int = Field(default=0, description="tokens prefilled again to resume after preemptions")
+    program: int = Field(
+        default=0, description="pid of the program's first process (its program id)"
+    )
+    preemptions: int = Field(
+        default=0, description="times the scheduler took its slot mid-generation"
+    )
+    switch_prefill_tokens: int = Field(
+        default=0, description="tokens prefilled again to resume after preemptions"
+    )
     switch_s: float = Field(default=0.0, description="time spent on those re-prefills")
     limits: dict[str, float] = Field(default_factory=dict, description="its quotas that are set")
-    quota_exceeded: str | None = Field(default=None, description="the last quota it hit (process or program)")
+    quota_exceeded: str | None = Field(
+        default=None, description="the last quota it hit (process or program)"
+    )
     mailbox: int = Field(default=0, description="messages waiting in its IPC mailbox")
 
 
@@ -199,7 +259,9 @@ class PsResult(Result):
 class WaitArgs(Args):
     pid: Pid | None = Field(default=None, description="child to wait for (default: any child)")
     timeout: float | None = Field(
-        default=None, ge=0, le=limits.MAX_DEADLINE_MS / 1000,
+        default=None,
+        ge=0,
+        le=limits.MAX_DEADLINE_MS / 1000,
         description="seconds to wait; 0 polls; default: until the call's deadline",
     )
 
@@ -336,16 +398,21 @@ class GenerateArgs(Args):
         "choices, a regex or an EBNF grammar (structured output)",
     )
     tools: list[ToolName] | None = Field(
-        default=None, max_length=32, description="tools the model may call: the output is constrained to "
+        default=None,
+        max_length=32,
+        description="tools the model may call: the output is constrained to "
         "one call of one of them (valid arguments) or a final answer, returned parsed in tool_calls / answer "
-        "(chat messages only; not with response_format)")
+        "(chat messages only; not with response_format)",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateArgs:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
         if self.tools is not None and (self.prompt is not None or self.response_format is not None):
-            raise ValueError("tools work with chat 'messages' and without 'response_format' (they set it)")
+            raise ValueError(
+                "tools work with chat 'messages' and without 'response_format' (they set it)"
+            )
         return self
 
 
@@ -362,8 +429,12 @@ class GenerateResult(Result):
     text: str
     finish_reason: FinishReason
     usage: Usage
-    tool_calls: list[ToolCall] = Field(default_factory=list, description="with tools: the call the model chose")
-    answer: str | None = Field(default=None, description="with tools: the model's final answer, if it gave one")
+    tool_calls: list[ToolCall] = Field(
+        default_factory=list, description="with tools: the call the model chose"
+    )
+    answer: str | None = Field(
+        default=None, description="with tools: the model's final answer, if it gave one"
+    )
 
 
 # -- ctx.* -------------------------------------------------------------------------
@@ -371,15 +442,21 @@ class GenerateResult(Result):
 
 class CtxGetArgs(Args):
     pid: Pid | None = Field(default=None, description="target (default: the caller)")
-    last: int | None = Field(default=None, ge=0, le=limits.MAX_MESSAGES, description="only the last N")
+    last: int | None = Field(
+        default=None, ge=0, le=limits.MAX_MESSAGES, description="only the last N"
+    )
 
 
 class CtxGetResult(Result):
     pid: int
     messages: list[ChatMessage]
     total: int = Field(description="messages in the whole context")
-    summary: str | None = Field(default=None, description="running summary of turns moved out of the window")
-    evicted: int = Field(default=0, description="messages moved out of the window to recall memory so far")
+    summary: str | None = Field(
+        default=None, description="running summary of turns moved out of the window"
+    )
+    evicted: int = Field(
+        default=0, description="messages moved out of the window to recall memory so far"
+    )
 
 
 class CtxAppendArgs(Args):
@@ -429,8 +506,11 @@ class BlockSetArgs(Args):
     label: Label
     value: Annotated[str, Field(max_length=limits.MAX_BLOCK_CHARS)]
     max_chars: int | None = Field(
-        default=None, ge=1, le=limits.MAX_BLOCK_CHARS,
-        description=f"size limit (default: kept, or {limits.DEFAULT_BLOCK_CHARS} for a new block)")
+        default=None,
+        ge=1,
+        le=limits.MAX_BLOCK_CHARS,
+        description=f"size limit (default: kept, or {limits.DEFAULT_BLOCK_CHARS} for a new block)",
+    )
     namespace: Namespace | None = None
 
 
@@ -466,12 +546,18 @@ class BlocksResult(Result):
 
 class RecallSearchArgs(Args):
     query: Annotated[str, Field(max_length=1000)] = Field(
-        default="", description="words to look for (ranked by relevance); empty: the newest messages")
-    since: float | None = Field(default=None, description="only messages at or after this Unix time")
+        default="",
+        description="words to look for (ranked by relevance); empty: the newest messages",
+    )
+    since: float | None = Field(
+        default=None, description="only messages at or after this Unix time"
+    )
     until: float | None = Field(default=None, description="only messages before this Unix time")
     role: Literal["system", "user", "assistant"] | None = None
     k: int = Field(default=10, ge=1, le=limits.MAX_SEARCH_K)
-    namespace: Namespace | None = Field(default=None, description="whose recall (default: the caller's own)")
+    namespace: Namespace | None = Field(
+        default=None, description="whose recall (default: the caller's own)"
+    )
 
 
 class RecallHit(Result):
@@ -505,7 +591,9 @@ class PutResult(Result):
 
 
 class IdsArgs(Args):
-    ids: list[Annotated[int, Field(ge=1, lt=2**63)]] = Field(min_length=1, max_length=limits.MAX_PUT_ENTRIES)
+    ids: list[Annotated[int, Field(ge=1, lt=2**63)]] = Field(
+        min_length=1, max_length=limits.MAX_PUT_ENTRIES
+    )
     namespace: Namespace | None = None
 
 
@@ -530,9 +618,13 @@ class SearchArgs(Args):
     query: Annotated[str, Field(min_length=1, max_length=limits.MAX_ENTRY_CHARS)]
     k: int = Field(default=5, ge=1, le=limits.MAX_SEARCH_K)
     filter: dict[Label, Scalar] = Field(
-        default_factory=dict, max_length=limits.MAX_META_KEYS, description="metadata that must match exactly")
+        default_factory=dict,
+        max_length=limits.MAX_META_KEYS,
+        description="metadata that must match exactly",
+    )
     namespaces: list[Namespace] | None = Field(
-        default=None, max_length=16, description="where to search (default: the caller's own)")
+        default=None, max_length=16, description="where to search (default: the caller's own)"
+    )
 
 
 class SearchResult(Result):
@@ -560,7 +652,9 @@ class RevokeArgs(Args):
 def body_bytes(value: object) -> int:
     """Size of a message body: its compact JSON in UTF-8 (what the mailbox bounds count).
     ValueError if it has no JSON form (NaN, infinity, unencodable text)."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode())
+    return len(
+        json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    )
 
 
 def _shallow(value: object) -> object:
@@ -571,7 +665,9 @@ def _shallow(value: object) -> object:
         if isinstance(item, dict | list):
             if depth > limits.MAX_IPC_DEPTH:
                 raise ValueError(f"nested deeper than {limits.MAX_IPC_DEPTH} levels")
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+            stack.extend(
+                (v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
     return value
 
 
@@ -581,7 +677,9 @@ def _small(value: JsonValue) -> JsonValue:
     except ValueError as exc:
         raise ValueError(f"has no JSON form ({exc})") from None
     if size > limits.MAX_IPC_MESSAGE_BYTES:
-        raise ValueError(f"is {size} bytes as JSON, over the {limits.MAX_IPC_MESSAGE_BYTES}-byte limit of a message")
+        raise ValueError(
+            f"is {size} bytes as JSON, over the {limits.MAX_IPC_MESSAGE_BYTES}-byte limit of a message"
+        )
     return value
 
 
@@ -594,11 +692,15 @@ SenderPid = Annotated[int, Field(ge=0, lt=2**31)]
 class SendArgs(Args):
     pid: Pid = Field(description="the receiving process (of the caller's program, for a process)")
     message: Body = Field(
-        description=f"any JSON value, at most {limits.MAX_IPC_MESSAGE_BYTES} bytes as compact JSON")
+        description=f"any JSON value, at most {limits.MAX_IPC_MESSAGE_BYTES} bytes as compact JSON"
+    )
     timeout: float = Field(
-        default=0.0, ge=0, le=limits.MAX_DEADLINE_MS / 1000,
+        default=0.0,
+        ge=0,
+        le=limits.MAX_DEADLINE_MS / 1000,
         description="seconds to wait for room while the receiver's mailbox is full (bounded by the call's "
-        "deadline); 0: EAGAIN at once")
+        "deadline); 0: EAGAIN at once",
+    )
 
 
 class SendResult(Result):
@@ -609,9 +711,14 @@ class SendResult(Result):
 
 class RecvArgs(Args):
     timeout: float | None = Field(
-        default=None, ge=0, le=limits.MAX_DEADLINE_MS / 1000,
-        description="seconds to wait for a matching message; 0 polls; default: until the call's deadline")
-    from_pid: SenderPid | None = Field(default=None, description="only messages from this sender (0: the admin)")
+        default=None,
+        ge=0,
+        le=limits.MAX_DEADLINE_MS / 1000,
+        description="seconds to wait for a matching message; 0 polls; default: until the call's deadline",
+    )
+    from_pid: SenderPid | None = Field(
+        default=None, description="only messages from this sender (0: the admin)"
+    )
     topic: Topic | None = Field(default=None, description="only messages published on this topic")
 
 
@@ -621,16 +728,21 @@ class IpcMessage(Result):
     id: int = Field(description="kernel-wide, increasing: a sender's messages arrive in id order")
     sender: int = Field(description="pid of the sender (0: the admin)")
     program: int = Field(description="the sender's program id (0: the admin)")
-    topic: str | None = Field(default=None, description="the topic it was published on; None: sent directly")
+    topic: str | None = Field(
+        default=None, description="the topic it was published on; None: sent directly"
+    )
     sent: float = Field(description="when it was sent, Unix seconds")
     body: JsonValue
 
 
 class RecvResult(Result):
     message: IpcMessage | None = Field(
-        description="the oldest matching message; None: none arrived before the timeout")
+        description="the oldest matching message; None: none arrived before the timeout"
+    )
     pending: int = Field(description="messages left in the caller's mailbox")
-    dropped: int = Field(description="published messages the caller missed because its mailbox was full")
+    dropped: int = Field(
+        description="published messages the caller missed because its mailbox was full"
+    )
 
 
 class TopicArgs(Args):
@@ -646,13 +758,16 @@ class SubscribeResult(Result):
 class PublishArgs(Args):
     topic: Topic
     message: Body = Field(
-        description=f"any JSON value, at most {limits.MAX_IPC_MESSAGE_BYTES} bytes as compact JSON")
+        description=f"any JSON value, at most {limits.MAX_IPC_MESSAGE_BYTES} bytes as compact JSON"
+    )
 
 
 class PublishResult(Result):
     id: int = Field(description="the message's id")
     delivered: int = Field(description="subscribers whose mailbox took a copy")
-    dropped: int = Field(description="subscribers whose mailbox was full (their dropped counter went up)")
+    dropped: int = Field(
+        description="subscribers whose mailbox was full (their dropped counter went up)"
+    )
 
 
 # -- sys.* -------------------------------------------------------------------------
@@ -668,8 +783,12 @@ class ModelRow(Result):
     state: str
     detail: str = ""
     default: bool = Field(default=False, description="processes that name no model run on this one")
-    adapters: list[str] = Field(default_factory=list, description="LoRA adapters a process may pick at spawn")
-    wakes: int = Field(default=0, description="times woken after sleeping to make room for another model")
+    adapters: list[str] = Field(
+        default_factory=list, description="LoRA adapters a process may pick at spawn"
+    )
+    wakes: int = Field(
+        default=0, description="times woken after sleeping to make room for another model"
+    )
 
 
 class SysInfoResult(Result):
@@ -696,8 +815,12 @@ class ModelStat(Result):
     busy: int = Field(description="slots generating now")
     queued: int = Field(description="processes READY, waiting for a slot")
     state: str
-    memory_bytes: int | None = Field(default=None, description="model memory, where the driver knows it")
-    wakes: int = Field(default=0, description="times woken after sleeping to make room for another model")
+    memory_bytes: int | None = Field(
+        default=None, description="model memory, where the driver knows it"
+    )
+    wakes: int = Field(
+        default=0, description="times woken after sleeping to make room for another model"
+    )
     sleeps: int = Field(default=0, description="times put to sleep to make room for another model")
     wake_s: float = Field(default=0.0, description="seconds spent waking, all wakes together")
 
@@ -710,20 +833,26 @@ class TokenStat(Result):
     output_tps: float = Field(description="output tokens generated per second")
     prompt_total: int = Field(description="prompt tokens since the kernel started")
     output_total: int = Field(description="output tokens since the kernel started")
-    cached_total: int = Field(default=0, description="prompt tokens reused from drivers' prefix caches since start")
+    cached_total: int = Field(
+        default=0, description="prompt tokens reused from drivers' prefix caches since start"
+    )
 
 
 class HostStat(Result):
     """The machine and the kernel process."""
 
     cpus: int = Field(description="logical CPUs")
-    cpu_percent: float = Field(description="system-wide CPU use since the previous sys.stat, 0..100")
+    cpu_percent: float = Field(
+        description="system-wide CPU use since the previous sys.stat, 0..100"
+    )
     load_avg: list[float] = Field(description="1, 5 and 15 minute load averages")
     mem_total: int = Field(description="bytes")
     mem_available: int = Field(description="bytes")
     kernel_rss: int = Field(description="resident bytes of the kernel process (models included)")
     kernel_cpu_s: float = Field(description="CPU seconds the kernel process has used")
-    kernel_cpu_percent: float = Field(description="kernel process CPU since the previous sys.stat, 0..100*cpus")
+    kernel_cpu_percent: float = Field(
+        description="kernel process CPU since the previous sys.stat, 0..100*cpus"
+    )
 
 
 class StatResult(Result):
@@ -741,15 +870,25 @@ class StatResult(Result):
 
 # -- files (fs.*) -------------------------------------------------------------------------
 
-FsPathArg = Annotated[str, Field(max_length=limits.MAX_PATH_BYTES, description="path in the process's view: "
-                                 "its root, /home (the program's), /mnt/NAME (mounts)")]
+FsPathArg = Annotated[
+    str,
+    Field(
+        max_length=limits.MAX_PATH_BYTES,
+        description="path in the process's view: "
+        "its root, /home (the program's), /mnt/NAME (mounts)",
+    ),
+]
 
 
 class FsReadArgs(Args):
     path: FsPathArg
     offset: int = Field(default=0, ge=0, le=limits.MAX_FILE_BYTES)
-    length: int | None = Field(default=None, ge=0, le=limits.MAX_IO_BYTES,
-                               description=f"bytes to read (default: up to {limits.MAX_IO_BYTES})")
+    length: int | None = Field(
+        default=None,
+        ge=0,
+        le=limits.MAX_IO_BYTES,
+        description=f"bytes to read (default: up to {limits.MAX_IO_BYTES})",
+    )
 
 
 class FsReadResult(Result):
@@ -757,7 +896,9 @@ class FsReadResult(Result):
     text: str | None = Field(default=None, description="the bytes read, when they are UTF-8 text")
     data: bytes | None = Field(default=None, description="the bytes read, when they are not text")
     size: int = Field(description="the whole file's size")
-    version: int = Field(description="the file's latest version number (0: never written through llmos)")
+    version: int = Field(
+        description="the file's latest version number (0: never written through llmos)"
+    )
 
 
 class FsWriteArgs(Args):
@@ -835,7 +976,9 @@ class FsVersion(Result):
     sha256: str | None = Field(description="content hash; null for a removal")
     size: int
     time: float
-    op: str = Field(description="write, append, remove, external, rollback to vN, renamed to/from PATH")
+    op: str = Field(
+        description="write, append, remove, external, rollback to vN, renamed to/from PATH"
+    )
 
 
 class FsHistoryResult(Result):
@@ -846,7 +989,9 @@ class FsHistoryResult(Result):
 class FsRollbackArgs(Args):
     path: FsPathArg
     version: int | None = Field(default=None, ge=1, description="the version to bring back")
-    time: float | None = Field(default=None, description="or: the content as it was at this Unix time")
+    time: float | None = Field(
+        default=None, description="or: the content as it was at this Unix time"
+    )
 
 
 class FsSearchArgs(Args):
@@ -873,7 +1018,9 @@ class ToolInfo(Result):
     description: str
     parameters: dict[str, Any] = Field(description="JSON schema of the arguments")
     irreversible: bool = Field(description="it changes the world in a way that cannot be undone")
-    server: int | None = Field(default=None, description="pid of the process serving it; null: built in")
+    server: int | None = Field(
+        default=None, description="pid of the process serving it; null: built in"
+    )
 
 
 class ToolListResult(Result):
@@ -882,8 +1029,12 @@ class ToolListResult(Result):
 
 class ToolCallArgs(Args):
     name: ToolName
-    args: dict[str, Any] = Field(default_factory=dict, description="arguments, checked against the tool's schema")
-    timeout_s: float = Field(default=30.0, gt=0, le=3600, description="give up after this long (ETIMEDOUT)")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="arguments, checked against the tool's schema"
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="give up after this long (ETIMEDOUT)"
+    )
 
 
 class ToolCallResult(Result):
@@ -895,8 +1046,9 @@ class ToolCallResult(Result):
 class ToolRegisterArgs(Args):
     name: ToolName
     description: Annotated[str, Field(min_length=1, max_length=2000)]
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"},
-                                       description="JSON schema of the arguments")
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"}, description="JSON schema of the arguments"
+    )
     irreversible: bool = False
 
 
@@ -918,7 +1070,9 @@ class ToolRequest(Result):
 class ToolReplyArgs(Args):
     id: int = Field(ge=1)
     result: Any = None
-    error: Annotated[str, Field(max_length=2000)] | None = Field(default=None, description="the call failed: why")
+    error: Annotated[str, Field(max_length=2000)] | None = Field(
+        default=None, description="the call failed: why"
+    )
 
 
 class ParkedCall(Result):

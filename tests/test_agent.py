@@ -21,12 +21,18 @@ EINVAL, EPERM, ENOENT = (ERRORS[e] for e in (Errno.EINVAL, Errno.EPERM, Errno.EN
 Spawn = Callable[..., Process]
 
 
-def test_generate_with_tools_returns_a_call_that_matches_the_tools_schema(spawn: Spawn, admin: Client) -> None:
+def test_generate_with_tools_returns_a_call_that_matches_the_tools_schema(
+    spawn: Spawn, admin: Client
+) -> None:
     p = spawn("caller", system="Use tools for arithmetic.")
     schemas = {t.name: t.parameters for t in admin.tools()}
     for task in ("Compute 12 * 7 with the calculator.", "What time is it in Tokyo?", "Say hello."):
-        res = p.generate([{"role": "user", "content": task}], tools=["calculator", "datetime"], max_tokens=96,
-                         temperature=0.0)
+        res = p.generate(
+            [{"role": "user", "content": task}],
+            tools=["calculator", "datetime"],
+            max_tokens=96,
+            temperature=0.0,
+        )
         assert (len(res.tool_calls) == 1) != (res.answer is not None), res.text
         for call in res.tool_calls:
             assert call.name in ("calculator", "datetime")
@@ -49,7 +55,8 @@ def test_agent_loop_calls_the_calculator_with_valid_arguments_and_ends(spawn: Sp
     p = spawn("agent", system="You are a careful assistant. Use the calculator for arithmetic.")
     seen = []
     result = Agent(p, tools=["calculator"], max_steps=3, on_step=seen.append).run(
-        "What is 1234 * 5678? Use the calculator.")
+        "What is 1234 * 5678? Use the calculator."
+    )
     assert result.stopped in ("answered", "max_steps") and len(result.steps) <= 3
     assert result.steps and result.steps == seen
     first = result.steps[0]
@@ -63,14 +70,35 @@ def test_agent_loop_calls_the_calculator_with_valid_arguments_and_ends(spawn: Sp
 
 def test_llmos_spawn_task_runs_the_agent_loop_from_the_command_line(daemon) -> None:
     env = {**__import__("os").environ, **daemon.env}
-    res = subprocess.run([sys.executable, "-m", "llmos.cli", "spawn", "--task", "What is 6 * 7? Use the calculator.",
-                          "--tools", "calculator", "--max-steps", "2", "--json"],
-                         capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmos.cli",
+            "spawn",
+            "--task",
+            "What is 6 * 7? Use the calculator.",
+            "--tools",
+            "calculator",
+            "--max-steps",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert res.returncode in (0, 1), res.stderr
     report = json.loads(res.stdout)
     assert report["stopped"] in ("answered", "max_steps", "stuck")
     assert all(step["tool"] == "calculator" for step in report["steps"])
     assert (res.returncode == 0) == (report["answer"] is not None)
-    pid = subprocess.run([sys.executable, "-m", "llmos.cli", "spawn", "--name", "scripted"], capture_output=True,
-                         text=True, timeout=120, env=env)
+    pid = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "spawn", "--name", "scripted"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert pid.returncode == 0 and pid.stdout.strip().isdigit()

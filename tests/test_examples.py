@@ -45,8 +45,16 @@ def home_file(admin: Client, namespace: str, path: str) -> str:
 
 
 def test_customer_service_answers_from_archival_memory_and_remembers_the_name(sh):
-    res = run(sh, "--namespace", "shop", "examples/customer_service.py", "--kb", "shop",
-              "--add", "shipping=Shipping is free and takes 2 days.")
+    res = run(
+        sh,
+        "--namespace",
+        "shop",
+        "examples/customer_service.py",
+        "--kb",
+        "shop",
+        "--add",
+        "shipping=Shipping is free and takes 2 days.",
+    )
     out = res.stdout
     assert "seeded 4 policies into shop" in out
     assert out.count("[support] bot:") == 3
@@ -55,10 +63,20 @@ def test_customer_service_answers_from_archival_memory_and_remembers_the_name(sh
     with sh.admin() as c:
         kb = c.memory("shop")
         shipping = kb.search("shipping", k=5, filter={"kind": "policy", "topic": "shipping"})
-        assert [e.text for e in shipping] == ["Shipping is free and takes 2 days."]  # updated, not added
+        assert [e.text for e in shipping] == [
+            "Shipping is free and takes 2 days."
+        ]  # updated, not added
         assert len(kb.search("policy", k=20, filter={"kind": "policy"})) == 4
         assert "Ada" in kb.blocks()["customer"]
-    again = run(sh, "--namespace", "shop", "examples/customer_service.py", "--kb", "shop", "What do you accept?")
+    again = run(
+        sh,
+        "--namespace",
+        "shop",
+        "examples/customer_service.py",
+        "--kb",
+        "shop",
+        "What do you accept?",
+    )
     assert "seeded" not in again.stdout  # the knowledge base outlived the first run
     assert "retrieved: payment (" in again.stdout
 
@@ -68,7 +86,9 @@ def test_dispatcher_prints_the_schedule_of_its_jobs(sh):
     assert "policy fair" in out
     rows = [line for line in out.splitlines() if re.match(r"\s*\d+\s+(0|10)\s", line)]
     assert len(rows) == 6 and sum("URGENT" in r for r in rows) == 2
-    assert re.search(r"urgent jobs got a slot before the \d routine jobs queued ahead of them: (yes|no)", out)
+    assert re.search(
+        r"urgent jobs got a slot before the \d routine jobs queued ahead of them: (yes|no)", out
+    )
 
 
 def test_dispatcher_under_the_priority_policy_serves_urgent_jobs_first(tmp_path):
@@ -83,7 +103,9 @@ def test_dispatcher_under_the_priority_policy_serves_urgent_jobs_first(tmp_path)
 
 
 def test_monitor_logs_structured_verdicts_to_its_home(sh):
-    out = run(sh, "--namespace", "watch", "examples/monitor.py", "--samples", "2", "--interval", "0.2").stdout
+    out = run(
+        sh, "--namespace", "watch", "examples/monitor.py", "--samples", "2", "--interval", "0.2"
+    ).stdout
     assert out.count("verdict: abnormal=") == 2  # each verdict parsed from the constrained JSON
     assert "logged to /home/alerts.log" in out
     with sh.admin() as c:
@@ -103,10 +125,19 @@ def test_summarize_search_summarises_sample_docs_and_answers_by_retrieval(sh):
 
 def test_summarize_search_loads_files_named_on_the_command_line(sh, tmp_path):
     invoice = tmp_path / "invoice.txt"
-    invoice.write_text("Invoice 42 from Acme for 300 euros must be paid by Friday by bank transfer.")
+    invoice.write_text(
+        "Invoice 42 from Acme for 300 euros must be paid by Friday by bank transfer."
+    )
     garden = tmp_path / "garden.txt"
     garden.write_text("Tomatoes need six hours of sun a day and water every morning in summer.")
-    out = run(sh, "examples/summarize_search.py", str(invoice), str(garden), "-q", "When must the invoice be paid?").stdout
+    out = run(
+        sh,
+        "examples/summarize_search.py",
+        str(invoice),
+        str(garden),
+        "-q",
+        "When must the invoice be paid?",
+    ).stdout
     assert "[docs] invoice.txt" in out and "[docs] garden.txt" in out and "solar" not in out
     assert "sources: /home/docs/invoice.txt" in out
 

@@ -19,8 +19,9 @@ from tests.kernels import Daemon
 
 pytestmark = pytest.mark.model
 
-EINVAL, EPERM, ENOENT, EROFS, EFBIG = (ERRORS[e] for e in (Errno.EINVAL, Errno.EPERM, Errno.ENOENT, Errno.EROFS,
-                                                           Errno.EFBIG))
+EINVAL, EPERM, ENOENT, EROFS, EFBIG = (
+    ERRORS[e] for e in (Errno.EINVAL, Errno.EPERM, Errno.ENOENT, Errno.EROFS, Errno.EFBIG)
+)
 Spawn = Callable[..., Process]
 
 
@@ -37,7 +38,11 @@ def test_files_are_written_read_appended_listed_and_versioned(spawn: Spawn) -> N
     assert f.read("notes/todo.txt", offset=4, length=4) == "milk"
     st = f.stat("notes/todo.txt")
     assert (st.type, st.size, st.versions, st.writable) == ("file", 17, 2, True)
-    assert [(e.name, e.type) for e in f.list("/")] == [("home", "dir"), ("mnt", "dir"), ("notes", "dir")]
+    assert [(e.name, e.type) for e in f.list("/")] == [
+        ("home", "dir"),
+        ("mnt", "dir"),
+        ("notes", "dir"),
+    ]
     assert [e.name for e in f.list("notes")] == ["todo.txt"]
     f.write("blob.bin", b"\xff\x00\xfe")
     assert f.read("blob.bin") == b"\xff\x00\xfe"
@@ -94,27 +99,50 @@ def test_a_programs_processes_share_home_but_not_their_roots(spawn: Spawn, admin
 
 
 HOSTILE = [
-    ("../outside", EPERM), ("a/../../outside", EPERM), ("/../etc/passwd", EPERM), ("..", EPERM),
-    ("home/../../x", EPERM), ("mnt/../../x", EPERM), ("a/./../b", EPERM), ("..\\..\\windows", EPERM),
-    ("x\x00y", EINVAL), ("bell\x07", EINVAL), ("a" * (limits.MAX_NAME_BYTES + 1), EINVAL),
-    ("é" * 200, EINVAL), ("/".join(["d"] * 2100), EINVAL), ("/mnt/nothing/x", ENOENT),
+    ("../outside", EPERM),
+    ("a/../../outside", EPERM),
+    ("/../etc/passwd", EPERM),
+    ("..", EPERM),
+    ("home/../../x", EPERM),
+    ("mnt/../../x", EPERM),
+    ("a/./../b", EPERM),
+    ("..\\..\\windows", EPERM),
+    ("x\x00y", EINVAL),
+    ("bell\x07", EINVAL),
+    ("a" * (limits.MAX_NAME_BYTES + 1), EINVAL),
+    ("é" * 200, EINVAL),
+    ("/".join(["d"] * 2100), EINVAL),
+    ("/mnt/nothing/x", ENOENT),
 ]
 
 
 @pytest.mark.parametrize(("path", "error"), HOSTILE, ids=[repr(p)[:40] for p, _ in HOSTILE])
-def test_hostile_paths_are_refused_and_never_reach_the_host(spawn: Spawn, path: str, error: type) -> None:
+def test_hostile_paths_are_refused_and_never_reach_the_host(
+    spawn: Spawn, path: str, error: type
+) -> None:
     f = spawn("hostile").files
-    for attempt in (lambda: f.read(path), lambda: f.write(path, "pwned"), lambda: f.stat(path),
-                    lambda: f.history(path), lambda: f.rename("seed.txt", path)):
+    for attempt in (
+        lambda: f.read(path),
+        lambda: f.write(path, "pwned"),
+        lambda: f.stat(path),
+        lambda: f.history(path),
+        lambda: f.rename("seed.txt", path),
+    ):
         f.write("seed.txt", "seed")
         with pytest.raises(error) as caught:
             attempt()
         assert caught.value.message  # a sentence, not just a code
-    assert not Path("/outside").exists() and "pwned" not in Path("/etc/hostname").read_text(errors="replace")
+    assert not Path("/outside").exists() and "pwned" not in Path("/etc/hostname").read_text(
+        errors="replace"
+    )
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "/proc/self/environ", "/dev/null", "//etc//shadow"])
-def test_absolute_host_paths_mean_paths_inside_the_root(spawn: Spawn, daemon: Daemon, path: str) -> None:
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd", "/proc/self/environ", "/dev/null", "//etc//shadow"]
+)
+def test_absolute_host_paths_mean_paths_inside_the_root(
+    spawn: Spawn, daemon: Daemon, path: str
+) -> None:
     p = spawn("chrooted")
     with pytest.raises(ENOENT):
         p.files.read(path)  # not the host's file
@@ -124,7 +152,9 @@ def test_absolute_host_paths_mean_paths_inside_the_root(spawn: Spawn, daemon: Da
     assert "confined" not in Path("/etc/passwd").read_text()
 
 
-def test_symlinks_fifos_and_devices_planted_in_a_root_are_refused(spawn: Spawn, daemon: Daemon) -> None:
+def test_symlinks_fifos_and_devices_planted_in_a_root_are_refused(
+    spawn: Spawn, daemon: Daemon
+) -> None:
     p = spawn("planted")
     p.files.write("ok.txt", "fine")
     root = root_of(daemon, p)
@@ -143,15 +173,22 @@ def test_symlinks_fifos_and_devices_planted_in_a_root_are_refused(spawn: Spawn, 
     assert p.files.read("ok.txt") == "fine"
 
 
-def test_mounts_are_capabilities_passed_only_downwards(spawn: Spawn, admin: Client, tmp_path: Path) -> None:
+def test_mounts_are_capabilities_passed_only_downwards(
+    spawn: Spawn, admin: Client, tmp_path: Path
+) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "data.csv").write_text("a,b\n1,2\n")
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     (outbox / "report.txt").write_text("draft by a human")
-    p = spawn("mounted", mounts=[{"name": "data", "path": str(shared), "mode": "ro"},
-                                 {"name": "out", "path": str(outbox), "mode": "rw"}])
+    p = spawn(
+        "mounted",
+        mounts=[
+            {"name": "data", "path": str(shared), "mode": "ro"},
+            {"name": "out", "path": str(outbox), "mode": "rw"},
+        ],
+    )
     assert [e.name for e in p.files.list("/mnt")] == ["data", "out"]
     assert p.files.read("/mnt/data/data.csv") == "a,b\n1,2\n"
     with pytest.raises(EROFS):
@@ -160,7 +197,10 @@ def test_mounts_are_capabilities_passed_only_downwards(spawn: Spawn, admin: Clie
     p.files.write("/mnt/out/report.txt", "final by the agent")
     assert (outbox / "report.txt").read_text() == "final by the agent"
     # The human's draft was not written through llmos, yet it is kept as a version.
-    assert [(v.version, v.op) for v in p.files.history("/mnt/out/report.txt")] == [(2, "write"), (1, "external")]
+    assert [(v.version, v.op) for v in p.files.history("/mnt/out/report.txt")] == [
+        (2, "write"),
+        (1, "external"),
+    ]
     assert p.files.rollback("/mnt/out/report.txt", version=1).size == len("draft by a human")
     kid = p.spawn("kid")  # inherits both mounts
     assert kid.files.read("/mnt/data/data.csv").startswith("a,b")
@@ -194,9 +234,14 @@ def test_file_size_limits_give_clear_errors(spawn: Spawn) -> None:
 
 def test_search_finds_files_by_meaning_across_root_and_home(spawn: Spawn) -> None:
     p = spawn("search")
-    p.files.write("recipes/bread.txt", "Mix flour, water, yeast and salt; knead the dough and bake it for 40 minutes.")
+    p.files.write(
+        "recipes/bread.txt",
+        "Mix flour, water, yeast and salt; knead the dough and bake it for 40 minutes.",
+    )
     p.files.write("/home/cars.txt", "The engine needs an oil change every ten thousand kilometres.")
-    p.files.write("travel.txt", "Our flight to Lisbon leaves at seven; pack sunscreen and a light jacket.")
+    p.files.write(
+        "travel.txt", "Our flight to Lisbon leaves at seven; pack sunscreen and a light jacket."
+    )
     p.files.write("binary.bin", b"\x00\x01\x02")
     hits = p.files.search("how do I bake a loaf?", k=3)
     assert hits[0].path == "/recipes/bread.txt" and "yeast" in hits[0].text
@@ -230,7 +275,8 @@ def test_committed_file_writes_survive_kill_9_of_the_kernel(tmp_path: Path) -> N
 
 
 def test_a_reaped_process_root_is_deleted_but_a_named_home_outlives_its_program(
-        admin: Client, daemon: Daemon) -> None:
+    admin: Client, daemon: Daemon
+) -> None:
     from tests.conftest import wait_until
 
     p = admin.spawn("short-lived", namespace="files-that-stay")

@@ -63,11 +63,23 @@ PEER = textwrap.dedent("""
 """)
 
 
-def run_peer(daemon, script: Path, proc, peer: int, role: str, rounds: int) -> subprocess.Popen[str]:
-    env = {**daemon.env, "LLMOS_PID": str(proc.pid), "LLMOS_TOKEN": proc.token, "LLMOS_ENDPOINT": daemon.endpoint,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, str(script), str(peer), role, str(rounds)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_peer(
+    daemon, script: Path, proc, peer: int, role: str, rounds: int
+) -> subprocess.Popen[str]:
+    env = {
+        **daemon.env,
+        "LLMOS_PID": str(proc.pid),
+        "LLMOS_TOKEN": proc.token,
+        "LLMOS_ENDPOINT": daemon.endpoint,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(script), str(peer), role, str(rounds)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_programs_in_separate_os_processes_exchange_messages_both_ways(daemon, spawn, tmp_path):
@@ -104,10 +116,20 @@ def test_processes_of_one_program_message_each_other_and_the_admin_messages_anyo
     kid = root.spawn("kid")
     sib = root.spawn("sib")
     grandkid = kid.spawn("grandkid")
-    for sender, receiver in [(root, grandkid), (grandkid, root), (kid, sib), (sib, kid), (root, root)]:
+    for sender, receiver in [
+        (root, grandkid),
+        (grandkid, root),
+        (kid, sib),
+        (sib, kid),
+        (root, root),
+    ]:
         sender.send(receiver.pid, f"{sender.pid}->{receiver.pid}")
         msg = receiver.recv(timeout=5)
-        assert (msg.body, msg.sender, msg.program) == (f"{sender.pid}->{receiver.pid}", sender.pid, root.pid)
+        assert (msg.body, msg.sender, msg.program) == (
+            f"{sender.pid}->{receiver.pid}",
+            sender.pid,
+            root.pid,
+        )
     admin.send(kid.pid, "from the admin")
     msg = kid.recv(timeout=5)
     assert (msg.body, msg.sender, msg.program, msg.topic) == ("from the admin", 0, 0, None)
@@ -228,7 +250,9 @@ def test_recv_filters_by_sender_and_topic_and_keeps_the_rest_in_order(admin, spa
     assert [root.recv(timeout=0).body for _ in range(2)] == ["a1", "a2"]
 
 
-def test_a_receiver_killed_while_blocked_in_recv_is_interrupted_and_the_kernel_stays_healthy(admin, spawn):
+def test_a_receiver_killed_while_blocked_in_recv_is_interrupted_and_the_kernel_stays_healthy(
+    admin, spawn
+):
     p = spawn()
     kid = p.spawn("kid")
     waiting = InThread(lambda: kid.recv(timeout=60))
@@ -259,8 +283,12 @@ def test_a_publisher_reaches_fifty_subscribers_each_in_publish_order(spawn):
     for s in subs:
         got = [s.recv(timeout=0) for _ in range(20)]
         assert s.recv(timeout=0) is None
-        assert [g.body for g in got if g.sender == pub1.pid] == [{"from": 1, "n": i} for i in range(10)]
-        assert [g.body for g in got if g.sender == pub2.pid] == [{"from": 2, "n": i} for i in range(10)]
+        assert [g.body for g in got if g.sender == pub1.pid] == [
+            {"from": 1, "n": i} for i in range(10)
+        ]
+        assert [g.body for g in got if g.sender == pub2.pid] == [
+            {"from": 2, "n": i} for i in range(10)
+        ]
         assert [g.id for g in got] == sorted(g.id for g in got)
 
 
@@ -280,6 +308,7 @@ def test_fifty_subscribers_blocked_in_recv_are_all_woken_by_one_publish(daemon):
                 await c.kill(p.pid, "KILL")
                 await c.wait(p.pid, timeout=5)
             return [res.delivered, *(g.body for g in got)]
+
     assert asyncio.run(go()) == [50] + ["go"] * 50
 
 
@@ -337,23 +366,32 @@ def deep(levels: int) -> list:
     return value
 
 
-@pytest.mark.parametrize("call,args,field", [
-    ("ipc.send", {"pid": 2, "message": "x" * (limits.MAX_IPC_MESSAGE_BYTES + 1)}, "message"),
-    ("ipc.send", {"pid": 2, "message": float("nan")}, "message"),
-    ("ipc.send", {"pid": 2, "message": b"raw bytes"}, "message"),
-    ("ipc.send", {"pid": 2, "message": deep(limits.MAX_IPC_DEPTH + 1)}, "message"),
-    ("ipc.send", {"pid": "2", "message": "x"}, "pid"),
-    ("ipc.send", {"pid": 2}, "message"),
-    ("ipc.send", {"pid": 2, "message": "x", "urgent": True}, "urgent"),
-    ("ipc.send", {"pid": 2, "message": "x", "timeout": -1}, "timeout"),
-    ("ipc.recv", {"timeout": "soon"}, "timeout"),
-    ("ipc.recv", {"from_pid": -1}, "from_pid"),
-    ("ipc.subscribe", {"topic": "no spaces"}, "topic"),
-    ("ipc.subscribe", {"topic": "x" * (limits.MAX_TOPIC_CHARS + 1)}, "topic"),
-    ("ipc.publish", {"topic": "", "message": 1}, "topic"),
-    ("ipc.publish", {"topic": "t", "message": {"k": "x" * limits.MAX_IPC_MESSAGE_BYTES}}, "message"),
-])
-def test_malformed_or_oversized_ipc_arguments_are_einval_naming_the_field(admin, spawn, call, args, field):
+@pytest.mark.parametrize(
+    "call,args,field",
+    [
+        ("ipc.send", {"pid": 2, "message": "x" * (limits.MAX_IPC_MESSAGE_BYTES + 1)}, "message"),
+        ("ipc.send", {"pid": 2, "message": float("nan")}, "message"),
+        ("ipc.send", {"pid": 2, "message": b"raw bytes"}, "message"),
+        ("ipc.send", {"pid": 2, "message": deep(limits.MAX_IPC_DEPTH + 1)}, "message"),
+        ("ipc.send", {"pid": "2", "message": "x"}, "pid"),
+        ("ipc.send", {"pid": 2}, "message"),
+        ("ipc.send", {"pid": 2, "message": "x", "urgent": True}, "urgent"),
+        ("ipc.send", {"pid": 2, "message": "x", "timeout": -1}, "timeout"),
+        ("ipc.recv", {"timeout": "soon"}, "timeout"),
+        ("ipc.recv", {"from_pid": -1}, "from_pid"),
+        ("ipc.subscribe", {"topic": "no spaces"}, "topic"),
+        ("ipc.subscribe", {"topic": "x" * (limits.MAX_TOPIC_CHARS + 1)}, "topic"),
+        ("ipc.publish", {"topic": "", "message": 1}, "topic"),
+        (
+            "ipc.publish",
+            {"topic": "t", "message": {"k": "x" * limits.MAX_IPC_MESSAGE_BYTES}},
+            "message",
+        ),
+    ],
+)
+def test_malformed_or_oversized_ipc_arguments_are_einval_naming_the_field(
+    admin, spawn, call, args, field
+):
     p = spawn()
     with pytest.raises(errors.EINVAL) as exc:
         p.call(call, args)
@@ -427,9 +465,17 @@ def test_a_recv_killed_in_the_same_batch_it_arrived_in_is_still_answered():
         try:
             proc = k.procs.spawn(1, "victim", "sim", 0, None)
             # both frames in one transport batch: the recv's task has not run when the kill lands
-            k.dispatcher.on_frames([b"a", codec.encode_request(1, "ipc.recv", {"timeout": 30}, proc.pid, proc.token)])
-            k.dispatcher.on_frames([b"b", codec.encode_request(2, "proc.kill", {"pid": proc.pid, "signal": "KILL"},
-                                                               0, k.admin_token)])
+            k.dispatcher.on_frames(
+                [b"a", codec.encode_request(1, "ipc.recv", {"timeout": 30}, proc.pid, proc.token)]
+            )
+            k.dispatcher.on_frames(
+                [
+                    b"b",
+                    codec.encode_request(
+                        2, "proc.kill", {"pid": proc.pid, "signal": "KILL"}, 0, k.admin_token
+                    ),
+                ]
+            )
             for _ in range(20):
                 await asyncio.sleep(0)
             assert not k.dispatcher.calls

@@ -35,7 +35,13 @@ def test_spawn_returns_a_pid_and_secret_token_and_ps_lists_the_process(admin, sp
     p = spawn("worker", system="Be brief.", nice=3)
     assert p.pid > 1 and len(p.token) >= 24
     row = admin.ps(p.pid)[0]
-    assert (row.name, row.ppid, row.state, row.nice, row.context_messages) == ("worker", 1, "NEW", 3, 1)
+    assert (row.name, row.ppid, row.state, row.nice, row.context_messages) == (
+        "worker",
+        1,
+        "NEW",
+        3,
+        1,
+    )
     assert p.getpid().pid == p.pid
 
 
@@ -138,7 +144,8 @@ def test_wait_blocks_until_the_child_exits(spawn):
     waiting = InThread(lambda: parent.wait(timeout=30))
     with pytest.raises(errors.ETIMEDOUT):
         parent.client.__class__(parent.client.endpoint, pid=parent.pid, token=parent.token).call(
-            "proc.wait", {"timeout": 0.05})
+            "proc.wait", {"timeout": 0.05}
+        )
     assert not waiting.done()
     child.kill(signal="TERM")
     res = waiting.result()
@@ -164,7 +171,9 @@ def test_an_exited_process_can_make_no_more_syscalls(spawn):
 
 def test_kill_during_generation_answers_the_caller_at_once_and_frees_the_slot(admin, spawn):
     p = spawn()
-    gen = InThread(lambda: p.generate(prompt="Count from one to one thousand:", max_tokens=4000, **GREEDY))
+    gen = InThread(
+        lambda: p.generate(prompt="Count from one to one thousand:", max_tokens=4000, **GREEDY)
+    )
     wait_until(lambda: state(admin, p.pid) == "RUNNING" and admin.ps(p.pid)[0].output_tokens == 0)
     wait_until(lambda: model_row(admin).busy == 1)
     admin.kill(p.pid, "KILL")
@@ -240,9 +249,13 @@ def test_a_long_generation_does_not_stall_other_callers(admin, spawn):
 def test_processes_cannot_touch_each_other(admin, spawn):
     a, b = spawn("a"), spawn("b")
     b.append([{"role": "user", "content": "b's secret"}])
-    for call, args in [("ctx.get", {"pid": b.pid}), ("ctx.clear", {"pid": b.pid}),
-                       ("proc.kill", {"pid": b.pid, "signal": "KILL"}), ("proc.nice", {"pid": b.pid, "nice": 19}),
-                       ("proc.ps", {"pid": b.pid})]:
+    for call, args in [
+        ("ctx.get", {"pid": b.pid}),
+        ("ctx.clear", {"pid": b.pid}),
+        ("proc.kill", {"pid": b.pid, "signal": "KILL"}),
+        ("proc.nice", {"pid": b.pid, "nice": 19}),
+        ("proc.ps", {"pid": b.pid}),
+    ]:
         with pytest.raises(errors.EPERM):
             a.call(call, args)
     assert [p.pid for p in a.ps()] == [a.pid]
@@ -291,22 +304,34 @@ def raw_exchange(endpoint: str, *parts: bytes, timeout_ms: int = 5000) -> dict |
 
 
 def good(**over) -> bytes:
-    frame = {"v": limits.ABI_VERSION, "id": 5, "call": "sys.info", "pid": 0, "token": "", "args": {}}
+    frame = {
+        "v": limits.ABI_VERSION,
+        "id": 5,
+        "call": "sys.info",
+        "pid": 0,
+        "token": "",
+        "args": {},
+    }
     frame.update(over)
     return msgpack.packb(frame)
 
 
-@pytest.mark.parametrize("frame,code", [
-    (b"\xc1garbage", Errno.EPROTO),
-    (good()[:-3], Errno.EPROTO),
-    (msgpack.packb([1, 2]), Errno.EPROTO),
-    (good(v=2), Errno.EPROTONOSUPPORT),
-    (good(call="proc.fly"), Errno.ENOSYS),
-    (good(id="x"), Errno.EPROTO),
-    (good(args={"name": 7}, call="proc.spawn"), Errno.EACCES),
-    (b"\x00" * (limits.MAX_FRAME_BYTES + 10), Errno.E2BIG),
-])
-def test_malformed_frames_get_the_right_error_and_the_kernel_keeps_serving(daemon, admin, frame, code):
+@pytest.mark.parametrize(
+    "frame,code",
+    [
+        (b"\xc1garbage", Errno.EPROTO),
+        (good()[:-3], Errno.EPROTO),
+        (msgpack.packb([1, 2]), Errno.EPROTO),
+        (good(v=2), Errno.EPROTONOSUPPORT),
+        (good(call="proc.fly"), Errno.ENOSYS),
+        (good(id="x"), Errno.EPROTO),
+        (good(args={"name": 7}, call="proc.spawn"), Errno.EACCES),
+        (b"\x00" * (limits.MAX_FRAME_BYTES + 10), Errno.E2BIG),
+    ],
+)
+def test_malformed_frames_get_the_right_error_and_the_kernel_keeps_serving(
+    daemon, admin, frame, code
+):
     reply = raw_exchange(daemon.endpoint, frame)
     assert reply is not None and reply["ok"] is False and reply["error"]["code"] == code
     assert reply["error"]["message"]
@@ -316,7 +341,11 @@ def test_malformed_frames_get_the_right_error_and_the_kernel_keeps_serving(daemo
 def test_invalid_arguments_name_the_field(daemon, admin):
     frame = good(call="proc.spawn", token=daemon.token, args={"name": "ok", "nice": "high"})
     reply = raw_exchange(daemon.endpoint, frame)
-    assert reply["id"] == 5 and reply["error"]["code"] == "EINVAL" and "nice" in reply["error"]["message"]
+    assert (
+        reply["id"] == 5
+        and reply["error"]["code"] == "EINVAL"
+        and "nice" in reply["error"]["message"]
+    )
 
 
 def test_multipart_requests_are_refused(daemon):
@@ -325,7 +354,10 @@ def test_multipart_requests_are_refused(daemon):
 
 
 def test_a_frame_over_the_transport_cap_disconnects_only_that_peer(daemon, admin):
-    assert raw_exchange(daemon.endpoint, b"\x00" * (limits.MAX_TRANSPORT_BYTES + 1), timeout_ms=500) is None
+    assert (
+        raw_exchange(daemon.endpoint, b"\x00" * (limits.MAX_TRANSPORT_BYTES + 1), timeout_ms=500)
+        is None
+    )
     assert admin.info().processes >= 0
 
 
@@ -346,12 +378,15 @@ def test_the_async_client_runs_calls_concurrently(daemon):
     async def go():
         async with AsyncClient(daemon.endpoint, pid=0, token=daemon.token) as c:
             procs = await asyncio.gather(*(c.spawn(f"a{i}") for i in range(3)))
-            texts = await asyncio.gather(*(p.generate(prompt="Hi", max_tokens=4, **GREEDY) for p in procs))
+            texts = await asyncio.gather(
+                *(p.generate(prompt="Hi", max_tokens=4, **GREEDY) for p in procs)
+            )
             pieces = [x async for x in procs[0].stream("Hello", max_tokens=4, **GREEDY)]
             for p in procs:
                 await c.kill(p.pid, "KILL")
                 await c.wait(p.pid)
             return texts, pieces
+
     texts, pieces = asyncio.run(go())
     assert len({t.text for t in texts}) == 1 and pieces
 

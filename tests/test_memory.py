@@ -14,21 +14,30 @@ from tests.conftest import GREEDY
 
 pytestmark = pytest.mark.model
 
-E2BIG, EACCES, EDQUOT, ENOENT = (ERRORS[e] for e in (Errno.E2BIG, Errno.EACCES, Errno.EDQUOT, Errno.ENOENT))
+E2BIG, EACCES, EDQUOT, ENOENT = (
+    ERRORS[e] for e in (Errno.E2BIG, Errno.EACCES, Errno.EDQUOT, Errno.ENOENT)
+)
 
 Spawn = Callable[..., Process]
 
 
 def test_core_memory_blocks_are_edited_and_placed_in_the_prompt(spawn: Spawn) -> None:
     p = spawn("blocks", system="You are terse.")
-    before = p.generate([{"role": "user", "content": "Hi"}], max_tokens=1, **GREEDY).usage.prompt_tokens
+    before = p.generate(
+        [{"role": "user", "content": "Hi"}], max_tokens=1, **GREEDY
+    ).usage.prompt_tokens
     p.clear()
     p.memory.set_block("user", "Name: Ada Lovelace. Likes: analytical engines.")
     p.memory.append_block("user", "Lives in London.")
     block = p.memory.replace_block("user", "London", "Marylebone, London")
-    assert block.value == "Name: Ada Lovelace. Likes: analytical engines.\nLives in Marylebone, London."
+    assert (
+        block.value
+        == "Name: Ada Lovelace. Likes: analytical engines.\nLives in Marylebone, London."
+    )
     assert p.memory.blocks() == {"user": block.value}
-    after = p.generate([{"role": "user", "content": "Hi"}], max_tokens=1, **GREEDY).usage.prompt_tokens
+    after = p.generate(
+        [{"role": "user", "content": "Hi"}], max_tokens=1, **GREEDY
+    ).usage.prompt_tokens
     assert after > before + 10  # the block's tokens are in the prompt now
     p.memory.delete_block("user")
     with pytest.raises(ENOENT):
@@ -51,8 +60,12 @@ def test_block_limits_are_enforced_with_clear_errors(spawn: Spawn) -> None:
 def test_recall_finds_every_message_seen_by_words_time_and_role(spawn: Spawn) -> None:
     p = spawn("recall", system="Be brief.")
     t0 = time.time()
-    p.append([{"role": "user", "content": "My parrot is called Quetzalcoatl."},
-              {"role": "assistant", "content": "Noted, a fine name."}])
+    p.append(
+        [
+            {"role": "user", "content": "My parrot is called Quetzalcoatl."},
+            {"role": "assistant", "content": "Noted, a fine name."},
+        ]
+    )
     p.generate([{"role": "user", "content": "What colour are bananas?"}], max_tokens=8, **GREEDY)
     hits = p.memory.recall("parrot Quetzalcoatl")
     assert hits and "Quetzalcoatl" in hits[0].content and hits[0].pid == p.pid
@@ -65,16 +78,20 @@ def test_recall_finds_every_message_seen_by_words_time_and_role(spawn: Spawn) ->
 
 def test_archival_search_finds_paraphrases_and_filters_by_metadata(spawn: Spawn) -> None:
     p = spawn("archival")
-    ids = p.memory.put(("The cat sat on the mat all afternoon.", {"topic": "pets"}),
-                       ("Stock markets fell sharply after the announcement.", {"topic": "finance"}),
-                       ("Our refund policy allows returns within 30 days.", {"topic": "policy", "v": 2}))
+    ids = p.memory.put(
+        ("The cat sat on the mat all afternoon.", {"topic": "pets"}),
+        ("Stock markets fell sharply after the announcement.", {"topic": "finance"}),
+        ("Our refund policy allows returns within 30 days.", {"topic": "policy", "v": 2}),
+    )
     hits = p.memory.search("A feline was resting on a rug", k=3)
     assert hits[0].id == ids[0] and hits[0].score > hits[1].score
     assert p.memory.search("can I send an item back for my money?", k=1)[0].id == ids[2]
     only = p.memory.search("cat", k=3, filter={"topic": "finance"})
     assert [h.id for h in only] == [ids[1]]
     assert p.memory.search("cat", filter={"v": 2})[0].metadata == {"topic": "policy", "v": 2}
-    assert [e.text for e in p.memory.get(ids[1])] == ["Stock markets fell sharply after the announcement."]
+    assert [e.text for e in p.memory.get(ids[1])] == [
+        "Stock markets fell sharply after the announcement."
+    ]
     assert p.memory.delete(ids[0], 999_999) == 1
     assert ids[0] not in [h.id for h in p.memory.search("cat on a mat", k=3)]
 
@@ -83,17 +100,22 @@ def test_namespaces_isolate_processes_and_programs_share_one(spawn: Spawn) -> No
     a, b = spawn("ns-a"), spawn("ns-b")
     a.memory.put("secret plans of A")
     a.memory.set_block("persona", "A's persona")
-    for call in (lambda: b.memory_of(f"pid:{a.pid}").search("plans"),
-                 lambda: b.memory_of(f"pid:{a.pid}").blocks(),
-                 lambda: b.memory_of(f"pid:{a.pid}").recall(),
-                 lambda: b.memory_of(f"prog:{a.pid}").put("graffiti")):
+    for call in (
+        lambda: b.memory_of(f"pid:{a.pid}").search("plans"),
+        lambda: b.memory_of(f"pid:{a.pid}").blocks(),
+        lambda: b.memory_of(f"pid:{a.pid}").recall(),
+        lambda: b.memory_of(f"prog:{a.pid}").put("graffiti"),
+    ):
         with pytest.raises(EACCES, match="no access"):
             call()
     assert b.memory.search("plans") == []  # b's own namespace has nothing of a's
     child = a.spawn("ns-a-child")
     shared = a.memory_of(f"prog:{a.pid}")
     shared.put("the program's shared fact")
-    assert child.memory_of(f"prog:{a.pid}").search("shared fact")[0].text == "the program's shared fact"
+    assert (
+        child.memory_of(f"prog:{a.pid}").search("shared fact")[0].text
+        == "the program's shared fact"
+    )
     with pytest.raises(EACCES):  # a child does not read its parent's own namespace
         child.memory_of(f"pid:{a.pid}").search("plans")
 
@@ -115,14 +137,27 @@ def test_grants_give_read_or_write_access_and_can_be_revoked(spawn: Spawn) -> No
         view.search("launch code")
 
 
-def test_truncate_policy_moves_old_turns_to_recall_and_keeps_the_system_prompt(spawn: Spawn) -> None:
+def test_truncate_policy_moves_old_turns_to_recall_and_keeps_the_system_prompt(
+    spawn: Spawn,
+) -> None:
     p = spawn("trunc", system="You are a helpful assistant.", ctx_window=256, ctx_policy="truncate")
     for i in range(6):
-        p.generate([{"role": "user", "content": f"Fact {i}: the code word number {i} is aardvark{i}. " * 3}],
-                   max_tokens=16, **GREEDY)
+        p.generate(
+            [
+                {
+                    "role": "user",
+                    "content": f"Fact {i}: the code word number {i} is aardvark{i}. " * 3,
+                }
+            ],
+            max_tokens=16,
+            **GREEDY,
+        )
     info = p.context_info()
     assert info.evicted > 0
-    assert info.messages[0].role == "system" and info.messages[0].content == "You are a helpful assistant."
+    assert (
+        info.messages[0].role == "system"
+        and info.messages[0].content == "You are a helpful assistant."
+    )
     assert info.messages[1].role == "user"  # never starts with a dangling assistant turn
     assert p.memory.recall("aardvark0")  # what left the window is still in recall
     assert "aardvark0" not in " ".join(m.content for m in info.messages)
@@ -131,8 +166,11 @@ def test_truncate_policy_moves_old_turns_to_recall_and_keeps_the_system_prompt(s
 def test_summarize_policy_keeps_a_running_summary_written_by_the_model(spawn: Spawn) -> None:
     p = spawn("summ", ctx_window=320, ctx_policy="summarize")
     for i in range(5):
-        p.generate([{"role": "user", "content": f"Remember this: my favourite number is {40 + i}. " * 4}],
-                   max_tokens=16, **GREEDY)
+        p.generate(
+            [{"role": "user", "content": f"Remember this: my favourite number is {40 + i}. " * 4}],
+            max_tokens=16,
+            **GREEDY,
+        )
     info = p.context_info()
     assert info.evicted > 0 and info.summary
     assert any(h.role == "system" and info.summary in h.content for h in p.memory.recall(k=50))
@@ -166,12 +204,14 @@ def test_snapshot_restore_and_fork_copy_contexts(spawn: Spawn) -> None:
 
 def test_bad_memory_arguments_get_einval(admin: Client, spawn: Spawn) -> None:
     p = spawn("badmem")
-    for name, args in [("mem.put", {"entries": []}),
-                       ("mem.put", {"entries": [{"text": "x", "metadata": {"k": [1, 2]}}]}),
-                       ("mem.search", {"query": "x", "k": 0}),
-                       ("mem.search", {"query": "x", "namespaces": ["../etc"]}),
-                       ("mem.block.set", {"label": "bad label!", "value": "v"}),
-                       ("ctx.snapshot", {"name": ""})]:
+    for name, args in [
+        ("mem.put", {"entries": []}),
+        ("mem.put", {"entries": [{"text": "x", "metadata": {"k": [1, 2]}}]}),
+        ("mem.search", {"query": "x", "k": 0}),
+        ("mem.search", {"query": "x", "namespaces": ["../etc"]}),
+        ("mem.block.set", {"label": "bad label!", "value": "v"}),
+        ("ctx.snapshot", {"name": ""}),
+    ]:
         with pytest.raises(SyscallError) as err:
             p.call(name, args)
         assert err.value.code == "EINVAL", (name, args)
@@ -186,15 +226,25 @@ def test_memory_tools_validate_model_arguments_and_run_the_syscalls(spawn: Spawn
     specs = {s["function"]["name"]: s["function"] for s in memory_tool_specs()}
     assert specs["archival_memory_search"]["parameters"]["required"] == ["query"]
     p = spawn("memtools")
-    assert "holds" in call_memory_tool(p, "core_memory_append", {"label": "user", "text": "Likes tea."})
+    assert "holds" in call_memory_tool(
+        p, "core_memory_append", {"label": "user", "text": "Likes tea."}
+    )
     call_memory_tool(p, "core_memory_replace", '{"label": "user", "old": "tea", "new": "coffee"}')
     assert p.memory.blocks() == {"user": "Likes coffee."}
-    assert "entry" in call_memory_tool(p, "archival_memory_insert", {"text": "The office closes at 6 pm."})
-    assert "6 pm" in call_memory_tool(p, "archival_memory_search", {"query": "what time does it shut?"})
+    assert "entry" in call_memory_tool(
+        p, "archival_memory_insert", {"text": "The office closes at 6 pm."}
+    )
+    assert "6 pm" in call_memory_tool(
+        p, "archival_memory_search", {"query": "what time does it shut?"}
+    )
     p.append([{"role": "user", "content": "I was born in Reykjavik."}])
     assert "Reykjavik" in call_memory_tool(p, "conversation_search", {"query": "born"})
-    for name, args in [("nope", {}), ("archival_memory_search", {"query": ""}),
-                       ("archival_memory_search", "{not json"), ("core_memory_append", {"label": "x"})]:
+    for name, args in [
+        ("nope", {}),
+        ("archival_memory_search", {"query": ""}),
+        ("archival_memory_search", "{not json"),
+        ("core_memory_append", {"label": "x"}),
+    ]:
         with pytest.raises(SyscallError) as err:
             call_memory_tool(p, name, args)
         assert err.value.code == "EINVAL"

@@ -20,7 +20,9 @@ from tests.kernels import Daemon
 pytestmark = pytest.mark.model
 
 
-def _hammer(endpoint: str, pid: int, token: str, acked: dict[str, list], stop: threading.Event) -> None:
+def _hammer(
+    endpoint: str, pid: int, token: str, acked: dict[str, list], stop: threading.Event
+) -> None:
     """Write as process ``pid`` until the kernel dies; remember what it acknowledged.
     Its own connection (sockets belong to one thread), short deadlines once it is gone."""
     with Client(endpoint, pid=pid, token=token) as c:
@@ -28,8 +30,13 @@ def _hammer(endpoint: str, pid: int, token: str, acked: dict[str, list], stop: t
         while not stop.is_set():
             try:
                 entry = {"text": f"entry number {i}", "metadata": {"i": i}}
-                acked["ids"].extend(c.call("mem.put", {"entries": [entry]}, deadline_ms=5000)["ids"])
-                turns = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+                acked["ids"].extend(
+                    c.call("mem.put", {"entries": [entry]}, deadline_ms=5000)["ids"]
+                )
+                turns = [
+                    {"role": "user", "content": f"q{i}"},
+                    {"role": "assistant", "content": f"a{i}"},
+                ]
                 c.call("ctx.append", {"messages": turns}, deadline_ms=5000)
                 acked["turns"].append(i)
             except SyscallError:
@@ -51,8 +58,11 @@ def test_kill_9_loses_nothing_committed_and_recovers_the_process_table(tmp_path:
             kept.generate([{"role": "user", "content": "Say hi."}], max_tokens=4, **GREEDY)
             acked: dict[str, list] = {"ids": [], "turns": []}
             stop = threading.Event()
-            writer = threading.Thread(target=_hammer, args=(first.endpoint, free.pid, free.token, acked, stop),
-                                      daemon=True)
+            writer = threading.Thread(
+                target=_hammer,
+                args=(first.endpoint, free.pid, free.token, acked, stop),
+                daemon=True,
+            )
             writer.start()
             while len(acked["turns"]) < 20:
                 writer.join(0.05)
@@ -68,7 +78,10 @@ def test_kill_9_loses_nothing_committed_and_recovers_the_process_table(tmp_path:
         try:
             with second.admin() as admin:
                 rows = {r.pid: r for r in admin.ps()}
-                assert rows[kept.pid].state in ("WAITING", "NEW") and rows[free.pid].state in ("WAITING", "NEW")
+                assert rows[kept.pid].state in ("WAITING", "NEW") and rows[free.pid].state in (
+                    "WAITING",
+                    "NEW",
+                )
                 assert rows[kept.pid].generate_calls == 1 and rows[kept.pid].output_tokens > 0
                 assert rows[doomed.pid].state == "ZOMBIE" and rows[doomed.pid].exit_status == 129
                 assert rows[doomed.pid].signal == "HUP"
@@ -86,7 +99,8 @@ def test_kill_9_loses_nothing_committed_and_recovers_the_process_table(tmp_path:
                 assert len(turns) % 2 == 0  # an append is all or nothing
                 contents = [m["content"] for m in turns]
                 assert contents[: 2 * len(acked["turns"])] == [
-                    x for i in acked["turns"] for x in (f"q{i}", f"a{i}")]
+                    x for i in acked["turns"] for x in (f"q{i}", f"a{i}")
+                ]
                 assert again.memory.blocks() == {"persona": "I survive crashes."}
                 n = len(acked["ids"])
                 hit = again.memory.search(f"entry number {n - 1}", k=1, filter={"i": n - 1})

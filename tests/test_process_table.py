@@ -37,6 +37,7 @@ def test_pids_are_never_reused():
             t.exit(p, 0)
             t.reap(p)
         return seen
+
     assert len(run(go())) == 5
 
 
@@ -70,6 +71,7 @@ def test_exit_leaves_a_zombie_until_the_parent_waits():
         got = await t.wait(Caller(parent.pid, parent), None, timeout=1)
         assert got is child and got.exit_status == 3
         assert t.get(child.pid) is None and child.pid not in parent.children
+
     run(go())
 
 
@@ -80,6 +82,7 @@ def test_orphans_are_reparented_to_init_and_reaped_by_it_when_they_exit():
         assert grandchild.ppid == INIT_PID and grandchild.orphaned
         t.exit(grandchild, 0)
         assert t.get(grandchild.pid) is None  # init reaps orphans at once
+
     run(go())
 
 
@@ -89,6 +92,7 @@ def test_zombie_children_of_an_exiting_parent_are_reaped():
         t.exit(grandchild, 1)
         t.exit(child, 0)
         assert t.get(grandchild.pid) is None
+
     run(go())
 
 
@@ -100,6 +104,7 @@ def test_wait_blocks_until_a_child_exits():
         assert not waiter.done()
         t.exit(child, 7)
         return await waiter
+
     assert run(go()).exit_status == 7
 
 
@@ -115,6 +120,7 @@ def test_wait_without_children_is_echild_and_times_out_with_etimedout():
         with pytest.raises(SyscallError) as exc:
             await t.wait(Caller(parent.pid, parent), None, timeout=0.01)
         assert exc.value.code is Errno.ETIMEDOUT
+
     run(go())
 
 
@@ -123,6 +129,7 @@ def test_the_admin_waits_for_top_level_processes():
         t, parent, _, _ = table_with_family()
         t.exit(parent, 0)
         return await t.wait(Caller(0, None), parent.pid, timeout=1)
+
     assert run(go()).exit_status == 0
 
 
@@ -132,4 +139,5 @@ def test_init_reaps_unwaited_top_level_zombies_after_their_ttl():
         t.exit(parent, 0)
         assert t.reap_stale(3600) == []
         assert t.reap_stale(0) == [parent.pid]
+
     run(go())

@@ -66,7 +66,9 @@ def test_unlimited_accounts_never_refuse():
 
 def test_processes_of_a_program_share_its_account_and_children_inherit_limits():
     t = ProcessTable(owner="me")
-    root = t.spawn(INIT_PID, "root", "m", 0, None, Limits(max_output_tokens=50), Limits(max_calls_per_min=9))
+    root = t.spawn(
+        INIT_PID, "root", "m", 0, None, Limits(max_output_tokens=50), Limits(max_calls_per_min=9)
+    )
     kid = t.spawn(root.pid, "kid", "m", 0, None)
     assert kid.program is root.program and root.program.pgid == root.pid
     assert kid.account.limits.max_output_tokens == 50 and kid.account is not root.account

@@ -16,8 +16,12 @@ from kernel.residency import Residency
 from tests.kernels import Daemon
 
 
-async def _started(drivers: dict[str, SimDriver] | None = None, max_loaded: int | None = 1,
-                   min_awake_s: float = 5.0, b: SimDriver | None = None) -> Residency:
+async def _started(
+    drivers: dict[str, SimDriver] | None = None,
+    max_loaded: int | None = 1,
+    min_awake_s: float = 5.0,
+    b: SimDriver | None = None,
+) -> Residency:
     """A residency over sim models ``a`` and ``b`` (or ``drivers``), its first loads done."""
     res = Residency(drivers or {"a": SimDriver(), "b": b or SimDriver()}, max_loaded, min_awake_s)
     res.start()
@@ -51,7 +55,9 @@ def test_models_beyond_max_loaded_start_asleep_and_wake_on_first_use() -> None:
 
 def test_without_max_loaded_every_model_loads_and_none_sleeps() -> None:
     async def go() -> None:
-        res = await _started({"a": SimDriver(), "b": SimDriver(), "c": SimDriver()}, max_loaded=None)
+        res = await _started(
+            {"a": SimDriver(), "b": SimDriver(), "c": SimDriver()}, max_loaded=None
+        )
         for name in "abc":
             async with res.use(name):
                 pass
@@ -135,19 +141,35 @@ def test_max_loaded_below_one_is_refused() -> None:
         Residency({"a": SimDriver()}, 0)
 
 
-def test_a_process_waiting_for_its_model_to_wake_is_ready_and_the_model_shows_waking(tmp_path: Path) -> None:
+def test_a_process_waiting_for_its_model_to_wake_is_ready_and_the_model_shows_waking(
+    tmp_path: Path,
+) -> None:
     import threading
 
-    daemon = Daemon(tmp_path, "--driver", "sim", "--model-name", "a", "--max-loaded", "1", "--min-awake", "0",
-                    "--serve", "name=b,driver=sim,load_s=1.5")
+    daemon = Daemon(
+        tmp_path,
+        "--driver",
+        "sim",
+        "--model-name",
+        "a",
+        "--max-loaded",
+        "1",
+        "--min-awake",
+        "0",
+        "--serve",
+        "name=b,driver=sim,load_s=1.5",
+    )
     daemon.start()
     try:
         with daemon.admin() as admin:
             assert {m.name: m.state for m in admin.info().models} == {"a": "ready", "b": "asleep"}
             p = admin.spawn("on-b", model="b")
             result: dict = {}
-            worker = threading.Thread(target=lambda: result.update(
-                p.call("llm.generate", {"prompt": "hi", "max_tokens": 3})))
+            worker = threading.Thread(
+                target=lambda: result.update(
+                    p.call("llm.generate", {"prompt": "hi", "max_tokens": 3})
+                )
+            )
             worker.start()
             seen: set[tuple[str, str]] = set()
             t0 = time.monotonic()
@@ -165,11 +187,24 @@ def test_a_process_waiting_for_its_model_to_wake_is_ready_and_the_model_shows_wa
 
 
 @pytest.mark.model
-def test_the_kernel_swaps_real_models_on_demand_and_a_woken_model_answers_the_same(tmp_path: Path) -> None:
+def test_the_kernel_swaps_real_models_on_demand_and_a_woken_model_answers_the_same(
+    tmp_path: Path,
+) -> None:
     """Two CPU-driver models, room for one: each process's generate wakes its model (the
     other sleeps), and greedy output after a sleep/wake cycle is unchanged."""
-    daemon = Daemon(tmp_path, "--driver", "cpu", "--slots", "1", "--model-name", "first", "--max-loaded", "1",
-                    "--serve", "name=second,driver=cpu,slots=1")
+    daemon = Daemon(
+        tmp_path,
+        "--driver",
+        "cpu",
+        "--slots",
+        "1",
+        "--model-name",
+        "first",
+        "--max-loaded",
+        "1",
+        "--serve",
+        "name=second,driver=cpu,slots=1",
+    )
     daemon.start()
     try:
         with daemon.admin() as admin:
@@ -182,7 +217,11 @@ def test_the_kernel_swaps_real_models_on_demand_and_a_woken_model_answers_the_sa
             on_second = p2.call("llm.generate", args)["text"]
             stat = {m.name: m for m in admin.stat(procs=False).models}
             assert (stat["first"].state, stat["second"].state) == ("asleep", "ready")
-            assert stat["second"].wakes == 1 and stat["first"].sleeps == 1 and stat["second"].wake_s > 0
+            assert (
+                stat["second"].wakes == 1
+                and stat["first"].sleeps == 1
+                and stat["second"].wake_s > 0
+            )
             after = p1.call("llm.generate", args)["text"]
             assert before == on_second == after  # same weights, reloaded: the same greedy text
             assert {m.name: m.wakes for m in admin.info().models} == {"first": 1, "second": 1}

@@ -23,7 +23,9 @@ PROMPTS = ["List the days of the week:", "Name some colours:", "Count: one, two,
 @pytest.fixture(scope="module")
 def rr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A one-slot kernel with round robin and a 3-token quantum: constant preemption."""
-    k = Daemon(tmp_path_factory.mktemp("rr"), "--slots", "1", "--policy", "rr", "--quantum", "3").start()
+    k = Daemon(
+        tmp_path_factory.mktemp("rr"), "--slots", "1", "--policy", "rr", "--quantum", "3"
+    ).start()
     yield k
     k.stop()
 
@@ -35,8 +37,10 @@ def test_preempted_generations_yield_exactly_the_uninterrupted_text(rr: Daemon) 
             p = admin.spawn("solo")
             solo[prompt] = p.generate(prompt=prompt, max_tokens=20, **GREEDY)
         procs = [admin.spawn(f"p{i}") for i in range(len(PROMPTS))]
-        runs = [InThread(lambda p=p, q=q: p.generate(prompt=q, max_tokens=20, **GREEDY))
-                for p, q in zip(procs, PROMPTS, strict=True)]
+        runs = [
+            InThread(lambda p=p, q=q: p.generate(prompt=q, max_tokens=20, **GREEDY))
+            for p, q in zip(procs, PROMPTS, strict=True)
+        ]
         results = [r.result() for r in runs]
         for prompt, res in zip(PROMPTS, results, strict=True):
             assert res.text == solo[prompt].text
@@ -50,8 +54,14 @@ def test_preempted_generations_yield_exactly_the_uninterrupted_text(rr: Daemon) 
 
 
 FORMATS = [
-    {"type": "json_schema", "schema": {"type": "object", "properties": {
-        "day": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}}, "required": ["day", "n"]}},
+    {
+        "type": "json_schema",
+        "schema": {
+            "type": "object",
+            "properties": {"day": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+            "required": ["day", "n"],
+        },
+    },
     {"type": "regex", "pattern": r"[A-Z][a-z]+(, [A-Z][a-z]+){2,4}\."},
     {"type": "json_object"},
 ]
@@ -60,11 +70,19 @@ FORMATS = [
 def test_preempted_constrained_generations_yield_exactly_the_uninterrupted_text(rr: Daemon) -> None:
     with rr.admin() as admin:
         jobs = list(zip(PROMPTS, FORMATS, strict=True))
-        solo = [admin.spawn("solo").generate(prompt=q, response_format=f, max_tokens=24, **GREEDY)
-                for q, f in jobs]
+        solo = [
+            admin.spawn("solo").generate(prompt=q, response_format=f, max_tokens=24, **GREEDY)
+            for q, f in jobs
+        ]
         procs = [admin.spawn(f"c{i}") for i in range(len(jobs))]
-        runs = [InThread(lambda p=p, q=q, f=f: p.generate(prompt=q, response_format=f, max_tokens=24, **GREEDY))
-                for p, (q, f) in zip(procs, jobs, strict=True)]
+        runs = [
+            InThread(
+                lambda p=p, q=q, f=f: p.generate(
+                    prompt=q, response_format=f, max_tokens=24, **GREEDY
+                )
+            )
+            for p, (q, f) in zip(procs, jobs, strict=True)
+        ]
         for alone, res in zip(solo, [r.result() for r in runs], strict=True):
             assert (res.text, res.usage.output_tokens) == (alone.text, alone.usage.output_tokens)
         assert any(row.preemptions > 0 for row in admin.ps() if row.pid in {p.pid for p in procs})
@@ -136,8 +154,17 @@ def test_a_failing_generation_returns_its_slot(spawn, admin: Client) -> None:
 def test_a_low_priority_process_is_never_starved(tmp_path) -> None:
     """Priority with aging on the simulator: nice-0 work keeps arriving on the one slot,
     yet a nice-3 process gets it after about 3 s of waiting."""
-    k = Daemon(tmp_path, "--driver", "sim", "--slots", "1", "--policy", "priority",
-               "--driver-option", "tokens_per_s=200").start()
+    k = Daemon(
+        tmp_path,
+        "--driver",
+        "sim",
+        "--slots",
+        "1",
+        "--policy",
+        "priority",
+        "--driver-option",
+        "tokens_per_s=200",
+    ).start()
     try:
         with k.admin() as admin:
             highs = [admin.spawn(f"high{i}", nice=0) for i in range(3)]
@@ -164,7 +191,9 @@ def test_a_low_priority_process_is_never_starved(tmp_path) -> None:
 
 def test_fast_streams_are_coalesced_into_fewer_frames_without_losing_text(tmp_path) -> None:
     """At simulator speed (2,000 tokens/s) one frame per token would be wasteful."""
-    k = Daemon(tmp_path, "--driver", "sim", "--slots", "1", "--driver-option", "tokens_per_s=2000").start()
+    k = Daemon(
+        tmp_path, "--driver", "sim", "--slots", "1", "--driver-option", "tokens_per_s=2000"
+    ).start()
     try:
         with k.admin() as admin:
             p = admin.spawn("fast")

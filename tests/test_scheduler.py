@@ -29,6 +29,7 @@ def test_slots_are_granted_fifo_and_released_to_the_next_waiter():
         s.release(slot_b)
         s.release(await tc)
         assert s.busy("m") == 0 and s.queued("m") == 0
+
     asyncio.run(go())
 
 
@@ -45,6 +46,7 @@ def test_priority_policy_runs_lowest_nice_first():
         assert t_high.done() and not t_low.done()
         s.release(t_high.result())
         s.release(await t_low)
+
     asyncio.run(go())
 
 
@@ -61,6 +63,7 @@ def test_a_cancelled_waiter_leaves_the_queue_and_no_slot_leaks():
         assert s.busy("m") == 0
         s.release(await s.acquire(c))
         assert s.busy("m") == 0 and s.queued("m") == 0
+
     asyncio.run(go())
 
 
@@ -76,6 +79,7 @@ def test_stopped_processes_stay_queued_until_continued():
         b.cont.set()
         s.kick("m")
         s.release(await tb)
+
     asyncio.run(go())
 
 
@@ -89,6 +93,7 @@ def test_wait_and_service_time_are_accounted():
         s.release(slot)
         s.release(await tb)
         assert a.service_s >= 0.04 and b.wait_s >= 0.04
+
     asyncio.run(go())
 
 
@@ -143,7 +148,9 @@ def test_priority_ages_waiters_so_low_priority_never_starves():
     fresh_high.seq = 1
     assert pol.pick([old_low, fresh_high], 10.0, IDLE) is fresh_high  # early on, priority wins
     fresh_high.enqueued = 40.0  # high-priority work keeps arriving ...
-    assert pol.pick([old_low, fresh_high], 40.0, IDLE) is old_low  # ... but 40 s of waiting beats 39 levels
+    assert (
+        pol.pick([old_low, fresh_high], 40.0, IDLE) is old_low
+    )  # ... but 40 s of waiting beats 39 levels
 
 
 def test_priority_preempts_a_runner_for_a_better_waiter_after_its_quantum():
@@ -191,7 +198,9 @@ def test_fair_serves_a_programs_urgent_processes_first():
     urgent.account.output_tokens = 50  # even with more service than the routine job
     assert Fair().pick(waiters([routine, urgent]), 0.0, IDLE).proc is urgent
     other = t.spawn(INIT_PID, "older-program-first", "m", 19, None)
-    assert Fair().pick(waiters([other, urgent]), 0.0, IDLE).proc is urgent  # nice never jumps programs
+    assert (
+        Fair().pick(waiters([other, urgent]), 0.0, IDLE).proc is urgent
+    )  # nice never jumps programs
 
 
 def test_fair_lets_a_starving_waiter_go_first():
@@ -248,6 +257,7 @@ def test_scheduler_asks_for_preemption_only_when_someone_runnable_waits():
         assert s.should_preempt(slot)
         s.release(slot)
         s.release(await tb)
+
     asyncio.run(go())
 
 
@@ -259,6 +269,7 @@ def test_service_time_is_charged_to_the_process_and_its_program():
         await asyncio.sleep(0.02)
         s.release(slot)
         assert a.account.service_s >= 0.02 and a.program.account.service_s == a.account.service_s
+
     asyncio.run(go())
 
 
@@ -269,7 +280,11 @@ def _finish(pol, programs_tokens, extra=0):
     """Let ``pol`` see programs of the given sizes run and then exit; return ``extra``
     further live processes of the same process table (program ids never repeat)."""
     ps = procs(len(programs_tokens) + 1 + extra)
-    done, sweeper, rest = ps[:len(programs_tokens)], ps[len(programs_tokens)], ps[len(programs_tokens) + 1:]
+    done, sweeper, rest = (
+        ps[: len(programs_tokens)],
+        ps[len(programs_tokens)],
+        ps[len(programs_tokens) + 1 :],
+    )
     for p, used in zip(done, programs_tokens, strict=True):
         p.program.account.output_tokens = used
         p.program.account.opened = 0.0

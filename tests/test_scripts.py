@@ -80,11 +80,21 @@ def test_many_processes_spawned_from_threads_and_asyncio(sim: Daemon) -> None:
 
 
 def test_llmos_spawn_and_wait_follow_unix_exit_codes(sim: Daemon) -> None:
-    env = {**os.environ, "LLMOS_RUNTIME_DIR": str(sim.run_dir), "LLMOS_STATE_DIR": str(sim.state_dir)}
+    env = {
+        **os.environ,
+        "LLMOS_RUNTIME_DIR": str(sim.run_dir),
+        "LLMOS_STATE_DIR": str(sim.state_dir),
+    }
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "llmos.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=120, cwd=Path(__file__).resolve().parent.parent)
+        return subprocess.run(
+            [sys.executable, "-m", "llmos.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
 
     spawned = cli("spawn", "--name", "waited", "--json")
     assert spawned.returncode == 0

@@ -35,12 +35,23 @@ def test_every_command_in_the_table_has_a_handler_and_one_line_of_help():
 def test_parse_splits_with_shell_quoting():
     cmd, args = shell.parse('write "my notes.txt" hello   world')
     assert cmd.name == "write" and args == ["my notes.txt", "hello", "world"]
-    assert shell.parse("tools call calculator '{\"expression\": \"1+2\"}'")[1][2] == '{"expression": "1+2"}'
+    assert (
+        shell.parse('tools call calculator \'{"expression": "1+2"}\'')[1][2]
+        == '{"expression": "1+2"}'
+    )
 
 
-@pytest.mark.parametrize(("line", "code"), [
-    ("frob 1", Errno.ENOSYS), ("kill", Errno.EINVAL), ("kill 1 TERM extra", Errno.EINVAL),
-    ("ps -a", Errno.EINVAL), ('cat "unclosed', Errno.EINVAL), ("", Errno.EINVAL)])
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        ("frob 1", Errno.ENOSYS),
+        ("kill", Errno.EINVAL),
+        ("kill 1 TERM extra", Errno.EINVAL),
+        ("ps -a", Errno.EINVAL),
+        ('cat "unclosed', Errno.EINVAL),
+        ("", Errno.EINVAL),
+    ],
+)
 def test_parse_refuses_bad_lines_with_a_code(line, code):
     with pytest.raises(SyscallError) as exc:
         shell.parse(line)
@@ -58,7 +69,15 @@ def test_check_accepts_valid_commands_and_says_why_not_otherwise():
 
 def test_the_proposal_grammar_admits_only_lines_the_table_accepts():
     pattern = re.compile(shell.command_pattern())
-    for line in ("ps", "kill 3 KILL", "stop 12", "write a.txt hi there", "mem search x y", "ls", "ls /home"):
+    for line in (
+        "ps",
+        "kill 3 KILL",
+        "stop 12",
+        "write a.txt hi there",
+        "mem search x y",
+        "ls",
+        "ls /home",
+    ):
         assert pattern.fullmatch(line) and shell.check(line) is None, line
     for line in ("kill", "kill x", "stop 1 2", "chat 2", "top", "exit", "rm", "reboot", "ps; rm x"):
         assert not pattern.fullmatch(line), line
@@ -68,12 +87,19 @@ def test_command_names_complete_without_a_kernel():
     session = shell.Session(connect=lambda: pytest.fail("no kernel needed"))
     assert [c for c, _ in shell.complete(session, "sp")] == ["spawn"]
     assert {c for c, _ in shell.complete(session, "s")} == {"spawn", "stop", "stat", "syscalls"}
-    assert list(shell.complete(session, "kill 3 ")) == [("TERM", 0), ("KILL", 0), ("STOP", 0), ("CONT", 0)]
+    assert list(shell.complete(session, "kill 3 ")) == [
+        ("TERM", 0),
+        ("KILL", 0),
+        ("STOP", 0),
+        ("CONT", 0),
+    ]
 
 
 def test_spawn_options_and_numbers_are_checked():
     assert shell._spawn_options(["a", "--system", "Be brief.", "--model", "m"]) == (
-        "a", {"system": "Be brief.", "model": "m"})
+        "a",
+        {"system": "Be brief.", "model": "m"},
+    )
     with pytest.raises(SyscallError):
         shell._spawn_options(["a", "--nice"])
     with pytest.raises(SyscallError) as exc:
@@ -126,21 +152,45 @@ class Kernel:
 
     def __init__(self, base: Path) -> None:
         self.run_dir = base / "run"
-        self.env = {**os.environ, "LLMOS_RUNTIME_DIR": str(self.run_dir), "LLMOS_STATE_DIR": str(base / "state"),
-                    "PROMPT_TOOLKIT_NO_CPR": "1", "NO_COLOR": "1", "TERM": "xterm"}
+        self.env = {
+            **os.environ,
+            "LLMOS_RUNTIME_DIR": str(self.run_dir),
+            "LLMOS_STATE_DIR": str(base / "state"),
+            "PROMPT_TOOLKIT_NO_CPR": "1",
+            "NO_COLOR": "1",
+            "TERM": "xterm",
+        }
 
     def llmos(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "llmos.cli", *args], env=self.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "llmos.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     def admin(self) -> Client:
-        return Client(f"ipc://{self.run_dir / 'kernel.sock'}", pid=0,
-                      token=(self.run_dir / "admin.token").read_text().strip())
+        return Client(
+            f"ipc://{self.run_dir / 'kernel.sock'}",
+            pid=0,
+            token=(self.run_dir / "admin.token").read_text().strip(),
+        )
 
     def shell(self) -> pexpect.spawn:
-        term = pexpect.spawn(sys.executable, ["-m", "llmos.cli", "shell"], env=self.env, cwd=str(ROOT),
-                             encoding="utf-8", timeout=60, dimensions=(50, 200))
-        if log := os.environ.get("LLMOS_TEST_SHELL_LOG"):  # what the terminal showed, to debug a test
+        term = pexpect.spawn(
+            sys.executable,
+            ["-m", "llmos.cli", "shell"],
+            env=self.env,
+            cwd=str(ROOT),
+            encoding="utf-8",
+            timeout=60,
+            dimensions=(50, 200),
+        )
+        if log := os.environ.get(
+            "LLMOS_TEST_SHELL_LOG"
+        ):  # what the terminal showed, to debug a test
             term.logfile_read = open(log, "a")  # noqa: SIM115
         term.expect(PROMPT)
         return term
@@ -228,7 +278,7 @@ def test_write_cat_ls_history_in_the_current_process(kernel):
     run(term, "rollback notes.txt 1", "version 3")
     run(term, "cat notes.txt", "hello from the shell")
     run(term, "history notes.txt", "rollback to v1")
-    run(term, "tools call calculator '{\"expression\": \"6*7\"}'", "42")
+    run(term, 'tools call calculator \'{"expression": "6*7"}\'', "42")
     run(term, "cd 999999", "error EPERM.*not spawned in this shell")
     run(term, "mem", "no core memory block")
     leave(term)
@@ -237,10 +287,21 @@ def test_write_cat_ls_history_in_the_current_process(kernel):
 @pytest.mark.model
 def test_commands_from_a_pipe_run_in_order(kernel):
     script = "spawn piped\nwrite a.txt 'from a pipe'\ncat a.txt\nfrob\nchat\nexit\nps\n"
-    res = subprocess.run([sys.executable, "-m", "llmos.cli", "shell"], input=script, env=kernel.env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "shell"],
+        input=script,
+        env=kernel.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1  # frob and chat failed
-    assert "from a pipe" in res.stdout and "error ENOSYS" in res.stdout and "chat needs a terminal" in res.stdout
+    assert (
+        "from a pipe" in res.stdout
+        and "error ENOSYS" in res.stdout
+        and "chat needs a terminal" in res.stdout
+    )
     assert "PID" not in res.stdout  # nothing after exit
 
 
@@ -251,8 +312,12 @@ def test_chat_streams_and_ctrl_c_stops_the_reply_not_the_shell(kernel):
     term.expect(r"chat (\d+)>")
     pid = int(term.match.group(1))
     term.sendline("Count from 1 to 1000, separated by commas.")
-    with kernel.admin() as admin:  # the turn runs in a child of the process: wait until it is mid-reply
-        wait_until(lambda: any(p.ppid == pid and p.output_tokens >= 8 for p in admin.ps()), timeout=60)
+    with (
+        kernel.admin() as admin
+    ):  # the turn runs in a child of the process: wait until it is mid-reply
+        wait_until(
+            lambda: any(p.ppid == pid and p.output_tokens >= 8 for p in admin.ps()), timeout=60
+        )
     term.sendintr()
     term.expect(r"reply stopped")
     shown = ANSI.sub("", term.before).rsplit("separated by commas.", 1)[-1]

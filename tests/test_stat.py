@@ -87,7 +87,9 @@ def test_stat_without_rows_keeps_the_counts(admin: Client, spawn):
 
 
 @pytest.mark.model
-def test_a_running_generation_shows_a_busy_slot_and_then_raises_the_token_rate(admin: Client, spawn):
+def test_a_running_generation_shows_a_busy_slot_and_then_raises_the_token_rate(
+    admin: Client, spawn
+):
     before = admin.stat().tokens
     p = spawn("runner")
     gen = InThread(lambda: p.generate(prompt=LONG, max_tokens=4000, **GREEDY))

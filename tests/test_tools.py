@@ -20,13 +20,23 @@ from tests.kernels import Daemon
 pytestmark = pytest.mark.model
 
 EINVAL, EPERM, ENOENT, EIO, ETIMEDOUT, EBUSY = (
-    ERRORS[e] for e in (Errno.EINVAL, Errno.EPERM, Errno.ENOENT, Errno.EIO, Errno.ETIMEDOUT, Errno.EBUSY))
+    ERRORS[e]
+    for e in (Errno.EINVAL, Errno.EPERM, Errno.ENOENT, Errno.EIO, Errno.ETIMEDOUT, Errno.EBUSY)
+)
 Spawn = Callable[..., Process]
 
 
 def test_tool_list_describes_the_builtin_tools_with_schemas(spawn: Spawn) -> None:
     tools = {t.name: t for t in spawn("lister").tools.list()}
-    assert {"calculator", "datetime", "python", "fs_read", "fs_write", "fs_search", "memory_search"} <= set(tools)
+    assert {
+        "calculator",
+        "datetime",
+        "python",
+        "fs_read",
+        "fs_write",
+        "fs_search",
+        "memory_search",
+    } <= set(tools)
     assert tools["calculator"].parameters["required"] == ["expression"]
     assert tools["python"].irreversible and not tools["calculator"].irreversible
 
@@ -34,7 +44,12 @@ def test_tool_list_describes_the_builtin_tools_with_schemas(spawn: Spawn) -> Non
 def test_calculator_computes_and_refuses_anything_but_arithmetic(spawn: Spawn) -> None:
     t = spawn("calc").tools
     assert t.call("calculator", {"expression": "(17 * 23) + sqrt(16)"})["value"] == 395.0
-    for bad in ("__import__('os').system('id')", "open('/etc/passwd').read()", "2 ** 10 ** 10", "[1, 2]"):
+    for bad in (
+        "__import__('os').system('id')",
+        "open('/etc/passwd').read()",
+        "2 ** 10 ** 10",
+        "[1, 2]",
+    ):
         with pytest.raises(EINVAL):
             t.call("calculator", {"expression": bad})
     with pytest.raises(EINVAL, match="expression"):
@@ -74,8 +89,14 @@ class Reverse(BaseModel):
     text: str
 
 
-def _serve(admin: Client, name: str, handlers: dict[str, Any], ready: threading.Event,
-           stop: threading.Event, box: dict[str, Any]) -> None:
+def _serve(
+    admin: Client,
+    name: str,
+    handlers: dict[str, Any],
+    ready: threading.Event,
+    stop: threading.Event,
+    box: dict[str, Any],
+) -> None:
     with Client(admin.endpoint, pid=0, token=admin.token) as c:
         server = c.spawn(name)
         box["pid"] = server.pid
@@ -100,14 +121,18 @@ def test_tools_served_by_a_user_space_program(spawn: Spawn, admin: Client) -> No
         time.sleep(3)
 
     handlers = {"reverse": reverse, "slow": slow, "huge": lambda: "x" * (600 << 10)}
-    thread = threading.Thread(target=_serve, args=(admin, "server", handlers, ready, stop, box), daemon=True)
+    thread = threading.Thread(
+        target=_serve, args=(admin, "server", handlers, ready, stop, box), daemon=True
+    )
     thread.start()
     assert ready.wait(30)
     caller = spawn("caller")
     try:
         assert caller.tools.call("reverse", {"text": "llmos"}) == "somll"
         with pytest.raises(EINVAL, match="text"):
-            caller.tools.call("reverse", {"text": 7})  # refused by the kernel: the server never sees it
+            caller.tools.call(
+                "reverse", {"text": 7}
+            )  # refused by the kernel: the server never sees it
         assert seen == [{"text": "llmos"}]
         with pytest.raises(EIO, match="cannot reverse boom"):
             caller.tools.call("reverse", {"text": "boom"})
@@ -153,7 +178,13 @@ def test_callers_of_a_server_that_exits_get_an_error_at_once(spawn: Spawn, admin
 
 def test_tool_capabilities_only_narrow_down_the_tree(spawn: Spawn) -> None:
     p = spawn("limited", tools=["calculator", "fs_*"])
-    assert {t.name for t in p.tools.list()} == {"calculator", "fs_read", "fs_write", "fs_list", "fs_search"}
+    assert {t.name for t in p.tools.list()} == {
+        "calculator",
+        "fs_read",
+        "fs_write",
+        "fs_list",
+        "fs_search",
+    }
     with pytest.raises(EPERM, match="may not use tool 'python'"):
         p.tools.call("python", {"code": "print(1)"})
     child = p.spawn("wider", tools=["*"])  # asks for everything, gets what its parent has
@@ -172,7 +203,8 @@ def test_irreversible_calls_wait_for_the_owner(spawn: Spawn, admin: Client) -> N
         with Client(admin.endpoint, pid=proc.pid, token=proc.token) as c:
             try:
                 outcomes[label] = c.process(proc.pid, proc.token).tools.call(
-                    "python", {"code": "print('ran')"}, timeout_s=timeout_s)
+                    "python", {"code": "print('ran')"}, timeout_s=timeout_s
+                )
             except Exception as exc:  # noqa: BLE001
                 outcomes[label] = exc
 
@@ -182,7 +214,11 @@ def test_irreversible_calls_wait_for_the_owner(spawn: Spawn, admin: Client) -> N
         thread.start()
         wait_until(lambda: len(admin.pending()) == 1)
         parked = admin.pending()[0]
-        assert (parked.name, parked.caller, parked.args) == ("python", proc.pid, {"code": "print('ran')"})
+        assert (parked.name, parked.caller, parked.args) == (
+            "python",
+            proc.pid,
+            {"code": "print('ran')"},
+        )
         (admin.approve if approve else admin.deny)(parked.id)
         thread.join(30)
     assert outcomes["approved"]["stdout"] == "ran\n"

@@ -22,24 +22,53 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def top(daemon: Daemon, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "llmos.cli", "top", *args], env={**daemon.env, **env},
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "top", *args],
+        env={**daemon.env, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def row(pid: int, out: int) -> m.ProcInfo:
-    return m.ProcInfo(pid=pid, ppid=1, name=f"p{pid}", owner="u", state="WAITING", nice=0, model="x",
-                      context_messages=0, generate_calls=1, prompt_tokens=1, output_tokens=out,
-                      service_s=0.0, wait_s=0.0, created=0.0)
+    return m.ProcInfo(
+        pid=pid,
+        ppid=1,
+        name=f"p{pid}",
+        owner="u",
+        state="WAITING",
+        nice=0,
+        model="x",
+        context_messages=0,
+        generate_calls=1,
+        prompt_tokens=1,
+        output_tokens=out,
+        service_s=0.0,
+        wait_s=0.0,
+        created=0.0,
+    )
 
 
 def snapshot(*rows: m.ProcInfo) -> m.StatResult:
     return m.StatResult(
-        time=0.0, uptime_s=1.0, policy="fifo",
+        time=0.0,
+        uptime_s=1.0,
+        policy="fifo",
         models=[m.ModelStat(name="x", driver="sim", slots=1, busy=0, queued=0, state="ready")],
         states={"WAITING": len(rows)},
         tokens=m.TokenStat(window_s=10, prompt_tps=0, output_tps=0, prompt_total=0, output_total=0),
-        host=m.HostStat(cpus=1, cpu_percent=0, load_avg=[0, 0, 0], mem_total=2, mem_available=1,
-                        kernel_rss=1, kernel_cpu_s=0, kernel_cpu_percent=0),
+        host=m.HostStat(
+            cpus=1,
+            cpu_percent=0,
+            load_avg=[0, 0, 0],
+            mem_total=2,
+            mem_available=1,
+            kernel_rss=1,
+            kernel_cpu_s=0,
+            kernel_cpu_percent=0,
+        ),
         procs=list(rows),
     )
 
@@ -50,7 +79,11 @@ def snapshot(*rows: m.ProcInfo) -> m.StatResult:
 def test_tok_share_is_each_process_part_of_the_tokens_made_since_the_last_snapshot():
     prev = snapshot(row(2, 100), row(3, 10))
     now = snapshot(row(2, 110), row(3, 40), row(4, 20))  # 4 is new: all its tokens are recent
-    assert tok_shares(now, prev) == {2: pytest.approx(100 / 6), 3: pytest.approx(50.0), 4: pytest.approx(100 / 3)}
+    assert tok_shares(now, prev) == {
+        2: pytest.approx(100 / 6),
+        3: pytest.approx(50.0),
+        4: pytest.approx(100 / 3),
+    }
 
 
 def test_tok_share_of_a_first_snapshot_uses_lifetime_totals_and_an_idle_one_is_zero():
@@ -76,7 +109,17 @@ def test_top_once_prints_the_header_and_the_process_table(daemon: Daemon, spawn)
     p = spawn("top-target")
     res = top(daemon, "--once", COLUMNS="160")
     assert res.returncode == 0, res.stderr
-    for text in ("slots 0/2 busy", "NEW", "tokens", "host", "kernel rss", "PID", "%TOK", "top-target", str(p.pid)):
+    for text in (
+        "slots 0/2 busy",
+        "NEW",
+        "tokens",
+        "host",
+        "kernel rss",
+        "PID",
+        "%TOK",
+        "top-target",
+        str(p.pid),
+    ):
         assert text in res.stdout, text
 
 
@@ -91,11 +134,25 @@ def test_top_json_prints_the_raw_sys_stat_result(daemon: Daemon, spawn):
 
 @pytest.mark.model
 def test_top_refreshes_until_ctrl_c_then_exits_zero(daemon: Daemon):
-    env = {**daemon.env, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "120", "LINES": "40"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmos.cli", "top", "--interval", "0.2"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **daemon.env,
+        "TTY_COMPATIBLE": "1",
+        "TTY_INTERACTIVE": "1",
+        "COLUMNS": "120",
+        "LINES": "40",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmos.cli", "top", "--interval", "0.2"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader = threading.Thread(
+        target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True
+    )
     reader.start()
     try:
         wait_until(lambda: "".join(seen).count("llmos top") >= 2, timeout=60)  # two frames drawn
@@ -109,6 +166,14 @@ def test_top_refreshes_until_ctrl_c_then_exits_zero(daemon: Daemon):
 def test_top_without_a_kernel_says_how_to_start_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
     env |= {"LLMOS_RUNTIME_DIR": str(tmp_path / "run"), "LLMOS_STATE_DIR": str(tmp_path / "state")}
-    res = subprocess.run([sys.executable, "-m", "llmos.cli", "top", "--once"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1 and "ECONNREFUSED" in res.stderr and "llmos kernel start" in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "top", "--once"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        res.returncode == 1 and "ECONNREFUSED" in res.stderr and "llmos kernel start" in res.stderr
+    )

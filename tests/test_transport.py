@@ -25,7 +25,9 @@ async def _until(predicate, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def test_replies_to_one_peer_in_one_iteration_go_out_as_one_multipart_message(tmp_path: Path) -> None:
+def test_replies_to_one_peer_in_one_iteration_go_out_as_one_multipart_message(
+    tmp_path: Path,
+) -> None:
     endpoint = f"ipc://{tmp_path}/k.sock"
     received: list[list[bytes]] = []
     ctx = zmq.Context()

@@ -671,10 +671,21 @@ def make_lora(folder: Path, model_dir: Path, seed: int, scale: float = 0.05) -> 
             tensors[f"{base}.lora_B.weight"] = torch.randn(out, 8, generator=gen) * scale
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(_json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
-        "base_model_name_or_path": str(model_dir)}))
+    (folder / "adapter_config.json").write_text(
+        _json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 8,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "v_proj"],
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "base_model_name_or_path": str(model_dir),
+            }
+        )
+    )
     return folder
 
 
@@ -682,7 +693,9 @@ def make_lora(folder: Path, model_dir: Path, seed: int, scale: float = 0.05) -> 
 def lora_driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmDriver]:
     model_dir = packaged.ensure_exported()
     base = tmp_path_factory.mktemp("lora")
-    spec = f"pirate={make_lora(base / 'a', model_dir, 1)},robot={make_lora(base / 'b', model_dir, 2)}"
+    spec = (
+        f"pirate={make_lora(base / 'a', model_dir, 1)},robot={make_lora(base / 'b', model_dir, 2)}"
+    )
     drv = VllmDriver(slots=2, adapters=spec, max_loras=1)
     run(drv.load())
     yield drv
@@ -694,17 +707,24 @@ def test_lora_adapters_are_loaded_on_demand_and_change_the_output(lora_driver: V
     assert "LoRA adapters: pirate, robot" in lora_driver.info().detail
 
     def gen(adapter: str | None) -> Result:
-        req = dataclasses.replace(request(CHAT, SamplingOptions(temperature=0, max_tokens=12)), adapter=adapter)
+        req = dataclasses.replace(
+            request(CHAT, SamplingOptions(temperature=0, max_tokens=12)), adapter=adapter
+        )
         return run(collect(lora_driver, req))
 
     plain, pirate, robot = gen(None), gen("pirate"), gen("robot")
     assert len({tuple(plain.ids), tuple(pirate.ids), tuple(robot.ids)}) == 3
     # max_loras=1: switching adapters swaps them in and out; each stays deterministic.
-    assert gen("pirate").ids == pirate.ids and gen("robot").ids == robot.ids and gen(None).ids == plain.ids
+    assert (
+        gen("pirate").ids == pirate.ids
+        and gen("robot").ids == robot.ids
+        and gen(None).ids == plain.ids
+    )
     # A preempted adapter generation resumes exactly, like any other.
     cut = pirate.ids[:5]
-    resumed = dataclasses.replace(request(CHAT, SamplingOptions(temperature=0, max_tokens=12), resume=cut),
-                                  adapter="pirate")
+    resumed = dataclasses.replace(
+        request(CHAT, SamplingOptions(temperature=0, max_tokens=12), resume=cut), adapter="pirate"
+    )
     assert cut + run(collect(lora_driver, resumed)).ids == pirate.ids
 
 
