@@ -23,6 +23,7 @@ from drivers.base import Driver
 from kernel import paths
 from kernel.kernel import Kernel
 from kernel.residency import MIN_AWAKE_S
+from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
 
 log = logging.getLogger("llmos.kernel")
@@ -106,6 +107,12 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"a woken model stays in at least this long while calls for it wait "
         f"(default: {MIN_AWAKE_S:g})",
+    )
+    p.add_argument(
+        "--unsafe-python",
+        action="store_true",
+        help="where bubblewrap (bwrap) is missing, let the python tool run code WITHOUT "
+        "isolation (it can read what the kernel's user can); default: refuse with ENOTSUP",
     )
     p.add_argument(
         "--listen",
@@ -292,6 +299,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         state_dir=state,
         max_loaded=args.max_loaded,
         min_awake_s=args.min_awake,
+        sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

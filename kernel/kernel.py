@@ -27,6 +27,7 @@ from kernel.memory import Memory
 from kernel.persist import Persist, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
 from kernel.residency import MIN_AWAKE_S, Residency
+from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, Scheduler, make_policy
 from kernel.stats import KernelStats
 from kernel.store import Store
@@ -99,6 +100,7 @@ class Kernel:
         embedder: Any = "default",
         max_loaded: int | None = None,
         min_awake_s: float = MIN_AWAKE_S,
+        sandbox: SandboxConfig | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -123,6 +125,8 @@ class Kernel:
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
         self.fs = FileSystem(files, self.store, self.memory)
         self.tools = ToolTable()
+        # How the python tool runs code: in bwrap namespaces, or not at all without it.
+        self.sandbox = sandbox if sandbox is not None else SandboxConfig.detect()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
         self.ipc = Ipc(self.procs)

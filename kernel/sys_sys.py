@@ -45,6 +45,7 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
         models=models,
         processes=len(k.procs),
         policy=k.scheduler.policy.name,
+        sandbox=k.sandbox.mode,
     )
 
 

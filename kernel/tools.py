@@ -27,15 +27,11 @@ sentence, never as a hang or a crash of the kernel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import fnmatch
 import itertools
 import json
 import math
-import os
-import resource
-import sys
 import time
 import zoneinfo
 from collections.abc import Awaitable, Callable
@@ -46,15 +42,13 @@ import jsonschema
 from pydantic import BaseModel, Field, ValidationError
 
 from kernel.process import Caller, Proc
+from kernel.sandbox import run_code
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 from syscalls.models import ToolCall
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
-
-#: Most output (bytes) the python tool returns of each stream.
-MAX_PY_OUTPUT = 64 << 10
 
 Runner = Callable[["Kernel", Proc, dict[str, Any]], Awaitable[Any]]
 
@@ -69,6 +63,7 @@ class Tool:
     irreversible: bool = False
     server: int | None = None  # pid of the process serving it; None: built in
     run: Runner | None = None
+    explicit: bool = False  # only for processes whose every layer names it (code execution)
     validator: Any = None
 
     def __post_init__(self) -> None:
@@ -102,10 +97,15 @@ class Parked:
     )
 
 
-def allowed(proc: Proc, name: str) -> bool:
-    """May ``proc`` use tool ``name``? Every capability layer must allow it."""
+def allowed(proc: Proc, tool: Tool) -> bool:
+    """May ``proc`` use ``tool``? Every capability layer must allow its name; a tool that
+    runs code (``explicit``) must be named literally by every layer, and a process with no
+    layers (spawned with every tool) does not get it: no wildcard ever grants it."""
+    if tool.explicit:
+        return bool(proc.tool_caps) and all(tool.name in layer for layer in proc.tool_caps)
     return all(
-        any(fnmatch.fnmatchcase(name, pattern) for pattern in layer) for layer in proc.tool_caps
+        any(fnmatch.fnmatchcase(tool.name, pattern) for pattern in layer)
+        for layer in proc.tool_caps
     )
 
 
@@ -124,7 +124,7 @@ class ToolTable:
     def visible(self, proc: Proc | None) -> list[Tool]:
         """The tools ``proc`` may use (all of them for the admin), by name."""
         return sorted(
-            (t for t in self.tools.values() if proc is None or allowed(proc, t.name)),
+            (t for t in self.tools.values() if proc is None or allowed(proc, t)),
             key=lambda t: t.name,
         )
 
@@ -134,12 +134,14 @@ class ToolTable:
             raise SyscallError(
                 Errno.ENOENT, f"no tool named {name!r}; tool.list shows the ones you may use"
             )
-        if not allowed(proc, name):
-            raise SyscallError(
-                Errno.EPERM,
-                f"process {proc.pid} may not use tool {name!r} (its tool capabilities "
-                "were narrowed at spawn)",
+        if not allowed(proc, tool):
+            why = (
+                "it runs code, so it must be granted by name at spawn (tools=[..., "
+                f"{name!r}]) by every ancestor"
+                if tool.explicit
+                else "its tool capabilities were narrowed at spawn"
             )
+            raise SyscallError(Errno.EPERM, f"process {proc.pid} may not use tool {name!r} ({why})")
         return tool
 
     @staticmethod
@@ -363,11 +365,18 @@ class MemoryPutToolArgs(BaseModel):
 
 
 def _builtin(
-    name: str, description: str, model: type[BaseModel], run: Runner, irreversible: bool = False
+    name: str,
+    description: str,
+    model: type[BaseModel],
+    run: Runner,
+    irreversible: bool = False,
+    explicit: bool = False,
 ) -> Tool:
     schema = model.model_json_schema()
     schema.pop("title", None)
-    return Tool(name, description, schema, irreversible, run=_validated(model, run))
+    return Tool(
+        name, description, schema, irreversible, run=_validated(model, run), explicit=explicit
+    )
 
 
 def _validated(model: type[BaseModel], run: Runner) -> Runner:
@@ -434,84 +443,9 @@ async def _run_datetime(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, A
     }
 
 
-def _limit_child(cpu_s: int, memory_bytes: int) -> None:
-    """In the python tool's child, before exec: its resource limits."""
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.MAX_FILE_BYTES, limits.MAX_FILE_BYTES))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-async def run_python(
-    code: str,
-    cwd: str,
-    timeout_s: float,
-    cpu_s: int | None = None,
-    memory_bytes: int = limits.PY_MEMORY_BYTES,
-) -> dict[str, Any]:
-    """Run ``code`` with ``python -I`` in a new session under resource limits; never
-    longer than ``timeout_s`` (the whole process group is killed)."""
-    cpu = cpu_s or max(1, math.ceil(timeout_s))
-    os.makedirs(cwd, exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-I",
-        "-c",
-        code,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        env={"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8", "HOME": cwd},
-        preexec_fn=lambda: _limit_child(cpu, memory_bytes),
-    )
-    t0 = time.monotonic()
-    timed_out = False
-    try:
-        out, err = await asyncio.wait_for(_read_capped(proc), timeout_s)
-    except TimeoutError:
-        timed_out = True
-        _kill_group(proc.pid)
-        out, err = b"", b""
-    finally:
-        if proc.returncode is None:
-            _kill_group(proc.pid)
-            await proc.wait()
-    code_ = proc.returncode
-    killed_by = -code_ if code_ is not None and code_ < 0 else None
-    return {
-        "exit_code": code_,
-        "stdout": out.decode("utf-8", "replace"),
-        "stderr": err.decode("utf-8", "replace"),
-        "timed_out": timed_out,
-        "signal": killed_by,
-        "wall_s": round(time.monotonic() - t0, 3),
-    }
-
-
-async def _read_capped(proc: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
-    async def drain(stream: asyncio.StreamReader | None) -> bytes:
-        kept = b""
-        while stream is not None and (piece := await stream.read(65536)):
-            if len(kept) < MAX_PY_OUTPUT:
-                kept += piece[: MAX_PY_OUTPUT - len(kept)]
-        return kept
-
-    out, err = await asyncio.gather(drain(proc.stdout), drain(proc.stderr))
-    await proc.wait()
-    return out, err
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, 9)
-
-
 async def _run_python_tool(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
     root = k.fs.place(proc, "/").base
-    return await run_python(a["code"], str(root), a["timeout_s"])
+    return await run_code(k.sandbox, a["code"], root, a["timeout_s"])
 
 
 class _As:
@@ -582,11 +516,12 @@ def builtin_tools() -> list[Tool]:
         ),
         _builtin(
             "python",
-            "Run a short Python program (separate OS process; CPU, memory and time limits; "
-            "working directory: your file root) and return its output.",
+            "Run a short Python program in a sandbox (no network; CPU, memory and time "
+            "limits; working directory: your file root) and return its output.",
             PythonArgs,
             _run_python_tool,
             irreversible=True,
+            explicit=True,
         ),
         _builtin("fs_read", "Read a text file from your file root.", FsReadToolArgs, _run_fs_read),
         _builtin(

@@ -74,6 +74,8 @@ def _kernel_argv(args: argparse.Namespace) -> list[str]:
     ):
         if value:
             argv += [flag, str(value)]
+    if getattr(args, "unsafe_python", False):
+        argv.append("--unsafe-python")
     for ep in args.listen or []:
         argv += ["--listen", ep]
     for option in args.driver_option or []:
@@ -205,7 +207,8 @@ def kernel_status(as_json: bool) -> int:
         return 3
     out.print(
         f"kernel {info.version} (ABI {info.abi}) pid {info.kernel_pid}, up {info.uptime_s:.0f} s, "
-        f"policy {info.policy}, {info.processes} processes, on {', '.join(info.endpoints)}"
+        f"policy {info.policy}, {info.processes} processes, on {', '.join(info.endpoints)}, "
+        f"code sandbox {info.sandbox}"
     )
     for mod in info.models:
         out.print(

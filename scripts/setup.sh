@@ -14,6 +14,18 @@ for arg in "$@"; do
     *) echo "setup.sh: unknown option $arg (known: --with-vllm)" >&2; exit 2 ;;
   esac
 done
+# The python tool runs code in a bubblewrap sandbox: install bwrap (Debian/Ubuntu) when
+# we may; without it the tool answers ENOTSUP.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null; } \
+      || echo "setup.sh: could not install bubblewrap; the python tool will answer ENOTSUP" >&2
+  else
+    echo "setup.sh: bubblewrap (bwrap) is missing: the python tool will answer ENOTSUP" \
+      "until you install it (sudo apt-get install bubblewrap)" >&2
+  fi
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

@@ -800,6 +800,11 @@ class SysInfoResult(Result):
     models: list[ModelRow]
     processes: int
     policy: str = Field(description="the scheduling policy")
+    sandbox: str = Field(
+        default="off",
+        description="how the python tool runs code: bwrap (isolated), unsafe (no isolation, "
+        "the operator's opt-in) or off (ENOTSUP)",
+    )
 
 
 class StatArgs(Args):

@@ -14,10 +14,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib
 
+from kernel.sandbox import SandboxConfig  # noqa: E402
 from llmos.client import Client, Process  # noqa: E402
 from tests.kernels import Daemon  # noqa: E402
 
 GREEDY = {"temperature": 0.0}
+
+#: Tests that run code with the python tool need its sandbox (bubblewrap).
+needs_bwrap = pytest.mark.skipif(
+    not SandboxConfig.detect().bwrap,
+    reason="bubblewrap (bwrap) is not usable here; scripts/setup.sh installs it as root",
+)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from llmos.client import Client, Process
 from syscalls.errors import ERRORS, Errno
-from tests.conftest import wait_until
+from tests.conftest import needs_bwrap, wait_until
 from tests.kernels import Daemon
 
 pytestmark = pytest.mark.model
@@ -27,7 +27,7 @@ Spawn = Callable[..., Process]
 
 
 def test_tool_list_describes_the_builtin_tools_with_schemas(spawn: Spawn) -> None:
-    tools = {t.name: t for t in spawn("lister").tools.list()}
+    tools = {t.name: t for t in spawn("lister", tools=["*", "python"]).tools.list()}
     assert {
         "calculator",
         "datetime",
@@ -68,8 +68,9 @@ def test_datetime_tool_answers_in_a_time_zone(spawn: Spawn) -> None:
         t.call("datetime", {"timezone": "Mars/Olympus"})
 
 
+@needs_bwrap
 def test_python_runner_runs_in_the_file_root_within_its_limits(spawn: Spawn) -> None:
-    p = spawn("py")
+    p = spawn("py", tools=["python", "calculator"])
     out = p.tools.call("python", {"code": "open('made.txt', 'w').write('hi'); print(6 * 7)"})
     assert (out["exit_code"], out["stdout"].strip(), out["timed_out"]) == (0, "42", False)
     assert p.files.read("made.txt") == "hi"
@@ -194,8 +195,9 @@ def test_tool_capabilities_only_narrow_down_the_tree(spawn: Spawn) -> None:
     assert [t.name for t in narrower.tools.list()] == ["fs_read"]
 
 
+@needs_bwrap
 def test_irreversible_calls_wait_for_the_owner(spawn: Spawn, admin: Client) -> None:
-    p = spawn("careful", confirm=True)
+    p = spawn("careful", confirm=True, tools=["python", "calculator"])
     kid = p.spawn("kid", confirm=False)  # cannot switch it off
     outcomes: dict[str, Any] = {}
 
