@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import IO
 
 from drivers.base import Driver
-from kernel import paths
 from kernel.kernel import Kernel
 from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
+from syscalls import paths
 
 log = logging.getLogger("llmos.kernel")
 

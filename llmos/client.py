@@ -27,8 +27,7 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ValidationError
 
-from kernel import paths
-from syscalls import codec, limits
+from syscalls import codec, limits, paths
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 

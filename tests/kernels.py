@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llmos.private import PrivateKernel
+from llmos.ctl.private import PrivateKernel
 
 
 class Daemon(PrivateKernel):
-    """A real kernel daemon for integration tests (see :class:`llmos.private.PrivateKernel`)."""
+    """A real kernel daemon for integration tests (see :class:`llmos.ctl.private.PrivateKernel`)."""

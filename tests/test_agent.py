@@ -74,7 +74,7 @@ def test_llmos_spawn_task_runs_the_agent_loop_from_the_command_line(daemon) -> N
         [
             sys.executable,
             "-m",
-            "llmos.cli",
+            "llmos.ctl.cli",
             "spawn",
             "--task",
             "What is 6 * 7? Use the calculator.",
@@ -95,7 +95,7 @@ def test_llmos_spawn_task_runs_the_agent_loop_from_the_command_line(daemon) -> N
     assert all(step["tool"] == "calculator" for step in report["steps"])
     assert (res.returncode == 0) == (report["answer"] is not None)
     pid = subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "spawn", "--name", "scripted"],
+        [sys.executable, "-m", "llmos.ctl.cli", "spawn", "--name", "scripted"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -11,7 +11,7 @@ import pytest
 
 def _bench(*args: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "bench", "driver", *args, "--json"],
+        [sys.executable, "-m", "llmos.ctl.cli", "bench", "driver", *args, "--json"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -92,7 +92,7 @@ def test_bench_driver_on_the_real_cpu_model() -> None:
 
 def test_bench_driver_refuses_a_bad_concurrency_list() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "bench", "driver", "--concurrency", "0"],
+        [sys.executable, "-m", "llmos.ctl.cli", "bench", "driver", "--concurrency", "0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -125,7 +125,7 @@ def test_bench_driver_sequential_mode_runs_the_kernel_then_the_direct_path() -> 
 
 def test_bench_driver_refuses_zero_rounds() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "bench", "driver", "--rounds", "0"],
+        [sys.executable, "-m", "llmos.ctl.cli", "bench", "driver", "--rounds", "0"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -16,7 +16,7 @@ def test_bench_memory_reports_put_and_search_figures_as_json() -> None:
         [
             sys.executable,
             "-m",
-            "llmos.cli",
+            "llmos.ctl.cli",
             "bench",
             "memory",
             "--sizes",

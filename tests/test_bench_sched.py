@@ -19,9 +19,9 @@ import pytest
 from drivers.base import Delta, GenerationRequest, SamplingOptions
 from drivers.sim import SimDriver
 from kernel.daemon import build_driver, driver_options, parse_option_value, parser
-from llmos import bench_sched
-from llmos.cli import _kernel_argv, build_parser
-from llmos.cli import main as cli_main
+from llmos.ctl import bench_sched
+from llmos.ctl.cli import _kernel_argv, build_parser
+from llmos.ctl.cli import main as cli_main
 
 PROMPT = " ".join(f"word{i}" for i in range(100))  # 100 sim tokens
 

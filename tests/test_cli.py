@@ -34,7 +34,7 @@ class Shell:
 
     def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "llmos.cli", *args],
+            [sys.executable, "-m", "llmos.ctl.cli", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -131,7 +131,7 @@ def test_ps_json_and_kill(sh, tmp_path):
     prog = tmp_path / "sleeper.py"
     prog.write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
     runner = subprocess.Popen(
-        [sys.executable, "-m", "llmos.cli", "run", "--name", "sleeper", str(prog)],
+        [sys.executable, "-m", "llmos.ctl.cli", "run", "--name", "sleeper", str(prog)],
         env=sh.env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -277,7 +277,7 @@ def test_a_program_that_dies_mid_generation_gives_its_slot_back(sh, tmp_path):
     """)
     )
     runner = subprocess.Popen(
-        [sys.executable, "-m", "llmos.cli", "run", str(prog)],
+        [sys.executable, "-m", "llmos.ctl.cli", "run", str(prog)],
         env=sh.env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

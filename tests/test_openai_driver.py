@@ -729,7 +729,7 @@ def test_the_kernel_daemon_serves_generations_with_the_openai_driver(
     """A real daemon with ``--driver openai`` on one endpoint of capacity 1 and a tiny
     round-robin quantum, so two concurrent generations preempt each other (abort, then
     resume on the server from ``resume_ids``): each must still give its solo text."""
-    from llmos.private import PrivateKernel
+    from llmos.ctl.private import PrivateKernel
     from tests.conftest import InThread
 
     daemon = PrivateKernel(

@@ -88,7 +88,7 @@ def test_llmos_spawn_and_wait_follow_unix_exit_codes(sim: Daemon) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "llmos.cli", *args],
+            [sys.executable, "-m", "llmos.ctl.cli", *args],
             env=env,
             capture_output=True,
             text=True,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from llmos import shell
 from llmos.client import Client
+from llmos.ctl import shell
 from syscalls.errors import Errno, SyscallError
 from tests.conftest import wait_until
 
@@ -163,7 +163,7 @@ class Kernel:
 
     def llmos(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "llmos.cli", *args],
+            [sys.executable, "-m", "llmos.ctl.cli", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -181,7 +181,7 @@ class Kernel:
     def shell(self) -> pexpect.spawn:
         term = pexpect.spawn(
             sys.executable,
-            ["-m", "llmos.cli", "shell"],
+            ["-m", "llmos.ctl.cli", "shell"],
             env=self.env,
             cwd=str(ROOT),
             encoding="utf-8",
@@ -288,7 +288,7 @@ def test_write_cat_ls_history_in_the_current_process(kernel):
 def test_commands_from_a_pipe_run_in_order(kernel):
     script = "spawn piped\nwrite a.txt 'from a pipe'\ncat a.txt\nfrob\nchat\nexit\nps\n"
     res = subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "shell"],
+        [sys.executable, "-m", "llmos.ctl.cli", "shell"],
         input=script,
         env=kernel.env,
         cwd=ROOT,

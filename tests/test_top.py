@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmos.cli import tok_shares, top_view
+from llmos.ctl.top import tok_shares, top_view
 from syscalls import models as m
 from tests.conftest import wait_until
 from tests.kernels import Daemon
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def top(daemon: Daemon, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "top", *args],
+        [sys.executable, "-m", "llmos.ctl.cli", "top", *args],
         env={**daemon.env, **env},
         cwd=ROOT,
         capture_output=True,
@@ -142,7 +142,7 @@ def test_top_refreshes_until_ctrl_c_then_exits_zero(daemon: Daemon):
         "LINES": "40",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmos.cli", "top", "--interval", "0.2"],
+        [sys.executable, "-m", "llmos.ctl.cli", "top", "--interval", "0.2"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -167,7 +167,7 @@ def test_top_without_a_kernel_says_how_to_start_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
     env |= {"LLMOS_RUNTIME_DIR": str(tmp_path / "run"), "LLMOS_STATE_DIR": str(tmp_path / "state")}
     res = subprocess.run(
-        [sys.executable, "-m", "llmos.cli", "top", "--once"],
+        [sys.executable, "-m", "llmos.ctl.cli", "top", "--once"],
         env=env,
         cwd=ROOT,
         capture_output=True,

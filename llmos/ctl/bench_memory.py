@@ -32,7 +32,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from llmos.client import Process
-from llmos.private import PrivateKernel
+from llmos.ctl.private import PrivateKernel
 
 err = Console(stderr=True)
 

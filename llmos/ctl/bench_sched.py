@@ -483,7 +483,7 @@ def run_one(
     label: str,
 ) -> dict[str, Any]:
     """A fresh private kernel with ``policy``; drive ``programs``; stop it whatever happens."""
-    from llmos.private import PrivateKernel
+    from llmos.ctl.private import PrivateKernel
 
     argv = ["--driver", driver, "--policy", policy, "--slots", str(slots)]
     for key, value in options.items():

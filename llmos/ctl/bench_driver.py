@@ -531,7 +531,7 @@ def _summary(runs: list[Run], levels: list[int]) -> list[dict[str, Any]]:
 def bench_driver(args: argparse.Namespace) -> int:
     """Entry point of ``llmos bench driver``."""
     from kernel.daemon import driver_options
-    from llmos.private import PrivateKernel
+    from llmos.ctl.private import PrivateKernel
 
     # vLLM's engine, started in this process for the direct path, may point fd 1 elsewhere:
     # keep our own copy of standard output for the report.

@@ -192,7 +192,7 @@ async def _gen_direct(max_tokens: int, slots: int) -> dict[str, Any]:
 
 def bench_syscalls(args: argparse.Namespace) -> int:
     """Entry point of ``llmos bench syscalls``."""
-    from llmos.private import PrivateKernel
+    from llmos.ctl.private import PrivateKernel
 
     client_counts = [int(x) for x in str(args.clients).split(",") if x.strip()]
     report: dict[str, Any] = {

@@ -24,9 +24,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kernel import paths
 from llmos.client import Client, Process, admin_token
 from syscalls import models as m
+from syscalls import paths
 from syscalls.errors import Errno, SyscallError
 
 PROMPT = "llmos> "
@@ -271,7 +271,7 @@ class Session:
     def do_top(self, args: list[str]) -> None:
         from rich.live import Live
 
-        from llmos.cli import top_view
+        from llmos.ctl.top import top_view
 
         n = _int(args[0], "N") if args else None
         prev: m.StatResult | None = None
@@ -325,7 +325,7 @@ class Session:
 
     # -- the system -------------------------------------------------------------------
     def do_stat(self, args: list[str]) -> None:
-        from llmos.cli import top_view
+        from llmos.ctl.top import top_view
 
         self.console.print(top_view(self.admin().stat(), None, max_rows=20))
 
