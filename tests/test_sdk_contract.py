@@ -1,0 +1,126 @@
+"""The SDK follows the contract: every syscall in the table has an SDK method, the blocking
+and asyncio flavours have the same methods, and both run against the real kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from llmos.client import (
+    AsyncClient,
+    AsyncProcess,
+    Client,
+    Files,
+    Memory,
+    Process,
+    Tools,
+)
+from syscalls.errors import ERRORS, Errno
+from syscalls.table import SYSCALLS
+from tests.kernels import Daemon
+
+EINVAL = ERRORS[Errno.EINVAL]
+SDK_CLASSES = (Client, AsyncClient, Process, AsyncProcess, Files, Memory, Tools)
+
+
+def _public(cls: type) -> set[str]:
+    return {n for n, v in inspect.getmembers(cls) if not n.startswith("_") and callable(v)}
+
+
+def _syscalls_of(cls: type) -> set[str]:
+    return {
+        name
+        for _, member in inspect.getmembers(cls)
+        for name in getattr(member, "__llmos_syscalls__", ())
+    }
+
+
+def test_every_syscall_in_the_table_has_an_sdk_method() -> None:
+    covered = set().union(*(_syscalls_of(cls) for cls in SDK_CLASSES))
+    assert sorted(set(SYSCALLS) - covered) == []
+
+
+def test_every_public_method_has_an_asyncio_twin_and_vice_versa() -> None:
+    assert _public(Client) == _public(AsyncClient)
+    assert _public(Process) == _public(AsyncProcess)
+    # On the asyncio handles every method makes its calls through the asyncio runner (a
+    # table-driven method), is itself async, or only builds a handle / delegates to one.
+    builders = {"memory", "memory_of", "process", "fork", "call"}
+    for cls in (AsyncClient, AsyncProcess):
+        for name in _public(cls) - builders:
+            member = getattr(cls, name)
+            assert (
+                hasattr(member, "__llmos_syscalls__")
+                or inspect.iscoroutinefunction(member)
+                or inspect.isasyncgenfunction(member)
+                or (
+                    name == "stream" and cls is AsyncClient
+                )  # returns the transport's async iterator
+            ), (cls.__name__, name)
+
+
+def test_importing_the_sdk_loads_nothing_of_the_kernel_or_the_drivers() -> None:
+    code = (
+        "import llmos, sys; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('kernel', 'drivers', 'llmos') "
+        "and (m.split('.')[0] != 'llmos' or m.startswith('llmos.ctl'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    """A real kernel daemon on the simulator (the contract needs no model)."""
+    k = Daemon(tmp_path_factory.mktemp("sdk"), "--driver", "sim", "--slots", "2").start()
+    yield k
+    k.stop()
+
+
+def test_named_methods_check_arguments_before_the_round_trip(admin: Client, spawn) -> None:
+    p = spawn("checked")
+    with pytest.raises(EINVAL, match="path"):
+        p.files.read(path=["not", "a", "path"])  # type: ignore[arg-type]
+    with pytest.raises(EINVAL):
+        p.memory.put("")  # empty text
+    with pytest.raises(ERRORS[Errno.ENOSYS]):
+        p.call("no.such.syscall")
+
+
+def test_the_asyncio_flavour_does_files_memory_tools_and_serving(daemon: Daemon) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.endpoint, pid=0, token=daemon.token) as c:
+            p = await c.spawn("async-user", tools=["*"])
+            server = await c.spawn("async-server")
+            assert isinstance(p, AsyncProcess)
+            written = await p.files.write("notes.txt", "hello")
+            assert written.version >= 1 and await p.files.read("notes.txt") == "hello"
+            assert "notes.txt" in [e.name for e in await p.files.list("/")]
+            await p.memory.set_block("user", "likes tea")
+            assert await p.memory.blocks() == {"user": "likes tea"}
+            assert (await p.getpid()).pid == p.pid
+            child = await p.spawn("kid")
+            assert child.parent is p and (await child.getpid()).ppid == p.pid
+            await server.tools.register(
+                "shout", "upper-case a text", {"type": "object", "properties": {"t": {}}}
+            )
+            served = asyncio.Event()
+
+            async def shout(t: str) -> str:
+                served.set()
+                return t.upper()
+
+            serving = asyncio.ensure_future(
+                server.tools.serve({"shout": shout}, stop=served.is_set, poll_s=0.2)
+            )
+            assert await p.tools.call("shout", {"t": "hi"}) == "HI"
+            assert await asyncio.wait_for(serving, 10) == 1
+            assert (await child.reap()).pid == child.pid
+            assert (await p.reap()).pid == p.pid
+            await server.reap()
+
+    asyncio.run(main())
