@@ -235,6 +235,28 @@ def model_name(args: argparse.Namespace) -> str:
     return DEFAULT_MODEL_NAME
 
 
+def daemon_command(options: list[str]) -> list[str]:
+    """The command line of a kernel daemon with ``options`` (this module's parser's)."""
+    return [sys.executable, "-m", "kernel", *options]
+
+
+def running_pid(run: Path) -> int | None:
+    """Pid of the kernel holding ``run``'s lock (-1 if unreadable), or None if none runs.
+
+    The other half of :func:`acquire_lock`: the lock is held for the kernel's life, so
+    a shared lock that cannot be taken means a kernel is alive."""
+    try:
+        with open(run / "kernel.lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else -1
+            return None
+    except FileNotFoundError:
+        return None
+
+
 def acquire_lock(run: Path) -> IO[str]:
     """Hold ``kernel.lock`` for the kernel's life: one kernel per runtime dir."""
     f = open(run / "kernel.lock", "a+")  # noqa: SIM115 - kept open on purpose

@@ -19,8 +19,8 @@ import pytest
 from drivers.base import Delta, GenerationRequest, SamplingOptions
 from drivers.sim import SimDriver
 from kernel.daemon import build_driver, driver_options, parse_option_value, parser
-from llmos.ctl import bench_sched
-from llmos.ctl.cli import _kernel_argv, build_parser
+from kernel.daemon import parser as daemon_parser
+from llmos.ctl import bench_sched, cli
 from llmos.ctl.cli import main as cli_main
 
 PROMPT = " ".join(f"word{i}" for i in range(100))  # 100 sim tokens
@@ -242,12 +242,13 @@ def test_unknown_driver_option_exits_2_naming_the_accepted_options(tmp_path: Pat
     assert not (tmp_path / "run" / "admin.token").exists()
 
 
-def test_kernel_start_passes_driver_options_to_the_daemon() -> None:
-    args = build_parser().parse_args(
-        ["kernel", "start", "--driver", "sim", "--driver-option", "tokens_per_s=50"]
-    )
-    argv = _kernel_argv(args)
-    assert argv[argv.index("--driver-option") + 1] == "tokens_per_s=50"
+def test_kernel_start_passes_its_options_through_to_the_daemon(monkeypatch) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr(cli, "start_kernel", lambda options, wait: started.append(options) or 0)
+    options = ["--driver", "sim", "--driver-option", "tokens_per_s=50", "--unsafe-python"]
+    assert cli_main(["kernel", "start", *options, "--no-wait"]) == 0
+    assert started == [options]  # verbatim, without start's own --no-wait
+    assert daemon_parser().parse_args(started[0]).driver_option == ["tokens_per_s=50"]
 
 
 # -- the benchmark -------------------------------------------------------------------

@@ -16,8 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kernel.daemon import add_kernel_options, driver_option
+from kernel.daemon import add_kernel_options, daemon_command, driver_option, running_pid
+from kernel.daemon import parser as daemon_parser
 from llmos.client import Client, connect, resolve_endpoint
+from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
 from syscalls import paths
 from syscalls.errors import Errno, SyscallError
@@ -31,62 +33,13 @@ err = Console(stderr=True)
 
 def _kernel_pid() -> int | None:
     """Pid of the kernel holding this runtime dir's lock, if one is running."""
-    import fcntl
-
-    lock = paths.runtime_dir() / "kernel.lock"
-    try:
-        with open(lock) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = f.read().strip()
-                return int(text) if text.isdigit() else -1
-            return None
-    except FileNotFoundError:
-        return None
+    return running_pid(paths.runtime_dir())
 
 
-def _kernel_argv(args: argparse.Namespace) -> list[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        "kernel",
-        "--driver",
-        args.driver,
-        "--slots",
-        str(args.slots),
-        "--policy",
-        args.policy,
-    ]
-    for flag, number in (
-        ("--quantum", args.quantum),
-        ("--max-loaded", args.max_loaded),
-        ("--min-awake", args.min_awake),
-    ):
-        if number is not None:
-            argv += [flag, str(number)]
-    for flag, value in (
-        ("--model", args.model),
-        ("--model-name", args.model_name),
-        ("--dtype", args.dtype),
-        ("--runtime-dir", args.runtime_dir),
-        ("--state-dir", args.state_dir),
-    ):
-        if value:
-            argv += [flag, str(value)]
-    if getattr(args, "unsafe_python", False):
-        argv.append("--unsafe-python")
-    for ep in args.listen or []:
-        argv += ["--listen", ep]
-    for option in args.driver_option or []:
-        argv += ["--driver-option", option]
-    for spec in getattr(args, "serve", None) or []:
-        argv += ["--serve", ",".join(f"{k}={v}" for k, v in spec.items())]
-    return argv
-
-
-def start_kernel(args: argparse.Namespace, wait: bool = True) -> int:
-    """Start a detached kernel and (by default) wait until its models are ready."""
+def start_kernel(options: list[str], wait: bool = True) -> int:
+    """Start a detached kernel with the daemon's ``options`` (as given to ``llmos kernel
+    start``, passed through unchanged) and, by default, wait until its models are ready."""
+    args = daemon_parser().parse_args(options)  # the daemon's own parser: one definition
     if args.runtime_dir:
         os.environ["LLMOS_RUNTIME_DIR"] = str(args.runtime_dir)
     if args.state_dir:
@@ -98,56 +51,41 @@ def start_kernel(args: argparse.Namespace, wait: bool = True) -> int:
         return 0
     state = paths.ensure_private_dir(paths.state_dir())
     paths.ensure_private_dir(paths.runtime_dir())
-    with open(state / "kernel.out", "ab") as log:
+    log = state / "kernel.log"
+    offset = log_size(log)
+    with open(state / "kernel.out", "ab") as out_file:
         proc = subprocess.Popen(
-            _kernel_argv(args),
+            daemon_command(options),
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
+            stdout=out_file,
+            stderr=out_file,
             start_new_session=True,
             cwd="/",
         )
     if not wait:
-        err.print(f"kernel starting (pid {proc.pid}); log: {state / 'kernel.log'}")
+        err.print(f"kernel starting (pid {proc.pid}); log: {log}")
         return 0
-    return _await_ready(proc, state)
-
-
-def _await_ready(proc: subprocess.Popen[bytes], state: Path, timeout_s: float = 900) -> int:
     t0 = time.monotonic()
-    with err.status("starting the kernel…") as status:
-        while time.monotonic() - t0 < timeout_s:
-            if proc.poll() is not None:
-                err.print(
-                    f"[red]the kernel exited with status {proc.returncode}[/]; see {state / 'kernel.log'}"
-                )
-                _tail(state / "kernel.log")
-                _tail(state / "kernel.out")
-                return 1
-            info = _try_info()
-            if info is not None:
-                states = {mod.name: mod.state for mod in info.models}
-                if all(
-                    s in ("ready", "asleep") for s in states.values()
-                ):  # asleep: loads on first use
-                    err.print(
-                        f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
-                        f"models: {', '.join(states)}  [dim]({time.monotonic() - t0:.1f} s)[/]"
-                    )
-                    return 0
-                failed = [mod for mod in info.models if mod.state == "failed"]
-                if failed:
-                    err.print(f"[red]model {failed[0].name} failed to load:[/] {failed[0].detail}")
-                    return 1
-                detail = "; ".join(
-                    f"{mod.name}: {mod.state} {mod.detail}".strip() for mod in info.models
-                )
-                status.update(f"loading model… {detail}")
-            time.sleep(0.3)
+    try:
+        with err.status("starting the kernel…") as status:
+            info = wait_ready(
+                proc,
+                Client,
+                log,
+                offset,
+                progress=lambda detail: status.update(f"loading model… {detail}"),
+            )
+    except KernelStartError as exc:
+        err.print(f"[red]{exc.message}[/]; log: {log}")
+        for line in exc.log.splitlines()[-15:]:
+            err.print("  " + line, markup=False, highlight=False)
+        return 1
     err.print(
-        f"[red]the kernel did not become ready in {timeout_s:.0f} s[/]; see {state / 'kernel.log'}"
+        f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
+        f"models: {', '.join(mod.name for mod in info.models)}  "
+        f"[dim]({time.monotonic() - t0:.1f} s)[/]"
     )
-    return 1
+    return 0
 
 
 def _try_info() -> Any:
@@ -156,14 +94,6 @@ def _try_info() -> Any:
             return c.info() if c.token else None
     except SyscallError:
         return None
-
-
-def _tail(path: Path, lines: int = 15) -> None:
-    try:
-        for line in path.read_text(errors="replace").splitlines()[-lines:]:
-            err.print("  " + line, markup=False, highlight=False)
-    except OSError:
-        pass
 
 
 def stop_kernel(timeout_s: float = 30) -> int:
@@ -368,7 +298,7 @@ def cmd_kill(pid: int, sig: str) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    if _kernel_pid() is None and start_kernel(_default_kernel_args()) != 0:
+    if _kernel_pid() is None and start_kernel([]) != 0:
         return 1
     with connect() as c:
         proc = c.spawn("ask", system=args.system, model=args.model)
@@ -390,7 +320,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_spawn(args: argparse.Namespace) -> int:
     """``llmos spawn``: a process for scripts (prints its pid), or with ``--task`` the
     default agent loop on it (exit 0 when it answered, 1 when it did not)."""
-    if _kernel_pid() is None and start_kernel(_default_kernel_args()) != 0:
+    if _kernel_pid() is None and start_kernel([]) != 0:
         return 1
     from llmos.agent import Agent, Step
 
@@ -465,12 +395,6 @@ def cmd_wait(pid: int, timeout: float | None, as_json: bool) -> int:
     return min(int(res.exit_status), 255)
 
 
-def _default_kernel_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_kernel_options(p)
-    return p.parse_args([])
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Run PROGRAM as a child OS process with its own LLM process."""
     program = Path(args.program)
@@ -478,7 +402,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         err.print(f"[red]no such program:[/] {program}")
         return 2
     started = _kernel_pid() is None
-    if started and start_kernel(_default_kernel_args()) != 0:
+    if started and start_kernel([]) != 0:
         return 1
     with connect() as c:
         proc = c.spawn(
@@ -578,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     kp = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
     ksub = kp.add_subparsers(dest="kcmd", required=True)
-    ks = ksub.add_parser("start", help="start the kernel (detached unless --foreground)")
+    ks = ksub.add_parser(
+        "start", help="start the kernel (detached unless --foreground)", allow_abbrev=False
+    )
     add_kernel_options(ks)
     ks.add_argument("--foreground", action="store_true", help="run in this terminal, log to stderr")
     ks.add_argument(
@@ -802,8 +728,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: ``llmos kernel start``'s own options; every other option is the daemon's, passed through.
+_START_ONLY = ("--foreground", "--no-wait")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.cmd == "kernel" and args.kcmd == "start":
+        rest = argv[argv.index("start") + 1 :]
+        args.kernel_options = [t for t in rest if t not in _START_ONLY]
     try:
         return _run(args)
     except SyscallError as exc:
@@ -823,7 +757,7 @@ def _run(args: argparse.Namespace) -> int:
                     from kernel.daemon import run_kernel
 
                     return asyncio.run(run_kernel(args))
-                return start_kernel(args, wait=not args.no_wait)
+                return start_kernel(args.kernel_options, wait=not args.no_wait)
             if args.kcmd == "stop":
                 return stop_kernel()
             return kernel_status(args.json)
@@ -854,7 +788,7 @@ def _run(args: argparse.Namespace) -> int:
         case "shell":
             from llmos.ctl.shell import run_shell
 
-            return run_shell(start=lambda: start_kernel(_default_kernel_args()))
+            return run_shell(start=lambda: start_kernel([]))
         case "bench":
             if args.bcmd == "sched":
                 from llmos.ctl.bench_sched import bench_sched
