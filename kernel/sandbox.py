@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import sysconfig
 import time
@@ -140,9 +142,15 @@ def _bwrap_base_args() -> list[str]:
     ]
 
 
+#: Signals by which the kernel enforces a limit, and the limit each one means.
+_LIMIT_SIGNALS = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
+
+
 def _limit_child(cpu_s: int, memory_bytes: int) -> None:
-    """In the child, before exec: its resource limits (inherited by the sandbox)."""
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+    """In the child, before exec: its resource limits (inherited by the sandbox). The CPU
+    limit's soft part sends SIGXCPU (so a CPU-limit death is told apart from a kill);
+    the hard part, a second later, kills code that ignores it."""
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits.MAX_FILE_BYTES, limits.MAX_FILE_BYTES))
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
@@ -189,7 +197,9 @@ async def run_code(
             "it (Debian/Ubuntu: apt-get install bubblewrap), or start the kernel with "
             "--unsafe-python to run code without isolation",
         )
-    cpu = cpu_s or max(1, math.ceil(timeout_s))
+    # One second of CPU more than the wall clock: single-threaded code always meets the
+    # wall clock first, so the same program reports the same limit every time.
+    cpu = cpu_s or math.ceil(timeout_s) + 1
     root.mkdir(parents=True, exist_ok=True)
     if config.bwrap is not None:
         argv = [
@@ -234,18 +244,33 @@ async def run_code(
             _kill_group(proc.pid)
             await proc.wait()
     status = proc.returncode
-    if config.bwrap is not None and status is not None and status > 128:
+    if config.bwrap is not None and status is not None and status > 128 and not timed_out:
         status = 128 - status  # bwrap's init reports its child's signal N as 128 + N
-    signal = -status if status is not None and status < 0 else None
+    signo = -status if status is not None and status < 0 else None
+    stderr = err.decode("utf-8", "replace")
     return {
         "exit_code": status,
         "stdout": out.decode("utf-8", "replace"),
-        "stderr": err.decode("utf-8", "replace"),
+        "stderr": stderr,
         "timed_out": timed_out,
-        "signal": signal,
+        "signal": None if timed_out else signo,
+        "limit": _limit_hit(timed_out, signo, status, stderr),
         "wall_s": round(time.monotonic() - t0, 3),
         "sandbox": config.mode,
     }
+
+
+def _limit_hit(timed_out: bool, signo: int | None, status: int | None, stderr: str) -> str | None:
+    """Which limit ended the run, if one did: wall_clock, cpu_time, file_size or memory."""
+    if timed_out:
+        return "wall_clock"
+    if signo is not None and signo in _LIMIT_SIGNALS:
+        return _LIMIT_SIGNALS[signal.Signals(signo)]
+    if status not in (0, None) and stderr.rstrip().endswith("MemoryError"):
+        return "memory"
+    if status not in (0, None) and f"[Errno {errno.EFBIG}]" in stderr:
+        return "file_size"  # Python ignores SIGXFSZ: the write fails with EFBIG instead
+    return None
 
 
 async def _read_capped(proc: asyncio.subprocess.Process) -> tuple[bytes, bytes]:

@@ -5,6 +5,7 @@ the kernel with a fork bomb or a memory hog."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel.sandbox import SandboxConfig, run_code
 from syscalls.errors import ERRORS, Errno
 from tests.conftest import needs_bwrap
 from tests.kernels import Daemon
@@ -188,3 +190,25 @@ def test_without_bwrap_code_execution_is_enotsup_unless_the_operator_opts_in(
                         run(p, "print(1)")
         finally:
             k.stop()
+
+
+@needs_bwrap
+@pytest.mark.parametrize(
+    ("code", "timeout_s", "cpu_s", "limit"),
+    [
+        ("while True: pass", 1.5, None, "wall_clock"),
+        ("while True: pass", 10, 1, "cpu_time"),
+        ("x = bytearray(8 << 30)", 10, None, "memory"),
+        ("open('big', 'wb').write(b'x' * (300 << 20))", 10, None, "file_size"),
+        ("import os; os.kill(os.getpid(), 9)", 10, None, None),
+        ("raise SystemExit(3)", 10, None, None),
+    ],
+)
+def test_a_run_ended_by_a_limit_says_which_every_time(
+    tmp_path: Path, code: str, timeout_s: float, cpu_s: int | None, limit: str | None
+) -> None:
+    config = SandboxConfig.detect()
+    for _ in range(2):  # the same program, the same answer
+        out = asyncio.run(run_code(config, code, tmp_path, timeout_s, cpu_s=cpu_s))
+        assert out["limit"] == limit, out
+        assert out["timed_out"] == (limit == "wall_clock")
