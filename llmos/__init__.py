@@ -5,6 +5,7 @@ me = llmos.this_process()          # inside a program started by `llmos run`
 print(me.chat("Hello!"))
 """
 
+from llmos import errors
 from llmos.client import (
     AsyncClient,
     AsyncProcess,
@@ -15,8 +16,7 @@ from llmos.client import (
     spawn,
     this_process,
 )
-from syscalls import errors
-from syscalls.errors import Errno, SyscallError
+from llmos.errors import Errno, SyscallError
 
 __version__ = "0.1.0"
 

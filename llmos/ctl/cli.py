@@ -21,6 +21,7 @@ from kernel.daemon import parser as daemon_parser
 from llmos.client import Client, connect, resolve_endpoint
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
+from syscalls import models as m
 from syscalls import paths
 from syscalls.errors import Errno, SyscallError
 
@@ -290,14 +291,83 @@ def cmd_ps(as_json: bool) -> int:
 # -- top ------------------------------------------------------------------------------
 
 
-def cmd_kill(pid: int, sig: str) -> int:
+#: The signals the kernel knows, with the numbers a Unix user types (``kill -9``).
+SIGNALS = {"TERM": 15, "KILL": 9, "STOP": 19, "CONT": 18}
+
+
+def signal_name(text: str) -> str:
+    """``KILL`` from ``KILL``, ``kill``, ``SIGKILL`` or ``9``; ValueError naming the
+    known ones otherwise."""
+    name = text.upper().removeprefix("SIG")
+    by_number = {str(n): s for s, n in SIGNALS.items()}
+    name = by_number.get(name, name)
+    if name not in SIGNALS:
+        known = ", ".join(f"{s} ({n})" for s, n in SIGNALS.items())
+        raise argparse.ArgumentTypeError(f"unknown signal {text!r}; llmos knows {known}")
+    return name
+
+
+def unix_kill_argv(argv: list[str]) -> list[str]:
+    """``kill -9 PID`` / ``kill -KILL PID`` / ``kill -SIGSTOP PID`` as ``kill -s NAME PID``."""
+    if not argv or argv[0] != "kill":
+        return argv
+    rewritten = ["kill"]
+    for token in argv[1:]:
+        bare = token[1:]
+        if token.startswith("-") and bare and not bare.startswith("-") and bare not in "sl":
+            with contextlib.suppress(argparse.ArgumentTypeError):
+                rewritten += ["-s", signal_name(bare)]
+                continue
+        rewritten.append(token)
+    return rewritten
+
+
+def cmd_kill(pids: list[int], sig: str, as_json: bool = False) -> int:
+    """``llmos kill [-s SIG | -SIG] PID...``: signal each; 1 if any failed (like kill(1))."""
+    status = 0
+    rows = []
     with connect() as c:
-        res = c.kill(pid, sig.upper().removeprefix("SIG"))
-    err.print(f"process {res.pid}: {res.state}")
+        for pid in pids:
+            try:
+                res = c.kill(pid, sig)
+            except SyscallError as exc:
+                err.print(f"[red]llmos: kill {pid}: {exc.code}:[/] {exc.message}", highlight=False)
+                status = 1
+                continue
+            rows.append(res.model_dump())
+            if not as_json:
+                err.print(f"process {res.pid}: {res.state}")
+    if as_json:
+        print(json.dumps(rows))
+    return status
+
+
+def cmd_kill_list() -> int:
+    """``llmos kill -l``: the signal names and numbers."""
+    print(" ".join(f"{n}) SIG{s}" for s, n in SIGNALS.items()))
     return 0
 
 
+def read_prompt(text: str | None, file: str | None, what: str = "prompt") -> str:
+    """The prompt from the argument, ``-`` (stdin) or ``--file PATH``; EINVAL if empty."""
+    if file is not None:
+        if text is not None:
+            raise SyscallError.of(Errno.EINVAL, f"give the {what} or --file, not both")
+        try:
+            text = Path(file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SyscallError.of(Errno.EINVAL, f"cannot read {file}: {exc}") from None
+    elif text == "-":
+        text = sys.stdin.read()
+    if not text or not text.strip():
+        raise SyscallError.of(
+            Errno.EINVAL, f"the {what} is empty: give text, - to read stdin, or --file PATH"
+        )
+    return text
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    args.prompt = read_prompt(args.prompt, args.file)
     if _kernel_pid() is None and start_kernel([]) != 0:
         return 1
     with connect() as c:
@@ -320,6 +390,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_spawn(args: argparse.Namespace) -> int:
     """``llmos spawn``: a process for scripts (prints its pid), or with ``--task`` the
     default agent loop on it (exit 0 when it answered, 1 when it did not)."""
+    if args.task is not None:
+        args.task = read_prompt(args.task, None, "task")
     if _kernel_pid() is None and start_kernel([]) != 0:
         return 1
     from llmos.agent import Agent, Step
@@ -375,16 +447,35 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     return 0 if result.answer is not None else 1
 
 
-def cmd_wait(pid: int, timeout: float | None, as_json: bool) -> int:
-    """``llmos wait PID``: block until PID exits; exit with its status (124 on timeout)."""
-    with connect() as c:
+#: Longest single proc.wait the CLI makes; a wait with no timeout re-issues it.
+WAIT_SLICE_S = 600.0
+
+
+def wait_for(c: Client, pid: int, timeout: float | None) -> m.WaitResult | None:
+    """Wait until ``pid`` exits, across call deadlines (each proc.wait is a bounded
+    slice, re-issued); None when ``timeout`` seconds pass first."""
+    t0 = time.monotonic()
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - t0)
+        if left is not None and left <= 0:
+            return None
         try:
-            res = c.wait(pid, timeout=timeout)
+            return c.wait(pid, timeout=WAIT_SLICE_S if left is None else min(left, WAIT_SLICE_S))
         except SyscallError as exc:
-            if exc.code is Errno.ETIMEDOUT:
-                err.print(f"process {pid} is still running after {timeout} s")
-                return 124
-            raise
+            if exc.code is not Errno.ETIMEDOUT:
+                raise
+
+
+def cmd_wait(pid: int, timeout: float | None, as_json: bool) -> int:
+    """``llmos wait PID``: block until PID exits (however long, unless ``--timeout``);
+    exit with its status, 124 on timeout."""
+    with connect() as c:
+        res = wait_for(c, pid, timeout)
+    if res is None:
+        if as_json:
+            print(json.dumps({"pid": pid, "timed_out": True, "timeout_s": timeout}))
+        err.print(f"process {pid} is still running after {timeout:g} s")
+        return 124
     if as_json:
         print(json.dumps(res.model_dump()))
     else:
@@ -420,7 +511,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "LLMOS_TOKEN": proc.token,
             "LLMOS_ENDPOINT": resolve_endpoint(),
         }
-        child = subprocess.Popen([sys.executable, str(program), *args.args], env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "llmos.ctl.launch", str(program), *args.args], env=env
+        )
         try:
             status = child.wait()
         except KeyboardInterrupt:
@@ -428,13 +521,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             status = child.wait()
         finally:
             _kill_tree(c, proc.pid)
+        code = status if status >= 0 else 128 - status  # as a shell reports a signal
         if not args.quiet:
+            how = f"was killed by {signal.Signals(-status).name}" if status < 0 else "exited"
             err.print(
-                f"[dim]{program.name} exited with status {status} (LLM process {proc.pid} reaped)[/]"
+                f"[dim]{program.name} {how} (status {code}; LLM process {proc.pid} reaped)[/]"
             )
             if started:
                 err.print("[dim]the kernel keeps running; `llmos kernel stop` stops it[/]")
-    return status if status >= 0 else 128 - status
+    return code
 
 
 def _parse_limits(items: list[str] | None) -> dict[str, float] | None:
@@ -567,13 +662,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the raw sys.stat result as JSON (implies --once)"
     )
 
-    kl = sub.add_parser("kill", help="signal a process")
-    kl.add_argument("pid", type=int)
-    kl.add_argument("-s", "--signal", default="TERM", help="TERM, KILL, STOP or CONT")
+    kl = sub.add_parser(
+        "kill",
+        help="signal processes (kill -9 PID, kill -s STOP PID, kill -l)",
+        description="Send a signal to LLM processes. SIG: TERM (15, default), KILL (9), "
+        "STOP (19), CONT (18); given as -s SIG, -SIG or -NUMBER.",
+    )
+    kl.add_argument("pid", type=int, nargs="*", help="process ids")
+    kl.add_argument(
+        "-s", "--signal", default="TERM", type=signal_name, help="TERM, KILL, STOP or CONT"
+    )
+    kl.add_argument("-l", "--list", action="store_true", help="list the signals")
+    kl.add_argument("--json", action="store_true")
 
     ap = sub.add_parser("ask", help="one-shot generation in a fresh process")
-    ap.add_argument("prompt")
-    ap.add_argument("--system", default=None)
+    ap.add_argument("prompt", nargs="?", help="what to ask; - reads it from stdin")
+    ap.add_argument("--file", default=None, metavar="PATH", help="read the prompt from a file")
+    ap.add_argument("--system", default=None, help="system prompt of the process")
     ap.add_argument(
         "--model",
         default=None,
@@ -733,7 +838,7 @@ _START_ONLY = ("--foreground", "--no-wait")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = unix_kill_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.cmd == "kernel" and args.kcmd == "start":
         rest = argv[argv.index("start") + 1 :]
@@ -776,7 +881,12 @@ def _run(args: argparse.Namespace) -> int:
         case "top":
             return cmd_top(args)
         case "kill":
-            return cmd_kill(args.pid, args.signal)
+            if args.list:
+                return cmd_kill_list()
+            if not args.pid:
+                err.print("llmos kill: name at least one PID (or -l to list signals)")
+                return 2
+            return cmd_kill(args.pid, args.signal, args.json)
         case "ask":
             return cmd_ask(args)
         case "spawn":
