@@ -22,6 +22,7 @@ from kernel.daemon import build_driver, driver_options, parse_option_value, pars
 from kernel.daemon import parser as daemon_parser
 from llmos.ctl import bench_sched, cli
 from llmos.ctl.cli import main as cli_main
+from tests.conftest import wait_until_async
 
 PROMPT = " ".join(f"word{i}" for i in range(100))  # 100 sim tokens
 
@@ -95,7 +96,7 @@ def test_sim_abort_during_a_long_prefill_ends_the_stream_at_once() -> None:
 
     async def run() -> list[Delta]:
         task = asyncio.create_task(_collect(driver, _request("slow", 5)))
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: "slow" in driver._wakeups)  # it is prefilling
         driver.abort("slow")
         deltas, _ = await asyncio.wait_for(task, 10)
         return deltas

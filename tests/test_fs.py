@@ -15,6 +15,7 @@ import pytest
 from llmos.client import Client, Process
 from syscalls import limits
 from syscalls.errors import ERRORS, Errno, SyscallError
+from tests.conftest import wait_until
 from tests.kernels import Daemon
 
 pytestmark = pytest.mark.model
@@ -47,7 +48,7 @@ def test_files_are_written_read_appended_listed_and_versioned(spawn: Spawn) -> N
     f.write("blob.bin", b"\xff\x00\xfe")
     assert f.read("blob.bin") == b"\xff\x00\xfe"
     before = time.time()
-    time.sleep(0.05)
+    wait_until(lambda: time.time() > before)  # the next write is stamped after `before`
     f.write("notes/todo.txt", "nothing to do")
     history = f.history("notes/todo.txt")
     assert [(v.version, v.op) for v in history] == [(3, "write"), (2, "append"), (1, "write")]

@@ -21,7 +21,7 @@ import pytest
 from llmos.client import AsyncClient
 from syscalls import errors, limits
 from syscalls.errors import Errno, SyscallError
-from tests.conftest import InThread
+from tests.conftest import BARRIER_TOPIC, Parked, wait_until_async
 from tests.kernels import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,11 +178,10 @@ def test_a_sender_with_a_timeout_waits_for_room_and_goes_on_when_the_receiver_re
     sender = spawn()
     receiver = sender.spawn("receiver")
     fill(sender, receiver.pid)
-    blocked = InThread(lambda: sender.send(receiver.pid, "patient", timeout=20))
-    time.sleep(0.3)
-    assert not blocked.done()
+    blocked = Parked(sender, "ipc.send", {"pid": receiver.pid, "message": "patient", "timeout": 20})
+    assert not blocked.done()  # it reached the kernel and waits there for room
     receiver.recv(timeout=0)
-    assert blocked.result(timeout=10).queued == limits.MAILBOX_MAX_MESSAGES
+    assert blocked.result(timeout=10)["queued"] == limits.MAILBOX_MAX_MESSAGES
 
 
 def test_a_sender_waiting_for_room_gives_up_with_eagain_at_its_timeout(spawn):
@@ -199,13 +198,14 @@ def test_a_blocked_sender_is_woken_with_esrch_when_the_receiver_is_killed(admin,
     sender = spawn()
     receiver = sender.spawn("receiver")
     fill(sender, receiver.pid)
-    blocked = InThread(lambda: sender.send(receiver.pid, "x", timeout=60))
-    time.sleep(0.3)
+    blocked = Parked(sender, "ipc.send", {"pid": receiver.pid, "message": "x", "timeout": 60})
+    assert not blocked.done()
     t0 = time.monotonic()
     admin.kill(receiver.pid, "KILL")
     with pytest.raises(errors.ESRCH) as exc:
         blocked.result(timeout=10)
-    assert time.monotonic() - t0 < 5 and "exited" in exc.value.message
+    # woken while it waited (a send that only arrived after the kill hears "has exited")
+    assert time.monotonic() - t0 < 5 and "while the message waited for room" in exc.value.message
     assert sender.getpid().pid == sender.pid  # the sender itself is fine
 
 
@@ -229,11 +229,10 @@ def test_recv_without_a_timeout_returns_none_at_the_calls_deadline(spawn):
 def test_a_blocked_recv_wakes_when_a_message_arrives(spawn):
     parent = spawn()
     kid = parent.spawn("kid")
-    waiting = InThread(lambda: kid.recv(timeout=20))
-    time.sleep(0.2)
-    assert not waiting.done()
+    waiting = Parked(kid, "ipc.recv", {"timeout": 20})
+    assert not waiting.done()  # it waits in the kernel: the message below wakes it
     parent.send(kid.pid, ["wake", "up"])
-    assert waiting.result(timeout=10).body == ["wake", "up"]
+    assert waiting.result(timeout=10)["message"]["body"] == ["wake", "up"]
 
 
 def test_recv_filters_by_sender_and_topic_and_keeps_the_rest_in_order(admin, spawn):
@@ -255,8 +254,8 @@ def test_a_receiver_killed_while_blocked_in_recv_is_interrupted_and_the_kernel_s
 ):
     p = spawn()
     kid = p.spawn("kid")
-    waiting = InThread(lambda: kid.recv(timeout=60))
-    time.sleep(0.3)
+    waiting = Parked(kid, "ipc.recv", {"timeout": 60})
+    assert not waiting.done()
     admin.kill(kid.pid, "KILL")
     with pytest.raises(errors.ECANCELED) as exc:
         waiting.result(timeout=10)
@@ -300,7 +299,11 @@ def test_fifty_subscribers_blocked_in_recv_are_all_woken_by_one_publish(daemon):
             for s in subs:
                 await s.subscribe("wakeup")
             waiting = [asyncio.ensure_future(s.recv(timeout=20)) for s in subs]
-            await asyncio.sleep(0.3)
+            # A barrier behind the 50 on the same socket (see tests.conftest.Parked): the
+            # tasks send in the order they were made, so once it is answered the kernel has
+            # started every recv, and a recv that had answered (with no message) would
+            # show as None below rather than pass because the publish came first.
+            await asyncio.ensure_future(pub.recv_full(timeout=0, topic=BARRIER_TOPIC))
             assert not any(w.done() for w in waiting)
             res = await pub.publish("wakeup", "go")
             got = await asyncio.gather(*waiting)
@@ -476,9 +479,10 @@ def test_a_recv_killed_in_the_same_batch_it_arrived_in_is_still_answered():
                     ),
                 ]
             )
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert not k.dispatcher.calls
+            await wait_until_async(
+                lambda: not k.dispatcher.calls and {r.get("id") for r in sent} >= {1, 2},
+                timeout=5,
+            )
         finally:
             await k.transport.close()  # its zmq context must not be left for the GC to terminate
             k.memory.close()

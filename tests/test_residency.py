@@ -13,6 +13,7 @@ import pytest
 from drivers.base import DriverError, GenerationRequest, SamplingOptions
 from drivers.sim import SimDriver
 from kernel.residency import Residency
+from tests.conftest import wait_until_async
 from tests.kernels import Daemon
 
 
@@ -73,7 +74,8 @@ def test_a_model_in_use_is_never_put_to_sleep() -> None:
         res = await _started(min_awake_s=0.0)
         lease = await res.acquire("a")
         wants_b = asyncio.create_task(res.acquire("b"))
-        await asyncio.sleep(0.5)
+        await wait_until_async(lambda: res._models["b"].waiting == 1)  # b's call is waiting
+        await asyncio.sleep(0.5)  # and keeps asking (every 50 ms): a must stay in use all along
         assert not wants_b.done() and res.state("a") == "ready" and res.state("b") == "asleep"
         assert await _generate(lease) == 3  # type: ignore[arg-type]
         res.release("a")
@@ -98,7 +100,8 @@ def test_a_model_never_idle_still_yields_to_a_waiting_one_after_min_awake() -> N
                     await asyncio.sleep(0.1)
 
         workers = [asyncio.create_task(busy_a()) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        # all three hold leases; each takes its next one as it gives one back, so a is never idle
+        await wait_until_async(lambda: res._models["a"].leases == 3)
         t0 = time.monotonic()
         async with res.use("b"):
             waited = time.monotonic() - t0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -178,7 +177,8 @@ def test_a_low_priority_process_is_never_starved(tmp_path) -> None:
             hogs = [threading.Thread(target=hog, args=(p,), daemon=True) for p in highs]
             for t in hogs:
                 t.start()
-            time.sleep(0.3)
+            # the contention is on: one hog on the slot, the other two queued for it
+            wait_until(lambda: (m := admin.stat(procs=False).models[0]).busy == 1 and m.queued == 2)
             low_call = InThread(lambda: low.generate(prompt="me too", max_tokens=5))
             res = low_call.result(timeout=60)
             assert res.usage.output_tokens == 5 and not stop.is_set()  # the hogs were still running

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -258,10 +257,10 @@ def test_tab_completes_command_names_and_pids(kernel):
         solo = admin.spawn("solo")
     term = kernel.shell()
     term.send("mode\t")
-    time.sleep(1)  # completions are computed off the UI thread; the terminal shows "mode" + "ls"
+    term.expect("ls")  # completions are computed off the UI thread: wait for "mode" + "ls"
     run(term, "", "SmolLM2")  # Enter ran `models`
     term.send("kill \t")
-    time.sleep(1)
+    term.expect(rf"(?<![\d\[;?]){solo.pid}(?!\d)")  # the only pid (not a digit of an escape code)
     run(term, "", f"process {solo.pid}: ZOMBIE")  # the only pid was completed
     leave(term)
 

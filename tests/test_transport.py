@@ -45,7 +45,7 @@ def test_replies_to_one_peer_in_one_iteration_go_out_as_one_multipart_message(
             for frame in (b"1", b"2", b"3"):
                 transport.send(b"peer-a", frame)
             transport.send(b"peer-b", b"x")
-            await asyncio.sleep(0.05)  # the loop's next iteration flushes them
+            # The loop's next iteration flushes them, while the reads below wait (5 s at most).
             first_a = await asyncio.to_thread(a.recv_multipart)
             first_b = await asyncio.to_thread(b.recv_multipart)
             # A later iteration's reply is a message of its own.
