@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
+import zmq
+
 from drivers.base import Driver
 from kernel.kernel import Kernel
 from kernel.residency import MIN_AWAKE_S
@@ -288,17 +290,39 @@ def setup_logging(state: Path, foreground: bool) -> None:
     )
 
 
+#: What ``--listen`` accepts: a ZeroMQ ipc path or a TCP host:port.
+_ENDPOINT = re.compile(r"ipc://[^\x00]+|tcp://(\*|[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
+
+
+def validate_options(args: argparse.Namespace) -> None:
+    """ValueError with one sentence naming the first option that cannot work; checked
+    before anything starts (``llmos kernel start`` checks before the daemon forks)."""
+    from drivers import DRIVERS
+
+    make_policy(args.policy, args.quantum)
+    if args.driver not in DRIVERS:
+        raise ValueError(f"unknown driver {args.driver!r}; choose from {', '.join(DRIVERS)}")
+    if args.slots < 1:
+        raise ValueError(f"--slots {args.slots}: a model needs at least one slot")
+    if args.max_loaded is not None and args.max_loaded < 1:
+        raise ValueError(f"--max-loaded {args.max_loaded}: at least one model must fit")
+    if args.min_awake < 0:
+        raise ValueError(f"--min-awake {args.min_awake}: seconds cannot be negative")
+    for ep in args.listen or []:
+        if not _ENDPOINT.fullmatch(ep):
+            raise ValueError(
+                f"--listen {ep!r}: expected ipc://PATH or tcp://HOST:PORT "
+                "(e.g. tcp://127.0.0.1:7077)"
+            )
+
+
 async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     """Start a kernel from parsed options and serve until SIGTERM/SIGINT."""
     run = paths.ensure_private_dir(args.runtime_dir or paths.runtime_dir())
     state = paths.ensure_private_dir(args.state_dir or paths.state_dir())
     setup_logging(state, foreground)
     try:
-        make_policy(args.policy, args.quantum)  # refuse bad options before anything starts
-        if args.max_loaded is not None and args.max_loaded < 1:
-            raise ValueError(f"--max-loaded {args.max_loaded}: at least one model must fit")
-        if args.min_awake < 0:
-            raise ValueError(f"--min-awake {args.min_awake}: seconds cannot be negative")
+        validate_options(args)  # refuse bad options before anything starts
         drivers = build_drivers(args)
     except ValueError as exc:
         log.error("%s", exc)
@@ -326,9 +350,15 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, kernel.request_stop)
+    status = 0
     try:
-        await kernel.start()
-        await kernel.serve_forever()
+        try:
+            await kernel.start()
+        except zmq.ZMQError as exc:  # the endpoint is taken, or its directory is not there
+            log.error("cannot listen on %s: %s", ", ".join(endpoints), exc)
+            status = 1
+        else:
+            await kernel.serve_forever()
     finally:
         log.info("kernel shutting down")
         await kernel.stop()
@@ -336,7 +366,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
             (run / name).unlink(missing_ok=True)
         lock.close()
         log.info("kernel stopped")
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import contextlib
 
 from kernel.sandbox import SandboxConfig  # noqa: E402
-from llmos.client import Client, Process, _blocking_deadline_ms, _final  # noqa: E402
+from llmos.calls import blocking_deadline_ms  # noqa: E402
+from llmos.client import Client, Process  # noqa: E402
+from llmos.transport import final_result  # noqa: E402
 from syscalls import codec  # noqa: E402
 from tests.kernels import Daemon  # noqa: E402
 
@@ -107,7 +109,7 @@ class Parked:
         self, proc: Process, name: str, args: dict[str, Any], deadline_ms: int | None = None
     ) -> None:
         if deadline_ms is None:
-            deadline_ms = _blocking_deadline_ms(args.get("timeout"))
+            deadline_ms = blocking_deadline_ms(args.get("timeout"))
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(proc.client.endpoint)
@@ -123,7 +125,7 @@ class Parked:
         self._sock.send(req)
         self._sock.send(barrier)
         assert self._reply(self._BARRIER, 30.0), "the kernel did not answer the barrier"
-        _final(self._replies.pop(self._BARRIER))  # it must have succeeded
+        final_result(self._replies.pop(self._BARRIER))  # it must have succeeded
 
     def _reply(self, rid: int, timeout: float) -> bool:
         """Read replies until ``rid``'s is in; False if ``timeout`` passes first."""
@@ -145,7 +147,7 @@ class Parked:
         """The call's result (a dict), or raise its error."""
         try:
             assert self._reply(self._CALL, timeout), "call did not return"
-            return _final(self._replies[self._CALL])
+            return final_result(self._replies[self._CALL])
         finally:
             self._sock.close()
 

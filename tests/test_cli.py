@@ -349,8 +349,8 @@ def test_serve_specs_that_cannot_work_are_refused_before_the_kernel_starts(tmp_p
 
 def test_a_failed_start_prints_only_its_own_log_lines(tmp_path):
     shell = Shell(tmp_path)
-    for driver in ("first-bogus", "second-bogus"):
-        res = shell("kernel", "start", "--driver", driver, timeout=120)
+    for driver in ("first-bogus", "second-bogus"):  # fails in the daemon, not before
+        res = shell("kernel", "start", "--serve", f"name=x,driver={driver}", timeout=120)
         assert res.returncode == 1, res.stderr
     assert "exited with status 2" in res.stderr
     assert "second-bogus" in res.stderr and "first-bogus" not in res.stderr

@@ -138,3 +138,26 @@ def test_error_classes_import_from_llmos_errors() -> None:
     code = "from llmos.errors import ESRCH, SyscallError; print(issubclass(ESRCH, SyscallError))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_kernel_start_refuses_bad_options_in_one_line_before_forking(tmp_path) -> None:
+    shell = Shell(tmp_path)
+    for option, says in (
+        (["--slots", "0"], "at least one slot"),
+        (["--listen", "bogus://x"], "expected ipc://PATH or tcp://HOST:PORT"),
+        (["--driver", "nosuch"], "unknown driver 'nosuch'"),
+        (["--policy", "fifo", "--quantum", "-1"], "quantum"),
+    ):
+        res = shell("kernel", "start", *option, timeout=60)
+        assert res.returncode == 2, (option, res.stderr)
+        assert says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "admin.token").exists()  # no daemon was started
+
+
+def test_kernel_start_names_the_options_a_running_kernel_lacks(sh) -> None:
+    same = sh("kernel", "start", "--driver", "sim")
+    assert same.returncode == 0 and "already running" in same.stderr
+    other = sh("kernel", "start", "--driver", "sim", "--policy", "priority", "--slots", "7")
+    assert other.returncode == 1
+    assert "--policy priority" in other.stderr and "--slots 7 (it runs with 2)" in other.stderr

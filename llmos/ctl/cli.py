@@ -16,7 +16,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kernel.daemon import add_kernel_options, daemon_command, driver_option, running_pid
+from kernel.daemon import (
+    add_kernel_options,
+    daemon_command,
+    driver_option,
+    running_pid,
+    validate_options,
+)
 from kernel.daemon import parser as daemon_parser
 from llmos.client import Client, connect, resolve_endpoint
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
@@ -26,7 +32,7 @@ from syscalls import paths
 from syscalls.errors import Errno, SyscallError
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a sentence is never cut into lines
 
 
 # -- kernel start / stop / status -----------------------------------------------------
@@ -37,19 +43,53 @@ def _kernel_pid() -> int | None:
     return running_pid(paths.runtime_dir())
 
 
+def _already_running(pid: int, args: argparse.Namespace, options: list[str]) -> int:
+    """A kernel runs already: 0 if it has what these options ask, else 1 naming the
+    options that differ (a second kernel is not started, and the first keeps its own)."""
+    info = _try_info()
+    differ: list[str] = []
+    if info is not None:
+        given = {o.split("=", 1)[0] for o in options if o.startswith("--")}
+        first = info.models[0] if info.models else None
+        wanted = {
+            "--policy": (args.policy, info.policy),
+            "--driver": (args.driver, first.driver if first else None),
+            "--slots": (args.slots, first.slots if first else None),
+            "--model-name": (args.model_name, first.name if first else None),
+        }
+        for flag, (asked, has) in wanted.items():
+            if flag in given and asked != has:
+                differ.append(f"{flag} {asked} (it runs with {has})")
+        for ep in args.listen or []:
+            if ep not in info.endpoints:
+                differ.append(f"--listen {ep} (it serves {', '.join(info.endpoints)})")
+    if differ:
+        err.print(
+            f"[red]a kernel is already running[/] (pid {pid}) with other options: "
+            f"{'; '.join(differ)}. `llmos kernel stop` it first, or use another "
+            "--runtime-dir for a second kernel",
+            highlight=False,
+        )
+        return 1
+    err.print(f"[yellow]a kernel is already running[/] (pid {pid}); `llmos kernel stop` to stop it")
+    return 0
+
+
 def start_kernel(options: list[str], wait: bool = True) -> int:
     """Start a detached kernel with the daemon's ``options`` (as given to ``llmos kernel
     start``, passed through unchanged) and, by default, wait until its models are ready."""
     args = daemon_parser().parse_args(options)  # the daemon's own parser: one definition
+    try:
+        validate_options(args)
+    except ValueError as exc:
+        err.print(f"[red]llmos kernel start:[/] {exc}", highlight=False)
+        return 2
     if args.runtime_dir:
         os.environ["LLMOS_RUNTIME_DIR"] = str(args.runtime_dir)
     if args.state_dir:
         os.environ["LLMOS_STATE_DIR"] = str(args.state_dir)
     if (pid := _kernel_pid()) is not None:
-        err.print(
-            f"[yellow]a kernel is already running[/] (pid {pid}); `llmos kernel stop` to stop it"
-        )
-        return 0
+        return _already_running(pid, args, options)
     state = paths.ensure_private_dir(paths.state_dir())
     paths.ensure_private_dir(paths.runtime_dir())
     log = state / "kernel.log"
