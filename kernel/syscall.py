@@ -221,7 +221,7 @@ def _validate(model: type[BaseModel], args: dict[str, Any]) -> BaseModel:
     try:
         return model.model_validate(args)
     except ValidationError as exc:
-        raise SyscallError(Errno.EINVAL, codec.describe_validation(exc)) from None
+        raise SyscallError(Errno.EINVAL, codec.describe_validation(exc, model=model)) from None
 
 
 def _dump(result: BaseModel | dict[str, Any] | None) -> dict[str, Any]:

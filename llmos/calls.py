@@ -67,7 +67,9 @@ def check_args(name: str, args: dict[str, Any]) -> None:
     try:
         spec.args.model_validate(args, strict=False)
     except ValidationError as exc:
-        raise SyscallError.of(Errno.EINVAL, codec.describe_validation(exc)) from None
+        raise SyscallError.of(
+            Errno.EINVAL, codec.describe_validation(exc, model=spec.args)
+        ) from None
 
 
 def parse_result(name: str, raw: dict[str, Any]) -> BaseModel:
@@ -220,7 +222,9 @@ def spawn_args(
     try:
         parsed = m.SpawnArgs.model_validate(args, strict=False)
     except ValidationError as exc:
-        raise SyscallError.of(Errno.EINVAL, codec.describe_validation(exc)) from None
+        raise SyscallError.of(
+            Errno.EINVAL, codec.describe_validation(exc, model=m.SpawnArgs)
+        ) from None
     return parsed.model_dump(exclude_none=True, exclude_defaults=True) | {"name": name}
 
 

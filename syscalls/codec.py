@@ -15,11 +15,12 @@ Chunk    ``{"id": int, "seq": n, "chunk": {...}}`` (streaming syscalls; the repl
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
@@ -173,13 +174,47 @@ def chunk_frame(rid: int, seq: int, chunk: dict[str, Any]) -> bytes:
     return packb({"id": rid, "seq": seq, "chunk": chunk})
 
 
-def describe_validation(exc: ValidationError, limit: int = 3) -> str:
-    """A short human sentence from a pydantic error (no input echo, bounded length)."""
+def describe_validation(
+    exc: ValidationError, limit: int = 3, model: type[BaseModel] | None = None
+) -> str:
+    """A short human sentence from a pydantic error (no input echo, bounded length). With
+    the ``model`` validated, an unknown field's sentence lists the fields known there."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:limit]:
-        where = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        loc = tuple(err.get("loc", ()))
+        where = ".".join(str(p) for p in loc) or "(root)"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden" and model is not None:
+            known = _fields_at(model, loc[:-1])
+            if known:
+                msg = f"unknown field; known fields: {', '.join(known)}"
+        parts.append(f"{where}: {msg}")
     more = len(exc.errors()) - limit
     if more > 0:
         parts.append(f"and {more} more problem(s)")
     return "; ".join(parts)
+
+
+def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """The field names of the model found at ``path`` inside ``model`` (empty if none)."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue  # an index into a list: the same item model
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``Limits | None``, ``list[Entry]``...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None

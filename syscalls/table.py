@@ -108,7 +108,8 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             m.CtxGetArgs,
             m.CtxGetResult,
             [Errno.ESRCH, Errno.EPERM],
-            "Read a process's context (its conversation).",
+            "Read a process's context (its conversation); the admin names any pid.",
+            needs_process=False,
         ),
         _row(
             "ctx.append",

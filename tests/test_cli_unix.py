@@ -161,3 +161,43 @@ def test_kernel_start_names_the_options_a_running_kernel_lacks(sh) -> None:
     other = sh("kernel", "start", "--driver", "sim", "--policy", "priority", "--slots", "7")
     assert other.returncode == 1
     assert "--policy priority" in other.stderr and "--slots 7 (it runs with 2)" in other.stderr
+
+
+def test_usage_errors_version_and_json_errors(sh) -> None:
+    bare = sh()
+    assert bare.returncode == 2 and "COMMAND" in bare.stderr and "kernel" in bare.stderr
+    version = sh("--version")
+    assert version.returncode == 0 and version.stdout.startswith("llmos ")
+    typo = sh("ps", "--jsno")
+    assert typo.returncode == 2 and "usage: llmos ps" in typo.stderr and "--jsno" in typo.stderr
+    missing = sh("wait", "999999", "--json")
+    assert missing.returncode == 1
+    error = json.loads(missing.stdout)["error"]
+    assert error["code"] in ("ESRCH", "ECHILD") and error["message"]
+    with sh.admin() as c, pytest.raises(Exception, match="known fields: max_output_tokens"):
+        c.spawn("x", program_limits={"bogus": 1})
+
+
+def test_ps_filters_and_columns_ctx_mem_and_logs(sh) -> None:
+    with sh.admin() as c:
+        p = c.spawn("inspected", system="Be brief.")
+        p.append([{"role": "user", "content": "remember the blue door"}])
+        p.memory.set_block("user", "prefers tea")
+        p.memory.put("the office closes at six")
+        other = c.spawn("bystander")
+    rows = json.loads(sh("ps", "--program", str(p.pid), "--json").stdout)
+    assert [r["pid"] for r in rows] == [p.pid]
+    table = sh("ps", "-o", "pid,state,name", "--state", "new,waiting")
+    assert table.returncode == 0 and "inspected" in table.stdout and "TOK IN" not in table.stdout
+    assert sh("ps", "-o", "pid,bogus").returncode == 2
+    ctx = json.loads(sh("ctx", str(p.pid), "--json").stdout)
+    assert [msg["content"] for msg in ctx["messages"]][-1] == "remember the blue door"
+    assert "blue door" in sh("ctx", str(p.pid)).stdout
+    assert "prefers tea" in sh("mem", str(p.pid)).stdout
+    hits = json.loads(sh("mem", str(p.pid), "--search", "when does it shut", "--json").stdout)
+    assert hits and "six" in hits[0]["text"]
+    logs = sh("logs", "-n", "5")
+    assert logs.returncode == 0 and 0 < len(logs.stdout.splitlines()) <= 5
+    for pid in (p.pid, other.pid):
+        sh("kill", "-9", str(pid))
+        sh("wait", str(pid))

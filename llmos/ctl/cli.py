@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+import llmos
 from kernel.daemon import (
     add_kernel_options,
     daemon_command,
@@ -24,6 +25,7 @@ from kernel.daemon import (
     validate_options,
 )
 from kernel.daemon import parser as daemon_parser
+from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
@@ -275,56 +277,133 @@ def cmd_decide(call_id: int, approve: bool) -> int:
     return 0
 
 
-def cmd_ps(as_json: bool) -> int:
+#: ``llmos ps`` columns: header -> (alignment, cell of a row).
+PS_COLUMNS: dict[str, tuple[str, Any]] = {
+    "pid": ("right", lambda p: str(p.pid)),
+    "ppid": ("right", lambda p: str(p.ppid)),
+    "prog": ("right", lambda p: str(p.program)),
+    "state": (
+        "left",
+        lambda p: p.state if p.exit_status is None else f"{p.state}({p.exit_status})",
+    ),
+    "ni": ("right", lambda p: str(p.nice)),
+    "model": ("left", lambda p: p.model),
+    "calls": ("right", lambda p: str(p.generate_calls)),
+    "tok_in": ("right", lambda p: str(p.prompt_tokens)),
+    "tok_out": ("right", lambda p: str(p.output_tokens)),
+    "run_s": ("right", lambda p: f"{p.service_s:.2f}"),
+    "wait_s": ("right", lambda p: f"{p.wait_s:.2f}"),
+    "preempt": ("right", lambda p: str(p.preemptions)),
+    "mbox": ("right", lambda p: str(p.mailbox)),
+    "ctx": ("right", lambda p: str(p.context_messages)),
+    "quota": (
+        "left",
+        lambda p: (
+            f"[red]{p.quota_exceeded}[/]" if p.quota_exceeded else ("set" if p.limits else "-")
+        ),
+    ),
+    "name": ("left", lambda p: p.name),
+}
+_PS_DEFAULT = [c for c in PS_COLUMNS if c != "ctx"]
+
+
+def ps_columns(text: str) -> list[str]:
+    """argparse type of ``ps -o``: comma-separated column names."""
+    cols = [c.strip().lower() for c in text.split(",") if c.strip()]
+    unknown = [c for c in cols if c not in PS_COLUMNS]
+    if unknown or not cols:
+        raise argparse.ArgumentTypeError(
+            f"unknown column(s) {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(PS_COLUMNS)}"
+        )
+    return cols
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """``llmos ps [--state S] [--program N] [-o COLS]``: the process table."""
     with connect() as c:
         procs = c.ps()
-    if as_json:
+    states = {s.upper() for s in (args.state or "").split(",") if s}
+    procs = [
+        p
+        for p in procs
+        if (not states or p.state in states) and (args.program is None or p.program == args.program)
+    ]
+    if args.json:
         print(json.dumps([p.model_dump() for p in procs]))
         return 0
+    cols = args.columns or _PS_DEFAULT
     table = Table(box=None)
-    for col in (
-        "PID",
-        "PPID",
-        "PROG",
-        "STATE",
-        "NI",
-        "MODEL",
-        "CALLS",
-        "TOK IN",
-        "TOK OUT",
-        "RUN s",
-        "WAIT s",
-        "PREEMPT",
-        "MBOX",
-        "QUOTA",
-        "NAME",
-    ):
-        table.add_column(
-            col, justify="left" if col in ("STATE", "MODEL", "QUOTA", "NAME") else "right"
-        )
+    for col in cols:
+        table.add_column(col.upper().replace("_", " "), justify=PS_COLUMNS[col][0])
     for p in procs:
-        state = p.state if p.exit_status is None else f"{p.state}({p.exit_status})"
-        quota = f"[red]{p.quota_exceeded}[/]" if p.quota_exceeded else ("set" if p.limits else "-")
-        table.add_row(
-            str(p.pid),
-            str(p.ppid),
-            str(p.program),
-            state,
-            str(p.nice),
-            p.model,
-            str(p.generate_calls),
-            str(p.prompt_tokens),
-            str(p.output_tokens),
-            f"{p.service_s:.2f}",
-            f"{p.wait_s:.2f}",
-            str(p.preemptions),
-            str(p.mailbox),
-            quota,
-            p.name,
-        )
+        table.add_row(*(PS_COLUMNS[col][1](p) for col in cols))
     (out if out.is_terminal else Console(width=200)).print(
         table
     )  # a pipe gets whole rows, not 80 columns
+    return 0
+
+
+def cmd_ctx(args: argparse.Namespace) -> int:
+    """``llmos ctx PID [--last N]``: a process's context, as the admin."""
+    with connect() as c:
+        res = m.CtxGetResult(**c.call("ctx.get", opt(pid=args.pid, last=args.last)))
+    if args.json:
+        print(json.dumps(res.model_dump()))
+        return 0
+    if res.summary:
+        out.print(f"[dim]summary of {res.evicted} earlier messages:[/] {res.summary}")
+    for msg in res.messages:
+        out.print(f"[bold]{msg.role}[/]: ", end="")
+        out.print(msg.content, markup=False, highlight=False)
+    err.print(f"[dim]{len(res.messages)} of {res.total} messages[/]")
+    return 0
+
+
+def cmd_mem(args: argparse.Namespace) -> int:
+    """``llmos mem PID [--search Q] [-k N]``: a process's core memory blocks, or the
+    archival entries closest to a query, as the admin."""
+    with connect() as c:
+        mem = c.memory(f"pid:{args.pid}")
+        if args.search is None:
+            blocks = mem.blocks()
+            if args.json:
+                print(json.dumps(blocks))
+                return 0
+            for label, value in blocks.items():
+                out.print(f"[bold]{label}[/]: ", end="")
+                out.print(value, markup=False, highlight=False)
+            if not blocks:
+                err.print(f"[dim]process {args.pid} has no core memory blocks[/]")
+            return 0
+        hits = mem.search(args.search, k=args.k)
+    if args.json:
+        print(json.dumps([h.model_dump() for h in hits]))
+        return 0
+    for h in hits:
+        out.print(f"[cyan]{h.score:.3f}[/] #{h.id} ", end="")
+        out.print(h.text, markup=False, highlight=False)
+    return 0
+
+
+def cmd_logs(follow: bool, lines: int) -> int:
+    """``llmos logs [-f] [-n N]``: the kernel log's last lines (and, with -f, what follows)."""
+    log = paths.state_dir() / "kernel.log"
+    try:
+        with open(log, errors="replace") as f:
+            tail = f.readlines()[-lines:] if lines else []
+            sys.stdout.writelines(tail)
+            sys.stdout.flush()
+            while follow:
+                line = f.readline()
+                if line:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.2)
+    except FileNotFoundError:
+        err.print(f"no kernel log at {log} (has a kernel run with this state dir?)")
+        return 1
     return 0
 
 
@@ -633,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmos", description="llmos: an operating system for LLM agents"
     )
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"llmos {llmos.__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     kp = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
     ksub = kp.add_subparsers(dest="kcmd", required=True)
@@ -647,14 +727,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ksub.add_parser("stop", help="stop the running kernel (SIGTERM)")
     kst = ksub.add_parser("status", help="is a kernel running, with what")
-    kst.add_argument("--json", action="store_true")
+    kst.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
     rp = sub.add_parser("run", help="run an agent program with its own LLM process")
-    rp.add_argument("program")
-    rp.add_argument("args", nargs=argparse.REMAINDER)
+    rp.add_argument("program", help="the agent program (a Python file)")
+    rp.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
     rp.add_argument("--name", default=None, help="process name (default: the program's)")
     rp.add_argument("--system", default=None, help="system prompt of its process")
-    rp.add_argument("--nice", type=int, default=0)
+    rp.add_argument(
+        "--nice", type=int, default=0, help="priority of its process, -20..19 (default: 0)"
+    )
     rp.add_argument(
         "--model",
         default=None,
@@ -674,15 +756,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a quota for the whole program: max_output_tokens, max_context_tokens, "
         "max_wall_s, max_calls_per_min (repeatable)",
     )
-    rp.add_argument("--quiet", action="store_true")
+    rp.add_argument("--quiet", action="store_true", help="print nothing of llmos's own")
 
     mp = sub.add_parser("models", help="list the kernel's models: driver, state, slots, queue")
-    mp.add_argument("--json", action="store_true")
+    mp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
     tl = sub.add_parser("tools", help="list the kernel's tools (built in and served by programs)")
-    tl.add_argument("--json", action="store_true")
+    tl.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     pe = sub.add_parser("pending", help="irreversible tool calls waiting for your approval")
-    pe.add_argument("--json", action="store_true")
+    pe.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     for verb, what in (
         ("approve", "let a parked tool call run"),
         ("deny", "refuse a parked tool call"),
@@ -691,7 +773,32 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("id", type=int, help="the call's id (llmos pending)")
 
     pp = sub.add_parser("ps", help="list processes")
-    pp.add_argument("--json", action="store_true")
+    pp.add_argument("--state", default=None, help="only these states, e.g. READY,RUNNING")
+    pp.add_argument("--program", type=int, default=None, help="only this program's processes")
+    pp.add_argument(
+        "-o",
+        dest="columns",
+        type=ps_columns,
+        default=None,
+        metavar="COLS",
+        help=f"columns to show, comma-separated ({', '.join(PS_COLUMNS)})",
+    )
+    pp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+
+    cx = sub.add_parser("ctx", help="a process's context (its conversation)")
+    cx.add_argument("pid", type=int, help="the process")
+    cx.add_argument("--last", type=int, default=None, help="only the last N messages")
+    cx.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+
+    me = sub.add_parser("mem", help="a process's core memory blocks, or search its archive")
+    me.add_argument("pid", type=int, help="the process")
+    me.add_argument("--search", default=None, metavar="QUERY", help="archival entries closest")
+    me.add_argument("-k", type=int, default=5, help="how many entries --search shows")
+    me.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+
+    lg = sub.add_parser("logs", help="the kernel's log (-f to follow it)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    lg.add_argument("-n", "--lines", type=int, default=50, help="last N lines (default: 50)")
 
     tp = sub.add_parser("top", help="live view of models, processes, token rates and the host")
     tp.add_argument(
@@ -713,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-s", "--signal", default="TERM", type=signal_name, help="TERM, KILL, STOP or CONT"
     )
     kl.add_argument("-l", "--list", action="store_true", help="list the signals")
-    kl.add_argument("--json", action="store_true")
+    kl.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
     ap = sub.add_parser("ask", help="one-shot generation in a fresh process")
     ap.add_argument("prompt", nargs="?", help="what to ask; - reads it from stdin")
@@ -724,17 +831,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model to ask (default: the kernel's first; see `llmos models`)",
     )
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--max-tokens", type=int, default=128, help="longest answer in tokens (default: 128)"
+    )
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)"
+    )
+    ap.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
     sn = sub.add_parser(
         "spawn", help="spawn a process; with --task, run the default agent loop on it"
     )
     sn.add_argument("--name", default="agent", help="process name (default: agent)")
-    sn.add_argument("--model", default=None)
+    sn.add_argument(
+        "--model", default=None, help="model of the process (default: the kernel's first)"
+    )
     sn.add_argument("--system", default=None, help="system prompt")
-    sn.add_argument("--nice", type=int, default=0)
+    sn.add_argument("--nice", type=int, default=0, help="priority, -20..19 (default: 0)")
     sn.add_argument(
         "--task", default=None, help="a task for the agent loop (ReAct over the kernel's tools)"
     )
@@ -752,20 +865,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="without --task: wait for the process to exit and exit with its status",
     )
-    sn.add_argument("--json", action="store_true")
+    sn.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     wt = sub.add_parser(
         "wait", help="wait for a process to exit; exit with its status (like a shell's wait)"
     )
-    wt.add_argument("pid", type=int)
+    wt.add_argument("pid", type=int, help="the process to wait for")
     wt.add_argument(
         "--timeout", type=float, default=None, help="give up after this many seconds (exit 124)"
     )
-    wt.add_argument("--json", action="store_true")
+    wt.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
     sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
     sp = sub.add_parser("syscalls", help="print the syscall table")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--markdown", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+    sp.add_argument("--markdown", action="store_true", help="as a Markdown table")
 
     bp = sub.add_parser("bench", help="benchmarks")
     bsub = bp.add_subparsers(dest="bcmd", required=True)
@@ -775,7 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bs.add_argument("--calls", type=int, default=5000, help="calls per client per syscall")
     bs.add_argument("--gen-tokens", type=int, default=64, help="tokens per generation (0 skips it)")
-    bs.add_argument("--json", action="store_true")
+    bs.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bsc = bsub.add_parser("sched", help="agent-program workloads under every scheduling policy")
     bsc.add_argument(
         "--driver",
@@ -809,7 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=driver_option,
         help="driver option, e.g. tokens_per_s=100 (repeatable)",
     )
-    bsc.add_argument("--json", action="store_true")
+    bsc.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bd = bsub.add_parser(
         "driver", help="a driver's tokens/s and time to first token, through the kernel and direct"
     )
@@ -852,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=driver_option,
         help="driver option (repeatable), e.g. endpoints=http://host:8000/v1 for openai",
     )
-    bd.add_argument("--json", action="store_true")
+    bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -869,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the kernel's state (and the filled entries) in DIR: a later run measures "
         "again without refilling (default: a temporary directory)",
     )
-    bm.add_argument("--json", action="store_true")
+    bm.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     return p
 
 
@@ -877,15 +990,36 @@ def build_parser() -> argparse.ArgumentParser:
 _START_ONLY = ("--foreground", "--no-wait")
 
 
+def _subcommand_parser(
+    parser: argparse.ArgumentParser, names: list[str]
+) -> argparse.ArgumentParser:
+    """The parser of ``llmos NAME [NAME]`` (for its own usage line in errors)."""
+    for name in names:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name not in subs[0].choices:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = unix_kill_argv(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.cmd is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if extra:  # the subcommand's usage, not the top-level one
+        names = [args.cmd, *([args.kcmd] if getattr(args, "kcmd", None) else [])]
+        _subcommand_parser(parser, names).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "kernel" and args.kcmd == "start":
         rest = argv[argv.index("start") + 1 :]
         args.kernel_options = [t for t in rest if t not in _START_ONLY]
     try:
         return _run(args)
     except SyscallError as exc:
+        if getattr(args, "json", False):  # scripts read the error as JSON, the status stays
+            print(json.dumps({"error": {"code": str(exc.code), "message": exc.message}}))
         err.print(f"[red]llmos: {exc.code}:[/] {exc.message}", highlight=False)
         return 1
     except KeyboardInterrupt:
@@ -917,7 +1051,13 @@ def _run(args: argparse.Namespace) -> int:
         case "approve" | "deny":
             return cmd_decide(args.id, args.cmd == "approve")
         case "ps":
-            return cmd_ps(args.json)
+            return cmd_ps(args)
+        case "ctx":
+            return cmd_ctx(args)
+        case "mem":
+            return cmd_mem(args)
+        case "logs":
+            return cmd_logs(args.follow, args.lines)
         case "top":
             return cmd_top(args)
         case "kill":
