@@ -66,6 +66,22 @@ def test_check_accepts_valid_commands_and_says_why_not_otherwise():
     assert "interactive" in shell.check("chat 2")  # proposals never take over the terminal
 
 
+def test_tools_call_takes_the_rest_of_the_line_as_its_json_argument():
+    cmd, args = shell.parse('tools call calculator {"expression": "2*21"}')
+    assert (cmd.name, args) == ("tools", ["call", "calculator", '{"expression": "2*21"}'])
+    assert shell.parse("tools call datetime")[1] == ["call", "datetime"]
+    assert shell.parse("tools")[1] == []
+
+
+def test_help_shows_every_usage_column_verbatim():
+    session = shell.Session.__new__(shell.Session)
+    from rich.console import Console
+
+    session.console = Console(record=True, width=200)
+    session.do_help(["tools"])
+    assert "[call NAME [JSON]]" in session.console.export_text()
+
+
 def test_the_proposal_grammar_admits_only_lines_the_table_accepts():
     pattern = re.compile(shell.command_pattern())
     for line in (
@@ -284,6 +300,21 @@ def test_write_cat_ls_history_in_the_current_process(kernel):
 
 
 @pytest.mark.model
+def test_a_tool_call_with_json_arguments_from_a_pipe(kernel):
+    script = 'spawn caller\ntools call calculator {"expression": "2*21"}\nexit\n'
+    res = subprocess.run(
+        [sys.executable, "-m", "llmos.ctl.cli", "shell"],
+        input=script,
+        env=kernel.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert '"value": 42' in res.stdout
+
+
 def test_commands_from_a_pipe_run_in_order(kernel):
     script = "spawn piped\nwrite a.txt 'from a pipe'\ncat a.txt\nfrob\nchat\nexit\nps\n"
     res = subprocess.run(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmos.client import Client, Process, admin_token
@@ -48,6 +49,7 @@ class Command:
     ] = ()  # kind of each positional argument, for completion: pid, path, model, tool, signal
     min_args: int = 0
     max_args: int | None = 0  # None: any number (the rest of the line)
+    raw_after: int | None = None  # after this many words, the rest of the line is one argument
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -79,11 +81,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("syscalls", "", "the syscall table"),
     Command(
         "tools",
-        "[call NAME JSON]",
-        "list tools, or call one with JSON arguments",
+        "[call NAME [JSON]]",
+        "list tools, or call one with JSON arguments (the rest of the line, quotes and all)",
         ("call", "tool"),
         0,
         3,
+        raw_after=2,
     ),
     Command("pending", "", "irreversible tool calls waiting for approval"),
     Command("approve", "ID", "let a parked tool call run", ("id",), 1, 1),
@@ -122,10 +125,15 @@ class ShellExit(Exception):
 def parse(line: str) -> tuple[Command, list[str]]:
     """Split ``line`` (shell quoting) into its command row and arguments; EINVAL for a
     bad line, ENOSYS for an unknown command."""
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise SyscallError.of(Errno.EINVAL, f"cannot parse the line: {exc}") from None
+    head = line.split(None, 1)
+    cmd = BY_NAME.get(head[0]) if head else None
+    if cmd is not None and cmd.raw_after is not None:
+        words = _split_raw_tail(line, 1 + cmd.raw_after)
+    else:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise SyscallError.of(Errno.EINVAL, f"cannot parse the line: {exc}") from None
     if not words:
         raise SyscallError.of(Errno.EINVAL, "empty command")
     cmd = BY_NAME.get(words[0])
@@ -135,6 +143,28 @@ def parse(line: str) -> tuple[Command, list[str]]:
     if len(args) < cmd.min_args or (cmd.max_args is not None and len(args) > cmd.max_args):
         raise SyscallError.of(Errno.EINVAL, f"usage: {cmd.name} {cmd.usage}".rstrip())
     return cmd, args
+
+
+def _split_raw_tail(line: str, words: int) -> list[str]:
+    """The first ``words`` words of ``line`` (shell quoting), then the rest of the line as
+    it was typed (a JSON argument keeps its quotes)."""
+    lex = shlex.shlex(line, posix=True)
+    lex.whitespace_split = True
+    out: list[str] = []
+    try:
+        while len(out) < words:
+            token = lex.get_token()
+            if token is None:
+                return out
+            out.append(token)
+    except ValueError as exc:
+        raise SyscallError.of(Errno.EINVAL, f"cannot parse the line: {exc}") from None
+    rest = line[lex.instream.tell() :].strip()
+    if rest[:1] in ("'", '"'):  # the whole tail quoted for the shell: take it unquoted
+        with contextlib.suppress(ValueError):
+            if len(unquoted := shlex.split(rest)) == 1:
+                rest = unquoted[0]
+    return [*out, rest] if rest else out
 
 
 def check(line: str) -> str | None:
@@ -357,12 +387,14 @@ class Session:
 
     def do_tools(self, args: list[str]) -> None:
         if args:
-            if args[0] != "call" or len(args) != 3:
+            if args[0] != "call" or len(args) < 2:
                 raise SyscallError.of(Errno.EINVAL, f"usage: tools {BY_NAME['tools'].usage}")
             try:
-                targs = json.loads(args[2])
+                targs = json.loads(args[2]) if len(args) > 2 else {}
             except json.JSONDecodeError as exc:
                 raise SyscallError.of(Errno.EINVAL, f"arguments are not JSON: {exc}") from None
+            if not isinstance(targs, dict):
+                raise SyscallError.of(Errno.EINVAL, "the arguments must be a JSON object")
             proc = self._current()
             self.console.print_json(json.dumps(proc.tools.call(args[1], targs)))
             return
@@ -413,7 +445,7 @@ class Session:
         table.add_column("USAGE")
         table.add_column("WHAT")
         for c in rows:
-            table.add_row(c.name, c.usage, c.help)
+            table.add_row(c.name, escape(c.usage), escape(c.help))  # [..] is not markup
         self.console.print(table)
         if not args:
             self.say(
