@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import inspect
 import logging
+import logging.handlers
 import os
 import re
 import secrets
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import IO
@@ -278,8 +281,31 @@ def acquire_lock(run: Path) -> IO[str]:
     return f
 
 
+#: The kernel log rotates at this size, keeping this many old files (kernel.log.1, ...).
+LOG_MAX_BYTES, LOG_BACKUPS = 16 << 20, 3
+
+
+def make_state_private(state: Path) -> None:
+    """Owner-only modes for what the kernel keeps, even in a state dir made before: the
+    database and its WAL (every context and file), the log, the file areas. The umask
+    makes everything created from now on owner-only too (the sandbox inherits it)."""
+    os.umask(0o077)
+    state.chmod(0o700)
+    for entry in state.iterdir():
+        with contextlib.suppress(OSError):
+            mode = entry.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                entry.chmod(0o700)
+            elif stat.S_ISREG(mode):
+                entry.chmod(0o600)
+
+
 def setup_logging(state: Path, foreground: bool) -> None:
-    handlers: list[logging.Handler] = [logging.FileHandler(state / "kernel.log")]
+    handlers: list[logging.Handler] = [
+        logging.handlers.RotatingFileHandler(
+            state / "kernel.log", maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS
+        )
+    ]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(
@@ -320,6 +346,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     """Start a kernel from parsed options and serve until SIGTERM/SIGINT."""
     run = paths.ensure_private_dir(args.runtime_dir or paths.runtime_dir())
     state = paths.ensure_private_dir(args.state_dir or paths.state_dir())
+    make_state_private(state)
     setup_logging(state, foreground)
     try:
         validate_options(args)  # refuse bad options before anything starts

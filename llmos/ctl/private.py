@@ -29,7 +29,7 @@ def log_since(path: Path, offset: int) -> str:
     """What was appended to the log ``path`` after byte ``offset`` (this start's lines)."""
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
+            f.seek(offset if offset <= os.fstat(f.fileno()).st_size else 0)  # rotated: all
             return f.read().decode(errors="replace")
     except OSError:
         return ""
