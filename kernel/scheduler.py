@@ -1,12 +1,18 @@
 """The scheduler: which READY process gets the next free slot of its model, and when a
 RUNNING one must give its slot back.
 
-Mechanism (:class:`Scheduler`): run queues per model, slot accounting, READY -> RUNNING,
-wait and service time, the preemption check at every token. Policy (a :class:`Policy`):
-the order of a run queue (``pick``) and whether a running process should yield to a
-waiting one (``should_preempt``). The mechanism never looks inside a policy; the
-generation loop (``kernel/sys_llm.py``) carries out a preemption by aborting the driver
-request at a token boundary and resuming later from the tokens already made.
+Plan (:meth:`Scheduler.schedule`): a pure function of the queues, the slots and ``now``
+(the clock is injected) that returns a :class:`Plan` — ``grants`` (which waiter gets which
+free slot) and ``preemptions`` (which holder must yield, and why) — as vLLM's scheduler
+returns a ``SchedulerOutput``. Mechanism (:meth:`Scheduler.carry_out`): hand the slots
+out (READY -> RUNNING through the process table, the waiters' futures resolved), flag the
+slots that must yield, charge wait and service time. Policy (a :class:`Policy`): the order
+of a run queue (``pick``) and whether a holder should yield to a waiting one
+(``should_preempt``); the mechanism never looks inside a policy. The generation loop
+(``kernel/sys_llm.py``) asks for a look when its slot reaches ``Slot.next_check`` tokens
+and yields when a plan set ``Slot.preempt``, by aborting the driver request at a token
+boundary and resuming later from the tokens already made. ``llmos bench sched`` replays
+its workloads through the same plans in virtual time.
 """
 
 from __future__ import annotations
