@@ -24,9 +24,9 @@ workloads on the real packaged model.
 On ``sim`` the report adds each workload's offered load (work brought over slot capacity
 while the programs arrive) and the *ideal model* (:func:`model_run`): the same programs
 under the kernel's own scheduler (its plans, policy and mechanism) in virtual time with no
-kernel, deterministic, plus
-a clairvoyant shortest-remaining-program-first bound (:class:`OracleSRPT`), so that a
-measured run can be told apart from the policy's limit and from the kernel's overhead.
+kernel, deterministic, plus a clairvoyant shortest-remaining-program-first bound
+(:class:`OracleSRPT`), so that a measured run can be told apart from the policy's limit
+and from the kernel's overhead.
 """
 
 from __future__ import annotations
