@@ -131,7 +131,9 @@ class Kernel:
         self.procs.journal = self.persist
         self.ipc = Ipc(self.procs)
         self.scheduler = Scheduler(
-            {name: d.slots for name, d in drivers.items()}, make_policy(policy, quantum)
+            {name: d.slots for name, d in drivers.items()},
+            make_policy(policy, quantum),
+            procs=self.procs,
         )
         self.running: dict[int, str] = {}  # pid -> driver request id on a slot now
         self.stats = KernelStats()
@@ -278,9 +280,7 @@ class Kernel:
         and gives the slot back (its tokens so far are kept for SIGCONT)."""
         if proc.state is ProcState.STOPPED:
             return
-        proc.state_before_stop = proc.state
-        proc.state = ProcState.STOPPED
-        proc.cont.clear()
+        self.procs.stop(proc)
         rid = self.running.get(proc.pid)
         if rid is not None:
             self.drivers[proc.model].abort(rid)
@@ -289,9 +289,7 @@ class Kernel:
         """SIGCONT: a stopped process becomes runnable again where it left off."""
         if proc.state is not ProcState.STOPPED:
             return
-        before = proc.state_before_stop
-        proc.state = ProcState.READY if before in (ProcState.RUNNING, ProcState.READY) else before
-        proc.cont.set()
+        self.procs.cont(proc)
         self.scheduler.kick(proc.model)
 
     def uptime(self) -> float:

@@ -260,17 +260,13 @@ def recover(store: Store, table: ProcessTable) -> Recovered:
         proc.summary, proc.evicted = state.get("summary"), state.get("evicted", 0)
         proc.orphaned = rec.get("orphaned", False)
         if rec.get("zombie"):
-            proc.state, proc.exit_status, proc.signal = (
-                ProcState.ZOMBIE,
-                rec["exit_status"],
-                rec.get("signal"),
-            )
+            table.recover(proc, ProcState.ZOMBIE)
+            proc.exit_status, proc.signal = rec["exit_status"], rec.get("signal")
             proc.zombie_since = now_mono
         elif rec.get("stopped"):
-            proc.state, proc.state_before_stop = ProcState.STOPPED, ProcState.WAITING
-            proc.cont.clear()
+            table.recover(proc, ProcState.STOPPED)
         else:
-            proc.state = ProcState.NEW if rec.get("never_ran") else ProcState.WAITING
+            table.recover(proc, ProcState.NEW if rec.get("never_ran") else ProcState.WAITING)
         procs.append(proc)
     for proc in procs:
         table.insert(proc)

@@ -35,6 +35,37 @@ class ProcState(StrEnum):
     ZOMBIE = "ZOMBIE"
 
 
+class TransitionError(RuntimeError):
+    """A module asked the process table for a state change the lifecycle does not have:
+    a kernel bug, never a caller's mistake (it surfaces as an internal error)."""
+
+
+#: The lifecycle as data: each transition of :class:`ProcessTable` and the states it
+#: may leave. Every other edge is refused. ``cont`` returns to the state before the stop
+#: (READY if the process was queued or on a slot: it queues again for one).
+TRANSITIONS: dict[str, frozenset[ProcState]] = {
+    "ready": frozenset(
+        {ProcState.NEW, ProcState.WAITING, ProcState.READY, ProcState.RUNNING}
+    ),  # queued for a slot (READY -> READY: queued again, e.g. after SIGCONT)
+    "run": frozenset({ProcState.READY}),  # granted a slot
+    "idle": frozenset({ProcState.NEW, ProcState.READY, ProcState.RUNNING}),  # generation over
+    "stop": frozenset({ProcState.NEW, ProcState.READY, ProcState.RUNNING, ProcState.WAITING}),
+    "cont": frozenset({ProcState.STOPPED}),
+    "exit": frozenset(set(ProcState) - {ProcState.ZOMBIE}),
+    "recover": frozenset({ProcState.NEW}),  # a process rebuilt from the state database
+}
+
+#: Every legal (from, to) edge of a process's state.
+LEGAL_EDGES: frozenset[tuple[ProcState, ProcState]] = frozenset(
+    {(s, ProcState.READY) for s in TRANSITIONS["ready"]}
+    | {(s, ProcState.RUNNING) for s in TRANSITIONS["run"]}
+    | {(s, ProcState.WAITING) for s in TRANSITIONS["idle"]}
+    | {(s, ProcState.STOPPED) for s in TRANSITIONS["stop"]}
+    | {(ProcState.STOPPED, s) for s in (ProcState.NEW, ProcState.READY, ProcState.WAITING)}
+    | {(s, ProcState.ZOMBIE) for s in TRANSITIONS["exit"]}
+)  # recovery is not an edge: it restores a recorded state on a process not yet in the table
+
+
 #: Exit status of a process ended by a signal, as a shell reports it (128 + signo).
 #: HUP: its program died while the kernel was down (found at recovery), like a hangup.
 SIGNAL_STATUS = {"HUP": 128 + 1, "TERM": 128 + 15, "KILL": 128 + 9}
@@ -167,7 +198,9 @@ class Caller:
 
 
 class ProcessTable:
-    """Owns every :class:`Proc`; allocates pids; implements exit/wait/reap."""
+    """Owns every :class:`Proc`; allocates pids; implements exit/wait/reap; and is the one
+    writer of ``Proc.state``: every transition is a method here that refuses an edge the
+    lifecycle does not have (:class:`TransitionError`)."""
 
     def __init__(self, owner: str, journal: Journal | None = None) -> None:
         self._procs: dict[int, Proc] = {}
@@ -248,6 +281,54 @@ class ProcessTable:
             out.extend(kids)
             frontier.extend(k.pid for k in kids)
         return out
+
+    # -- state transitions: the only writers of Proc.state -------------------------
+    @staticmethod
+    def _move(proc: Proc, how: str, to: ProcState) -> None:
+        if proc.state not in TRANSITIONS[how]:
+            raise TransitionError(
+                f"process {proc.pid}: {how} cannot take it from {proc.state} to {to}"
+                f" (allowed from {', '.join(sorted(TRANSITIONS[how]))})"
+            )
+        proc.state = to
+
+    def ready(self, proc: Proc) -> None:
+        """The process is runnable and waits for a slot (or for its model to load)."""
+        self._move(proc, "ready", ProcState.READY)
+
+    def run(self, proc: Proc) -> None:
+        """The scheduler granted the process a slot: READY -> RUNNING."""
+        self._move(proc, "run", ProcState.RUNNING)
+
+    def idle(self, proc: Proc) -> None:
+        """Its generation is over: the process waits for its program's next call."""
+        self._move(proc, "idle", ProcState.WAITING)
+
+    def stop(self, proc: Proc) -> None:
+        """SIGSTOP: park the process, remembering where it was; it holds no slot until
+        :meth:`cont` (``proc.cont`` is clear while STOPPED)."""
+        before = proc.state
+        self._move(proc, "stop", ProcState.STOPPED)
+        proc.state_before_stop = before
+        proc.cont.clear()
+
+    def cont(self, proc: Proc) -> None:
+        """SIGCONT: back to where the stop found it; a process that was queued or on a
+        slot is READY (it queues for a slot again)."""
+        before = proc.state_before_stop
+        queued = before in (ProcState.RUNNING, ProcState.READY)
+        self._move(proc, "cont", ProcState.READY if queued else before)
+        proc.cont.set()
+
+    def recover(self, proc: Proc, state: ProcState) -> None:
+        """Give a process rebuilt from the state database (still NEW, not yet inserted)
+        the state it was recorded in; a recovered STOPPED process stopped while idle."""
+        if proc.pid in self._procs:
+            raise TransitionError(f"process {proc.pid}: only a process not yet in the table")
+        self._move(proc, "recover", state)
+        if state is ProcState.STOPPED:
+            proc.state_before_stop = ProcState.WAITING
+            proc.cont.clear()
 
     # -- lifecycle -----------------------------------------------------------------
     def spawn(
@@ -338,7 +419,7 @@ class ProcessTable:
         """
         if not proc.alive:
             return
-        proc.state = ProcState.ZOMBIE
+        self._move(proc, "exit", ProcState.ZOMBIE)
         proc.exit_status, proc.signal = status, signal
         proc.zombie_since = time.monotonic()
         proc.cont.set()  # nothing may stay parked on a dead process

@@ -1,12 +1,18 @@
 """The scheduler: which READY process gets the next free slot of its model, and when a
 RUNNING one must give its slot back.
 
-Mechanism (:class:`Scheduler`): run queues per model, slot accounting, READY -> RUNNING,
-wait and service time, the preemption check at every token. Policy (a :class:`Policy`):
-the order of a run queue (``pick``) and whether a running process should yield to a
-waiting one (``should_preempt``). The mechanism never looks inside a policy; the
-generation loop (``kernel/sys_llm.py``) carries out a preemption by aborting the driver
-request at a token boundary and resuming later from the tokens already made.
+Plan (:meth:`Scheduler.schedule`): a pure function of the queues, the slots and ``now``
+(the clock is injected) that returns a :class:`Plan` — ``grants`` (which waiter gets which
+free slot) and ``preemptions`` (which holder must yield, and why) — as vLLM's scheduler
+returns a ``SchedulerOutput``. Mechanism (:meth:`Scheduler.carry_out`): hand the slots
+out (READY -> RUNNING through the process table, the waiters' futures resolved), flag the
+slots that must yield, charge wait and service time. Policy (a :class:`Policy`): the order
+of a run queue (``pick``) and whether a holder should yield to a waiting one
+(``should_preempt``); the mechanism never looks inside a policy. The generation loop
+(``kernel/sys_llm.py``) asks for a look when its slot reaches ``Slot.next_check`` tokens
+and yields when a plan set ``Slot.preempt``, by aborting the driver request at a token
+boundary and resuming later from the tokens already made. ``llmos bench sched`` replays
+its workloads through the same plans in virtual time.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import itertools
 import math
 import operator
 import statistics
+import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kernel.process import Proc, ProcState, Program
+from kernel.process import Proc, ProcessTable, Program
 
 
 @dataclass(eq=False)
@@ -32,14 +40,22 @@ class Waiter:
     seq: int  # arrival order, for FIFO and tie-breaks
     expected_tokens: int  # what this generation is expected to cost (load policy)
     enqueued: float = field(default_factory=time.monotonic)
-    granted: asyncio.Future[Slot] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    #: Resolved with the slot when a plan grants one (None: the caller reads the plan).
+    granted: asyncio.Future[Slot] | None = None
+    preemptible: bool = True  # False: a grant keeps its slot until the generation ends
+
+
+#: ``Slot.next_check`` of a holder the scheduler will not look at again.
+NEVER = sys.maxsize
 
 
 @dataclass(eq=False)
 class Slot:
-    """One sequence a model can decode at a time, held by a RUNNING process."""
+    """One sequence a model can decode at a time, held by a RUNNING process.
+
+    The holder's generation loop reads two fields at every token, nothing more:
+    ``tokens >= next_check`` (time to ask the scheduler for a look, :meth:`Scheduler.tick`)
+    and ``preempt`` (a plan told it to yield: abort at this token boundary)."""
 
     model: str
     index: int
@@ -47,6 +63,49 @@ class Slot:
     since: float = 0.0  # when the holder got it
     tokens: int = 0  # tokens the holder generated on it since then (its quantum's use)
     next_check: int = 0  # slot.tokens at which to consider preemption again
+    preemptible: bool = True
+    preempt: str | None = None  # why a plan asked the holder to yield; None: keep going
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Part of a plan: ``waiter`` gets the free ``slot``."""
+
+    waiter: Waiter
+    slot: Slot
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    """Part of a plan: the holder of ``slot`` must yield it at its next token, because
+    ``reason``."""
+
+    slot: Slot
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What :meth:`Scheduler.schedule` decided; :meth:`Scheduler.carry_out` does it.
+
+    ``looked``: the running slots whose preemption the policy weighed (the mechanism
+    looks at them again a quarter quantum later, since a look scans the queue)."""
+
+    grants: tuple[Grant, ...] = ()
+    preemptions: tuple[Preemption, ...] = ()
+    looked: tuple[Slot, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.grants or self.preemptions or self.looked)
+
+
+#: The plan of a look that found nothing to do (shared: the token path allocates nothing).
+EMPTY_PLAN = Plan()
+
+
+def _runnable(w: Waiter) -> bool:
+    """A queued waiter a plan may grant: not STOPPED, not exited, not cancelled."""
+    return w.proc.cont.is_set() and w.proc.alive and (w.granted is None or not w.granted.done())
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,13 +359,31 @@ def make_policy(name: str, quantum: int | None = None) -> Policy:
 
 
 class Scheduler:
-    """Grants slots of each model to READY processes in the policy's order."""
+    """The mechanism: run queues and slots per model. :meth:`schedule` plans who gets
+    which free slot and who must yield (asking the policy, never deciding itself);
+    :meth:`carry_out` does it, moving processes READY -> RUNNING through the process
+    table and resolving the waiters' futures. Every event that can change a plan
+    (a process queues, a slot is released, SIGCONT, a holder reaches its next look)
+    plans and carries out at once, so the queues are always in a planned state."""
 
-    def __init__(self, slots: dict[str, int], policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        slots: dict[str, int],
+        policy: Policy | None = None,
+        procs: ProcessTable | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.policy = policy or Fifo()
+        #: Where state transitions go (a private table if none: its rules need no rows).
+        self.procs = procs if procs is not None else ProcessTable(owner="scheduler")
+        self.clock = clock  # virtual time in `llmos bench sched`'s model
         self._slots = {m: [Slot(m, i) for i in range(n)] for m, n in slots.items()}
         self._queues: dict[str, list[Waiter]] = {m: [] for m in slots}
         self._seq = itertools.count()
+
+    def slot(self, model: str, index: int) -> Slot:
+        """Slot ``index`` of ``model`` (to read; the scheduler alone hands slots out)."""
+        return self._slots[model][index]
 
     def busy(self, model: str) -> int:
         return sum(1 for s in self._slots[model] if s.proc is not None)
@@ -317,88 +394,161 @@ class Scheduler:
     def load(self, model: str) -> LoadView:
         return LoadView(len(self._slots[model]), self.busy(model), self.queued(model))
 
-    async def acquire(self, proc: Proc, expected_tokens: int = 0) -> Slot:
-        """Queue ``proc`` as READY and wait for a slot of its model; it is RUNNING on
-        return. Cancelling the wait removes it from the queue."""
-        waiter = Waiter(proc, next(self._seq), expected_tokens)
+    # -- the plan ------------------------------------------------------------------
+    def schedule(self, now: float, model: str | None = None) -> Plan:
+        """Plan for every model (or just ``model``) at time ``now``: grant each free slot
+        to the policy's pick among runnable waiters, and, for running slots due for a
+        look, ask the policy whether the holder should yield to someone runnable (at
+        most one yield per runnable waiter not already served). Changes no queue or
+        slot (a policy may keep statistics of its own)."""
+        grants: list[Grant] = []
+        preemptions: list[Preemption] = []
+        looked: list[Slot] = []
+        for name in (model,) if model is not None else self._queues:
+            self._plan(name, now, grants, preemptions, looked)
+        if not (grants or preemptions or looked):
+            return EMPTY_PLAN
+        return Plan(tuple(grants), tuple(preemptions), tuple(looked))
+
+    def _plan(
+        self,
+        model: str,
+        now: float,
+        grants: list[Grant],
+        preemptions: list[Preemption],
+        looked: list[Slot],
+    ) -> None:
+        queue = self._queues[model]
+        if not queue:
+            return
+        slots = self._slots[model]
+        free = [s for s in slots if s.proc is None]
+        busy = len(slots) - len(free)
+        # A policy's choice is the least waiter by an order of its own, so when its choice
+        # among all queued waiters is runnable it is also its choice among the runnable
+        # ones: only when a STOPPED or cancelled waiter came first is the queue filtered,
+        # which with a thousand waiters costs more than the pick itself.
+        waiting = queue
+        for i, slot in enumerate(free):
+            if not waiting:
+                break
+            load = LoadView(len(slots), busy, len(waiting))
+            w = self.policy.pick(waiting, now, load)
+            if not _runnable(w):
+                waiting = [x for x in waiting if _runnable(x)]
+                if not waiting:
+                    break
+                w = self.policy.pick(waiting, now, load)
+            grants.append(Grant(w, slot))
+            busy += 1
+            if i + 1 < len(free) or self.policy.quantum is not None:
+                waiting = [x for x in waiting if x is not w]
+            else:
+                return  # the last free slot, and this policy never preempts
+        quantum = self.policy.quantum
+        if quantum is None or not waiting:
+            return  # nobody left waiting: a due holder looks again at its next token
+        runnable: list[Waiter] | None = None
+        budget = 0
+        for slot in slots:
+            if slot.proc is None or slot.preempt is not None or slot.tokens < slot.next_check:
+                continue
+            if runnable is None:
+                runnable = [w for w in waiting if _runnable(w)]
+                pending = sum(1 for s in slots if s.preempt is not None)
+                budget = len(runnable) - pending  # yields already asked for serve some
+            looked.append(slot)
+            if budget <= 0:
+                continue
+            load = LoadView(len(slots), busy, len(waiting))
+            if self.policy.should_preempt(slot, runnable, now, load):
+                budget -= 1
+                preemptions.append(
+                    Preemption(
+                        slot,
+                        f"{self.policy.name}: {slot.tokens} tokens past a quantum of"
+                        f" {quantum}, {len(runnable)} runnable waiting",
+                    )
+                )
+
+    def carry_out(self, plan: Plan) -> Plan:
+        """Do what ``plan`` says: hand out the granted slots (READY -> RUNNING, futures
+        resolved), flag the slots that must yield (their holders abort at the next token
+        boundary), and schedule the next look at the slots looked at. Returns ``plan``."""
+        now = self.clock()
+        for grant in plan.grants:
+            w, slot = grant.waiter, grant.slot
+            self._queues[slot.model].remove(w)
+            quantum = self.policy.quantum
+            slot.proc, slot.since, slot.tokens = w.proc, now, 0
+            slot.preemptible, slot.preempt = w.preemptible, None
+            slot.next_check = quantum if quantum is not None and w.preemptible else NEVER
+            self.procs.run(w.proc)
+            if w.granted is not None:
+                w.granted.set_result(slot)
+        for p in plan.preemptions:
+            p.slot.preempt, p.slot.next_check = p.reason, NEVER
+        for slot in plan.looked:
+            if slot.preempt is None:
+                slot.next_check = slot.tokens + max(1, (self.policy.quantum or 4) // 4)
+        return plan
+
+    def dispatch(self, model: str) -> Plan:
+        """Plan for ``model`` now and carry the plan out."""
+        return self.carry_out(self.schedule(self.clock(), model))
+
+    # -- events --------------------------------------------------------------------
+    def enqueue(self, proc: Proc, expected_tokens: int = 0, preemptible: bool = True) -> Waiter:
+        """Queue ``proc`` (now READY) for a slot of its model, without planning yet."""
+        waiter = Waiter(proc, next(self._seq), expected_tokens, self.clock(), None, preemptible)
         self._queues[proc.model].append(waiter)
-        proc.state = ProcState.READY
-        self._dispatch(proc.model)
+        self.procs.ready(proc)
+        return waiter
+
+    def dequeue(self, waiter: Waiter) -> None:
+        """Take a waiter that was not granted a slot out of its queue."""
+        queue = self._queues[waiter.proc.model]
+        if waiter in queue:
+            queue.remove(waiter)
+
+    async def acquire(self, proc: Proc, expected_tokens: int = 0, preemptible: bool = True) -> Slot:
+        """Queue ``proc`` as READY and wait for a slot of its model; it is RUNNING on
+        return. Cancelling the wait removes it from the queue. A ``preemptible=False``
+        holder keeps its slot until it releases it."""
+        waiter = self.enqueue(proc, expected_tokens, preemptible)
+        waiter.granted = asyncio.get_running_loop().create_future()
+        self.dispatch(proc.model)
         try:
             return await waiter.granted
         except asyncio.CancelledError:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 self.release(waiter.granted.result())  # granted just as we were cancelled
-            elif waiter in self._queues[proc.model]:
-                self._queues[proc.model].remove(waiter)
+            else:
+                self.dequeue(waiter)
             raise
         finally:
-            proc.wait_s += time.monotonic() - waiter.enqueued
+            proc.wait_s += self.clock() - waiter.enqueued
 
-    def release(self, slot: Slot) -> None:
-        """Give ``slot`` back (generation finished, preempted, stopped or killed)."""
+    def release(self, slot: Slot) -> Plan:
+        """Give ``slot`` back (generation finished, preempted, stopped or killed) and
+        hand it on; returns the plan carried out."""
         proc = slot.proc
         if proc is None:
-            return
-        used = time.monotonic() - slot.since
+            return EMPTY_PLAN
+        used = self.clock() - slot.since
         proc.account.service_s += used
         proc.program.account.service_s += used
-        slot.proc, slot.tokens, slot.next_check = None, 0, 0
-        self._dispatch(slot.model)
+        slot.proc, slot.tokens, slot.next_check, slot.preempt = None, 0, 0, None
+        return self.dispatch(slot.model)
 
-    def should_preempt(self, slot: Slot) -> bool:
-        """Whether the holder of ``slot`` should yield now (checked at every token)."""
-        quantum = self.policy.quantum
-        if quantum is None or slot.tokens < max(quantum, slot.next_check) or slot.proc is None:
-            return False  # the cheap common case, checked first: this runs at every token
-        queue = self._queues[slot.model]
-        if not queue:
-            return False
-        # Past the quantum, look again only every quarter quantum: a look scans the queue.
-        slot.next_check = slot.tokens + max(1, quantum // 4)
-        runnable = [w for w in queue if w.proc.cont.is_set() and not w.granted.done()]
-        if not runnable:
-            return False
-        return self.policy.should_preempt(slot, runnable, time.monotonic(), self.load(slot.model))
+    def tick(self, slot: Slot) -> Plan:
+        """The holder of ``slot`` reached ``slot.next_check`` tokens: plan and carry out
+        (the plan may flag ``slot.preempt``). With nobody queued this returns at once:
+        a holder past its quantum calls it at every token until someone waits."""
+        if not self._queues[slot.model] or slot.proc is None:
+            return EMPTY_PLAN
+        return self.dispatch(slot.model)
 
     def kick(self, model: str) -> None:
         """Re-run dispatch (after SIGCONT made a queued process runnable again)."""
-        self._dispatch(model)
-
-    def _dispatch(self, model: str) -> None:
-        queue = self._queues[model]
-        for slot in self._slots[model]:
-            if slot.proc is not None:
-                continue
-            waiter = self._next_live(queue, model)
-            if waiter is None:
-                return
-            slot.proc, slot.since, slot.tokens, slot.next_check = (
-                waiter.proc,
-                time.monotonic(),
-                0,
-                0,
-            )
-            waiter.proc.state = ProcState.RUNNING
-            waiter.granted.set_result(slot)
-
-    def _next_live(self, queue: list[Waiter], model: str) -> Waiter | None:
-        """Pop the policy's choice among runnable waiters: cancelled-but-not-yet-unwound
-        waiters are dropped, STOPPED processes stay queued until SIGCONT.
-
-        A policy's choice is the least waiter by an order of its own, so when its choice
-        among all queued waiters is runnable it is also its choice among the runnable
-        ones: only then (a STOPPED or cancelled waiter came first) is the queue filtered,
-        which with a thousand waiters costs more than the pick itself."""
-        if not queue:
-            return None
-        now, load = time.monotonic(), self.load(model)
-        waiter = self.policy.pick(queue, now, load)
-        if waiter.granted.done() or not waiter.proc.cont.is_set():
-            queue[:] = [w for w in queue if not w.granted.done()]
-            runnable = [w for w in queue if w.proc.cont.is_set()]
-            if not runnable:
-                return None
-            waiter = self.policy.pick(runnable, now, load)
-        queue.remove(waiter)
-        return waiter
+        self.dispatch(model)

@@ -3,10 +3,10 @@
 The process is READY while it waits for a slot and RUNNING while it holds one. Two
 things can take the slot away mid-generation, both at a token boundary by aborting the
 driver request: SIGSTOP (the process parks until SIGCONT) and the scheduler's
-preemption (the process goes back to the run queue). Either way the tokens made so far
-are kept and the generation resumes from them (``resume_ids``), so its text is exactly
-what an uninterrupted run would give; the re-prefill is the context switch's cost and is
-counted. The context changes only when a generation completes: a killed, timed-out or
+preemption (a plan of the scheduler flagged the slot, ``Slot.preempt``; the process goes
+back to the run queue). Either way the tokens made so far are kept and the generation
+resumes from them (``resume_ids``), so its text is exactly what an uninterrupted run
+would give; the re-prefill is the context switch's cost and is counted. The context changes only when a generation completes: a killed, timed-out or
 failed call leaves it as it was. Quotas (kernel/quota.py) are charged to the process
 and its program. A ``response_format`` is checked and compiled by the driver before the
 process queues for a slot, so a bad schema costs no slot time and fails with EINVAL.
@@ -92,7 +92,7 @@ async def sys_generate(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateRe
     finally:
         proc.busy = False
         if proc.alive and proc.state in (ProcState.READY, ProcState.RUNNING, ProcState.NEW):
-            proc.state = ProcState.WAITING
+            k.procs.idle(proc)
         if proc.alive and proc.term_pending:
             k.terminate(proc, SIGNAL_STATUS["TERM"], "TERM")
 
@@ -105,7 +105,7 @@ async def _generate(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.G
         ProcState.NEW,
         ProcState.WAITING,
     ):
-        proc.state = ProcState.READY  # runnable, waiting for its model to load or wake
+        k.procs.ready(proc)  # runnable, waiting for its model to load or wake
     async with k.use_model(
         proc.model
     ) as driver:  # a sleeping model wakes; it stays in until we finish
@@ -333,9 +333,11 @@ async def _run_on_slot(
     k: Kernel, call: Call, proc: Proc, driver: Driver, gen: Generation, expected: int
 ) -> Delta:
     """Hold a slot for one uninterrupted stretch of generation; return the last delta."""
-    slot = await k.scheduler.acquire(proc, expected_tokens=max(expected - len(gen.out_ids), 1))
     # A constrained generation on a driver that cannot resume its grammar keeps its slot.
     preemptible = gen.sampling.response_format is None or driver.resumes_formats
+    slot = await k.scheduler.acquire(
+        proc, expected_tokens=max(expected - len(gen.out_ids), 1), preemptible=preemptible
+    )
     rid = f"{proc.pid}.{next(_request_ids)}"
     resumed = len(gen.out_ids)
     request = GenerationRequest(
@@ -372,12 +374,10 @@ async def _run_on_slot(
                     if gen.stream:
                         gen.send_text(call, delta.text)
                 last = delta
-                if (
-                    delta.finish_reason is None
-                    and not gen.preempted
-                    and preemptible
-                    and k.scheduler.should_preempt(slot)
-                ):
+                # The scheduler decides preemption in its plan; here, two int/None tests a token.
+                if slot.tokens >= slot.next_check:
+                    k.scheduler.tick(slot)  # due for a look: the plan may flag this slot
+                if slot.preempt is not None and delta.finish_reason is None and not gen.preempted:
                     gen.preempted = True
                     driver.abort(rid)  # the stream ends with "abort" within one step
         finally:

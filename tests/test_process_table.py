@@ -1,10 +1,20 @@
-"""Process lifecycle like Unix: pids never reused, zombies until waited, orphans to init."""
+"""Process lifecycle like Unix: pids never reused, zombies until waited, orphans to init;
+and the table is the one writer of a process's state: every legal edge of the lifecycle
+is a method of it, every other edge is refused."""
 
 import asyncio
 
 import pytest
 
-from kernel.process import INIT_PID, Caller, ProcessTable, ProcState
+from kernel.process import (
+    INIT_PID,
+    LEGAL_EDGES,
+    TRANSITIONS,
+    Caller,
+    ProcessTable,
+    ProcState,
+    TransitionError,
+)
 from syscalls.errors import Errno, SyscallError
 
 
@@ -141,3 +151,102 @@ def test_init_reaps_unwaited_top_level_zombies_after_their_ttl():
         assert t.reap_stale(0) == [parent.pid]
 
     run(go())
+
+
+# -- state transitions: legal edges walked, illegal ones refused ---------------------
+
+S = ProcState
+#: Each transition method and the state it leads to (cont: see the STOPPED cases).
+TARGET = {"ready": S.READY, "run": S.RUNNING, "idle": S.WAITING, "stop": S.STOPPED}
+#: How to reach each state from a fresh (NEW) process by legal transitions only.
+PATH = {
+    S.NEW: [],
+    S.READY: ["ready"],
+    S.RUNNING: ["ready", "run"],
+    S.WAITING: ["idle"],
+    S.STOPPED: ["stop"],
+    S.ZOMBIE: ["exit"],
+}
+
+
+def reach(state, before_stop=S.NEW):
+    """A process of a fresh table in ``state``, got there by legal transitions."""
+    t = ProcessTable(owner="me")
+    p = t.spawn(INIT_PID, "p", "m", 0, None)
+    steps = [*PATH[before_stop], "stop"] if state is S.STOPPED else PATH[state]
+    for how in steps:
+        apply(t, p, how)
+    assert p.state is state
+    return t, p
+
+
+def apply(t, p, how):
+    if how == "exit":
+        t.exit(p, 0)
+    else:
+        getattr(t, how)(p)
+
+
+def test_every_legal_edge_is_a_transition_and_lands_where_it_says():
+    walked = set()
+    for how, to in TARGET.items():
+        for start in TRANSITIONS[how]:
+            t, p = reach(start)
+            apply(t, p, how)
+            assert p.state is to, (how, start)
+            walked.add((start, to))
+    for before in (S.NEW, S.READY, S.RUNNING, S.WAITING):
+        t, p = reach(S.STOPPED, before_stop=before)
+        assert not p.cont.is_set()
+        t.cont(p)
+        back = S.READY if before in (S.READY, S.RUNNING) else before
+        assert p.state is back and p.cont.is_set()
+        walked.add((S.STOPPED, back))
+    for start in S:
+        if start is not S.ZOMBIE:
+            t, p = reach(start)
+            t.exit(p, 0)
+            assert p.state is S.ZOMBIE and p.cont.is_set()
+            walked.add((start, S.ZOMBIE))
+    assert walked == LEGAL_EDGES
+
+
+@pytest.mark.parametrize("how", ["ready", "run", "idle", "stop", "cont"])
+def test_every_other_edge_is_refused_and_leaves_the_state_alone(how):
+    refused = 0
+    for start in set(S) - TRANSITIONS[how]:
+        t, p = reach(start)
+        with pytest.raises(TransitionError, match=f"process {p.pid}: {how} cannot"):
+            apply(t, p, how)
+        assert p.state is start
+        refused += 1
+    assert refused >= 1
+
+
+def test_a_zombie_never_comes_back():
+    t, p = reach(S.ZOMBIE)
+    for how in ("ready", "run", "idle", "stop", "cont"):
+        with pytest.raises(TransitionError):
+            apply(t, p, how)
+    t.exit(p, 1)  # exiting twice is a no-op, not a second death
+    assert p.exit_status == 0
+
+
+def test_only_a_granted_ready_process_runs():
+    _, p = reach(S.WAITING)
+    with pytest.raises(TransitionError, match="allowed from READY"):
+        ProcessTable.run(ProcessTable(owner="me"), p)
+
+
+def test_recovery_restores_a_recorded_state_only_before_the_process_is_in_the_table():
+    from kernel.process import Proc, Program
+    from kernel.quota import Account, Limits
+
+    t = ProcessTable(owner="me")
+    prog = Program(7, Account("program 7", Limits()))
+    p = Proc(7, INIT_PID, "p", "me", "h", "m", prog, Account("process 7", Limits()))
+    t.recover(p, S.STOPPED)
+    assert p.state is S.STOPPED and p.state_before_stop is S.WAITING and not p.cont.is_set()
+    t.insert(p)
+    with pytest.raises(TransitionError):
+        t.recover(p, S.WAITING)

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from kernel.process import INIT_PID, ProcessTable, ProcState
-from kernel.scheduler import Priority, Scheduler
+from kernel.scheduler import NEVER, Plan, Priority, Scheduler
 
 
 def procs(n, nice=None):
@@ -247,14 +247,16 @@ def test_scheduler_asks_for_preemption_only_when_someone_runnable_waits():
         a, b = procs(2)
         slot = await s.acquire(a)
         slot.tokens = 5
-        assert not s.should_preempt(slot)  # nobody waits
+        assert not s.tick(slot).preemptions and slot.preempt is None  # nobody waits
         b.cont.clear()
         tb = asyncio.create_task(s.acquire(b))
         await asyncio.sleep(0)
-        assert not s.should_preempt(slot)  # the only waiter is STOPPED
+        assert slot.preempt is None  # the only waiter is STOPPED
         b.cont.set()
-        slot.tokens += 1  # the next look comes with the next token
-        assert s.should_preempt(slot)
+        slot.tokens += 1  # the next look comes with the holder's next token
+        assert slot.tokens >= slot.next_check  # the generation loop's cheap test
+        plan = s.tick(slot)
+        assert [p.slot for p in plan.preemptions] == [slot] and slot.preempt
         s.release(slot)
         s.release(await tb)
 
@@ -347,3 +349,128 @@ def test_fair_rejects_non_positive_knobs():
         Fair(spread=0)
     with pytest.raises(ValueError):
         Fair(window=0)
+
+
+# -- schedule(now): the plan alone, on an injected clock ------------------------------
+
+
+class Clock:
+    """Virtual time for a scheduler: tests move it by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sched(policy, slots=1):
+    """A scheduler on a virtual clock and its process table."""
+    from kernel.scheduler import Scheduler
+
+    t, clock = ProcessTable(owner="me"), Clock()
+    return Scheduler({"m": slots}, policy, procs=t, clock=clock), t, clock
+
+
+def test_schedule_grants_free_slots_in_fifo_order_and_changes_nothing():
+    s, t, clock = sched(Fifo(), slots=2)
+    a, b, c = (t.spawn(INIT_PID, n, "m", 0, None) for n in "abc")
+    wa, wb, _ = s.enqueue(a), s.enqueue(b), s.enqueue(c)
+    plan = s.schedule(clock.now)
+    assert [(g.waiter, g.slot.index) for g in plan.grants] == [(wa, 0), (wb, 1)]
+    assert not plan.preemptions
+    assert s.queued("m") == 3 and s.busy("m") == 0 and a.state is ProcState.READY  # pure
+    assert s.schedule(clock.now) == plan  # the same state plans the same
+    s.carry_out(plan)
+    assert a.state is b.state is ProcState.RUNNING and c.state is ProcState.READY
+    assert s.queued("m") == 1 and s.busy("m") == 2
+
+
+def test_schedule_skips_stopped_and_exited_waiters():
+    s, t, clock = sched(Fifo())
+    a, b, c = (t.spawn(INIT_PID, n, "m", 0, None) for n in "abc")
+    s.enqueue(a), s.enqueue(b)
+    wc = s.enqueue(c)
+    t.stop(a)
+    t.exit(b, 0)  # killed while queued, its call not yet unwound
+    assert [g.waiter for g in s.schedule(clock.now).grants] == [wc]
+
+
+def test_schedule_plans_rr_preemption_only_once_the_quantum_is_used():
+    s, t, clock = sched(RoundRobin(quantum=4))
+    a, b = t.spawn(INIT_PID, "a", "m", 0, None), t.spawn(INIT_PID, "b", "m", 0, None)
+    s.enqueue(a)
+    slot = s.carry_out(s.schedule(clock.now)).grants[0].slot
+    assert slot.proc is a and slot.next_check == 4
+    s.enqueue(b)
+    slot.tokens = 3
+    assert s.schedule(clock.now) == Plan()  # not due: nothing to plan
+    slot.tokens = 4
+    plan = s.schedule(clock.now)
+    assert [p.slot for p in plan.preemptions] == [slot] and "quantum of 4" in plan.preemptions[
+        0
+    ].reason
+    assert plan.looked == (slot,)
+    s.carry_out(plan)
+    assert slot.preempt and slot.next_check == NEVER
+    s.release(slot)  # the holder yields at its token boundary: b gets the slot
+    assert slot.proc is b and b.state is ProcState.RUNNING
+
+
+def test_schedule_never_preempts_under_fifo_or_a_non_preemptible_holder():
+    for policy, preemptible in ((Fifo(), True), (RoundRobin(quantum=1), False)):
+        s, t, clock = sched(policy)
+        a, b = t.spawn(INIT_PID, "a", "m", 0, None), t.spawn(INIT_PID, "b", "m", 0, None)
+        s.enqueue(a, preemptible=preemptible)
+        s.carry_out(s.schedule(clock.now))
+        s.enqueue(b)
+        s.slot("m", 0).tokens = 1000
+        assert not s.schedule(clock.now).preemptions
+
+
+def test_schedule_asks_one_yield_per_runnable_waiter():
+    s, t, clock = sched(RoundRobin(quantum=2), slots=3)
+    runners = [t.spawn(INIT_PID, f"r{i}", "m", 0, None) for i in range(3)]
+    for p in runners:
+        s.enqueue(p)
+    s.carry_out(s.schedule(clock.now))
+    for slot in (s.slot("m", i) for i in range(3)):
+        slot.tokens = 10
+    s.enqueue(t.spawn(INIT_PID, "w", "m", 0, None))
+    plan = s.schedule(clock.now)
+    assert len(plan.preemptions) == 1 and len(plan.looked) == 3
+    s.carry_out(plan)
+    for slot in (s.slot("m", i) for i in range(3)):
+        slot.next_check = 0  # due again: the flagged yield still serves the one waiter
+    assert not s.schedule(clock.now).preemptions
+
+
+def test_schedule_priority_preempts_for_a_better_waiter_and_ages_on_the_clock():
+    s, t, clock = sched(Priority(aging_s=1.0, quantum=2))
+    runner = t.spawn(INIT_PID, "runner", "m", 5, None)
+    s.enqueue(runner)
+    s.carry_out(s.schedule(clock.now))
+    slot = s.slot("m", 0)
+    slot.tokens = 2
+    s.enqueue(t.spawn(INIT_PID, "worse", "m", 10, None))
+    assert not s.schedule(clock.now).preemptions  # nice 10 does not beat nice 5 ...
+    clock.now = 6.0
+    slot.next_check = 0
+    assert s.schedule(clock.now).preemptions  # ... until 6 s of waiting age it to 4
+
+
+def test_schedule_fair_grants_the_lower_level_program_and_preempts_for_it():
+    s, t, clock = sched(Fair(quantum=4, base_tokens=64), slots=2)
+    heavy, light, runner = (t.spawn(INIT_PID, n, "m", 0, None) for n in ("h", "l", "r"))
+    heavy.program.account.output_tokens = 300
+    runner.program.account.output_tokens = 200
+    s.enqueue(runner)
+    s.carry_out(s.schedule(clock.now))
+    s.enqueue(heavy), s.enqueue(light)
+    clock.now = 1.0
+    plan = s.schedule(clock.now)
+    assert [g.waiter.proc for g in plan.grants] == [light]
+    s.carry_out(plan)
+    slot = next(x for x in (s.slot("m", 0), s.slot("m", 1)) if x.proc is runner)
+    slot.tokens = 4
+    assert not s.schedule(clock.now).preemptions  # only heavy waits: a higher level

@@ -23,9 +23,10 @@ workloads on the real packaged model.
 
 On ``sim`` the report adds each workload's offered load (work brought over slot capacity
 while the programs arrive) and the *ideal model* (:func:`model_run`): the same programs
-under the kernel's own policy objects in virtual time with no kernel, deterministic, plus
-a clairvoyant shortest-remaining-program-first bound (:class:`OracleSRPT`), so that a
-measured run can be told apart from the policy's limit and from the kernel's overhead.
+under the kernel's own scheduler (its plans, policy and mechanism) in virtual time with no
+kernel, deterministic, plus a clairvoyant shortest-remaining-program-first bound
+(:class:`OracleSRPT`), so that a measured run can be told apart from the policy's limit
+and from the kernel's overhead.
 """
 
 from __future__ import annotations
@@ -45,14 +46,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from kernel.process import ProcState
-from kernel.scheduler import LoadView, Policy, Slot, Waiter
+from kernel.scheduler import LoadView, Plan, Policy, Scheduler, Slot, Waiter
 from llmos.client import AsyncClient
 
 err = Console(stderr=True)
@@ -647,12 +647,13 @@ def model_run(
 
     The timing is the simulator's (``drivers/sim.py``: prefill at ``prefill_tokens_per_s``,
     then one token every ``1 / decode_tokens_per_s`` per slot, a resumed generation
-    prefilling one token as with its prefix cache) and the scheduling is the kernel's:
-    the same :class:`Policy` object is asked to ``pick`` at every free slot and, as in
-    :meth:`Scheduler.should_preempt`, whether to preempt once a runner has used its
-    quantum and then every quarter quantum. What is left out is everything the kernel,
-    the client and the shared CPU cost: the difference from a measured run is the
-    kernel's overhead on program completion. Deterministic: no clock, no noise.
+    prefilling one token as with its prefix cache) and the scheduling is the kernel's
+    own: a :class:`Scheduler` on a virtual clock, its ``schedule(now)`` plans carried out
+    at the same events as in the kernel (a call queues, a slot is released, a holder
+    reaches its next look), a flagged holder yielding at its next token. What is left out
+    is everything the kernel, the client and the shared CPU cost: the difference from a
+    measured run is the kernel's overhead on program completion. Deterministic: no clock,
+    no noise.
     """
     from kernel.process import INIT_PID, ProcessTable
 
@@ -667,57 +668,54 @@ def model_run(
                 for pr, p in zip(procs, programs, strict=True)
             }
         )
+    clock = _VirtualClock()
+    sched = Scheduler({"m": slots}, policy, procs=table, clock=clock)
     ctx = [2 + len(SYSTEM.split())] * len(programs)  # the system message, + 1 per prompt
     step_of = [0] * len(programs)
     done_at = [0.0] * len(programs)
     ttfts: list[float] = []
     events: list[tuple[float, int, str, Any]] = []
     tick = itertools.count()
-    queue: list[Waiter] = []
-    holders: list[tuple[_Call, Waiter] | None] = [None] * slots
-    slot_objs = [Slot("m", i) for i in range(slots)]
+    holders: list[_Call | None] = [None] * slots  # the call on each slot
+    waiting: dict[Waiter, _Call] = {}
     preemptions, step_s = 0, 1.0 / decode_tokens_per_s
-    seq = itertools.count()
 
-    def enqueue(call: _Call, now: float) -> None:
+    def enqueue(call: _Call) -> None:
         proc = procs[call.prog]
         expected = round(min(proc.mean_output or reply_cap, reply_cap))
-        queue.append(Waiter(proc, next(seq), max(expected - call.made, 1), now, cast(Any, None)))
+        waiting[sched.enqueue(proc, max(expected - call.made, 1))] = call
 
-    def dispatch(now: float) -> None:
-        for i in range(slots):
-            if holders[i] is not None or not queue:
-                continue
-            busy = sum(h is not None for h in holders)
-            w = policy.pick(queue, now, LoadView(slots, busy, len(queue)))
-            queue.remove(w)
-            call = waiting[w]
+    def started(plan: Plan, now: float) -> None:
+        """The grants of a plan the scheduler carried out: prefill, then tokens."""
+        for grant in plan.grants:
+            call = waiting.pop(grant.waiter)
             call.stretch += 1
-            holders[i] = (call, w)
-            s = slot_objs[i]
-            s.proc, s.since, s.tokens, s.next_check = w.proc, now, 0, 0
+            holders[grant.slot.index] = call
             prefill = (call.prompt if call.made == 0 else 1) / prefill_tokens_per_s
-            heapq.heappush(events, (now + prefill + step_s, next(tick), "token", (i, call.stretch)))
+            heapq.heappush(
+                events,
+                (now + prefill + step_s, next(tick), "token", (grant.slot.index, call.stretch)),
+            )
 
-    waiting: dict[Waiter, _Call] = {}
+    slot_objs = [sched.slot("m", i) for i in range(slots)]
     for i, p in enumerate(programs):
         heapq.heappush(events, (p.arrival_s, next(tick), "call", i))
     while events:
         now, _, kind, data = heapq.heappop(events)
+        clock.now = now
         if kind == "call":
             spec = programs[data].steps[step_of[data]]
             ctx[data] += 1 + len(spec.text.split()) + 1  # the user message and its reply hint
-            call = _Call(data, spec.max_tokens, ctx[data], now)
-            enqueue(call, now)
-            waiting[queue[-1]] = call
-            dispatch(now)
+            enqueue(_Call(data, spec.max_tokens, ctx[data], now))
+            started(sched.dispatch("m"), now)
             continue
         index, stretch = data
-        held = holders[index]
-        if held is None or held[0].stretch != stretch:
+        call = holders[index]
+        if call is None or call.stretch != stretch:
             continue
-        call, w = held
-        proc, s = w.proc, slot_objs[index]
+        s = slot_objs[index]
+        proc = s.proc
+        assert proc is not None
         call.made += 1
         s.tokens += 1
         proc.account.charge(1)
@@ -728,33 +726,31 @@ def model_run(
             call.first = now
             ttfts.append(now - call.sent)
         if call.made >= call.answer:  # the answer is complete: release the slot
-            holders[index], s.proc = None, None
-            del waiting[w]
+            holders[index] = None
             proc.mean_output = (
                 call.made if proc.mean_output is None else 0.7 * proc.mean_output + 0.3 * call.made
             )
             spec = programs[call.prog].steps[step_of[call.prog]]
             ctx[call.prog] += 1 + call.made
             step_of[call.prog] += 1
+            plan = sched.release(s)
+            table.idle(proc)
             if step_of[call.prog] == len(programs[call.prog].steps):
                 done_at[call.prog] = now
-                proc.state = ProcState.ZOMBIE
+                table.exit(proc, 0)
             else:
                 heapq.heappush(events, (now + spec.after_s, next(tick), "call", call.prog))
-            dispatch(now)
+            started(plan, now)
             continue
-        quantum = policy.quantum
-        if quantum is not None and queue and s.tokens >= max(quantum, s.next_check):
-            s.next_check = s.tokens + max(1, quantum // 4)
-            busy = sum(h is not None for h in holders)
-            if policy.should_preempt(s, queue, now, LoadView(slots, busy, len(queue))):
-                preemptions += 1
-                holders[index], s.proc = None, None
-                del waiting[w]
-                enqueue(call, now)
-                waiting[queue[-1]] = call
-                dispatch(now)
-                continue
+        if s.tokens >= s.next_check:
+            started(sched.tick(s), now)
+        if s.preempt is not None:  # a plan flagged this slot: yield at this token boundary
+            preemptions += 1
+            holders[index] = None
+            started(sched.release(s), now)
+            enqueue(call)  # back to the run queue, as the kernel's generation loop does
+            started(sched.dispatch("m"), now)
+            continue
         heapq.heappush(events, (now + step_s, next(tick), "token", (index, stretch)))
     completion = [done_at[i] - p.arrival_s for i, p in enumerate(programs)]
     span = max(done_at) - programs[0].arrival_s if programs else 0.0
@@ -771,6 +767,16 @@ def model_run(
         "preemptions": preemptions,
         "tokens_per_s": round(output / span, 1) if span else 0.0,
     }
+
+
+class _VirtualClock:
+    """The model's time: the scheduler reads it where the kernel's reads the monotonic."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def offered_load(
