@@ -480,6 +480,10 @@ class ProcessTable:
         kids = self._children_of(caller)
         if pid is not None:
             kids = [k for k in kids if k.pid == pid]
+            if not kids and pid not in self._procs:
+                raise SyscallError(
+                    Errno.ESRCH, f"no process with pid {pid} (it never existed, or was reaped)"
+                )
             if not kids:
                 raise SyscallError(Errno.ECHILD, f"process {pid} is not a child of the caller")
         elif not kids:

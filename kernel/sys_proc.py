@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import TYPE_CHECKING
 
 import psutil
@@ -176,15 +177,42 @@ def proc_info(p: Proc, mailbox: int = 0) -> m.ProcInfo:
     )
 
 
+def init_info(k: Kernel) -> m.ProcInfo:
+    """The ps row of init (pid 1): the kernel's own parent of top-level processes and
+    reaper of orphans; not an LLM process, so it has no context, model or tokens."""
+    return m.ProcInfo(
+        pid=INIT_PID,
+        ppid=0,
+        name="init",
+        owner=k.procs.owner,
+        state="WAITING",
+        nice=0,
+        model="",
+        context_messages=0,
+        generate_calls=0,
+        prompt_tokens=0,
+        output_tokens=0,
+        service_s=0.0,
+        wait_s=0.0,
+        created=round(time.time() - k.uptime(), 3),
+        program=INIT_PID,
+    )
+
+
 def sys_ps(k: Kernel, call: Call, a: m.PsArgs) -> m.PsResult:
     caller = call.caller
+    if a.pid == INIT_PID:
+        return m.PsResult(procs=[init_info(k)])
     if a.pid is not None:
         procs = [k.procs.target(caller, a.pid)]
     elif caller.proc is None:
         procs = sorted(k.procs, key=lambda p: p.pid)
     else:
         procs = [caller.proc, *k.procs.descendants(caller.pid)]
-    return m.PsResult(procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs])
+    rows = [proc_info(p, k.ipc.depth(p.pid)) for p in procs]
+    if a.pid is None and caller.proc is None:
+        rows.insert(0, init_info(k))  # the admin sees the parent its processes name
+    return m.PsResult(procs=rows)
 
 
 async def sys_wait(k: Kernel, call: Call, a: m.WaitArgs) -> m.WaitResult:
@@ -194,6 +222,10 @@ async def sys_wait(k: Kernel, call: Call, a: m.WaitArgs) -> m.WaitResult:
 
 
 def sys_kill(k: Kernel, call: Call, a: m.KillArgs) -> m.KillResult:
+    if a.pid == INIT_PID:
+        raise SyscallError(
+            Errno.EPERM, "init (pid 1) is the kernel's reaper of orphans: it takes no signals"
+        )
     proc = k.procs.target(call.caller, a.pid)
     if proc.alive:
         match a.signal:

@@ -60,7 +60,7 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             "proc.wait",
             m.WaitArgs,
             m.WaitResult,
-            [Errno.ECHILD, Errno.ETIMEDOUT, Errno.EPERM],
+            [Errno.ECHILD, Errno.ESRCH, Errno.ETIMEDOUT, Errno.EPERM],
             "Wait for a child to exit, reap the zombie, return its exit status.",
             needs_process=False,
         ),

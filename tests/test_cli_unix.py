@@ -173,7 +173,7 @@ def test_usage_errors_version_and_json_errors(sh) -> None:
     missing = sh("wait", "999999", "--json")
     assert missing.returncode == 1
     error = json.loads(missing.stdout)["error"]
-    assert error["code"] in ("ESRCH", "ECHILD") and error["message"]
+    assert error["code"] == "ESRCH" and error["message"]
     with sh.admin() as c, pytest.raises(Exception, match="known fields: max_output_tokens"):
         c.spawn("x", program_limits={"bogus": 1})
 
@@ -201,3 +201,18 @@ def test_ps_filters_and_columns_ctx_mem_and_logs(sh) -> None:
     for pid in (p.pid, other.pid):
         sh("kill", "-9", str(pid))
         sh("wait", str(pid))
+
+
+def test_init_is_in_ps_takes_no_signals_and_wait_on_a_pid_never_made_is_esrch(sh) -> None:
+    pid = _spawn(sh)
+    rows = json.loads(sh("ps", "--json").stdout)
+    assert rows[0]["pid"] == 1 and rows[0]["name"] == "init"
+    assert next(r for r in rows if r["pid"] == pid)["ppid"] == 1  # the parent ps names
+    one = json.loads(sh("ps", "--json").stdout)
+    assert any(r["pid"] == 1 for r in one)
+    init = sh("kill", "1")
+    assert init.returncode == 1 and "EPERM" in init.stderr and "init" in init.stderr
+    never = sh("wait", "987654")
+    assert never.returncode == 1 and "ESRCH" in never.stderr and "never existed" in never.stderr
+    sh("kill", "-9", str(pid))
+    assert sh("wait", str(pid)).returncode == 137
