@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 #: Why a generation ended. ``stop``: EOS token or a stop string; ``length``: max_tokens
-#: or the model's context window; ``abort``: :meth:`Driver.abort` was called.
+#: or the model's context window; ``abort``: :meth:`Driver.abort` was called. The same
+#: Literal as ``syscalls.models.FinishReason`` (kept here so drivers import no syscall
+#: models; tests/test_driver_stream.py checks the two match).
 FinishReason = Literal["stop", "length", "abort"]
+
+#: Where a driver is in its life (``ModelInfo.state``).
+DriverState = Literal["unloaded", "loading", "ready", "failed"]
 
 #: A chat message as the kernel keeps it in a process's context.
 Message = dict[str, str]
@@ -118,7 +123,7 @@ class ModelInfo:
     model: str
     max_context: int
     slots: int
-    state: Literal["unloaded", "loading", "ready", "failed"]
+    state: DriverState
     detail: str = ""
     #: Bytes the model occupies (weights, plus caches where cheaply known); None: unknown.
     memory_bytes: int | None = None

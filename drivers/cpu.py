@@ -27,23 +27,18 @@ import contextlib
 import enum
 import functools
 import itertools
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from drivers import packaged
 from drivers.base import (
     Consumer,
     Delta,
-    Driver,
     DriverError,
     FinishReason,
     GenerationRequest,
-    Message,
-    ModelInfo,
     Outbox,
     Progress,
     ResponseFormat,
@@ -51,9 +46,11 @@ from drivers.base import (
     relay,
 )
 from drivers.grammar import Constraint, GrammarCache
+from drivers.stream import check_room
 from drivers.text import Detokenizer as _Detokenizer
 from drivers.text import PromptEncoder as _PromptEncoder
 from drivers.text import StopText as _StopText
+from drivers.text import TokenizingDriver, hub_offline
 from drivers.text import resolve_model_dir as _resolve_model_dir
 
 if TYPE_CHECKING:
@@ -65,7 +62,6 @@ if TYPE_CHECKING:
 #: of prefill for SmolLM2, so 256 tokens is about 1.5 s there, 0.3 s in fp32.
 PREFILL_CHUNK = 256
 _DTYPES = ("bfloat16", "float32", "float16")
-DriverState = Literal["unloaded", "loading", "ready", "failed"]
 
 
 # --------------------------------------------------------------------------- requests
@@ -174,9 +170,7 @@ class _LoadedModel:
 
 def _load_model(model: str | None, dtype: str, progress: Progress) -> _LoadedModel:
     """Load tokenizer and weights from local files only (blocking; run off the loop)."""
-    # Never reach for a model hub: everything this driver loads is on disk.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    hub_offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -521,13 +515,7 @@ class _Engine:
         from transformers import DynamicCache
 
         seq.prompt_ids = self._encoder.encode(seq.request.prompt)
-        if not seq.prompt_ids:
-            raise DriverError("The prompt is empty; send at least one token of text.")
-        if len(seq.prompt_ids) >= self._max_context:
-            raise DriverError(
-                f"The prompt is {len(seq.prompt_ids)} tokens but the model's context "
-                f"window is {self._max_context}; shorten the prompt."
-            )
+        check_room(len(seq.prompt_ids), len(seq.request.resume_ids), self._max_context)
         seq.cache = DynamicCache(config=self._model.config)
         seq.detok = _Detokenizer(self._tokenizer)
         seq.stop_text = _StopText(seq.options.stop)
@@ -558,10 +546,6 @@ class _Engine:
         put the detokeniser and stop-string state exactly where an uninterrupted run
         would have them (their text was already delivered, so it is not sent again)."""
         assert seq.detok is not None and seq.stop_text is not None
-        if len(seq.prompt_ids) + len(resume) >= self._max_context:
-            raise DriverError(
-                "The prompt plus the tokens already generated fill the context window."
-            )
         for token in resume:
             seq.stop_text.push(seq.detok.push(token))
         if seq.constraint is not None:  # the matcher, too, continues after the resumed tokens
@@ -735,7 +719,7 @@ class _Engine:
 # --------------------------------------------------------------------------- driver
 
 
-class CpuDriver(Driver):
+class CpuDriver(TokenizingDriver):
     """Runs a transformers causal LM on the CPU, up to ``slots`` sequences at once.
 
     Args:
@@ -764,17 +748,12 @@ class CpuDriver(Driver):
             raise ValueError(f"slots must be at least 1, got {slots}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
-        self._model_arg = model
+        super().__init__(model)  # _memory_bytes: the parameters' bytes, once loaded
         self._slots = slots
         self._dtype = dtype
         self._threads = threads
         self._prefix_cache_tokens = prefix_cache_tokens
-        self._state: DriverState = "unloaded"
-        self._detail = ""
-        self._max_context = 0
-        self._memory_bytes: int | None = None  # parameter bytes, once loaded
         self._engine: _Engine | None = None
-        self._encoder: _PromptEncoder | None = None
         self._grammars: GrammarCache | None = None
 
     @property
@@ -806,23 +785,10 @@ class CpuDriver(Driver):
         if self._state in ("ready", "loading"):
             return
         self._state, self._detail = "loading", ""
-
-        def note(description: str, fraction: float | None) -> None:
-            # info().detail shows the latest step while loading (`llmos kernel start` polls it).
-            self._detail = description if fraction is None else f"{description} ({fraction:.0%})"
-            if progress is not None:
-                progress(description, fraction)
-
-        report = _on_loop(note, asyncio.get_running_loop())
+        report = self._load_progress(progress)[1]
         started = time.monotonic()
-        try:
+        with self._load_failures():
             loaded = await asyncio.to_thread(_load_model, self._model_arg, self._dtype, report)
-        except (DriverError, asyncio.CancelledError) as exc:
-            self._state, self._detail = "failed", str(exc) or "load cancelled"
-            raise
-        except Exception as exc:
-            self._state, self._detail = "failed", str(exc)
-            raise DriverError(f"The cpu driver failed to load: {exc}") from exc
         self._max_context = loaded.max_context
         self._memory_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         self._encoder = _PromptEncoder(loaded.tokenizer)
@@ -833,24 +799,6 @@ class CpuDriver(Driver):
         self._engine.start()
         self._state = "ready"
         self._detail = f"loaded in {time.monotonic() - started:.1f}s"
-
-    def info(self) -> ModelInfo:
-        """Driver name, model, context window (0 until loaded), slots, state and the
-        weights' bytes (None until loaded; KV caches are not counted)."""
-        return ModelInfo(
-            driver=self.name,
-            model=self._model_arg or packaged.MODEL_NAME,
-            max_context=self._max_context,
-            slots=self._slots,
-            state=self._state,
-            detail=self._detail,
-            memory_bytes=self._memory_bytes,
-        )
-
-    async def count_tokens(self, prompt: list[Message] | str) -> int:
-        """Tokens ``prompt`` occupies, exactly as ``generate`` reports ``prompt_tokens``."""
-        encoder = self._ready()[1]
-        return len(await asyncio.to_thread(encoder.encode, prompt))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream deltas for ``request``; the last has ``finish_reason`` and final usage.
@@ -900,18 +848,5 @@ class CpuDriver(Driver):
 
     def _ready(self) -> tuple[_Engine, _PromptEncoder]:
         if self._engine is None or self._encoder is None or self._state != "ready":
-            raise DriverError(
-                f"The cpu driver is {self._state}, not ready; call load() first"
-                + (f" ({self._detail})" if self._detail else ".")
-            )
+            raise self._not_ready()
         return self._engine, self._encoder
-
-
-def _on_loop(progress: Progress | None, loop: asyncio.AbstractEventLoop) -> Progress:
-    """A progress callback for worker threads that runs ``progress`` on ``loop``."""
-
-    def report(description: str, fraction: float | None) -> None:
-        if progress is not None:
-            loop.call_soon_threadsafe(progress, description, fraction)
-
-    return report

@@ -18,7 +18,8 @@ Shape (after the vLLM driver):
 * A pump sends the prompt as token ids to ``/completions`` (streamed; vLLM's
   ``return_token_ids`` asks for the generated ids back), turns the ids into text with the
   CPU driver's incremental detokeniser and stop-string matcher, and hands deltas to the
-  front end. If the endpoint fails (cannot connect, HTTP 5xx, the stream breaks, a read
+  front end (the per-request stream is ``drivers.stream``'s, shared with the vLLM
+  driver). If the endpoint fails (cannot connect, HTTP 5xx, the stream breaks, a read
   times out) the endpoint is marked down and the pump goes on from the tokens already
   received, on another endpoint: the caller sees one stream, no token twice.
 * Placement is policy apart from mechanism: :func:`pick_endpoint` (a pure function)
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -39,29 +41,24 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from drivers import packaged
 from drivers.base import (
-    Consumer,
     Delta,
-    Driver,
     DriverError,
     FinishReason,
     GenerationRequest,
-    Message,
     ModelInfo,
-    Outbox,
     Progress,
-    relay,
 )
-
-# Shared with the CPU and vLLM drivers so every driver cuts text and stop strings alike.
 from drivers.loopthread import LoopThread
-from drivers.text import Detokenizer as _Detokenizer
+
+# Shared with the CPU and vLLM drivers so every driver cuts text, stop strings and
+# resumes alike.
+from drivers.stream import StreamTable, TokenStream, submit
 from drivers.text import PromptEncoder as _PromptEncoder
-from drivers.text import StopText as _StopText
+from drivers.text import TokenizingDriver, load_tokenizer
 from drivers.text import resolve_model_dir as _resolve_model_dir
 
 if TYPE_CHECKING:
@@ -70,7 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmos.driver.openai")
 T = TypeVar("T")
-DriverState = Literal["unloaded", "loading", "ready", "failed"]
 
 #: Where endpoints come from when the ``endpoints`` option is not given.
 ENDPOINTS_ENV = "LLMOS_OPENAI_ENDPOINTS"
@@ -82,8 +78,10 @@ API_KEY_ENVS = ("LLMOS_OPENAI_API_KEY", "OPENAI_API_KEY")
 FALLBACK_CONTEXT = 2048
 #: Seconds between health checks of a down endpoint: doubles from the first to the last.
 BACKOFF_S = (1.0, 30.0)
-
-_Item = Delta | DriverError
+#: What to do when the model folder's tokenizer does not load.
+_TOKENIZER_HINT = (
+    "The openai driver tokenises locally: pass --model the folder of the model the servers serve."
+)
 
 
 # --------------------------------------------------------------------------- options
@@ -305,30 +303,13 @@ class _IoLoop(LoopThread):
 
 
 @dataclass(eq=False)
-class _Stream:
-    """One request on the I/O loop. After submission only the I/O loop touches it."""
+class _Stream(TokenStream):
+    """One request on the I/O loop, and where it runs. After submission only the I/O
+    loop touches it."""
 
-    request: GenerationRequest
-    sink: Consumer
-    prompt_ids: list[int]
-    detok: _Detokenizer
-    stop_text: _StopText
-    output_ids: list[int] = field(default_factory=list)
-    #: Ids not yet sent in a delta (sent with the next text or the finish).
-    unsent_ids: list[int] = field(default_factory=list)
-    cached_tokens: int = 0
     #: The finish reason the server sent; the usage chunk may still follow it.
     server_finish: FinishReason | None = None
     endpoint: _Endpoint | None = None
-    done: bool = False
-    task: asyncio.Task[None] | None = None
-
-    def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
-        """A delta carrying ``text`` and every id not sent yet."""
-        ids, self.unsent_ids = self.unsent_ids, []
-        return Delta(
-            text, ids, len(self.prompt_ids), len(self.output_ids), finish, self.cached_tokens
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,8 +341,7 @@ class _Pool:
         self.served = settings.served_model
         self.max_context = 0
         self.tokenizer = tokenizer
-        self.live: dict[str, _Stream] = {}
-        self._outbox: Outbox | None = None  # made on the I/O loop
+        self.streams: StreamTable[_Stream] = StreamTable(self._describe)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._changed: asyncio.Condition | None = None
@@ -412,12 +392,7 @@ class _Pool:
         for task in (self._health, self._probe):
             if task is not None:
                 task.cancel()
-        streams = list(self.live.values())
-        for stream in streams:
-            self.abort(stream.request.request_id)
-        tasks = [s.task for s in streams if s.task is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.streams.close()
         if self._client is not None:
             await self._client.aclose()
 
@@ -548,81 +523,48 @@ class _Pool:
 
     def start(self, stream: _Stream) -> None:
         """Register ``stream`` and start its pump (I/O loop)."""
-        rid = stream.request.request_id
-        if rid in self.live:
-            self._send(stream, DriverError(f"Request id {rid!r} is already generating."))
-            return
-        self.live[rid] = stream
-        stream.task = asyncio.get_running_loop().create_task(self._pump(stream))
+        self.streams.start(stream, self._pump)
 
     def abort(self, request_id: str) -> None:
         """End ``request_id`` now with ``abort``; closing its HTTP stream makes the
         server drop the request (I/O loop)."""
-        stream = self.live.get(request_id)
-        if stream is None or stream.done:
-            return
-        self._finish(stream, "abort")
-        if stream.task is not None:
-            stream.task.cancel()
+        self.streams.abort(request_id)
 
     async def _pump(self, stream: _Stream) -> None:
         """Run the request on endpoints until it finishes, moving on when one fails."""
-        try:
-            self._replay(stream)
-            failures = 0
-            while not stream.done:
-                ep = await self._acquire()
-                stream.endpoint = ep
-                try:
-                    await self._attempt(ep, stream)
-                except _EndpointFailed as exc:
-                    ep.failures += 1
-                    failures += 1
-                    self._set_down(ep, str(exc))
-                    if failures > self.settings.retries:
-                        raise DriverError(
-                            f"the request failed on {failures} endpoint attempts; the last: "
-                            f"{ep.url}: {exc}"
-                        ) from None
-                    log.warning(
-                        "request %s: %s failed after %d tokens (%s); continuing elsewhere",
-                        stream.request.request_id,
-                        ep.url,
-                        len(stream.output_ids),
-                        exc,
-                    )
-                finally:
-                    stream.endpoint = None
-                    self._release(ep)
-        except asyncio.CancelledError:
-            if not stream.done:  # shutdown
-                self._finish(stream, "abort")
-        except DriverError as exc:
-            self._fail(stream, exc)
-        except Exception as exc:  # noqa: BLE001 - any failure ends this request only
-            log.exception("request %s failed", stream.request.request_id)
-            self._fail(stream, DriverError(f"Generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            self._forget(stream)
+        stream.replay(self.max_context)
+        failures = 0
+        while not stream.status.is_finished():
+            ep = await self._acquire()
+            stream.endpoint = ep
+            try:
+                await self._attempt(ep, stream)
+            except _EndpointFailed as exc:
+                ep.failures += 1
+                failures += 1
+                self._set_down(ep, str(exc))
+                if failures > self.settings.retries:
+                    raise DriverError(
+                        f"the request failed on {failures} endpoint attempts; the last: "
+                        f"{ep.url}: {exc}"
+                    ) from None
+                log.warning(
+                    "request %s: %s failed after %d tokens (%s); continuing elsewhere",
+                    stream.request_id,
+                    ep.url,
+                    len(stream.output_ids),
+                    exc,
+                )
+            finally:
+                stream.endpoint = None
+                self._release(ep)
 
-    def _replay(self, stream: _Stream) -> None:
-        """Check the prompt's size and put the detokeniser and stop-string state where an
-        uninterrupted run would have them after ``resume_ids`` (already delivered)."""
-        resume = stream.request.resume_ids
-        if not stream.prompt_ids:
-            raise DriverError("The prompt is empty; send at least one token of text.")
-        if self.max_context and len(stream.prompt_ids) >= self.max_context:
-            raise DriverError(
-                f"The prompt is {len(stream.prompt_ids)} tokens but the model's context "
-                f"window is {self.max_context}; shorten the prompt."
-            )
-        if resume and self.max_context and len(stream.prompt_ids) + len(resume) >= self.max_context:
-            raise DriverError(
-                "The prompt plus the tokens already generated fill the context window."
-            )
-        for token in resume:
-            stream.stop_text.push(stream.detok.push(token))
-        stream.output_ids = list(resume)
+    @staticmethod
+    def _describe(stream: _Stream, exc: Exception) -> DriverError:
+        """The error a request's consumer raises for an unexpected ``exc`` (logged: it
+        is a bug here or a server answer this driver does not understand)."""
+        log.error("request %s failed", stream.request_id, exc_info=exc)
+        return DriverError(f"Generation failed: {type(exc).__name__}: {exc}")
 
     def _budget(self, ep: _Endpoint, stream: _Stream) -> int:
         """Tokens the endpoint may still generate: what max_tokens and its window leave."""
@@ -640,7 +582,7 @@ class _Pool:
         assert self._client is not None
         budget = self._budget(ep, stream)
         if budget <= 0:  # max_tokens 0, or a resumed request that is already complete
-            self._finish(stream, "length", stream.stop_text.flush())
+            self.streams.finish(stream, "length", stream.stop_text.flush())
             return
         try:
             async with self._client.stream(
@@ -656,7 +598,7 @@ class _Pool:
                         if data == "[DONE]":
                             break
                         self._take(ep, stream, _chunk(data))
-                        if stream.done:
+                        if stream.status.is_finished():
                             return  # a stop string: closing the response aborts the request
         except httpx.HTTPError as exc:
             if stream.server_finish is None:
@@ -664,8 +606,7 @@ class _Pool:
             # The finish arrived; only the usage chunk was lost.
         if stream.server_finish is None:
             raise _EndpointFailed("the stream ended without a finish reason")
-        reason = stream.server_finish
-        self._finish(stream, reason, stream.stop_text.flush())
+        self.streams.finish(stream, stream.server_finish, stream.stop_text.flush())
 
     def _body(self, stream: _Stream, budget: int) -> dict[str, Any]:
         options = stream.request.sampling
@@ -709,64 +650,21 @@ class _Pool:
             ids = choice.get("token_ids")
             if ids is None and choice.get("text"):
                 ep.exact = False  # no ids from this server: count by tokenising its text
-                text, stopped = self._accept_text(stream, choice["text"])
+                text = choice["text"]
+                tokens = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                text, stopped = stream.accept_text(text, tokens)
             else:
-                text, stopped = self._accept_ids(stream, ids or [])
+                text, stopped = stream.accept(ids or [])
             if stopped:
-                self._finish(stream, "stop", text)
+                self.streams.finish(stream, "stop", text)
                 return
             if text:
-                self._send(stream, stream.delta(text))
+                self.streams.send(stream, stream.delta(text))
             reason = choice.get("finish_reason")
             if reason is not None:
                 if reason == "abort":
                     raise _EndpointFailed("the server aborted the request")
                 stream.server_finish = "length" if reason == "length" else "stop"
-
-    def _accept_ids(self, stream: _Stream, ids: Iterable[int]) -> tuple[str, bool]:
-        """Record generated ids; return their releasable text and whether a stop string
-        ended the output (ids after the one completing it are dropped)."""
-        released: list[str] = []
-        for token in ids:
-            stream.output_ids.append(token)
-            stream.unsent_ids.append(token)
-            text, stopped = stream.stop_text.push(stream.detok.push(token))
-            released.append(text)
-            if stopped:
-                return "".join(released), True
-        return "".join(released), False
-
-    def _accept_text(self, stream: _Stream, text: str) -> tuple[str, bool]:
-        """A server without token ids: take its text, count tokens by tokenising it."""
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.output_ids.extend(ids)
-        stream.unsent_ids.extend(ids)
-        return stream.stop_text.push(text)
-
-    def _finish(self, stream: _Stream, reason: FinishReason, text: str = "") -> None:
-        if stream.done:
-            return
-        stream.done = True
-        self._forget(stream)  # before the send: the consumer may reuse the id at once
-        self._send(stream, stream.delta(text, reason))
-
-    def _fail(self, stream: _Stream, error: DriverError) -> None:
-        if stream.done:
-            return
-        stream.done = True
-        self._forget(stream)
-        self._send(stream, error)
-
-    def _forget(self, stream: _Stream) -> None:
-        if self.live.get(stream.request.request_id) is stream:
-            del self.live[stream.request.request_id]
-
-    def _send(self, stream: _Stream, item: _Item) -> None:
-        # One hand-over per consumer loop for all the deltas of an engine step (the
-        # first delta schedules the flush after the step's other outputs).
-        if self._outbox is None:
-            self._outbox = Outbox(flush_on=asyncio.get_running_loop())
-        self._outbox.put(stream.sink, item)
 
 
 async def _gather(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
@@ -811,7 +709,7 @@ def _describe(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- driver
 
 
-class OpenAIDriver(Driver):
+class OpenAIDriver(TokenizingDriver):
     """Generates on one or more OpenAI-compatible servers; their capacities are its slots.
 
     Args:
@@ -891,16 +789,12 @@ class OpenAIDriver(Driver):
             retries=int(retries),
             queue_timeout=float(queue_timeout),
         )
-        self._model_arg = model
+        super().__init__(model)
         self._max_context_arg = max_context
         self._load_timeout = float(load_timeout)
         self._transport = transport
-        self._state: DriverState = "unloaded"
-        self._detail = ""
-        self._max_context = 0
         self._io: _IoLoop | None = None
         self._pool: _Pool | None = None
-        self._encoder: _PromptEncoder | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
     @property
@@ -927,13 +821,13 @@ class OpenAIDriver(Driver):
     def serving(self, request_id: str) -> str | None:
         """The URL of the endpoint running ``request_id`` now (None: waiting, or unknown)."""
         pool = self._pool
-        stream = pool.live.get(request_id) if pool is not None else None
+        stream = pool.streams.live.get(request_id) if pool is not None else None
         endpoint = stream.endpoint if stream is not None else None
         return endpoint.url if endpoint is not None else None
 
     def live_request_ids(self) -> frozenset[str]:
         """Requests submitted and not finished yet (a snapshot; for tests and tools)."""
-        return frozenset(self._pool.live) if self._pool is not None else frozenset()
+        return frozenset(self._pool.streams.live) if self._pool is not None else frozenset()
 
     # -- life
 
@@ -946,17 +840,8 @@ class OpenAIDriver(Driver):
         if self._state in ("ready", "loading"):
             return
         self._state, self._detail = "loading", ""
-        caller = asyncio.get_running_loop()
-
-        def note(description: str, fraction: float | None) -> None:
-            self._detail = description if fraction is None else f"{description} ({fraction:.0%})"
-            if progress is not None:
-                progress(description, fraction)
-
-        def report(description: str, fraction: float | None) -> None:
-            caller.call_soon_threadsafe(note, description, fraction)
-
-        try:
+        note, report = self._load_progress(progress)
+        with self._load_failures():
             path = await asyncio.to_thread(_resolve_model_dir, self._model_arg, report)
             tokenizer, config_context = await asyncio.to_thread(_load_tokenizer, path)
             report(f"Waiting for {len(self._specs)} endpoint(s)", None)
@@ -967,12 +852,6 @@ class OpenAIDriver(Driver):
             await io.run(pool.open())
             self._pool = pool
             await io.run(pool.wait_until_up(self._load_timeout, report))
-        except (DriverError, asyncio.CancelledError) as exc:
-            self._state, self._detail = "failed", str(exc) or "load cancelled"
-            raise
-        except Exception as exc:
-            self._state, self._detail = "failed", str(exc)
-            raise DriverError(f"The openai driver failed to load: {exc}") from exc
         self._max_context = self._max_context_arg or pool.max_context or config_context
         if not self._max_context:
             self._max_context = FALLBACK_CONTEXT
@@ -1010,25 +889,16 @@ class OpenAIDriver(Driver):
 
     def info(self) -> ModelInfo:
         """Driver, served model, context window, slots, state; ``detail`` lists each
-        endpoint with its state and load (``url up 1/4``)."""
+        endpoint with its state and load (``url up 1/4``) once ready."""
+        info = super().info()
         pool = self._pool
-        model = (pool.served if pool is not None else None) or self._settings.served_model
-        detail = self._detail
+        served = (pool.served if pool is not None else None) or self._settings.served_model
+        if served:
+            info = dataclasses.replace(info, model=served)
         if self._state == "ready":
             detail = "; ".join(_describe_endpoint(v) for v in self.endpoints())
-        return ModelInfo(
-            driver=self.name,
-            model=model or self._model_arg or packaged.MODEL_NAME,
-            max_context=self._max_context,
-            slots=self.slots,
-            state=self._state,
-            detail=detail,
-        )
-
-    async def count_tokens(self, prompt: list[Message] | str) -> int:
-        """Tokens ``prompt`` occupies, exactly as ``generate`` reports ``prompt_tokens``."""
-        encoder = self._ready()[1]
-        return len(await asyncio.to_thread(encoder.encode, prompt))
+            info = dataclasses.replace(info, detail=detail)
+        return info
 
     # -- generation
 
@@ -1042,21 +912,8 @@ class OpenAIDriver(Driver):
         assert self._io is not None and self._tokenizer is not None
         io = self._io
         prompt_ids = await asyncio.to_thread(encoder.encode, request.prompt)
-        caller = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
-        stream = _Stream(
-            request,
-            Consumer(caller, queue),
-            prompt_ids,
-            _Detokenizer(self._tokenizer),
-            _StopText(request.sampling.stop),
-        )
-        io.call(lambda: pool.start(stream))
-
-        def abort() -> None:
-            io.call(lambda: pool.abort(request.request_id))
-
-        async with contextlib.aclosing(relay(queue, abort)) as deltas:
+        stream = _Stream.open(request, prompt_ids, self._tokenizer)
+        async with contextlib.aclosing(submit(io, stream, pool.start, pool.abort)) as deltas:
             async for delta in deltas:
                 yield delta
 
@@ -1070,10 +927,7 @@ class OpenAIDriver(Driver):
     def _ready(self) -> tuple[_Pool, _PromptEncoder]:
         pool, encoder = self._pool, self._encoder
         if pool is None or encoder is None or self._state != "ready":
-            raise DriverError(
-                f"The openai driver is {self._state}, not ready"
-                + (f" ({self._detail})." if self._detail else "; call load() first.")
-            )
+            raise self._not_ready()
         return pool, encoder
 
 
@@ -1086,17 +940,7 @@ def _describe_endpoint(view: EndpointView) -> str:
 
 def _load_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, int]:
     """The folder's tokenizer and its config's context length (blocking; off the loop)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise DriverError(
-            f"Could not load the tokenizer from {path}: {exc}. The openai driver tokenises "
-            f"locally: pass --model the folder of the model the servers serve."
-        ) from exc
+    tokenizer = load_tokenizer(path, _TOKENIZER_HINT)
     try:
         config = json.loads((path / "config.json").read_text())
         context = int(config.get("max_position_embeddings") or 0)

@@ -45,6 +45,7 @@ from drivers.base import (
     Delta,
     Driver,
     DriverError,
+    DriverState,
     FinishReason,
     GenerationRequest,
     Message,
@@ -103,7 +104,7 @@ class SimDriver(Driver):
         self._kept_total = 0
         self._aborted: set[str] = set()
         self._wakeups: dict[str, asyncio.Event] = {}  # requests prefilling, woken by abort
-        self._state: str = "unloaded"
+        self._state: DriverState = "unloaded"
         self._shut = False  # shut down after a load (a driver never loaded still serves tests)
 
     @property
@@ -135,7 +136,7 @@ class SimDriver(Driver):
             self.model,
             self.max_context,
             self._slots,
-            self._state,  # type: ignore[arg-type]
+            self._state,
             detail,
         )
 

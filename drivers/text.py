@@ -1,22 +1,36 @@
 """Text plumbing shared by the drivers that tokenize locally (cpu, vllm, openai): prompt
 encoding with the chat template, incremental detokenization that never splits a
-character, stop strings held back across token boundaries, and finding the model folder.
+character, stop strings held back across token boundaries, finding the model folder and
+loading its tokenizer, and :class:`TokenizingDriver`, the front end those drivers share
+(state, ``info``, ``count_tokens``, load progress and failures).
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
+import contextlib
+import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drivers import packaged
-from drivers.base import DriverError, Message, Progress
+from drivers.base import Driver, DriverError, DriverState, Message, ModelInfo, Progress
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Detokenizer", "PromptEncoder", "StopText", "resolve_model_dir"]
+__all__ = [
+    "Detokenizer",
+    "PromptEncoder",
+    "StopText",
+    "TokenizingDriver",
+    "hub_offline",
+    "load_tokenizer",
+    "resolve_model_dir",
+]
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -130,3 +144,100 @@ def resolve_model_dir(model: str | None, progress: Progress) -> Path:
             f"{packaged.MODEL_NAME}."
         )
     return path
+
+
+def hub_offline() -> None:
+    """Never let transformers reach for a model hub: everything a driver loads is on disk.
+    Only defaults: a variable the user set wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_tokenizer(path: Path, hint: str) -> PreTrainedTokenizerBase:
+    """The model folder's tokenizer, from local files only (blocking: run it off the
+    loop). Raises :class:`DriverError` saying why, followed by ``hint`` (what to do)."""
+    hub_offline()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise DriverError(f"Could not load the tokenizer from {path}: {exc}. {hint}") from exc
+
+
+class TokenizingDriver(Driver):
+    """The front end of a driver that tokenizes prompts locally (cpu, vllm, openai).
+
+    It keeps the driver's state and its detail, the model's context window, the bytes
+    the model occupies and, once loaded, the :class:`PromptEncoder` that both
+    ``count_tokens`` and generation use, so the two always agree. A subclass sets them
+    in ``load`` and says in :meth:`_ready` what else it needs before it can generate.
+    """
+
+    def __init__(self, model: str | None) -> None:
+        self._model_arg = model
+        self._state: DriverState = "unloaded"
+        #: What ``info().detail`` says: the load's latest step, its time, or its failure.
+        self._detail = ""
+        self._max_context = 0  # 0 until loaded
+        self._memory_bytes: int | None = None  # None: unknown (or not loaded)
+        self._encoder: PromptEncoder | None = None
+
+    def info(self) -> ModelInfo:
+        """Driver name, model, context window (0 until loaded), slots, state, detail and
+        the model's bytes (None until loaded)."""
+        return ModelInfo(
+            driver=self.name,
+            model=self._model_arg or packaged.MODEL_NAME,
+            max_context=self._max_context,
+            slots=self.slots,
+            state=self._state,
+            detail=self._detail,
+            memory_bytes=self._memory_bytes,
+        )
+
+    async def count_tokens(self, prompt: list[Message] | str) -> int:
+        """Tokens ``prompt`` occupies, exactly as ``generate`` reports ``prompt_tokens``."""
+        encoder = self._ready()[1]
+        return len(await asyncio.to_thread(encoder.encode, prompt))
+
+    @abc.abstractmethod
+    def _ready(self) -> tuple[object, PromptEncoder]:
+        """``(backend, encoder)`` of a ready driver; raise :meth:`_not_ready` otherwise."""
+
+    def _not_ready(self) -> DriverError:
+        """The error for a request made while the driver is not ready."""
+        return DriverError(
+            f"The {self.name} driver is {self._state}, not ready"
+            + (f" ({self._detail})." if self._detail else "; call load() first.")
+        )
+
+    def _load_progress(self, progress: Progress | None) -> tuple[Progress, Progress]:
+        """``(note, report)`` for a load run from this loop. ``note`` (this loop only)
+        shows a step in ``info().detail`` (``llmos kernel start`` polls it) and passes it
+        to ``progress``; ``report`` does the same from any thread."""
+        caller = asyncio.get_running_loop()
+
+        def note(description: str, fraction: float | None) -> None:
+            self._detail = description if fraction is None else f"{description} ({fraction:.0%})"
+            if progress is not None:
+                progress(description, fraction)
+
+        def report(description: str, fraction: float | None) -> None:
+            caller.call_soon_threadsafe(note, description, fraction)
+
+        return note, report
+
+    @contextlib.contextmanager
+    def _load_failures(self) -> Iterator[None]:
+        """Around a load's work: a failure makes the state ``failed`` with the reason as
+        detail. A :class:`DriverError` or a cancellation goes on as it is; any other
+        exception becomes a DriverError naming the driver."""
+        try:
+            yield
+        except (DriverError, asyncio.CancelledError) as exc:
+            self._state, self._detail = "failed", str(exc) or "load cancelled"
+            raise
+        except Exception as exc:
+            self._state, self._detail = "failed", str(exc)
+            raise DriverError(f"The {self.name} driver failed to load: {exc}") from exc

@@ -15,8 +15,9 @@ Shape:
 * Per request, a pump coroutine on the engine loop submits a ``TokensPrompt`` (prompt
   ids plus any ``resume_ids``), turns the token ids vLLM streams back (``DELTA``
   output, vLLM's own detokeniser off) into text with the same incremental detokeniser
-  and stop-string matcher as the CPU driver, and hands deltas to the front end with
-  ``loop.call_soon_threadsafe``. Doing detokenisation and stop strings here, over the
+  and stop-string matcher as the CPU driver, and hands deltas to the front end in
+  batches (the per-request stream, its statuses and its ending are
+  ``drivers.stream``'s, shared with the openai driver). Doing detokenisation and stop strings here, over the
   whole output including resumed tokens, is what makes a preempted greedy generation
   resume with exactly the text and token count of an uninterrupted one.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
@@ -48,36 +50,29 @@ import os
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from drivers import packaged
 from drivers.base import (
-    Consumer,
     Delta,
-    Driver,
     DriverError,
     FinishReason,
     FormatError,
     GenerationRequest,
-    Message,
     ModelInfo,
-    Outbox,
     Progress,
     ResponseFormat,
     UnsupportedError,
-    relay,
 )
 from drivers.grammar import COMPILE_TIMEOUT_S, to_grammar
-
-# The text helpers are shared with the CPU driver so both drivers cut text and stop
-# strings identically (drivers.cpu imports nothing heavy at module level).
 from drivers.loopthread import LoopThread
-from drivers.text import Detokenizer as _Detokenizer
+
+# The request stream and text helpers are shared with the openai (and, for text, the
+# CPU) driver, so every driver cuts text, stop strings and resumes identically.
+from drivers.stream import StreamTable, TokenStream, submit
 from drivers.text import PromptEncoder as _PromptEncoder
-from drivers.text import StopText as _StopText
+from drivers.text import TokenizingDriver, hub_offline, load_tokenizer
 from drivers.text import resolve_model_dir as _resolve_model_dir
 
 if TYPE_CHECKING:
@@ -91,11 +86,12 @@ SUPPORTED_VLLM = ">=0.28,<0.33"
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _POLICIES = ("priority", "fcfs")
 _GIB = 1 << 30
+#: What to do when the model folder's tokenizer does not load.
+_TOKENIZER_HINT = (
+    "Check that the folder holds the tokenizer files (tokenizer.json, tokenizer_config.json)."
+)
 log = logging.getLogger("llmos.driver.vllm")
-DriverState = Literal["unloaded", "loading", "ready", "failed"]
 T = TypeVar("T")
-
-_Item = Delta | DriverError
 
 
 def _prepare_environment() -> None:
@@ -105,8 +101,7 @@ def _prepare_environment() -> None:
     OpenMP threads are bound to the CPUs this process may run on (vLLM's ``auto``
     would keep one core for the front end, half the machine on a 2-core box).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    hub_offline()
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # vLLM logs to standard output by default: keep it free for programs' own output
@@ -186,30 +181,6 @@ class _EngineLoop(LoopThread):
         super().__init__("llmos-vllm-engine", join_timeout=60)
 
 
-@dataclass(eq=False)
-class _Stream:
-    """One request on the engine loop. After submission only the engine loop touches it."""
-
-    request: GenerationRequest
-    sink: Consumer
-    prompt_ids: list[int]
-    detok: _Detokenizer
-    stop_text: _StopText
-    output_ids: list[int] = field(default_factory=list)
-    #: Ids not yet sent in a delta (sent with the next text or the finish).
-    unsent_ids: list[int] = field(default_factory=list)
-    cached_tokens: int = 0
-    done: bool = False
-    task: asyncio.Task[None] | None = None
-
-    def delta(self, text: str, finish: FinishReason | None = None) -> Delta:
-        """A delta carrying ``text`` and every id not sent yet."""
-        ids, self.unsent_ids = self.unsent_ids, []
-        return Delta(
-            text, ids, len(self.prompt_ids), len(self.output_ids), finish, self.cached_tokens
-        )
-
-
 class _Engine:
     """The ``AsyncLLM`` and the live requests; its methods run on the engine loop."""
 
@@ -226,111 +197,72 @@ class _Engine:
         self.max_context = max_context
         self._policy = policy
         self._resume_formats = resume_formats  # the resumed-grammar processor is loaded
-        self.live: dict[str, _Stream] = {}
+        self.streams: StreamTable[TokenStream] = StreamTable(self._describe)
         self.dead = False
-        self._outbox: Outbox | None = None  # made on the engine loop
         self._submissions = itertools.count()
 
     # -- requests
 
-    def start(self, stream: _Stream) -> None:
+    def start(self, stream: TokenStream) -> None:
         """Register ``stream`` and start its pump (engine loop)."""
-        rid = stream.request.request_id
-        if rid in self.live:
-            self._send(stream, DriverError(f"Request id {rid!r} is already generating."))
-            return
-        self.live[rid] = stream
-        stream.task = asyncio.get_running_loop().create_task(self._pump(stream))
+        self.streams.start(stream, self._pump)
 
     def abort(self, request_id: str) -> None:
-        """End ``request_id`` now with ``abort`` and cancel its vLLM request (engine loop)."""
-        stream = self.live.get(request_id)
-        if stream is None or stream.done:
-            return
-        # Held-back stop-string text is not released: a resumed request re-derives it.
-        self._finish(stream, "abort")
-        if stream.task is not None:
-            stream.task.cancel()  # vLLM's generate() aborts the request when cancelled
+        """End ``request_id`` now with ``abort`` and cancel its pump (engine loop):
+        vLLM's generate() aborts the request when cancelled."""
+        self.streams.abort(request_id)
 
-    async def _pump(self, stream: _Stream) -> None:
+    async def _pump(self, stream: TokenStream) -> None:
         """Submit the request to vLLM and turn its token ids into deltas."""
+        streams = self.streams
+        stream.replay(self.max_context)
+        budget = self._budget(stream)
+        if budget <= 0:  # max_tokens 0, or a resumed request that is already complete
+            streams.finish(stream, "length", stream.stop_text.flush())
+            return
+        gen = self.llm.generate(
+            self._prompt([*stream.prompt_ids, *stream.request.resume_ids]),
+            self._params(stream, budget),
+            # Unique per submission: a caller may reuse an id as soon as it ended.
+            f"{stream.request_id}#{next(self._submissions)}",
+            **self._priority(stream),
+            **self._lora(stream),
+        )
+        async with contextlib.aclosing(gen):
+            async for out in gen:
+                stream.cached_tokens = max(stream.cached_tokens, out.num_cached_tokens or 0)
+                completion = out.outputs[0]
+                text, stopped = stream.accept(completion.token_ids)
+                if stopped:
+                    streams.finish(stream, "stop", text)
+                    break  # closing gen aborts the vLLM request
+                if completion.finish_reason is not None:
+                    reason = _finish_reason(completion.finish_reason)
+                    if reason != "abort":  # held-back text never became a stop string
+                        text += stream.stop_text.flush()
+                    streams.finish(stream, reason, text)
+                    break
+                if text:
+                    streams.send(stream, stream.delta(text))
+        if not stream.status.is_finished():
+            raise DriverError("vLLM ended a generation without a finish reason.")
+
+    def _describe(self, stream: TokenStream, exc: Exception) -> DriverError:
+        """The error a request's consumer raises for ``exc`` from its pump; notes a dead
+        engine (the front end then restarts it)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        try:
-            self._replay(stream)
-            budget = self._budget(stream)
-            if budget <= 0:  # max_tokens 0, or a resumed request that is already complete
-                self._finish(stream, "length", stream.stop_text.flush())
-                return
-            gen = self.llm.generate(
-                self._prompt([*stream.prompt_ids, *stream.request.resume_ids]),
-                self._params(stream, budget),
-                # Unique per submission: a caller may reuse an id as soon as it ended.
-                f"{stream.request.request_id}#{next(self._submissions)}",
-                **self._priority(stream),
-                **self._lora(stream),
-            )
-            async with contextlib.aclosing(gen):
-                async for out in gen:
-                    stream.cached_tokens = max(stream.cached_tokens, out.num_cached_tokens or 0)
-                    completion = out.outputs[0]
-                    text, stopped = self._accept(stream, completion.token_ids)
-                    if stopped:
-                        self._finish(stream, "stop", text)
-                        break  # closing gen aborts the vLLM request
-                    if completion.finish_reason is not None:
-                        reason = _finish_reason(completion.finish_reason)
-                        if reason != "abort":  # held-back text never became a stop string
-                            text += stream.stop_text.flush()
-                        self._finish(stream, reason, text)
-                        break
-                    if text:
-                        self._send(stream, stream.delta(text))
-            if not stream.done:
-                self._fail(stream, DriverError("vLLM ended a generation without a finish reason."))
-        except asyncio.CancelledError:
-            if not stream.done:  # shutdown
-                self._finish(stream, "abort")
-        except EngineDeadError:
+        if isinstance(exc, EngineDeadError):
             self.dead = True
-            self._fail(
-                stream,
-                DriverError(
-                    "The vLLM engine process died; the vllm driver is restarting it (about "
-                    "30 s), retry then. The kernel log has vLLM's reason."
-                ),
+            return DriverError(
+                "The vLLM engine process died; the vllm driver is restarting it (about "
+                "30 s), retry then. The kernel log has vLLM's reason."
             )
-        except DriverError as exc:
-            self._fail(stream, exc)
-        except Exception as exc:  # noqa: BLE001 - any failure ends this request only
-            if self.llm.errored:
-                self.dead = True
-            self._fail(
-                stream, DriverError(f"Generation failed inside vLLM: {type(exc).__name__}: {exc}")
-            )
-        finally:
-            self._forget(stream)
+        if self.llm.errored:
+            self.dead = True
+        return DriverError(f"Generation failed inside vLLM: {type(exc).__name__}: {exc}")
 
-    def _replay(self, stream: _Stream) -> None:
-        """Put the detokeniser and stop-string state where an uninterrupted run would
-        have them after ``resume_ids`` (their text was already delivered)."""
-        resume = stream.request.resume_ids
-        if not stream.prompt_ids:
-            raise DriverError("The prompt is empty; send at least one token of text.")
-        if len(stream.prompt_ids) >= self.max_context:
-            raise DriverError(
-                f"The prompt is {len(stream.prompt_ids)} tokens but the model's context "
-                f"window is {self.max_context}; shorten the prompt."
-            )
-        if resume and len(stream.prompt_ids) + len(resume) >= self.max_context:
-            raise DriverError(
-                "The prompt plus the tokens already generated fill the context window."
-            )
-        for token in resume:
-            stream.stop_text.push(stream.detok.push(token))
-        stream.output_ids = list(resume)
-
-    def _budget(self, stream: _Stream) -> int:
+    def _budget(self, stream: TokenStream) -> int:
         """Tokens vLLM may still generate: what max_tokens and the context window leave."""
         used = len(stream.prompt_ids) + len(stream.output_ids)
         return min(
@@ -349,7 +281,7 @@ class _Engine:
             return prompt
         return render([prompt])[0]
 
-    def _params(self, stream: _Stream, budget: int) -> Any:
+    def _params(self, stream: TokenStream, budget: int) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -394,7 +326,7 @@ class _Engine:
             params = StructuredOutputsParams(grammar=fmt.spec)
         return {"structured_outputs": params}
 
-    def _lora(self, stream: _Stream) -> dict[str, Any]:
+    def _lora(self, stream: TokenStream) -> dict[str, Any]:
         """``lora_request`` for a request that names an adapter (vLLM loads it on first use)."""
         name = stream.request.adapter
         if name is None:
@@ -404,57 +336,13 @@ class _Engine:
         path, lora_id = self._adapters[name]
         return {"lora_request": LoRARequest(name, lora_id, path)}
 
-    def _priority(self, stream: _Stream) -> dict[str, int]:
+    def _priority(self, stream: TokenStream) -> dict[str, int]:
         # The kernel's priority: higher is more urgent. vLLM's: lower is served first.
         return {"priority": -stream.request.priority} if self._policy == "priority" else {}
 
-    @staticmethod
-    def _accept(stream: _Stream, tokens: Iterable[int]) -> tuple[str, bool]:
-        """Record generated tokens; return their releasable text and whether a stop
-        string ended the output (tokens after the one completing it are dropped)."""
-        released: list[str] = []
-        for token in tokens:
-            stream.output_ids.append(token)
-            stream.unsent_ids.append(token)
-            text, stopped = stream.stop_text.push(stream.detok.push(token))
-            released.append(text)
-            if stopped:
-                return "".join(released), True
-        return "".join(released), False
-
-    def _finish(self, stream: _Stream, reason: FinishReason, text: str = "") -> None:
-        if stream.done:
-            return
-        stream.done = True
-        self._forget(stream)  # before the send: the consumer may reuse the id at once
-        self._send(stream, stream.delta(text, reason))
-
-    def _fail(self, stream: _Stream, error: DriverError) -> None:
-        if stream.done:
-            return
-        stream.done = True
-        self._forget(stream)
-        self._send(stream, error)
-
-    def _forget(self, stream: _Stream) -> None:
-        if self.live.get(stream.request.request_id) is stream:
-            del self.live[stream.request.request_id]
-
-    def _send(self, stream: _Stream, item: _Item) -> None:
-        # One hand-over per consumer loop for all the deltas of an engine step (the
-        # first delta schedules the flush after the step's other outputs).
-        if self._outbox is None:
-            self._outbox = Outbox(flush_on=asyncio.get_running_loop())
-        self._outbox.put(stream.sink, item)
-
     async def close(self) -> None:
         """End live requests with ``abort`` and shut the engine process down."""
-        streams = list(self.live.values())
-        tasks = [s.task for s in streams if s.task is not None]
-        for stream in streams:
-            self.abort(stream.request.request_id)
-        if tasks:  # let each cancelled generate() tell vLLM to drop its request
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.streams.close()  # each cancelled generate() tells vLLM to drop its request
         await asyncio.sleep(0)
         self.llm.shutdown()
         # AsyncLLM.__del__ shuts down again; at interpreter exit that second call fails
@@ -492,7 +380,7 @@ def _finish_reason(reason: str) -> FinishReason:
 # --------------------------------------------------------------------------- driver
 
 
-class VllmDriver(Driver):
+class VllmDriver(TokenizingDriver):
     """Runs a Hugging Face model with vLLM's ``AsyncLLM``, up to ``slots`` sequences at once.
 
     Args:
@@ -556,7 +444,7 @@ class VllmDriver(Driver):
             )
         if kv_cache_gib is not None and kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive, got {kv_cache_gib}")
-        self._model_arg = model
+        super().__init__(model)
         self._slots = slots
         self._dtype = dtype
         self._max_model_len = max_model_len
@@ -573,13 +461,8 @@ class VllmDriver(Driver):
         self._adapters = _parse_adapters(adapters)
         self._max_lora_rank, self._max_loras = max_lora_rank, max_loras
         self._checked_formats: set[ResponseFormat] = set()
-        self._state: DriverState = "unloaded"
-        self._detail = ""
-        self._max_context = 0
-        self._memory_bytes: int | None = None
         self._loop: _EngineLoop | None = None
         self._engine: _Engine | None = None
-        self._encoder: _PromptEncoder | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._restarting: asyncio.Task[None] | None = None
         #: Seconds the last engine start took (None before the first).
@@ -592,7 +475,7 @@ class VllmDriver(Driver):
 
     def live_request_ids(self) -> frozenset[str]:
         """Requests submitted and not finished yet (a snapshot; for tests and tools)."""
-        return frozenset(self._engine.live) if self._engine is not None else frozenset()
+        return frozenset(self._engine.streams.live) if self._engine is not None else frozenset()
 
     def engine_pids(self) -> list[int]:
         """Process ids of vLLM's engine core processes (children of this process)."""
@@ -619,32 +502,17 @@ class VllmDriver(Driver):
             return
         self._state, self._detail = "loading", ""
         await self._close_engine()  # a dead engine left from before
-        caller = asyncio.get_running_loop()
-
-        def note(description: str, fraction: float | None) -> None:
-            self._detail = description if fraction is None else f"{description} ({fraction:.0%})"
-            if progress is not None:
-                progress(description, fraction)
-
-        def report(description: str, fraction: float | None) -> None:
-            caller.call_soon_threadsafe(note, description, fraction)
-
+        note, report = self._load_progress(progress)
         started = time.monotonic()
-        try:
+        with self._load_failures():
             path = await asyncio.to_thread(_resolve_model_dir, self._model_arg, report)
             report("Importing vLLM", None)
             await asyncio.to_thread(_import_vllm)
-            tokenizer = await asyncio.to_thread(_load_tokenizer, path)
+            tokenizer = await asyncio.to_thread(load_tokenizer, path, _TOKENIZER_HINT)
             report(f"Starting the vLLM engine for {path.name}", None)
             loop = self._loop or _EngineLoop()
             self._loop = loop
             engine = await _start_engine(loop, self._build(path))
-        except (DriverError, asyncio.CancelledError) as exc:
-            self._state, self._detail = "failed", str(exc) or "load cancelled"
-            raise
-        except Exception as exc:
-            self._state, self._detail = "failed", str(exc)
-            raise DriverError(f"The vllm driver failed to load: {exc}") from exc
         self._tokenizer = tokenizer
         self._encoder = _PromptEncoder(tokenizer)
         self._engine = engine
@@ -749,23 +617,15 @@ class VllmDriver(Driver):
     # -- info
 
     def info(self) -> ModelInfo:
-        """Driver name, model, context window (0 until loaded), slots, state, and the
-        weights' plus the KV cache's bytes (None until loaded)."""
-        return ModelInfo(
-            driver=self.name,
-            model=self._model_arg or packaged.MODEL_NAME,
-            max_context=self._max_context,
-            slots=self._slots,
-            state=self._state,
-            detail=self._detail
-            + (f"; LoRA adapters: {', '.join(self._adapters)}" if self._adapters else ""),
-            memory_bytes=self._memory_bytes,
+        """Driver name, model, context window (0 until loaded), slots, state, detail
+        (with the LoRA adapters), and the weights' plus the KV cache's bytes (None until
+        loaded)."""
+        info = super().info()
+        if not self._adapters:
+            return info
+        return dataclasses.replace(
+            info, detail=f"{info.detail}; LoRA adapters: {', '.join(self._adapters)}"
         )
-
-    async def count_tokens(self, prompt: list[Message] | str) -> int:
-        """Tokens ``prompt`` occupies, exactly as ``generate`` reports ``prompt_tokens``."""
-        encoder = self._ready()[1]
-        return len(await asyncio.to_thread(encoder.encode, prompt))
 
     # -- generation
 
@@ -806,25 +666,14 @@ class VllmDriver(Driver):
         if request.sampling.response_format is not None:
             await self.prepare_format(request.sampling.response_format)
         prompt_ids = await asyncio.to_thread(encoder.encode, request.prompt)
-        caller = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
-        stream = _Stream(
-            request,
-            Consumer(caller, queue),
-            prompt_ids,
-            _Detokenizer(self._tokenizer),
-            _StopText(request.sampling.stop),
-        )
-        self._loop.call(lambda: engine.start(stream))
-        loop = self._loop
-
-        def abort() -> None:
-            loop.call(lambda: engine.abort(request.request_id))
+        stream = TokenStream.open(request, prompt_ids, self._tokenizer)
 
         def on_error(_: DriverError) -> None:
             self._check_engine(engine)
 
-        async with contextlib.aclosing(relay(queue, abort, on_error)) as deltas:
+        async with contextlib.aclosing(
+            submit(self._loop, stream, engine.start, engine.abort, on_error)
+        ) as deltas:
             async for delta in deltas:
                 yield delta
 
@@ -842,10 +691,7 @@ class VllmDriver(Driver):
         if engine is not None and self._state == "ready":
             self._check_engine(engine)
         if engine is None or self._encoder is None or self._state != "ready":
-            raise DriverError(
-                f"The vllm driver is {self._state}, not ready"
-                + (f" ({self._detail})." if self._detail else "; call load() first.")
-            )
+            raise self._not_ready()
         return engine, self._encoder
 
     def _check_engine(self, engine: _Engine) -> None:
@@ -882,16 +728,3 @@ async def _start_engine(loop: _EngineLoop, build: Coroutine[Any, Any, _Engine]) 
 
         future.add_done_callback(close)
         raise
-
-
-def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The model folder's tokenizer (blocking; run off the loop)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise DriverError(
-            f"Could not load the tokenizer from {path}: {exc}. Check that the folder holds "
-            f"the tokenizer files (tokenizer.json, tokenizer_config.json)."
-        ) from exc
