@@ -155,6 +155,18 @@ class FileSystem:
             )
         return Place(proc.namespace, self.root / "proc" / str(proc.pid), "/".join(parts), True, "/")
 
+    def file_place(self, proc: Proc, path: str, write: bool = False) -> Place:
+        """Where file ``path`` is for ``proc``, to read it or (``write``) write or append to
+        it: like :meth:`place`, but ``/mnt`` itself is refused (it is the list of mounts,
+        not a file; EINVAL to read, EPERM to write). fs.read/write/append and the file
+        tools all resolve through here, so they refuse the same paths the same way."""
+        place = self.place(proc, path)
+        if place.area == "mnt":
+            if write:
+                raise _refuse(Errno.EPERM, "/mnt holds mounts only: write inside /mnt/NAME")
+            raise _refuse(Errno.EINVAL, "/mnt is a directory of mounts; list it with fs.list")
+        return place
+
     def areas(self, proc: Proc) -> list[tuple[str, str]]:
         """(area, prefix) of everything ``proc`` can see: its root, its home, its mounts."""
         home = proc.program.namespace

@@ -21,6 +21,7 @@ from typing import Any
 
 from drivers.base import Driver, DriverError
 from kernel import sys_ctx, sys_fs, sys_ipc, sys_llm, sys_mem, sys_proc, sys_sys, sys_tool
+from kernel.builtin_tools import builtin_tools
 from kernel.fs import FileSystem, load_index
 from kernel.ipc import Ipc
 from kernel.memory import Memory
@@ -124,7 +125,7 @@ class Kernel:
         )
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
         self.fs = FileSystem(files, self.store, self.memory)
-        self.tools = ToolTable()
+        self.tools = ToolTable(builtin_tools())
         # How the python tool runs code: in bwrap namespaces, or not at all without it.
         self.sandbox = sandbox if sandbox is not None else SandboxConfig.detect()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)

@@ -264,6 +264,28 @@ class Memory:
         )
         return block
 
+    async def block_append(
+        self, namespace: str, label: str, text: str, create: bool = False
+    ) -> BlockValue:
+        """Add ``text`` as a new line of a block (ENOENT if there is none, unless ``create``:
+        then it starts one with the default size limit)."""
+        old = self.blocks.get(namespace, {}).get(label)
+        if old is None and not create:
+            old = self.block(namespace, label)  # raises ENOENT with the sentence
+        value = f"{old.value}\n{text}" if old is not None and old.value else text
+        return await self.block_write(namespace, label, value, None)
+
+    async def block_replace(self, namespace: str, label: str, old: str, new: str) -> BlockValue:
+        """Replace every occurrence of ``old`` in a block by ``new`` (ENOENT if the block
+        does not exist or does not contain ``old``)."""
+        block = self.block(namespace, label)
+        if old not in block.value:
+            raise SyscallError(
+                Errno.ENOENT,
+                f"block {label!r} does not contain that text; read it with mem.block.get",
+            )
+        return await self.block_write(namespace, label, block.value.replace(old, new), None)
+
     async def block_delete(self, namespace: str, label: str) -> None:
         self.block(namespace, label)
         del self.blocks[namespace][label]

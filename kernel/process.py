@@ -13,26 +13,14 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from hmac import compare_digest
 from typing import Protocol
 
 from kernel.quota import Account, Limits
 from syscalls.errors import Errno, SyscallError
+from syscalls.models import ProcState
 
 INIT_PID = 1
-
-
-class ProcState(StrEnum):
-    """NEW (never ran) -> READY (waits for a slot) -> RUNNING (on a slot) -> WAITING
-    (idle: its program is thinking) ... STOPPED (SIGSTOP) ... ZOMBIE (exited, not reaped)."""
-
-    NEW = "NEW"
-    READY = "READY"
-    RUNNING = "RUNNING"
-    WAITING = "WAITING"
-    STOPPED = "STOPPED"
-    ZOMBIE = "ZOMBIE"
 
 
 class TransitionError(RuntimeError):

@@ -30,9 +30,7 @@ def _at(k: Kernel, call: Call, path: str) -> Place:
 
 
 async def sys_read(k: Kernel, call: Call, a: m.FsReadArgs) -> m.FsReadResult:
-    place = _at(k, call, a.path)
-    if place.area == "mnt":
-        raise SyscallError(Errno.EINVAL, "/mnt is a directory of mounts; list it with fs.list")
+    place = k.fs.file_place(_me(call), a.path)
     data, size, version = await k.fs.read(place, a.offset, a.length)
     try:
         return m.FsReadResult(
@@ -43,9 +41,7 @@ async def sys_read(k: Kernel, call: Call, a: m.FsReadArgs) -> m.FsReadResult:
 
 
 async def _write(k: Kernel, call: Call, a: m.FsWriteArgs, append: bool) -> m.FsWriteResult:
-    place = _at(k, call, a.path)
-    if place.area == "mnt":
-        raise SyscallError(Errno.EPERM, "/mnt holds mounts only: write inside /mnt/NAME")
+    place = k.fs.file_place(_me(call), a.path, write=True)
     version, size = await k.fs.write(place, a.payload(), append, a.parents)
     return m.FsWriteResult(path=place.shown, size=size, version=version)
 

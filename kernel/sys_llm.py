@@ -36,7 +36,7 @@ from kernel import context
 from kernel.process import SIGNAL_STATUS, Proc, ProcState
 from kernel.quota import Account
 from kernel.syscall import Call
-from kernel.tools import action_schema, parse_action, tool_guide
+from kernel.toolcall import action_schema, parse_action, tool_guide
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 

@@ -39,22 +39,12 @@ async def sys_block_set(k: Kernel, call: Call, a: m.BlockSetArgs) -> m.Block:
 
 async def sys_block_append(k: Kernel, call: Call, a: m.BlockAppendArgs) -> m.Block:
     ns = k.memory.resolve(call.caller, a.namespace, write=True)
-    old = k.memory.block(ns, a.label)
-    value = f"{old.value}\n{a.text}" if old.value else a.text
-    return _block(ns, a.label, await k.memory.block_write(ns, a.label, value, None))
+    return _block(ns, a.label, await k.memory.block_append(ns, a.label, a.text))
 
 
 async def sys_block_replace(k: Kernel, call: Call, a: m.BlockReplaceArgs) -> m.Block:
     ns = k.memory.resolve(call.caller, a.namespace, write=True)
-    old = k.memory.block(ns, a.label)
-    if a.old not in old.value:
-        raise SyscallError(
-            Errno.ENOENT,
-            f"block {a.label!r} does not contain that text; read it with mem.block.get",
-        )
-    return _block(
-        ns, a.label, await k.memory.block_write(ns, a.label, old.value.replace(a.old, a.new), None)
-    )
+    return _block(ns, a.label, await k.memory.block_replace(ns, a.label, a.old, a.new))
 
 
 async def sys_block_delete(k: Kernel, call: Call, a: m.BlockDeleteArgs) -> m.Done:

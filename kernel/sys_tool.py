@@ -1,6 +1,7 @@
 """tool.* handlers: list, call, serve (register/next/reply), and owner confirmation.
 
-The registry, capabilities, queues and parked calls live in :class:`kernel.tools.ToolTable`.
+The registry, capabilities, queues and parked calls live in :class:`kernel.tools.ToolTable`;
+the built-in tools in kernel/builtin_tools.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from kernel.process import Proc
 from kernel.syscall import Call
-from kernel.tools import result_json
+from kernel.toolcall import result_json
 from syscalls import limits
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError

@@ -6,11 +6,12 @@ mark. Arguments are validated against the schema (``jsonschema``) before anythin
 a tool's failure, timeout or malformed answer comes back as an error code with a
 sentence, never as a hang or a crash of the kernel.
 
-* **Built-in tools** run in the kernel, off its loop where they do work: ``calculator``
-  (a safe expression evaluator, ``simpleeval``), ``datetime``, ``python`` (code in a
-  separate OS process with CPU-time, memory, file-size and wall-clock limits, its
-  working directory the caller's file root), and the file and memory operations
-  (``fs_*``, ``memory_*``) acting as the calling process.
+This module is the tool table; what the kernel's own tools do is in
+kernel/builtin_tools.py, and how a model calls tools (``llm.generate tools=...``) is in
+kernel/toolcall.py.
+
+* **Built-in tools** run in the kernel (:class:`Tool` with a ``run``), acting as the
+  calling process; the table is given them when the kernel starts.
 * **Served tools** are registered by a user-space program (``tool.register``); the kernel
   queues each call for the serving process (``tool.next``) and routes its answer
   (``tool.reply``) back to the caller. They vanish when their server exits; its callers
@@ -27,29 +28,23 @@ sentence, never as a hang or a crash of the kernel.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import fnmatch
 import itertools
-import json
-import math
 import time
-import zoneinfo
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
-from pydantic import BaseModel, Field, ValidationError
 
-from kernel.process import Caller, Proc
-from kernel.sandbox import run_code
+from kernel.process import Proc
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
-from syscalls.models import ToolCall
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
+#: What runs a built-in tool: (kernel, calling process, validated arguments) -> JSON data.
 Runner = Callable[["Kernel", Proc, dict[str, Any]], Awaitable[Any]]
 
 
@@ -112,13 +107,13 @@ def allowed(proc: Proc, tool: Tool) -> bool:
 class ToolTable:
     """The registry, the served tools' queues, and the parked confirmations."""
 
-    def __init__(self) -> None:
+    def __init__(self, builtins: Iterable[Tool] = ()) -> None:
         self.tools: dict[str, Tool] = {}
         self.queues: dict[int, asyncio.Queue[Request]] = {}  # server pid -> its pending requests
         self.inflight: dict[int, Request] = {}  # request id -> request given to its server
         self.parked: dict[int, Parked] = {}
         self._ids = itertools.count(1)
-        for tool in builtin_tools():
+        for tool in builtins:
             self.tools[tool.name] = tool
 
     def visible(self, proc: Proc | None) -> list[Tool]:
@@ -307,315 +302,3 @@ class ToolTable:
             )
         if not parked.verdict.done():
             parked.verdict.set_result(approve)
-
-
-# -- built-in tools ------------------------------------------------------------------------
-
-
-class CalculatorArgs(BaseModel):
-    expression: str = Field(
-        min_length=1,
-        max_length=500,
-        description="arithmetic, e.g. '(17 * 23) + sqrt(2) ** 2'; functions: sqrt, sin, cos, "
-        "tan, log, log10, exp, abs, round, floor, ceil, min, max; names: pi, e",
-    )
-
-
-class DatetimeArgs(BaseModel):
-    timezone: str = Field(
-        default="UTC", max_length=64, description="IANA time zone, e.g. Europe/Paris"
-    )
-
-
-class PythonArgs(BaseModel):
-    code: str = Field(
-        min_length=1, max_length=20_000, description="a Python 3 program; print what you want back"
-    )
-    timeout_s: float = Field(default=10.0, gt=0, le=60, description="wall-clock limit in seconds")
-
-
-class FsReadToolArgs(BaseModel):
-    path: str = Field(max_length=limits.MAX_PATH_BYTES, description="file path in your file root")
-
-
-class FsWriteToolArgs(BaseModel):
-    path: str = Field(max_length=limits.MAX_PATH_BYTES, description="file path in your file root")
-    text: str = Field(
-        max_length=limits.MAX_IO_BYTES, description="the new content (the old one is kept)"
-    )
-
-
-class FsListToolArgs(BaseModel):
-    path: str = Field(
-        default="/", max_length=limits.MAX_PATH_BYTES, description="directory to list"
-    )
-
-
-class SearchToolArgs(BaseModel):
-    query: str = Field(
-        min_length=1, max_length=1000, description="what to look for, in your own words"
-    )
-    k: int = Field(default=3, ge=1, le=20, description="how many results")
-
-
-class MemoryPutToolArgs(BaseModel):
-    text: str = Field(
-        min_length=1, max_length=limits.MAX_ENTRY_CHARS, description="a fact to remember for later"
-    )
-
-
-def _builtin(
-    name: str,
-    description: str,
-    model: type[BaseModel],
-    run: Runner,
-    irreversible: bool = False,
-    explicit: bool = False,
-) -> Tool:
-    schema = model.model_json_schema()
-    schema.pop("title", None)
-    return Tool(
-        name, description, schema, irreversible, run=_validated(model, run), explicit=explicit
-    )
-
-
-def _validated(model: type[BaseModel], run: Runner) -> Runner:
-    async def runner(k: Kernel, proc: Proc, args: dict[str, Any]) -> Any:
-        try:
-            parsed = model.model_validate(args)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise SyscallError(
-                Errno.EINVAL, f"{'/'.join(map(str, first['loc'])) or 'arguments'}: {first['msg']}"
-            ) from None
-        return await run(k, proc, parsed.model_dump())
-
-    return runner
-
-
-_MATH = {
-    name: getattr(math, name)
-    for name in ("sqrt", "sin", "cos", "tan", "log", "log10", "exp", "floor", "ceil")
-}
-
-
-def _calculate(expression: str) -> float | int:
-    from simpleeval import SimpleEval
-
-    evaluator = SimpleEval(
-        functions={**_MATH, "abs": abs, "round": round, "min": min, "max": max},
-        names={"pi": math.pi, "e": math.e},
-    )
-    try:
-        value = evaluator.eval(expression)
-    except Exception as exc:
-        raise SyscallError(
-            Errno.EINVAL, f"cannot evaluate {expression!r}: {type(exc).__name__}: {exc}"
-        ) from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SyscallError(
-            Errno.EINVAL, f"{expression!r} is not a number (got {type(value).__name__})"
-        )
-    if isinstance(value, int) and abs(value) > 10**100:
-        raise SyscallError(Errno.EINVAL, f"{expression!r} is too large to return")
-    return value
-
-
-async def _run_calculator(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    value = await asyncio.to_thread(_calculate, a["expression"])
-    return {"expression": a["expression"], "value": value}
-
-
-async def _run_datetime(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    try:
-        zone = zoneinfo.ZoneInfo(a["timezone"])
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise SyscallError(
-            Errno.EINVAL,
-            f"unknown time zone {a['timezone']!r}; use an IANA name such as Europe/Paris",
-        ) from None
-    now = dt.datetime.now(zone)
-    return {
-        "iso": now.isoformat(timespec="seconds"),
-        "weekday": now.strftime("%A"),
-        "timezone": a["timezone"],
-        "unix": round(now.timestamp(), 3),
-    }
-
-
-async def _run_python_tool(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    root = k.fs.place(proc, "/").base
-    return await run_code(k.sandbox, a["code"], root, a["timeout_s"])
-
-
-class _As:
-    """A stand-in for the Call a syscall handler receives: the tool's caller."""
-
-    def __init__(self, proc: Proc) -> None:
-        self.caller = Caller(proc.pid, proc)
-
-
-async def _run_fs_read(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    from kernel import sys_fs
-    from syscalls import models as m
-
-    res = await sys_fs.sys_read(k, _As(proc), m.FsReadArgs(path=a["path"]))  # type: ignore[arg-type]
-    return {
-        "path": res.path,
-        "text": res.text if res.text is not None else f"<{res.size} bytes of binary data>",
-    }
-
-
-async def _run_fs_write(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    from kernel import sys_fs
-    from syscalls import models as m
-
-    res = await sys_fs.sys_write(k, _As(proc), m.FsWriteArgs(path=a["path"], text=a["text"]))  # type: ignore[arg-type]
-    return res.model_dump()
-
-
-async def _run_fs_list(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    from kernel import sys_fs
-    from syscalls import models as m
-
-    res = await sys_fs.sys_list(k, _As(proc), m.FsPathArgs(path=a["path"]))  # type: ignore[arg-type]
-    return {
-        "path": res.path,
-        "entries": [f"{e.name}/" if e.type == "dir" else e.name for e in res.entries],
-    }
-
-
-async def _run_fs_search(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    hits = await k.fs.search(proc, a["query"], a["k"])
-    return {"hits": [{"path": p, "text": t, "score": round(s, 3)} for p, _, t, s in hits]}
-
-
-async def _run_memory_put(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    ids, _ = await k.memory.put(proc.namespace, [(a["text"], {})])
-    return {"id": ids[0]}
-
-
-async def _run_memory_search(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    rows, _, _ = await k.memory.search(
-        [proc.namespace, proc.program.namespace], a["query"], a["k"], {}
-    )
-    return {"hits": [{"text": row[2], "score": round(float(row[-1]), 3)} for row in rows]}
-
-
-def builtin_tools() -> list[Tool]:
-    """The kernel's own tools."""
-    return [
-        _builtin(
-            "calculator",
-            "Evaluate an arithmetic expression exactly (no code execution).",
-            CalculatorArgs,
-            _run_calculator,
-        ),
-        _builtin(
-            "datetime", "The current date and time in a time zone.", DatetimeArgs, _run_datetime
-        ),
-        _builtin(
-            "python",
-            "Run a short Python program in a sandbox (no network; CPU, memory and time "
-            "limits; working directory: your file root) and return its output.",
-            PythonArgs,
-            _run_python_tool,
-            irreversible=True,
-            explicit=True,
-        ),
-        _builtin("fs_read", "Read a text file from your file root.", FsReadToolArgs, _run_fs_read),
-        _builtin(
-            "fs_write",
-            "Write a text file in your file root (the previous content stays in its history).",
-            FsWriteToolArgs,
-            _run_fs_write,
-        ),
-        _builtin("fs_list", "List a directory of your file root.", FsListToolArgs, _run_fs_list),
-        _builtin(
-            "fs_search", "Find passages of your files by meaning.", SearchToolArgs, _run_fs_search
-        ),
-        _builtin(
-            "memory_put",
-            "Remember a fact in your long-term (archival) memory.",
-            MemoryPutToolArgs,
-            _run_memory_put,
-        ),
-        _builtin(
-            "memory_search",
-            "Search your long-term memory by meaning.",
-            SearchToolArgs,
-            _run_memory_search,
-        ),
-    ]
-
-
-# -- tool calling by the model (llm.generate tools=...) ------------------------------------
-
-
-def action_schema(tools: list[Tool]) -> dict[str, Any]:
-    """The JSON Schema of one step of a tool-using model: a call of one of ``tools`` with
-    arguments valid for it, or a final answer."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
-            "required": ["tool", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    answer = {
-        "type": "object",
-        "properties": {"answer": {"type": "string"}},
-        "required": ["answer"],
-        "additionalProperties": False,
-    }
-    return {"anyOf": [*calls, answer]}
-
-
-def tool_guide(tools: list[Tool]) -> str:
-    """What the model is told about the tools it may call in this step."""
-    lines = [
-        "You can call one tool, or give your final answer. Reply with JSON only:",
-        '{"tool": NAME, "arguments": {...}} to call a tool, or {"answer": "..."} when you know the answer.',
-        "Tools:",
-    ]
-    for t in tools:
-        args = ", ".join(
-            f"{name}: {spec.get('type', 'value')}"
-            for name, spec in t.parameters.get("properties", {}).items()
-        )
-        lines.append(f"- {t.name}({args}): {t.description}")
-    return "\n".join(lines)
-
-
-def parse_action(text: str) -> tuple[list[ToolCall], str | None]:
-    """The tool call or answer in a constrained step's text (nothing if it was cut short)."""
-    try:
-        action = json.loads(text)
-    except ValueError:
-        return [], None
-    if (
-        isinstance(action, dict)
-        and isinstance(action.get("tool"), str)
-        and isinstance(action.get("arguments"), dict)
-    ):
-        return [ToolCall(name=action["tool"], arguments=action["arguments"])], None
-    if isinstance(action, dict) and isinstance(action.get("answer"), str):
-        return [], action["answer"]
-    return [], None
-
-
-def result_json(value: Any) -> Any:
-    """``value`` as JSON-able data within the result size limit (EIO otherwise)."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        raise SyscallError(Errno.EIO, "the tool returned something that is not JSON data") from None
-    if len(text) > limits.MAX_TOOL_RESULT_BYTES:
-        raise SyscallError(
-            Errno.EIO,
-            f"the tool's result is {len(text)} bytes, over the "
-            f"{limits.MAX_TOOL_RESULT_BYTES}-byte limit",
-        )
-    return json.loads(text)

@@ -7,6 +7,7 @@ validated value. Field docs (``description``) feed the generated syscall table.
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -56,7 +57,24 @@ Topic = Annotated[
     str,
     Field(min_length=1, max_length=limits.MAX_TOPIC_CHARS, pattern=r"^[A-Za-z0-9_.:/-]+$"),
 ]
-State = Literal["NEW", "READY", "RUNNING", "WAITING", "STOPPED", "ZOMBIE"]
+
+
+class ProcState(StrEnum):
+    """A process's state, on the wire and in the kernel's process table (kernel/process.py
+    uses this very class): NEW (never ran) -> READY (waits for a slot) -> RUNNING (on a
+    slot) -> WAITING (idle: its program is thinking) ... STOPPED (SIGSTOP) ... ZOMBIE
+    (exited, not reaped). A str, so a row's ``state == "READY"`` holds."""
+
+    NEW = "NEW"
+    READY = "READY"
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    STOPPED = "STOPPED"
+    ZOMBIE = "ZOMBIE"
+
+
+#: Why a generation ended. The drivers' Delta.finish_reason (drivers/base.py) has the same
+#: values; tests/test_models.py ties the two.
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -219,7 +237,7 @@ class ProcInfo(Result):
     ppid: int
     name: str
     owner: str
-    state: State
+    state: ProcState
     nice: int
     model: str
     context_messages: int
@@ -279,7 +297,7 @@ class KillArgs(Args):
 
 class KillResult(Result):
     pid: int
-    state: State
+    state: ProcState
 
 
 class ExitArgs(Args):

@@ -7,6 +7,7 @@ pair in ``models.py`` and one handler.
 
 from __future__ import annotations
 
+import enum
 import types
 import typing
 from dataclasses import dataclass
@@ -459,6 +460,8 @@ def type_name(ann: object) -> str:
         return " | ".join(type_name(a) for a in args)
     if origin is typing.Literal:
         return "|".join(repr(a) for a in args)
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):  # its values, as for a Literal
+        return "|".join(repr(member.value) for member in ann)
     if origin is not None:
         return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
     return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))

@@ -41,6 +41,32 @@ def test_generate_with_tools_returns_a_call_that_matches_the_tools_schema(
     assert p.context()[-1]["content"] == res.text
 
 
+def test_the_model_can_call_the_memory_tools(spawn: Spawn, admin: Client) -> None:
+    """The core/recall memory built-ins compile into the step's grammar (their schemas have
+    patterns and bounds) and what the model chooses runs through tool.call."""
+    names = ["memory_block_append", "memory_block_replace", "memory_recall_search"]
+    p = spawn("rememberer", system="Keep lasting facts about the user in core memory.")
+    schemas = {t.name: t.parameters for t in admin.tools()}
+    res = p.generate(
+        [{"role": "user", "content": "Remember this: my name is Ada."}],
+        tools=names,
+        max_tokens=64,
+        temperature=0.0,
+    )
+    if res.finish_reason == "length":  # a small model may write on and on: still constrained
+        starts = [f'{{"tool":"{n}","arguments":{{' for n in names] + ['{"answer":"']
+        assert res.text.startswith(tuple(starts)), res.text
+        return
+    assert (len(res.tool_calls) == 1) != (res.answer is not None), res.text
+    for call in res.tool_calls:
+        assert call.name in names
+        jsonschema.validate(call.arguments, schemas[call.name])
+        try:
+            p.tools.call(call.name, call.arguments)
+        except ENOENT:  # a replace of text that is not there: the kernel answered
+            assert call.name == "memory_block_replace"
+
+
 def test_tools_in_generate_are_checked_like_tool_calls(spawn: Spawn) -> None:
     p = spawn("checked", tools=["calculator"])
     with pytest.raises(EPERM):

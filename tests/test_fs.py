@@ -296,3 +296,43 @@ def test_a_reaped_process_root_is_deleted_but_a_named_home_outlives_its_program(
     finally:
         admin.kill(again.pid, "KILL")
         admin.wait(again.pid)
+
+
+def test_the_file_tools_answer_like_the_fs_syscalls(spawn: Spawn, tmp_path: Path) -> None:
+    """fs_read/fs_write/fs_list act on the caller's view through the same mechanism as
+    fs.*: the same paths, results shaped for a model, the very same errors."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "a.txt").write_text("mounted")
+    p = spawn("tooled", tools=["fs_*"], mounts=[{"name": "ro", "path": str(ro), "mode": "ro"}])
+    t = p.tools
+    wrote = t.call("fs_write", {"path": "notes/a.md", "text": "héllo"})
+    assert wrote == {"path": "/notes/a.md", "size": 6, "version": 1}
+    assert t.call("fs_write", {"path": "/notes/a.md", "text": "hello"})["version"] == 2
+    assert p.files.history("notes/a.md")[0].op == "write"
+    assert t.call("fs_read", {"path": "notes/a.md"}) == {"path": "/notes/a.md", "text": "hello"}
+    p.files.write("/home/blob.bin", b"\xff\x00\xfe")
+    assert t.call("fs_read", {"path": "/home/blob.bin"}) == {
+        "path": "/home/blob.bin",
+        "text": "<3 bytes of binary data>",
+    }
+    assert t.call("fs_list", {}) == {"path": "/", "entries": ["home/", "mnt/", "notes/"]}
+    assert t.call("fs_list", {"path": "/mnt"}) == {"path": "/mnt", "entries": ["ro/"]}
+    assert t.call("fs_read", {"path": "/mnt/ro/a.txt"})["text"] == "mounted"
+    for tool, syscall, args, code in [
+        ("fs_read", "fs.read", {"path": "/mnt"}, "EINVAL"),
+        ("fs_write", "fs.write", {"path": "/mnt", "text": "x"}, "EPERM"),
+        ("fs_write", "fs.write", {"path": "/mnt/ro/a.txt", "text": "x"}, "EROFS"),
+        ("fs_write", "fs.write", {"path": "/", "text": "x"}, "EINVAL"),
+        ("fs_read", "fs.read", {"path": "missing.txt"}, "ENOENT"),
+        ("fs_read", "fs.read", {"path": "notes"}, "EINVAL"),
+        ("fs_read", "fs.read", {"path": "../etc/passwd"}, "EPERM"),
+        ("fs_list", "fs.list", {"path": "notes/a.md"}, "EINVAL"),
+        ("fs_list", "fs.list", {"path": "/mnt/nothing"}, "ENOENT"),
+    ]:
+        with pytest.raises(SyscallError) as by_tool:
+            t.call(tool, args)
+        with pytest.raises(SyscallError) as by_syscall:
+            p.call(syscall, args)
+        assert by_tool.value.code == by_syscall.value.code == code, (tool, args)
+        assert by_tool.value.message == by_syscall.value.message, (tool, args)

@@ -220,31 +220,38 @@ def test_bad_memory_arguments_get_einval(admin: Client, spawn: Spawn) -> None:
     assert admin.memory(f"pid:{p.pid}").search("anything") == []  # the admin may look anywhere
 
 
-def test_memory_tools_validate_model_arguments_and_run_the_syscalls(spawn: Spawn) -> None:
-    from llmos.memtools import call_memory_tool, memory_tool_specs
-
-    specs = {s["function"]["name"]: s["function"] for s in memory_tool_specs()}
-    assert specs["archival_memory_search"]["parameters"]["required"] == ["query"]
+def test_memory_tools_validate_model_arguments_and_act_as_the_caller(spawn: Spawn) -> None:
+    """The MemGPT-style memory tools are kernel built-ins: a model (or the Agent loop)
+    calls them through tool.call and they act on the caller's own memory."""
     p = spawn("memtools")
-    assert "holds" in call_memory_tool(
-        p, "core_memory_append", {"label": "user", "text": "Likes tea."}
-    )
-    call_memory_tool(p, "core_memory_replace", '{"label": "user", "old": "tea", "new": "coffee"}')
-    assert p.memory.blocks() == {"user": "Likes coffee."}
-    assert "entry" in call_memory_tool(
-        p, "archival_memory_insert", {"text": "The office closes at 6 pm."}
-    )
-    assert "6 pm" in call_memory_tool(
-        p, "archival_memory_search", {"query": "what time does it shut?"}
-    )
+    tools = {t.name: t for t in p.tools.list()}
+    assert tools["memory_search"].parameters["required"] == ["query"]
+    assert tools["memory_block_append"].parameters["required"] == ["label", "text"]
+    added = p.tools.call("memory_block_append", {"label": "user", "text": "Likes tea."})
+    assert added == {"label": "user", "value": "Likes tea.", "max_chars": 2000}
+    p.tools.call("memory_block_append", {"label": "user", "text": "Lives in Oslo."})
+    p.tools.call("memory_block_replace", {"label": "user", "old": "tea", "new": "coffee"})
+    assert p.memory.blocks() == {"user": "Likes coffee.\nLives in Oslo."}
+    with pytest.raises(SyscallError) as err:  # the syscall's own error comes through
+        p.tools.call("memory_block_replace", {"label": "user", "old": "cocoa", "new": "x"})
+    assert err.value.code == "ENOENT"
+    assert isinstance(p.tools.call("memory_put", {"text": "The office closes at 6 pm."})["id"], int)
+    hits = p.tools.call("memory_search", {"query": "what time does it shut?"})["hits"]
+    assert "6 pm" in hits[0]["text"]
     p.append([{"role": "user", "content": "I was born in Reykjavik."}])
-    assert "Reykjavik" in call_memory_tool(p, "conversation_search", {"query": "born"})
+    recalled = p.tools.call("memory_recall_search", {"query": "born"})["hits"]
+    assert {"role": "user", "content": "I was born in Reykjavik."} in recalled
+    other = spawn("other")  # the tools act on the caller's namespace, not someone else's
+    assert other.tools.call("memory_recall_search", {"query": "born"})["hits"] == []
+    assert other.memory.blocks() == {}
     for name, args in [
-        ("nope", {}),
-        ("archival_memory_search", {"query": ""}),
-        ("archival_memory_search", "{not json"),
-        ("core_memory_append", {"label": "x"}),
+        ("memory_search", {"query": ""}),
+        ("memory_search", {"query": "x", "k": 0}),
+        ("memory_block_append", {"label": "x"}),
+        ("memory_block_append", {"label": "bad label!", "text": "v"}),
+        ("memory_block_replace", {"label": "user", "old": "", "new": "x"}),
+        ("memory_recall_search", {"query": 42}),
     ]:
         with pytest.raises(SyscallError) as err:
-            call_memory_tool(p, name, args)
-        assert err.value.code == "EINVAL"
+            p.tools.call(name, args)
+        assert err.value.code == "EINVAL", (name, args)

@@ -166,3 +166,28 @@ def test_the_sdk_turns_a_pydantic_model_class_into_a_json_schema_format():
     }
     with pytest.raises(TypeError, match="pydantic model class"):
         response_format("json")
+
+
+def test_process_states_and_finish_reasons_have_one_meaning_everywhere():
+    """The contract (syscalls/) defines the process states the kernel uses; the drivers'
+    finish reasons, defined apart (drivers/base.py), must be the wire's."""
+    import typing
+
+    from drivers.base import FinishReason as DriverFinishReason
+    from kernel.process import ProcState
+
+    assert ProcState is m.ProcState
+    assert [s.value for s in ProcState] == [
+        "NEW",
+        "READY",
+        "RUNNING",
+        "WAITING",
+        "STOPPED",
+        "ZOMBIE",
+    ]
+    assert m.ProcInfo.model_fields["state"].annotation is ProcState
+    assert m.KillResult(pid=2, state="READY").state == "READY"  # the wire's strings validate
+    with pytest.raises(ValidationError):
+        m.KillResult(pid=2, state="SLEEPING")
+    assert typing.get_args(DriverFinishReason) == typing.get_args(m.FinishReason)
+    assert m.GenerateResult.model_fields["finish_reason"].annotation == m.FinishReason
