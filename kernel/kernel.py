@@ -257,6 +257,14 @@ class Kernel:
             if not calls:
                 del self._calls[call.caller.pid]
 
+    def interrupt_calls(self, pid: int, name: str, error: SyscallError) -> int:
+        """Answer process ``pid``'s calls of syscall ``name`` in flight with ``error`` now
+        (their handlers' ``finally`` give back what they held); how many there were."""
+        calls = [c for c in self._calls.get(pid, ()) if c.name == name]
+        for call in calls:
+            call.interrupt(error)
+        return len(calls)
+
     # -- process control (the mechanism behind proc.kill / proc.exit) ----------------
     def terminate(self, proc: Proc, status: int, signal: str | None) -> None:
         """End ``proc`` now: it becomes a zombie, every call it has in flight (a

@@ -395,4 +395,19 @@ async def _run_on_slot(
     return last
 
 
-HANDLERS = {"llm.generate": sys_generate}
+def sys_cancel(k: Kernel, call: Call, a: m.CancelArgs) -> m.CancelResult:
+    proc = k.procs.target(call.caller, a.pid)
+    who = "the admin" if call.caller.admin else f"process {call.caller.pid}"
+    n = k.interrupt_calls(
+        proc.pid,
+        "llm.generate",
+        SyscallError(
+            Errno.ECANCELED,
+            f"the generation of process {proc.pid} was cancelled by {who} (llm.cancel); "
+            "the process goes on",
+        ),
+    )
+    return m.CancelResult(pid=proc.pid, cancelled=n)
+
+
+HANDLERS = {"llm.generate": sys_generate, "llm.cancel": sys_cancel}

@@ -168,6 +168,11 @@ class _ClientAPI(_Identity):
         """Wait for a child (of init, for the admin) to exit; reap it."""
         return Op("proc.wait", opt(pid=pid, timeout=timeout), wait_deadline_ms(timeout))
 
+    @api("llm.cancel")
+    def cancel(self, pid: int) -> Op:
+        """End process ``pid``'s generation at the next token; the process goes on."""
+        return Op("llm.cancel", {"pid": pid})
+
     @api("proc.nice")
     def nice(self, pid: int, nice: int) -> Op:
         """Change process ``pid``'s priority."""
@@ -249,6 +254,12 @@ class _ProcessAPI(_Identity):
         output was cut by ``max_tokens`` (``finish_reason == "length"``)."""
         args = generate_args(messages=messages, prompt=prompt, **options)
         return Op("llm.generate", args, deadline_ms, then=self._keep_last)
+
+    @api("llm.cancel")
+    def cancel(self, pid: int | None = None) -> Op:
+        """End the generation this process (or descendant ``pid``) is making, at the next
+        token; the process goes on. Its generate call gets ``errors.ECANCELED``."""
+        return Op("llm.cancel", opt(pid=pid))
 
     def _keep_last(self, result: m.GenerateResult) -> m.GenerateResult:
         self.last = result

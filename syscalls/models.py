@@ -443,6 +443,17 @@ class ToolCall(Result):
     arguments: dict[str, Any]
 
 
+class CancelArgs(Args):
+    pid: Pid | None = Field(
+        default=None, description="whose generation to end: the caller or a descendant"
+    )
+
+
+class CancelResult(Result):
+    pid: int
+    cancelled: int = Field(description="generations ended (0: it was not generating)")
+
+
 class GenerateResult(Result):
     text: str
     finish_reason: FinishReason

@@ -105,6 +105,15 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             chunk=m.GenerateChunk,
         ),
         _row(
+            "llm.cancel",
+            m.CancelArgs,
+            m.CancelResult,
+            [Errno.ESRCH, Errno.EPERM],
+            "End the generation of the caller or a descendant at the next token; the process "
+            "goes on (its generate call gets ECANCELED; a chat turn is not kept).",
+            needs_process=False,
+        ),
+        _row(
             "ctx.get",
             m.CtxGetArgs,
             m.CtxGetResult,

@@ -342,11 +342,9 @@ def test_chat_streams_and_ctrl_c_stops_the_reply_not_the_shell(kernel):
     term.expect(r"chat (\d+)>")
     pid = int(term.match.group(1))
     term.sendline("Count from 1 to 1000, separated by commas.")
-    with (
-        kernel.admin() as admin
-    ):  # the turn runs in a child of the process: wait until it is mid-reply
+    with kernel.admin() as admin:  # the turn runs on the process: wait until it is mid-reply
         wait_until(
-            lambda: any(p.ppid == pid and p.output_tokens >= 8 for p in admin.ps()), timeout=60
+            lambda: any(p.pid == pid and p.output_tokens >= 8 for p in admin.ps()), timeout=60
         )
     term.sendintr()
     term.expect(r"reply stopped")
@@ -362,6 +360,9 @@ def test_chat_streams_and_ctrl_c_stops_the_reply_not_the_shell(kernel):
         rows = admin.ps()
         assert pid in {p.pid for p in rows}
         assert all(p.ppid != pid for p in rows)  # the interrupted turn left nothing behind
+        me = next(p for p in rows if p.pid == pid)
+        assert me.state == "WAITING" and me.generate_calls == 2 and me.output_tokens > 8
+        assert me.context_messages == 4  # both turns, the interrupted one as far as it went
     leave(term)
 
 

@@ -491,26 +491,31 @@ class Session:
     ) -> str:
         """Say ``text`` to process ``pid``; ``write`` gets the reply as it streams.
 
-        The generation runs in a fork of the process (a child with a copy of its
-        context), so that Ctrl-C can end it by killing that child alone; the turn (as
-        far as it went) is then appended to the process's own context."""
+        The turn runs on the process itself (its context, accounting and state show it).
+        Ctrl-C ends just this generation (``llm.cancel``), and the turn as far as it went
+        is kept in the process's context."""
         proc = self.handle(pid)
-        turn = proc.fork("turn")
         pieces: list[str] = []
         try:
-            for piece in turn.stream(text, max_tokens=max_tokens):
+            for piece in proc.stream(text, max_tokens=max_tokens):
                 pieces.append(piece)
                 write(piece)
-        finally:
+        except KeyboardInterrupt:
             with contextlib.suppress(SyscallError):
-                proc.kill(turn.pid, "KILL")
-                proc.wait(turn.pid, timeout=10)
-            proc.append(
-                [
-                    {"role": "user", "content": text},
-                    {"role": "assistant", "content": "".join(pieces)},
-                ]
-            )
+                self.admin().cancel(pid)
+            turn = [
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": "".join(pieces)},
+            ]
+            for _ in range(50):  # the cancelled call may need a moment to let go of it
+                try:
+                    proc.append(turn)
+                    break
+                except SyscallError as exc:
+                    if exc.code is not Errno.EBUSY:
+                        break
+                    time.sleep(0.02)
+            raise
         return "".join(pieces)
 
     def do_ls(self, args: list[str]) -> None:
