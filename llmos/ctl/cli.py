@@ -497,9 +497,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 res = proc.generate([{"role": "user", "content": args.prompt}], **opts)
                 print(json.dumps({"pid": proc.pid, **res.model_dump()}))
             else:
+                t0 = time.monotonic()
                 for piece in proc.stream(args.prompt, **opts):
                     out.print(piece, end="", markup=False, highlight=False)
                 out.print()
+                if err.is_terminal and proc.last is not None:  # progress for people, not pipes
+                    n, spent = proc.last.usage.output_tokens, time.monotonic() - t0
+                    err.print(f"[dim]({n} tokens in {spent:.1f} s, {n / spent:.1f} tok/s)[/]")
         finally:
             c.kill(proc.pid, "KILL")
             c.wait(proc.pid, timeout=10)

@@ -203,6 +203,7 @@ class Session:
     ) -> None:
         self.console = console or Console(highlight=False)
         self._connect = connect
+        self.last_turn = ""  # the latest chat reply's tokens and speed, shown after it
         self.client: Client | None = None
         self._token: str | None = None
         self.procs: dict[int, Process] = {}  # processes spawned in this shell
@@ -496,10 +497,18 @@ class Session:
         is kept in the process's context."""
         proc = self.handle(pid)
         pieces: list[str] = []
+        t0 = time.monotonic()
+        first: float | None = None
         try:
             for piece in proc.stream(text, max_tokens=max_tokens):
+                first = first if first is not None else time.monotonic()
                 pieces.append(piece)
                 write(piece)
+            if proc.last is not None and first is not None:
+                tokens, spent = proc.last.usage.output_tokens, time.monotonic() - first
+                self.last_turn = f"{tokens} tokens, first after {first - t0:.2f} s" + (
+                    f", {tokens / spent:.1f} tok/s" if spent > 0 and tokens > 1 else ""
+                )
         except KeyboardInterrupt:
             with contextlib.suppress(SyscallError):
                 self.admin().cancel(pid)
@@ -846,6 +855,8 @@ def _chat(session: Session, pid: int) -> None:
                 pid, text, lambda piece: console.print(piece, end="", markup=False, highlight=False)
             )
             console.print()
+            if session.last_turn:
+                console.print(f"[dim]({session.last_turn})[/]")
         except KeyboardInterrupt:
             console.print("\n[dim]^C (reply stopped)[/]")
         except SyscallError as exc:
