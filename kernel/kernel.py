@@ -21,6 +21,7 @@ from typing import Any
 
 from drivers.base import Driver, DriverError
 from kernel import sys_ctx, sys_fs, sys_ipc, sys_llm, sys_mem, sys_proc, sys_sys, sys_tool
+from kernel.audit import Audit
 from kernel.builtin_tools import builtin_tools
 from kernel.fs import FileSystem, load_index
 from kernel.ipc import Ipc
@@ -125,6 +126,8 @@ class Kernel:
         )
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
         self.fs = FileSystem(files, self.store, self.memory)
+        # Who did what: hash-chained in the state database, old rows in segment files.
+        self.audit = Audit(self.store, state_dir / "audit" if state_dir is not None else None)
         self.tools = ToolTable(builtin_tools())
         # How the python tool runs code: in bwrap namespaces, or not at all without it.
         self.sandbox = sandbox if sandbox is not None else SandboxConfig.detect()
@@ -167,6 +170,13 @@ class Kernel:
             )
         self.transport.bind()
         self.transport.start()
+        self.audit.record(
+            None,
+            "kernel.start",
+            "ok",
+            detail=f"kernel {VERSION}, pid {os.getpid()}; recovered {found.procs} processes "
+            f"({len(found.hung_up)} hung up)",
+        )
         self.residency.start()
         self._tasks.append(loop.create_task(self._init_reaper(), name="init"))
         log.info(
@@ -206,6 +216,8 @@ class Kernel:
         """Answer calls in flight with ESHUTDOWN, close the socket, unload models."""
         self._stopped.set()
         await self.dispatcher.shutdown()
+        self.audit.flush_auth()
+        self.audit.record(None, "kernel.stop", "ok", detail="clean shutdown")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -230,6 +242,13 @@ class Kernel:
     # -- dispatch hooks ------------------------------------------------------------
     def _on_frames(self, parts: list[bytes]) -> None:
         self.dispatcher.on_frames(parts)
+
+    def audit_detail(self, name: str, args: Any) -> str:
+        """What an audit row says beyond the call's target: a tool call's irreversibility."""
+        if name == "tool.call":
+            tool = self.tools.tools.get(args.name)
+            return "irreversible" if tool is not None and tool.irreversible else ""
+        return ""
 
     def authenticate(self, pid: int, token: str, spec: SyscallSpec) -> Caller:
         """Resolve the caller of a syscall: the admin (pid 0) or a live process."""

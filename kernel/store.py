@@ -32,7 +32,7 @@ log = logging.getLogger("llmos.store")
 T = TypeVar("T")
 
 #: Bump with a new entry in _MIGRATIONS when the schema changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -121,6 +121,21 @@ _MIGRATIONS: dict[int, str] = {
         vec BLOB NOT NULL
     );
     CREATE INDEX fs_chunks_path ON fs_chunks (area, path);
+    """,
+    3: """
+    CREATE TABLE audit (                  -- append-only, hash-chained (kernel/audit.py)
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,              -- admin, kernel or pid:N
+        program INTEGER,
+        call TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,            -- ok or an error code
+        digest TEXT NOT NULL,             -- SHA-256 of the arguments (not the arguments)
+        detail TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_ts ON audit (ts);
     """,
 }
 

@@ -10,6 +10,7 @@ from kernel.sys_proc import proc_info
 from kernel.syscall import Call
 from syscalls import limits
 from syscalls import models as m
+from syscalls.errors import Errno, SyscallError
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -108,4 +109,17 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
     )
 
 
-HANDLERS = {"sys.info": sys_info, "sys.stat": sys_stat}
+async def sys_audit(k: Kernel, call: Call, a: m.AuditArgs) -> m.AuditResult:
+    if not call.caller.admin:
+        raise SyscallError(Errno.EPERM, "only the kernel's owner (the admin) reads the audit trail")
+    rows = await k.store.call(k.audit.query, a.pid, a.program, a.since, a.limit)
+    verdict = None
+    if a.verify:
+        found = await k.store.call(k.audit.verify)
+        verdict = m.AuditVerdict(
+            ok=found.ok, rows=found.rows, first_broken=found.first_broken, reason=found.reason
+        )
+    return m.AuditResult(rows=[m.AuditRow(**r) for r in rows], verified=verdict)
+
+
+HANDLERS = {"sys.info": sys_info, "sys.stat": sys_stat, "sys.audit": sys_audit}

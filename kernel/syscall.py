@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from kernel.audit import AUDITED
 from kernel.process import Caller
 from syscalls import codec, limits
 from syscalls.errors import Errno, SyscallError
@@ -133,7 +134,12 @@ class Dispatcher:
             raise SyscallError(
                 Errno.ENOSYS, f"no syscall named {req.call!r} (see `llmos syscalls`)"
             )
-        caller = self.kernel.authenticate(req.pid, req.token, entry.spec)
+        try:
+            caller = self.kernel.authenticate(req.pid, req.token, entry.spec)
+        except SyscallError as err:
+            if err.code is Errno.EACCES:
+                self.kernel.audit.auth_failure(identity)
+            raise
         args = (
             entry.empty
             if not req.args and entry.empty is not None
@@ -145,7 +151,12 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         call = Call(req.id, req.call, caller, loop.time() + budget_ms / 1000, identity, self.send)
         if not entry.is_async:
-            result = entry.handler(self.kernel, call, args)
+            try:
+                result = entry.handler(self.kernel, call, args)
+            except SyscallError as err:
+                self._audit(call, args, err.code)
+                raise
+            self._audit(call, args, "ok")
             self.send(identity, codec.ok_reply(req.id, _dump(result)))
             return
         call.task = loop.create_task(self._run(entry, call, args), name=f"{req.call}#{req.id}")
@@ -184,9 +195,12 @@ class Dispatcher:
                 if call.interrupted is None:
                     raise  # kernel shutdown: stop() answers the caller
                 raise call.interrupted from None
+            self._audit(call, args, "ok")
         except SyscallError as err:
+            self._audit(call, args, err.code)
             frame = codec.error_reply(call.id, err, call.seq if entry.spec.chunk else None)
         except Exception:
+            self._audit(call, args, Errno.EIO)
             log.exception("internal error in %s", call.name)
             frame = codec.error_reply(
                 call.id,
@@ -198,6 +212,12 @@ class Dispatcher:
             self.calls.discard(call)
             self.kernel.untrack(call)
         self.send(call.identity, frame)
+
+    def _audit(self, call: Call, args: BaseModel, outcome: str) -> None:
+        """One audit row for a call of an audited syscall (who, what, which, result)."""
+        if call.name in AUDITED:
+            detail = self.kernel.audit_detail(call.name, args)
+            self.kernel.audit.record(call.caller, call.name, str(outcome), args, detail)
 
     async def shutdown(self) -> None:
         """Refuse new calls; answer every call in flight with ESHUTDOWN."""

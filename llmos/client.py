@@ -146,6 +146,20 @@ class _ClientAPI(_Identity):
         """The kernel: version, ABI, uptime, endpoints, models, policy, code sandbox."""
         return Op("sys.info", {})
 
+    @api("sys.audit")
+    def audit(
+        self,
+        pid: int | None = None,
+        program: int | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        verify: bool = False,
+    ) -> Op:
+        """The audit trail (admin only): the newest ``limit`` rows matching the filters,
+        and with ``verify`` whether the whole hash chain is intact."""
+        args = opt(pid=pid, program=program, since=since, limit=limit, verify=verify or None)
+        return Op("sys.audit", args)
+
     @api("sys.stat")
     def stat(self, procs: bool = True) -> Op:
         """The system state (``sys.stat``): models' slots and queues, process counts per

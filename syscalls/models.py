@@ -836,6 +836,39 @@ class SysInfoResult(Result):
     )
 
 
+class AuditArgs(Args):
+    pid: Pid | None = Field(default=None, description="only rows by or about this process")
+    program: Pid | None = Field(default=None, description="only this program's rows")
+    since: float | None = Field(default=None, ge=0, description="only rows from this Unix time")
+    limit: int = Field(default=100, ge=1, le=10_000, description="the newest N rows")
+    verify: bool = Field(default=False, description="also check the whole hash chain")
+
+
+class AuditRow(Result):
+    seq: int
+    ts: float
+    actor: str = Field(description="admin, kernel or pid:N")
+    program: int | None = None
+    call: str
+    target: str
+    outcome: str = Field(description="ok or an error code")
+    digest: str = Field(description="SHA-256 of the arguments (the arguments are not kept)")
+    detail: str
+    hash: str
+
+
+class AuditVerdict(Result):
+    ok: bool
+    rows: int = Field(description="rows checked, archived segments included")
+    first_broken: int | None = Field(default=None, description="seq of the first bad row")
+    reason: str = ""
+
+
+class AuditResult(Result):
+    rows: list[AuditRow]
+    verified: AuditVerdict | None = None
+
+
 class StatArgs(Args):
     procs: bool = Field(default=True, description="include the caller-visible process rows")
 

@@ -304,6 +304,15 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             needs_process=False,
         ),
         _row(
+            "sys.audit",
+            m.AuditArgs,
+            m.AuditResult,
+            [Errno.EPERM],
+            "The audit trail (admin only): who did what to which object with which result; "
+            "with verify, whether its hash chain is intact.",
+            needs_process=False,
+        ),
+        _row(
             "sys.stat",
             m.StatArgs,
             m.StatResult,

@@ -386,6 +386,52 @@ def cmd_mem(args: argparse.Namespace) -> int:
     return 0
 
 
+def since_time(text: str) -> float:
+    """argparse type of ``--since``: a Unix time, or an age such as ``90s``, ``10m``, ``2h``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return time.time() - float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a Unix time or an age like 10m, not {text!r}"
+        ) from None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``llmos audit``: the audit trail's newest rows; ``--verify`` exits 1 at a broken link."""
+    with connect() as c:
+        res = c.audit(args.pid, args.program, args.since, args.limit, args.verify)
+    verdict = res.verified
+    if args.json:
+        print(json.dumps(res.model_dump()))
+    else:
+        table = Table(box=None)
+        for col in ("SEQ", "TIME", "ACTOR", "PROG", "CALL", "TARGET", "OUTCOME", "DETAIL"):
+            table.add_column(col)
+        for r in res.rows:
+            table.add_row(
+                str(r.seq),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.ts)),
+                r.actor,
+                "" if r.program is None else str(r.program),
+                r.call,
+                r.target,
+                r.outcome if r.outcome == "ok" else f"[red]{r.outcome}[/]",
+                r.detail,
+            )
+        (out if out.is_terminal else Console(width=200)).print(table)
+        if verdict is not None:
+            if verdict.ok:
+                err.print(f"[green]audit trail intact[/]: {verdict.rows} rows chained")
+            else:
+                err.print(
+                    f"[red]audit trail broken at row {verdict.first_broken}[/]: {verdict.reason}"
+                )
+    return 1 if verdict is not None and not verdict.ok else 0
+
+
 def cmd_logs(follow: bool, lines: int) -> int:
     """``llmos logs [-f] [-n N]``: the kernel log's last lines (and, with -f, what follows)."""
     log = paths.state_dir() / "kernel.log"
@@ -802,6 +848,18 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("-k", type=int, default=5, help="how many entries --search shows")
     me.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
+    au = sub.add_parser("audit", help="the audit trail: who did what, with which result")
+    au.add_argument("--pid", type=int, default=None, help="rows by or about this process")
+    au.add_argument("--program", type=int, default=None, help="rows of this program")
+    au.add_argument(
+        "--since", type=since_time, default=None, help="Unix time, or an age: 90s, 10m, 2h, 1d"
+    )
+    au.add_argument("-n", "--limit", type=int, default=100, help="the newest N rows (100)")
+    au.add_argument(
+        "--verify", action="store_true", help="check the hash chain; exit 1 at a broken link"
+    )
+    au.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+
     lg = sub.add_parser("logs", help="the kernel's log (-f to follow it)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     lg.add_argument("-n", "--lines", type=int, default=50, help="last N lines (default: 50)")
@@ -1064,6 +1122,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_mem(args)
         case "logs":
             return cmd_logs(args.follow, args.lines)
+        case "audit":
+            return cmd_audit(args)
         case "top":
             return cmd_top(args)
         case "kill":
