@@ -765,20 +765,57 @@ class Memory(_Part):
         return ns
 
 
-# -- blocking flavour --------------------------------------------------------------------
+# -- the connections ---------------------------------------------------------------------
 
 
-class Client(_ClientAPI):
-    """A synchronous connection to a kernel. Thread-safe: each thread gets its own
-    socket, so a call blocking in one thread (a wait, a generation) never delays
-    another thread's calls."""
+class _Connection(_ClientAPI):
+    """A connection to a kernel as one identity (the admin by default); each flavour
+    names its transport and runs steps with its runner."""
+
+    _transport_cls: Any
 
     def __init__(self, endpoint: str | None = None, pid: int = 0, token: str | None = None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         check_endpoint(self.endpoint)
         self.pid = pid
         self.token = token if token is not None else (admin_token() or "") if pid == 0 else ""
-        self._transport = SyncTransport(self.endpoint)
+        self._transport = self._transport_cls(self.endpoint)
+
+    def stream(
+        self,
+        name: str,
+        args: dict[str, Any],
+        *,
+        pid: int | None = None,
+        token: str | None = None,
+        deadline_ms: int | None = None,
+    ) -> Any:
+        """Make a raw streaming syscall: its chunks, then the final result (an iterator,
+        or an async iterator on an asyncio connection)."""
+        return self._transport.frames(
+            name,
+            args,
+            self.pid if pid is None else pid,
+            self.token if token is None else token,
+            deadline_ms,
+        )
+
+    def _run(self, step: Any) -> Any:
+        return self._run_as(step, self.pid, self.token)
+
+    def _run_as(self, step: Any, pid: int, token: str) -> Any:  # pragma: no cover - per flavour
+        raise NotImplementedError
+
+
+# -- blocking flavour --------------------------------------------------------------------
+
+
+class Client(_Connection):
+    """A synchronous connection to a kernel. Thread-safe: each thread gets its own
+    socket, so a call blocking in one thread (a wait, a generation) never delays
+    another thread's calls."""
+
+    _transport_cls = SyncTransport
 
     def call(
         self,
@@ -794,27 +831,6 @@ class Client(_ClientAPI):
         for frame in self.stream(name, args or {}, pid=pid, token=token, deadline_ms=deadline_ms):
             final = frame
         return final
-
-    def stream(
-        self,
-        name: str,
-        args: dict[str, Any],
-        *,
-        pid: int | None = None,
-        token: str | None = None,
-        deadline_ms: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """Make a raw streaming syscall: yields each chunk, then the final result."""
-        yield from self._transport.frames(
-            name,
-            args,
-            self.pid if pid is None else pid,
-            self.token if token is None else token,
-            deadline_ms,
-        )
-
-    def _run(self, step: Any) -> Any:
-        return self._run_as(step, self.pid, self.token)
 
     def _run_as(self, step: Any, pid: int, token: str) -> Any:
         def do(op: Op) -> Any:
@@ -875,16 +891,11 @@ Client._process_cls = Process
 # -- asyncio flavour ---------------------------------------------------------------------
 
 
-class AsyncClient(_ClientAPI):
+class AsyncClient(_Connection):
     """An asyncio connection: many calls in flight on one socket, matched by id. Its
     methods are :class:`Client`'s, returning coroutines."""
 
-    def __init__(self, endpoint: str | None = None, pid: int = 0, token: str | None = None) -> None:
-        self.endpoint = resolve_endpoint(endpoint)
-        check_endpoint(self.endpoint)
-        self.pid = pid
-        self.token = token if token is not None else (admin_token() or "") if pid == 0 else ""
-        self._transport = AsyncTransport(self.endpoint)
+    _transport_cls = AsyncTransport
 
     async def call(
         self,
@@ -902,27 +913,6 @@ class AsyncClient(_ClientAPI):
         ):
             final = frame
         return final
-
-    def stream(
-        self,
-        name: str,
-        args: dict[str, Any],
-        *,
-        pid: int | None = None,
-        token: str | None = None,
-        deadline_ms: int | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Make a raw streaming syscall: yields each chunk, then the final result."""
-        return self._transport.frames(
-            name,
-            args,
-            self.pid if pid is None else pid,
-            self.token if token is None else token,
-            deadline_ms,
-        )
-
-    def _run(self, step: Any) -> Any:
-        return self._run_as(step, self.pid, self.token)
 
     def _run_as(self, step: Any, pid: int, token: str) -> Any:
         async def do(op: Op) -> Any:
