@@ -17,9 +17,10 @@ Shape:
   output, vLLM's own detokeniser off) into text with the same incremental detokeniser
   and stop-string matcher as the CPU driver, and hands deltas to the front end in
   batches (the per-request stream, its statuses and its ending are
-  ``drivers.stream``'s, shared with the openai driver). Doing detokenisation and stop strings here, over the
-  whole output including resumed tokens, is what makes a preempted greedy generation
-  resume with exactly the text and token count of an uninterrupted one.
+  ``drivers.stream``'s, shared with the openai driver). Doing detokenisation and stop
+  strings here, over the whole output including resumed tokens, is what makes a
+  preempted greedy generation resume with exactly the text and token count of an
+  uninterrupted one.
 
 Engine death: if vLLM's engine core process dies, requests in flight fail with
 :class:`DriverError`, the driver's state becomes ``failed`` and (``auto_restart``, on by
@@ -440,7 +441,8 @@ class VllmDriver(TokenizingDriver):
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
         if scheduling_policy not in _POLICIES:
             raise ValueError(
-                f"scheduling_policy must be one of {', '.join(_POLICIES)}; got {scheduling_policy!r}"
+                f"scheduling_policy must be one of {', '.join(_POLICIES)}; "
+                f"got {scheduling_policy!r}"
             )
         if kv_cache_gib is not None and kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive, got {kv_cache_gib}")
@@ -649,7 +651,8 @@ class VllmDriver(TokenizingDriver):
             )
         except TimeoutError:
             raise FormatError(
-                f"the {response_format.type} took over {COMPILE_TIMEOUT_S:g} s to parse; simplify it"
+                f"the {response_format.type} took over {COMPILE_TIMEOUT_S:g} s to parse; "
+                "simplify it"
             ) from None
         if len(self._checked_formats) >= 256:
             self._checked_formats.clear()

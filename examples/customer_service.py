@@ -1,4 +1,4 @@
-"""customer_service.py — a support bot over an updatable knowledge base in archival memory.
+r"""customer_service.py — a support bot over an updatable knowledge base in archival memory.
 
 Shows the memory tiers working for an agent: the shop's policies are archival entries
 with metadata (seeded on the first run, updated with ``--add TOPIC=TEXT``), each answer is
@@ -7,7 +7,8 @@ goes into a core memory block, which the kernel puts in every later prompt.
 
     llmos run examples/customer_service.py                        # the built-in questions
     llmos run examples/customer_service.py "Can I pay by card?"   # your own
-    llmos run --namespace shop examples/customer_service.py --kb shop --add "shipping=Free in 2 days."
+    llmos run --namespace shop examples/customer_service.py \
+        --kb shop --add "shipping=Free in 2 days."
 
 The knowledge base lives in the program's namespace (``prog:N``); with ``--namespace NAME``
 on ``llmos run`` and the same ``--kb NAME`` here it outlives the run.
@@ -60,7 +61,8 @@ def main() -> int:
     for item in args.add:
         topic, _, text = item.partition("=")
         print(
-            f"[support] policy {topic!r} is now entry {update_policy(kb, topic.strip(), text.strip())}"
+            f"[support] policy {topic!r} is now entry "
+            f"{update_policy(kb, topic.strip(), text.strip())}"
         )
 
     for question in args.questions or QUESTIONS:

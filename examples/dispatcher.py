@@ -67,13 +67,14 @@ def main() -> int:
 
     rows = {p.pid: p for p in me.stat().procs}  # the kernel's accounting of each job
     print(
-        f"{'pid':>4} {'nice':>4} {'sub':>5} {'first':>6} {'done':>6} {'wait_s':>6} {'preempt':>7}  job"
+        f"{'pid':>4} {'nice':>4} {'sub':>5} {'first':>6} {'done':>6} {'wait_s':>6} "
+        f"{'preempt':>7}  job"
     )
     for child, name, nice, times in sorted(jobs, key=lambda j: j[3]["first"]):
         r = rows[child.pid]
         print(
-            f"{child.pid:>4} {nice:>4} {times['submitted']:>5.2f} {times['first']:>6.2f} {times['done']:>6.2f} "
-            f"{r.wait_s:>6.2f} {r.preemptions:>7}  {name}"
+            f"{child.pid:>4} {nice:>4} {times['submitted']:>5.2f} {times['first']:>6.2f} "
+            f"{times['done']:>6.2f} {r.wait_s:>6.2f} {r.preemptions:>7}  {name}"
         )
     finish = [name for _, name, _, times in sorted(jobs, key=lambda j: j[3]["done"])]
     print(f"[dispatch] finish order: {' | '.join(finish)}")
@@ -87,8 +88,8 @@ def main() -> int:
         else "no"
     )
     print(
-        f"[dispatch] urgent jobs got a slot before the {len(queued)} routine jobs queued ahead of them: "
-        f"{verdict} (policy {stat.policy})"
+        f"[dispatch] urgent jobs got a slot before the {len(queued)} routine jobs queued "
+        f"ahead of them: {verdict} (policy {stat.policy})"
     )
     for child, *_ in jobs:  # jobs are done: end and reap them
         child.exit()

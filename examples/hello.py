@@ -31,7 +31,8 @@ def main() -> int:
     turns = [m["role"] for m in me.context()]
     usage = me.client.ps(me.pid)[0]
     print(
-        f"[hello] context: {' -> '.join(turns)}; tokens in {usage.prompt_tokens}, out {usage.output_tokens}"
+        f"[hello] context: {' -> '.join(turns)}; tokens in {usage.prompt_tokens}, "
+        f"out {usage.output_tokens}"
     )
     return 0
 

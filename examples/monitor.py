@@ -36,8 +36,8 @@ def summary(s: StatResult) -> str:
     mem_free = 100 * s.host.mem_available / max(s.host.mem_total, 1)
     return (
         f"{m.busy}/{m.slots} slots busy, {m.queued} queued; processes: {states or 'none'}; "
-        f"{s.tokens.output_tps:.1f} tokens/s; CPU {s.host.cpu_percent:.0f}% of {s.host.cpus} cores; "
-        f"load {s.host.load_avg[0]:.2f}; memory free {mem_free:.0f}%"
+        f"{s.tokens.output_tps:.1f} tokens/s; CPU {s.host.cpu_percent:.0f}% of {s.host.cpus} "
+        f"cores; load {s.host.load_avg[0]:.2f}; memory free {mem_free:.0f}%"
     )
 
 

@@ -50,7 +50,8 @@ def main() -> int:
     server = threading.Thread(target=tts.tools.serve, args=({"speak": speak}, stop.is_set, 0.2))
     server.start()
     print(
-        f"[voice] speech engine: {ENGINE or 'none: speech is skipped (install it with `apt install espeak-ng`)'}"
+        "[voice] speech engine: "
+        + (ENGINE or "none: speech is skipped (install it with `apt install espeak-ng`)")
     )
 
     try:

@@ -371,7 +371,8 @@ def _record(conn: sqlite3.Connection, area: str, rel: str, data: bytes | None, o
         sha = _sha(data)
         conn.execute("INSERT OR IGNORE INTO fs_blobs (sha, data) VALUES (?, ?)", (sha, data))
     conn.execute(
-        "INSERT INTO fs_versions (area, path, version, sha, size, ts, op) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO fs_versions (area, path, version, sha, size, ts, op) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (area, rel, number, sha, len(data) if data is not None else 0, time.time(), op),
     )
     old = conn.execute(
@@ -482,7 +483,8 @@ def _write(
     if len(new) > limits.MAX_FILE_BYTES:
         raise _refuse(
             Errno.EFBIG,
-            f"{place.shown} would be {len(new)} bytes, over the {limits.MAX_FILE_BYTES}-byte file limit",
+            f"{place.shown} would be {len(new)} bytes, "
+            f"over the {limits.MAX_FILE_BYTES}-byte file limit",
         )
     _charge(fs, place, len(new) - (len(current) if current is not None else 0))
     _atomic_write(place.real, new)

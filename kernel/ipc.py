@@ -13,9 +13,10 @@ the senders waiting for room parked on it. Who may message whom:
 A full mailbox refuses a direct message (EAGAIN, or the sender waits for room up to
 its timeout) but never slows a publisher: the subscriber's copy is dropped and its
 ``dropped`` counter goes up. All mailboxes together hold at most MAX_IPC_BYTES, so no
-program can fill the kernel's memory through them. When a process exits its mailbox and subscriptions go
-with it and every sender waiting on it is woken with ESRCH. Mailboxes live on the
-kernel's loop only (no locks) and are not persisted: a kernel restart empties them.
+program can fill the kernel's memory through them. When a process exits its mailbox
+and subscriptions go with it and every sender waiting on it is woken with ESRCH.
+Mailboxes live on the kernel's loop only (no locks) and are not persisted: a kernel
+restart empties them.
 """
 
 from __future__ import annotations
@@ -169,8 +170,8 @@ class Ipc:
             raise SyscallError(
                 Errno.EPERM,
                 f"process {caller.pid} (program {me.program.pgid}) may not message process {pid} "
-                f"of program {proc.program.pgid}: only processes of one program message each other; "
-                "to reach another program, publish on a topic it subscribes to",
+                f"of program {proc.program.pgid}: only processes of one program message "
+                "each other; to reach another program, publish on a topic it subscribes to",
             )
         return proc
 
@@ -186,7 +187,8 @@ class Ipc:
                 f"the mailbox of process {pid} is full ({len(box)} messages, {box.bytes} bytes; "
                 f"bounds {limits.MAILBOX_MAX_MESSAGES} messages, {limits.MAILBOX_MAX_BYTES} bytes)"
                 if not box.fits(size)
-                else f"the kernel's mailboxes hold {self.bytes} bytes, the most they may ({limits.MAX_IPC_BYTES})"
+                else f"the kernel's mailboxes hold {self.bytes} bytes, the most they may "
+                f"({limits.MAX_IPC_BYTES})"
             )
             if until <= asyncio.get_running_loop().time():
                 raise SyscallError(

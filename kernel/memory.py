@@ -369,7 +369,8 @@ def _embed(embedder: Embedder, texts: list[str]) -> np.ndarray:
 def _put_grant(conn: sqlite3.Connection, ns: str, grantee: str, write: bool, by: int) -> None:
     conn.execute(
         "INSERT INTO grants (ns, grantee, write, granted_by) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (ns, grantee) DO UPDATE SET write = excluded.write, granted_by = excluded.granted_by",
+        "ON CONFLICT (ns, grantee) DO UPDATE SET write = excluded.write, "
+        "granted_by = excluded.granted_by",
         (ns, grantee, int(write), by),
     )
 
@@ -383,8 +384,8 @@ def _put_block(
 ) -> None:
     conn.execute(
         "INSERT INTO blocks (ns, label, value, max_chars, updated) VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT (ns, label) DO UPDATE SET value = excluded.value, max_chars = excluded.max_chars, "
-        "updated = excluded.updated",
+        "ON CONFLICT (ns, label) DO UPDATE SET value = excluded.value, "
+        "max_chars = excluded.max_chars, updated = excluded.updated",
         (ns, label, value, max_chars, updated),
     )
 
@@ -418,11 +419,16 @@ def _search_recall(
         params.append(role)
     if match:
         sql = (
-            "SELECT r.id, r.pid, r.role, r.content, r.ts FROM recall_fts f JOIN recall r ON r.id = f.rowid "
-            f"WHERE recall_fts MATCH ? AND {' AND '.join(where)} ORDER BY bm25(recall_fts), r.id DESC LIMIT ?"
+            "SELECT r.id, r.pid, r.role, r.content, r.ts "
+            "FROM recall_fts f JOIN recall r ON r.id = f.rowid "
+            f"WHERE recall_fts MATCH ? AND {' AND '.join(where)} "
+            "ORDER BY bm25(recall_fts), r.id DESC LIMIT ?"
         )
         return conn.execute(sql, [match, *params, k]).fetchall()
-    sql = f"SELECT r.id, r.pid, r.role, r.content, r.ts FROM recall r WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?"
+    sql = (
+        "SELECT r.id, r.pid, r.role, r.content, r.ts FROM recall r "
+        f"WHERE {' AND '.join(where)} ORDER BY r.id DESC LIMIT ?"
+    )
     return conn.execute(sql, [*params, k]).fetchall()
 
 

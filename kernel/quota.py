@@ -34,7 +34,8 @@ class Limits:
             elif mine is not None and theirs > mine:
                 raise SyscallError(
                     Errno.EPERM,
-                    f"{f.name}={theirs} exceeds {who}'s own limit of {mine}; a child never gets more",
+                    f"{f.name}={theirs} exceeds {who}'s own limit of {mine}; "
+                    "a child never gets more",
                 )
             else:
                 out[f.name] = theirs

@@ -188,8 +188,9 @@ class Fair(Policy):
     levels run first, so short agent programs are never stuck behind long ones; inside a
     level the older program goes first (program-level FCFS: a program that has started
     is finished before newcomers are interleaved with it), then, among its processes,
-    the one of lowest nice (a program's urgent work first), then the least service. After its quantum a runner yields to a waiter of a lower level; a
-    waiter that has waited ``starve_s`` goes first regardless.
+    the one of lowest nice (a program's urgent work first), then the least service. After
+    its quantum a runner yields to a waiter of a lower level; a waiter that has waited
+    ``starve_s`` goes first regardless.
 
     ``T`` is ``spread`` times the median size (output tokens) of the last ``window``
     programs that finished (``base_tokens`` until ``min_programs`` have): a program is

@@ -6,10 +6,11 @@ driver request: SIGSTOP (the process parks until SIGCONT) and the scheduler's
 preemption (a plan of the scheduler flagged the slot, ``Slot.preempt``; the process goes
 back to the run queue). Either way the tokens made so far are kept and the generation
 resumes from them (``resume_ids``), so its text is exactly what an uninterrupted run
-would give; the re-prefill is the context switch's cost and is counted. The context changes only when a generation completes: a killed, timed-out or
-failed call leaves it as it was. Quotas (kernel/quota.py) are charged to the process
-and its program. A ``response_format`` is checked and compiled by the driver before the
-process queues for a slot, so a bad schema costs no slot time and fails with EINVAL.
+would give; the re-prefill is the context switch's cost and is counted. The context
+changes only when a generation completes: a killed, timed-out or failed call leaves it
+as it was. Quotas (kernel/quota.py) are charged to the process and its program. A
+``response_format`` is checked and compiled by the driver before the process queues
+for a slot, so a bad schema costs no slot time and fails with EINVAL.
 """
 
 from __future__ import annotations

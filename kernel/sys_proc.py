@@ -47,7 +47,8 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
             + (
                 f"it has: {', '.join(have)}"
                 if have
-                else "its driver serves none (the vllm driver takes --driver-option adapters=NAME=PATH)"
+                else "its driver serves none "
+                "(the vllm driver takes --driver-option adapters=NAME=PATH)"
             ),
         )
     mounts = await _mounts(caller.proc, a.mounts)

@@ -46,7 +46,8 @@ def tool_guide(tools: list[Tool]) -> str:
     """What the model is told about the tools it may call in this step."""
     lines = [
         "You can call one tool, or give your final answer. Reply with JSON only:",
-        '{"tool": NAME, "arguments": {...}} to call a tool, or {"answer": "..."} when you know the answer.',
+        '{"tool": NAME, "arguments": {...}} to call a tool, '
+        'or {"answer": "..."} when you know the answer.',
         "Tools:",
     ]
     for t in tools:

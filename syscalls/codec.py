@@ -82,6 +82,21 @@ def unpackb(frame: bytes) -> Any:
         raise SyscallError(Errno.EPROTO, f"frame is not valid msgpack: {exc}") from None
 
 
+def check_depth(obj: Any, limit: int) -> None:
+    """EINVAL if maps and arrays in ``obj`` nest deeper than ``limit`` (no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if not isinstance(value, dict | list):
+            continue
+        if depth > limit:
+            raise SyscallError(
+                Errno.EINVAL, f"the frame nests maps and arrays deeper than {limit} levels"
+            )
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
 def salvage_id(obj: Any) -> int | None:
     """Best-effort request id from a frame that failed validation (to address the reply)."""
     if isinstance(obj, dict):
@@ -97,6 +112,7 @@ def decode_request(frame: bytes) -> Request:
     obj = unpackb(frame)
     if not isinstance(obj, dict):
         raise SyscallError(Errno.EPROTO, "a request frame must be a msgpack map")
+    check_depth(obj, limits.MAX_FRAME_DEPTH)
     version = obj.get("v")
     if version != limits.ABI_VERSION:
         raise SyscallError(

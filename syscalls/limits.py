@@ -26,6 +26,9 @@ MAX_OUTPUT_TOKENS = 8192
 #: JSON and its nesting depth, the choices of a choice format, a regex, an EBNF grammar.
 MAX_SCHEMA_BYTES = 32_768
 MAX_SCHEMA_DEPTH = 64
+#: Deepest nesting of maps and arrays in a request frame (as for schemas): deeper input
+#: could exhaust the recursion of whatever later walks it (validation, json.dumps).
+MAX_FRAME_DEPTH = 64
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1_000
 MAX_PATTERN_CHARS = 2_000

@@ -146,3 +146,38 @@ def test_errors_rebuild_as_typed_exceptions():
 
 def test_every_code_has_a_sentence():
     assert all(code.sentence for code in Errno)
+
+
+def test_a_request_nested_deeper_than_the_limit_is_einval_not_a_crash():
+    from syscalls import limits
+
+    deep: object = {}
+    for _ in range(990):
+        deep = {"x": deep}
+    frame = codec.packb(
+        {
+            "v": limits.ABI_VERSION,
+            "id": 1,
+            "call": "tool.call",
+            "pid": 1,
+            "token": "t",
+            "args": {"name": "calculator", "args": deep},
+        }
+    )
+    with pytest.raises(SyscallError) as err:
+        codec.decode_request(frame)
+    assert err.value.code == "EINVAL" and "deeper than" in err.value.message
+    ok: object = [1]
+    for _ in range(limits.MAX_FRAME_DEPTH - 3):
+        ok = [ok]
+    frame = codec.packb(
+        {
+            "v": limits.ABI_VERSION,
+            "id": 2,
+            "call": "ipc.send",
+            "pid": 1,
+            "token": "t",
+            "args": {"message": ok},
+        }
+    )
+    assert codec.decode_request(frame).id == 2

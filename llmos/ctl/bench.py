@@ -262,5 +262,6 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
             )
         Console().print(g)
         Console().print(
-            f"kernel overhead on generation: {report['kernel_generation_overhead_pct']:+.2f}% tokens/s"
+            "kernel overhead on generation: "
+            f"{report['kernel_generation_overhead_pct']:+.2f}% tokens/s"
         )

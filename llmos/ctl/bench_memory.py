@@ -208,7 +208,8 @@ def bench_memory(args: argparse.Namespace) -> int:
                         progress.remove_task(task)
                         if size < have:
                             err.print(
-                                f"[yellow]{size:,} entries: skipped, {args.state_dir} holds {have:,}[/]"
+                                f"[yellow]{size:,} entries: skipped, "
+                                f"{args.state_dir} holds {have:,}[/]"
                             )
                             continue
                         row = _measure_size(p, size, args.searches, args.puts, rng) | fill
@@ -258,6 +259,12 @@ def bench_memory(args: argparse.Namespace) -> int:
     Console().print(table)
     err.print(
         f"kernel RSS {rss / 2**20:.0f} MiB; goal: {report['goal']} -> "
-        f"{'met' if report['goal_met'] else 'not met' if report['goal_met'] is False else 'not measured'}"
+        + (
+            "met"
+            if report["goal_met"]
+            else "not met"
+            if report["goal_met"] is False
+            else "not measured"
+        )
     )
     return 0

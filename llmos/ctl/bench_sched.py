@@ -187,12 +187,15 @@ def _text(rng: random.Random, head: str, words: int) -> str:
 def describe(kind: str, s: Scale) -> str:
     """What workload ``kind`` is made of at scale ``s`` (for the report)."""
     return {
-        "chat": f"2-5 turns; user text lognormal (median {24 * s.words:g} words), output lognormal (median "
-        f"{20 * s.out:g} tokens, sigma 0.9, at most {s.max_out}), think time exp(0.3 s) between turns",
-        "react": f"3-8 calls; task {30 * s.words:g} words, observations {10 * s.words:g}-{60 * s.words:g} words, "
-        f"output lognormal (median {10 * s.out:g} tokens, sigma 0.5), tool wait uniform 0.05-0.5 s",
-        "mix": f"1 program in {LONG_EVERY} is long (2 calls of {s.long_out} tokens), the others short (1-2 "
-        f"calls, output median {8 * s.out:g} tokens, waits 0.05-0.3 s)",
+        "chat": f"2-5 turns; user text lognormal (median {24 * s.words:g} words), "
+        f"output lognormal (median {20 * s.out:g} tokens, sigma 0.9, at most {s.max_out}), "
+        "think time exp(0.3 s) between turns",
+        "react": f"3-8 calls; task {30 * s.words:g} words, "
+        f"observations {10 * s.words:g}-{60 * s.words:g} words, "
+        f"output lognormal (median {10 * s.out:g} tokens, sigma 0.5), "
+        "tool wait uniform 0.05-0.5 s",
+        "mix": f"1 program in {LONG_EVERY} is long (2 calls of {s.long_out} tokens), "
+        f"the others short (1-2 calls, output median {8 * s.out:g} tokens, waits 0.05-0.3 s)",
     }[kind]
 
 
@@ -1064,8 +1067,8 @@ def print_report(report: dict[str, Any]) -> None:
     out.print(
         f"[bold]llmos bench sched[/] — driver [bold]{report['driver']}[/] ({setting}), "
         f"{report['slots']} slots, seed {report['seed']}; one request alone: prefill "
-        f"{svc.get('prefill_tokens_per_s', 0):,.0f} tok/s, decode {svc.get('decode_tokens_per_s', 0):,.1f} "
-        f"tok/s ({svc.get('source', '?')})"
+        f"{svc.get('prefill_tokens_per_s', 0):,.0f} tok/s, "
+        f"decode {svc.get('decode_tokens_per_s', 0):,.1f} tok/s ({svc.get('source', '?')})"
     )
     if report["driver"] == "sim":
         out.print(
@@ -1091,12 +1094,13 @@ def print_report(report: dict[str, Any]) -> None:
         best = f"best {s['best_policy']} {s['best_mean_speedup']:.2f}× mean completion vs fifo"
         if "policy" in s:
             best = (
-                f"default policy {s['policy']}: {s['mean_speedup']:.2f}× mean, {s['p95_speedup']:.2f}× "
-                f"p95 completion vs fifo; {best}"
+                f"default policy {s['policy']}: {s['mean_speedup']:.2f}× mean, "
+                f"{s['p95_speedup']:.2f}× p95 completion vs fifo; {best}"
             )
         out.print(f"{wl}: {best}")
     for r in report["runs"]:
         if r["errors"]:
             out.print(
-                f"[red]{r['workload']} · {r['policy']}: {r['errors']} program(s) failed[/]: {r['first_error']}"
+                f"[red]{r['workload']} · {r['policy']}: {r['errors']} program(s) failed[/]: "
+                f"{r['first_error']}"
             )

@@ -604,11 +604,13 @@ class Session:
         )
         now = time.time()
         ps = "\n".join(
-            f"pid {p.pid} name {p.name} state {p.state} waiting {p.wait_s:.0f}s age {now - p.created:.0f}s"
+            f"pid {p.pid} name {p.name} state {p.state} waiting {p.wait_s:.0f}s "
+            f"age {now - p.created:.0f}s"
             for p in admin.ps()
         )
         system = (
-            "You operate the llmos shell. Answer with the shell commands that do what the user asks, "
+            "You operate the llmos shell. "
+            "Answer with the shell commands that do what the user asks, "
             f"one command per string, only from this table:\n{table}\n\nThe processes now:\n{ps}"
         )
         item = {
@@ -743,7 +745,8 @@ def run_shell(start: Callable[[], int] | None = None) -> int:
     if not sys.stdin.isatty():
         return run_script(session, sys.stdin)
     console.print(
-        "[bold]llmos shell[/]: `help` lists the commands, `? QUESTION` asks the model, Ctrl-D leaves"
+        "[bold]llmos shell[/]: `help` lists the commands, `? QUESTION` asks the model, "
+        "Ctrl-D leaves"
     )
 
     class _Completer(Completer):

@@ -67,7 +67,8 @@ def top_view(snap: m.StatResult, prev: m.StatResult | None, max_rows: int | None
     lines.append(
         Text.from_markup(
             f"[bold]tokens[/] prompt [bold]{t.prompt_tps:.1f}[/]/s ({t.prompt_total} total), "
-            f"output [bold]{t.output_tps:.1f}[/]/s ({t.output_total} total)  [dim]over {t.window_s:.0f} s[/]"
+            f"output [bold]{t.output_tps:.1f}[/]/s ({t.output_total} total)  "
+            f"[dim]over {t.window_s:.0f} s[/]"
         )
     )
     load = " ".join(f"{x:.2f}" for x in h.load_avg)
