@@ -98,6 +98,14 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         "(repeatable; keys name, driver, model, slots, dtype; others are driver options)",
     )
     p.add_argument(
+        "--max-procs",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="size of the process table, zombies included (default: 4096); each program "
+        "holds at most a quarter of it unless its max_procs limit says otherwise",
+    )
+    p.add_argument(
         "--max-loaded",
         type=int,
         default=None,
@@ -328,6 +336,8 @@ def validate_options(args: argparse.Namespace) -> None:
     make_policy(args.policy, args.quantum)
     if args.driver not in DRIVERS:
         raise ValueError(f"unknown driver {args.driver!r}; choose from {', '.join(DRIVERS)}")
+    if args.max_procs < 128:
+        raise ValueError(f"--max-procs {args.max_procs}: at least 128 (64 are the admin's)")
     if args.slots < 1:
         raise ValueError(f"--slots {args.slots}: a model needs at least one slot")
     if args.max_loaded is not None and args.max_loaded < 1:
@@ -372,6 +382,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         state_dir=state,
         max_loaded=args.max_loaded,
         min_awake_s=args.min_awake,
+        max_procs=args.max_procs,
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
     )
     loop = asyncio.get_running_loop()

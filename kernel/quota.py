@@ -23,6 +23,7 @@ class Limits:
     max_context_tokens: int | None = None  # prompt tokens of any one generation
     max_wall_s: float | None = None  # seconds since the account was opened
     max_calls_per_min: int | None = None  # llm.generate calls in any 60 s
+    max_procs: int | None = None  # processes (zombies too) the program holds at once
 
     def narrowed(self, asked: Limits, who: str) -> Limits:
         """``asked`` with unset fields inherited from ``self``; EPERM if it asks for more."""

@@ -31,10 +31,7 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
             Errno.EPERM,
             f"a child cannot run at nice {a.nice}, above its parent's {caller.proc.nice}",
         )
-    if len(k.procs) >= k.max_procs:
-        raise SyscallError(
-            Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit"
-        )
+    _check_table_room(k, caller.proc)
     host_started = _host_started(a.host_pid) if a.host_pid is not None else None
     inherited = (
         caller.proc.adapter if caller.proc is not None and caller.proc.model == model else None
@@ -137,6 +134,39 @@ def _host_started(pid: int) -> float:
         raise SyscallError(
             Errno.EINVAL, f"host_pid {pid} is not a running process on the kernel's host"
         ) from None
+
+
+#: Slots of the process table only the admin may fill: it can always spawn and clean up.
+ADMIN_RESERVE = 64
+
+
+def _check_table_room(k: Kernel, parent: Proc | None) -> None:
+    """EAGAIN when the process table is full for this caller: the admin may use all of
+    it; programs leave the admin's reserve, and each program (zombies included) holds at
+    most its share — its ``max_procs`` limit, or a quarter of the table — so one program
+    cannot deny spawns to the others."""
+    if len(k.procs) >= k.max_procs:
+        raise SyscallError(
+            Errno.EAGAIN, f"process table full ({k.max_procs} processes); wait for some to exit"
+        )
+    if parent is None:
+        return
+    if len(k.procs) >= k.max_procs - ADMIN_RESERVE:
+        raise SyscallError(
+            Errno.EAGAIN,
+            f"process table nearly full: the last {ADMIN_RESERVE} of {k.max_procs} slots are "
+            "kept for the admin; wait for processes to exit (and reap your zombies)",
+        )
+    program = parent.program
+    share = program.account.limits.max_procs or max(1, k.max_procs // 4)
+    held = sum(1 for p in k.procs if p.program is program)
+    if held >= share:
+        raise SyscallError(
+            Errno.EAGAIN,
+            f"program {program.pgid} holds {held} processes (zombies included), its share of "
+            f"the process table (max_procs={share}); reap exited children or raise it with "
+            "program_limits",
+        )
 
 
 def _limits(given: m.Limits | None) -> Limits | None:

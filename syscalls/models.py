@@ -123,6 +123,13 @@ class Limits(Args):
     max_wall_s: float | None = Field(
         default=None, gt=0, le=365 * 86400, description="seconds since spawn"
     )
+    max_procs: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 20,
+        description="processes, zombies included, its program may hold at once "
+        "(default: a quarter of the process table)",
+    )
     max_calls_per_min: int | None = Field(
         default=None, ge=1, le=10**6, description="llm.generate calls per minute"
     )
