@@ -29,6 +29,7 @@ from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
+from llmos.ctl.views import pending_table
 from syscalls import models as m
 from syscalls import paths
 from syscalls.errors import Errno, SyscallError
@@ -254,18 +255,7 @@ def cmd_pending(as_json: bool) -> int:
     if not calls:
         err.print("no tool call is waiting for approval")
         return 0
-    table = Table(box=None)
-    for col in ("ID", "PID", "TOOL", "WAITING s", "ARGUMENTS"):
-        table.add_column(col)
-    for p in calls:
-        table.add_row(
-            str(p.id),
-            str(p.caller),
-            p.name,
-            f"{time.time() - p.since:.0f}",
-            json.dumps(p.args)[:200],
-        )
-    out.print(table)
+    out.print(pending_table(calls))
     err.print("[dim]llmos approve ID / llmos deny ID[/]")
     return 0
 

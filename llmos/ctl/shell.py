@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmos.client import Client, Process, admin_token
+from llmos.ctl.views import pending_table
 from syscalls import models as m
 from syscalls import paths
 from syscalls.errors import Errno, SyscallError
@@ -416,18 +417,7 @@ class Session:
         if not calls:
             self.say("no tool call is waiting for approval")
             return
-        table = Table(box=None, header_style="bold")
-        for col in ("ID", "PID", "TOOL", "WAITING s", "ARGUMENTS"):
-            table.add_column(col)
-        for p in calls:
-            table.add_row(
-                str(p.id),
-                str(p.caller),
-                p.name,
-                f"{time.time() - p.since:.0f}",
-                json.dumps(p.args)[:200],
-            )
-        self.console.print(table)
+        self.console.print(pending_table(calls))
 
     def do_approve(self, args: list[str]) -> None:
         self.admin().approve(_int(args[0], "ID"))
