@@ -29,8 +29,14 @@ def _at(k: Kernel, call: Call, path: str) -> Place:
     return k.fs.place(_me(call), path)
 
 
+def _viewer(k: Kernel, call: Call, pid: int | None) -> Proc:
+    """Whose files a read-only call looks at: the caller's, or (``pid``) a descendant's,
+    or anyone's for the admin."""
+    return k.procs.target(call.caller, pid)
+
+
 async def sys_read(k: Kernel, call: Call, a: m.FsReadArgs) -> m.FsReadResult:
-    place = k.fs.file_place(_me(call), a.path)
+    place = k.fs.file_place(_viewer(k, call, a.pid), a.path)
     data, size, version = await k.fs.read(place, a.offset, a.length)
     try:
         return m.FsReadResult(
@@ -55,8 +61,9 @@ async def sys_append(k: Kernel, call: Call, a: m.FsWriteArgs) -> m.FsWriteResult
 
 
 async def sys_list(k: Kernel, call: Call, a: m.FsPathArgs) -> m.FsListResult:
-    place = _at(k, call, a.path)
-    entries = await k.fs.listdir(_me(call), place)
+    viewer = _viewer(k, call, a.pid)
+    place = k.fs.place(viewer, a.path)
+    entries = await k.fs.listdir(viewer, place)
     return m.FsListResult(
         path=place.shown,
         entries=[m.FsEntry(name=n, type=t, size=s, mtime=mt) for n, t, s, mt in entries],
@@ -64,7 +71,7 @@ async def sys_list(k: Kernel, call: Call, a: m.FsPathArgs) -> m.FsListResult:
 
 
 async def sys_stat(k: Kernel, call: Call, a: m.FsPathArgs) -> m.FsStatResult:
-    place = _at(k, call, a.path)
+    place = k.fs.place(_viewer(k, call, a.pid), a.path)
     if place.area == "mnt":
         return m.FsStatResult(
             path="/mnt", type="dir", size=0, mtime=0.0, versions=0, writable=False
@@ -104,7 +111,7 @@ async def sys_rename(k: Kernel, call: Call, a: m.FsRenameArgs) -> m.Done:
 
 
 async def sys_history(k: Kernel, call: Call, a: m.FsHistoryArgs) -> m.FsHistoryResult:
-    place = _at(k, call, a.path)
+    place = k.fs.place(_viewer(k, call, a.pid), a.path)
     rows = await k.fs.history(place, a.limit)
     return m.FsHistoryResult(
         path=place.shown,

@@ -956,6 +956,11 @@ FsPathArg = Annotated[
 
 class FsReadArgs(Args):
     path: FsPathArg
+    pid: Pid | None = Field(
+        default=None,
+        description="whose files: the caller's view by default; a descendant's, or anyone's "
+        "for the admin",
+    )
     offset: int = Field(default=0, ge=0, le=limits.MAX_FILE_BYTES)
     length: int | None = Field(
         default=None,
@@ -998,6 +1003,11 @@ class FsWriteResult(Result):
 
 class FsPathArgs(Args):
     path: FsPathArg = "/"
+    pid: Pid | None = Field(
+        default=None,
+        description="whose files: the caller's view by default; a descendant's, or anyone's "
+        "for the admin",
+    )
 
 
 class FsEntry(Result):
@@ -1043,6 +1053,11 @@ class FsRenameArgs(Args):
 class FsHistoryArgs(Args):
     path: FsPathArg
     limit: int = Field(default=50, ge=1, le=limits.MAX_FS_VERSIONS)
+    pid: Pid | None = Field(
+        default=None,
+        description="whose files: the caller's view by default; a descendant's, or anyone's "
+        "for the admin",
+    )
 
 
 class FsVersion(Result):

@@ -327,6 +327,7 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             m.FsReadResult,
             [Errno.ENOENT, Errno.EPERM, Errno.EINVAL],
             "Read a file (text, or bytes when it is not UTF-8), from an offset.",
+            needs_process=False,
         ),
         _row(
             "fs.write",
@@ -348,6 +349,7 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             m.FsListResult,
             [Errno.ENOENT, Errno.EPERM, Errno.EINVAL],
             "List a directory (/ shows home and mnt too; /mnt lists the mounts).",
+            needs_process=False,
         ),
         _row(
             "fs.stat",
@@ -355,6 +357,7 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             m.FsStatResult,
             [Errno.ENOENT, Errno.EPERM, Errno.EINVAL],
             "Type, size, modification time and number of versions of a path.",
+            needs_process=False,
         ),
         _row(
             "fs.mkdir",
@@ -383,6 +386,7 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             m.FsHistoryResult,
             [Errno.ENOENT, Errno.EPERM, Errno.EINVAL],
             "The versions of a path, newest first (writes, appends, removals, renames, rollbacks).",
+            needs_process=False,
         ),
         _row(
             "fs.rollback",

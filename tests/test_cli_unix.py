@@ -178,13 +178,14 @@ def test_usage_errors_version_and_json_errors(sh) -> None:
         c.spawn("x", program_limits={"bogus": 1})
 
 
-def test_ps_filters_and_columns_ctx_mem_and_logs(sh) -> None:
+def test_ps_filters_and_columns_ctx_mem_fs_and_logs(sh) -> None:
     with sh.admin() as c:
         p = c.spawn("inspected", system="Be brief.")
         p.append([{"role": "user", "content": "remember the blue door"}])
         p.memory.set_block("user", "prefers tea")
         p.memory.put("the office closes at six")
         other = c.spawn("bystander")
+        p.files.write("notes/today.txt", "buy milk")
     rows = json.loads(sh("ps", "--program", str(p.pid), "--json").stdout)
     assert [r["pid"] for r in rows] == [p.pid]
     table = sh("ps", "-o", "pid,state,name", "--state", "new,waiting")
@@ -196,6 +197,10 @@ def test_ps_filters_and_columns_ctx_mem_and_logs(sh) -> None:
     assert "prefers tea" in sh("mem", str(p.pid)).stdout
     hits = json.loads(sh("mem", str(p.pid), "--search", "when does it shut", "--json").stdout)
     assert hits and "six" in hits[0]["text"]
+    listing = sh("fs", str(p.pid), "ls", "/notes")
+    assert listing.returncode == 0 and "today.txt" in listing.stdout, listing.stderr
+    assert sh("fs", str(p.pid), "cat", "notes/today.txt").stdout == "buy milk"
+    assert sh("fs", str(other.pid), "cat", "notes/today.txt").returncode == 1  # not its file
     logs = sh("logs", "-n", "5")
     assert logs.returncode == 0 and 0 < len(logs.stdout.splitlines()) <= 5
     for pid in (p.pid, other.pid):

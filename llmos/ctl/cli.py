@@ -422,6 +422,33 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if verdict is not None and not verdict.ok else 0
 
 
+def cmd_fs(args: argparse.Namespace) -> int:
+    """``llmos fs PID ls [PATH]`` / ``llmos fs PID cat PATH``: a process's files, read-only,
+    as the admin (in that process's view: its root, /home, its mounts)."""
+    with connect() as c:
+        if args.op == "cat":
+            if not args.path:
+                raise SyscallError.of(Errno.EINVAL, "llmos fs PID cat PATH: name the file")
+            res = m.FsReadResult(**c.call("fs.read", {"pid": args.pid, "path": args.path}))
+            if args.json:
+                print(json.dumps(res.model_dump(mode="json")))
+            elif res.text is not None:
+                sys.stdout.write(res.text)
+            else:
+                sys.stdout.buffer.write(res.data or b"")
+            return 0
+        listing = m.FsListResult(**c.call("fs.list", {"pid": args.pid, "path": args.path or "/"}))
+    if args.json:
+        print(json.dumps(listing.model_dump()))
+        return 0
+    for e in listing.entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+        name = f"{e.name}/" if e.type == "dir" else e.name
+        out.print(f"{e.size:>10} {when} ", end="")
+        out.print(name, markup=False, highlight=False)
+    return 0
+
+
 def cmd_logs(follow: bool, lines: int) -> int:
     """``llmos logs [-f] [-n N]``: the kernel log's last lines (and, with -f, what follows)."""
     log = paths.state_dir() / "kernel.log"
@@ -850,6 +877,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     au.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
+    fsp = sub.add_parser("fs", help="a process's files, read-only: ls [PATH] or cat PATH")
+    fsp.add_argument("pid", type=int, help="the process (its view: root, /home, /mnt)")
+    fsp.add_argument("op", choices=["ls", "cat"], help="list a directory or print a file")
+    fsp.add_argument("path", nargs="?", default=None, help="the path (ls: default /)")
+    fsp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+
     lg = sub.add_parser("logs", help="the kernel's log (-f to follow it)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     lg.add_argument("-n", "--lines", type=int, default=50, help="last N lines (default: 50)")
@@ -1114,6 +1147,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_logs(args.follow, args.lines)
         case "audit":
             return cmd_audit(args)
+        case "fs":
+            return cmd_fs(args)
         case "top":
             return cmd_top(args)
         case "kill":
