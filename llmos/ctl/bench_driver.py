@@ -45,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -402,6 +402,7 @@ class Plan:
     requests: int
     max_tokens: int
     turns: int
+    progress: Callable[[str], None] = field(default=lambda _: None)  # what runs now
 
     @property
     def conversations(self) -> int:
@@ -416,6 +417,10 @@ async def _rounds(paths: list[BenchPath], plan: Plan, rounds: range, alternate: 
         order = paths[::-1] if alternate and r % 2 else paths
         for c in plan.levels:
             for i, path in enumerate(order):
+                plan.progress(
+                    f"round {r + 1} of {plan.rounds}: {path.name} path, {c} concurrent "
+                    f"stream{'s' if c > 1 else ''}…"
+                )
                 run = Run(path.name, c, r, first=i == 0)
                 await path.run(run, plan.requests, plan.max_tokens)
                 runs.append(run)
@@ -569,7 +574,10 @@ def bench_driver(args: argparse.Namespace) -> int:
         with err.status(f"starting a private kernel with the {args.driver} driver…"):
             kernel.start()
         try:
-            with err.status(f"{mode} rounds at concurrency {', '.join(map(str, levels))}…"):
+            with err.status(
+                f"{mode} rounds at concurrency {', '.join(map(str, levels))}…"
+            ) as status:
+                plan.progress = status.update
                 if args.sequential:
                     runs, k_hit = asyncio.run(_kernel_only(kernel, plan))
                 else:

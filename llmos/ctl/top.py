@@ -110,7 +110,7 @@ def top_view(snap: m.StatResult, prev: m.StatResult | None, max_rows: int | None
             no_wrap=True,
             overflow="ellipsis",
             min_width=width,
-            max_width=16 if col == "MODEL" else None,
+            max_width=40 if col == "MODEL" else None,  # a long name may not crowd out the rest
         )
     shown = rows if max_rows is None else rows[: max(max_rows, 1)]
     for p in shown:
