@@ -124,3 +124,40 @@ def test_the_asyncio_flavour_does_files_memory_tools_and_serving(daemon: Daemon)
             await server.reap()
 
     asyncio.run(main())
+
+
+def test_user_space_has_no_import_cycles_and_the_sdk_never_imports_the_operator_room() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    graph: dict[str, set[str]] = {}
+    for path in sorted((root / "llmos").rglob("*.py")):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d.startswith("llmos")}
+    graph = {
+        n: {d for d in ds if d in graph and d != n and d != "llmos"} for n, ds in graph.items()
+    }
+    sdk = [n for n in graph if not n.startswith("llmos.ctl")]
+    for n in sdk:
+        assert not any(d.startswith("llmos.ctl") for d in graph[n]), (n, graph[n])
+    state: dict[str, int] = {}
+
+    def visit(n: str, trail: list[str]) -> None:
+        state[n] = 1
+        for d in graph[n]:
+            assert state.get(d) != 1, f"import cycle: {' -> '.join([*trail, n, d])}"
+            if d not in state:
+                visit(d, [*trail, n])
+        state[n] = 2
+
+    for n in graph:
+        if n not in state:
+            visit(n, [])
