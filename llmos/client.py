@@ -552,9 +552,14 @@ class Tools(_Part):
                 yield Op(
                     "tool.reply", opt(id=req.id, result=None if error else result, error=error)
                 )
-            except SyscallError as exc:
+            except SyscallError as exc:  # the answer itself was refused (too big, not JSON...)
                 if exc.code is not Errno.ENOENT:  # ENOENT: its caller gave up already
-                    raise
+                    refused = {"id": req.id, "error": f"{exc.code}: {exc.message}"}
+                    try:
+                        yield Op("tool.reply", refused)
+                    except SyscallError as again:
+                        if again.code is not Errno.ENOENT:
+                            raise
             answered += 1
         return answered
 
