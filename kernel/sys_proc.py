@@ -240,10 +240,7 @@ def sys_ps(k: Kernel, call: Call, a: m.PsArgs) -> m.PsResult:
         procs = sorted(k.procs, key=lambda p: p.pid)
     else:
         procs = [caller.proc, *k.procs.descendants(caller.pid)]
-    rows = [proc_info(p, k.ipc.depth(p.pid)) for p in procs]
-    if a.pid is None and caller.proc is None:
-        rows.insert(0, init_info(k))  # the admin sees the parent its processes name
-    return m.PsResult(procs=rows)
+    return m.PsResult(procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs])
 
 
 async def sys_wait(k: Kernel, call: Call, a: m.WaitArgs) -> m.WaitResult:

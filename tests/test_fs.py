@@ -95,8 +95,11 @@ def test_a_programs_processes_share_home_but_not_their_roots(spawn: Spawn, admin
     other = spawn("other-program")
     with pytest.raises(ENOENT):
         other.files.read("/home/plan.md")
+    with pytest.raises(SyscallError, match="must name the target process"):
+        admin.call("fs.read", {"path": "x"})  # the admin has no files of its own
+    assert admin.call("fs.read", {"pid": child.pid, "path": "home/plan.md"})["text"]
     with pytest.raises(SyscallError, match="acts on the calling process"):
-        admin.call("fs.read", {"path": "x"})
+        admin.call("fs.write", {"path": "x", "text": "y"})  # and writes only as a process
 
 
 HOSTILE = [
@@ -221,7 +224,8 @@ def test_mounts_are_capabilities_passed_only_downwards(
 
 
 def test_file_size_limits_give_clear_errors(spawn: Spawn) -> None:
-    f = spawn("big").files
+    p = spawn("big")
+    f = p.files
     with pytest.raises(EINVAL):
         f.write("too-big-at-once.bin", b"x" * (limits.MAX_IO_BYTES + 1))
     chunk = b"y" * limits.MAX_IO_BYTES
@@ -230,7 +234,7 @@ def test_file_size_limits_give_clear_errors(spawn: Spawn) -> None:
             f.append("grows.bin", chunk)
     assert f.stat("grows.bin").size <= limits.MAX_FILE_BYTES
     with pytest.raises(EINVAL, match="exactly one"):
-        f._call("fs.write", {"path": "x", "text": "a", "data": b"b"})
+        p.call("fs.write", {"path": "x", "text": "a", "data": b"b"})
 
 
 def test_search_finds_files_by_meaning_across_root_and_home(spawn: Spawn) -> None:

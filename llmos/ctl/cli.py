@@ -313,6 +313,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     """``llmos ps [--state S] [--program N] [-o COLS]``: the process table."""
     with connect() as c:
         procs = c.ps()
+        if args.state is None and args.program is None:
+            procs = [*c.ps(1), *procs]  # init, the parent top-level processes name
     states = {s.upper() for s in (args.state or "").split(",") if s}
     procs = [
         p
