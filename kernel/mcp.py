@@ -491,6 +491,8 @@ class McpHost:
                     pass
                 finally:
                     lost.set()
+                    if mount.lost is lost:  # known at once: its tools answer "restarting"
+                        mount.session, mount.state = None, "restarting"
 
             relay_task = asyncio.get_running_loop().create_task(relay())
             try:
@@ -576,13 +578,13 @@ class McpHost:
             watch.cancel()
             if not call.done():
                 call.cancel()
-        if not call.done() or call.cancelled():
+        exc = None if not call.done() or call.cancelled() else call.exception()
+        if not call.done() or call.cancelled() or (exc is not None and lost.is_set()):
             raise SyscallError(
                 Errno.EIO,
                 f"MCP server {mount.name!r} went away during the call of {remote!r}; "
                 "it is restarting",
             )
-        exc = call.exception()
         if exc is not None:
             if isinstance(exc, SyscallError):
                 raise exc

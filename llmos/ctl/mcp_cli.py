@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from rich.console import Console
 from rich.table import Table
@@ -24,10 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     """Register ``llmos mcp`` on the ``llmos`` command's subparsers."""
     mp = sub.add_parser("mcp", help="mount, list or unmount MCP servers (their tools: NAME__TOOL)")
     msub = mp.add_subparsers(dest="mcmd", required=True)
-    ad = msub.add_parser("add", help="mount an MCP server (trusted code: it runs as your user)")
+    ad = msub.add_parser(
+        "add",
+        help="mount an MCP server (trusted code: it runs as your user)",
+        usage="llmos mcp add [--timeout S] [--json] NAME COMMAND [ARG...] | NAME URL",
+    )
     ad.add_argument("name", help="its name, the prefix of its tools' names (e.g. time)")
     ad.add_argument(
-        "target", nargs="+", help="a command line (stdio) or an http(s):// URL (streamable HTTP)"
+        "target",
+        nargs=argparse.REMAINDER,
+        help="a command line (stdio; the rest of the line, options included) or an "
+        "http(s):// URL (streamable HTTP)",
     )
     ad.add_argument(
         "--timeout", type=float, default=30.0, help="wait this long for its tools (default: 30)"
@@ -43,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``llmos mcp SUBCOMMAND``; a SyscallError is printed by the caller."""
     with connect() as c:
         if args.mcmd == "add":
-            target = args.target[0] if len(args.target) == 1 else " ".join(args.target)
+            if not args.target:
+                err.print("llmos mcp add: give NAME and a COMMAND or URL")
+                return 2
+            target = args.target[0] if len(args.target) == 1 else shlex.join(args.target)
             server = c.mcp_add(args.name, target, timeout=args.timeout)
             if args.json:
                 print(json.dumps(server.model_dump()))
