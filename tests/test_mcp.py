@@ -560,3 +560,65 @@ def test_the_model_calls_an_mcp_tool_through_generate_and_the_agent_loop(
             "What is the current time in Asia/Tokyo? Use the tool."
         )
         assert any(s.tool == "time__get_current_time" and s.error is None for s in steps), steps
+
+
+# -- llmos as an MCP server -------------------------------------------------------------
+
+
+def _serve_session(daemon: Daemon) -> Any:
+    """An official ``mcp`` client session on ``llmos mcp serve`` for ``daemon``."""
+    import contextlib
+
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "llmos.ctl.cli", "mcp", "serve"],
+        env={
+            "LLMOS_RUNTIME_DIR": str(daemon.run_dir),
+            "LLMOS_STATE_DIR": str(daemon.state_dir),
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+        },
+        cwd=str(ROOT),
+    )
+
+    @contextlib.asynccontextmanager
+    async def session() -> Any:
+        async with stdio_client(params) as (r, w), ClientSession(r, w) as s:
+            await s.initialize()
+            yield s
+
+    return session()
+
+
+def test_llmos_mcp_serve_driven_by_the_official_client(daemon: Daemon, admin: Client) -> None:
+    import asyncio
+
+    async def drive() -> dict[str, Any]:
+        async with _serve_session(daemon) as s:
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            spawned = await s.call_tool("spawn", {"name": "from-mcp"})
+            pid = spawned.structured_content["pid"]
+            wrote = await s.call_tool(
+                "write_file", {"pid": pid, "path": "/notes.txt", "text": "hi from mcp"}
+            )
+            read = await s.call_tool("read_file", {"pid": pid, "path": "/notes.txt"})
+            ps = await s.call_tool("ps", {})
+            stranger = await s.call_tool("read_file", {"pid": 1, "path": "/x"})
+            killed = await s.call_tool("kill", {"pid": pid, "signal": "KILL"})
+            waited = await s.call_tool("wait", {"pid": pid, "timeout": 10})
+            return locals()
+
+    got = asyncio.run(drive())
+    assert {"run_task", "spawn", "chat", "ps", "kill", "wait", "read_file", "write_file"} <= set(
+        got["tools"]
+    )
+    assert got["tools"]["ps"].annotations.read_only_hint
+    assert got["tools"]["kill"].annotations.destructive_hint
+    assert not got["wrote"].is_error
+    assert got["read"].content[0].text == "hi from mcp"
+    assert got["pid"] in {row["pid"] for row in got["ps"].structured_content["procs"]}
+    assert got["stranger"].is_error and "ESRCH" in got["stranger"].content[0].text
+    assert not got["killed"].is_error and got["waited"].structured_content["signal"] == "KILL"

@@ -45,10 +45,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     ls.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     rm = msub.add_parser("remove", help="unmount an MCP server (its tools go)")
     rm.add_argument("name")
+    msub.add_parser(
+        "serve",
+        help="be an MCP server on stdin/stdout for MCP hosts (run tasks, ps, kill, files), "
+        "acting as the admin",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``llmos mcp SUBCOMMAND``; a SyscallError is printed by the caller."""
+    if args.mcmd == "serve":
+        from llmos.ctl.mcp_serve import serve_stdio
+
+        return serve_stdio()
     with connect() as c:
         if args.mcmd == "add":
             if not args.target:
