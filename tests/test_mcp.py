@@ -561,6 +561,25 @@ def test_the_model_calls_an_mcp_tool_through_generate_and_the_agent_loop(
         )
         assert any(s.tool == "time__get_current_time" and s.error is None for s in steps), steps
 
+        async def task() -> Any:  # and llmos mcp serve runs the agent loop for an MCP host
+            async with _serve_session(d) as s:
+                return await s.call_tool(
+                    "run_task",
+                    {
+                        "task": "What time is it in Asia/Tokyo?",
+                        "tools": ["time__*"],
+                        "max_steps": 2,
+                    },
+                )
+
+        import asyncio
+
+        ran = asyncio.run(task())
+        assert not ran.is_error, ran.content
+        out = ran.structured_content
+        assert out["stopped"] in ("answered", "max_steps", "stuck") and out["pid"] > 1
+        assert all(step["tool"].startswith("time__") for step in out["steps"])
+
 
 # -- llmos as an MCP server -------------------------------------------------------------
 

@@ -63,7 +63,8 @@ def build_server(client: Client) -> Any:
         tools) on a task; returns its answer, the tool calls it made and why it stopped."""
         p = syscall(client.spawn, "mcp-task", **({"tools": tools} if tools else {}))
         mine[p.pid] = p
-        result = syscall(Agent(p, tools=tools, max_steps=max_steps).run, task)
+        # Patterns are the process's capabilities; the loop offers every tool they allow.
+        result = syscall(Agent(p, max_steps=max_steps).run, task)
         return {
             "pid": p.pid,
             "answer": result.answer,
