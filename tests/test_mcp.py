@@ -641,3 +641,45 @@ def test_llmos_mcp_serve_driven_by_the_official_client(daemon: Daemon, admin: Cl
     assert got["pid"] in {row["pid"] for row in got["ps"].structured_content["procs"]}
     assert got["stranger"].is_error and "ESRCH" in got["stranger"].content[0].text
     assert not got["killed"].is_error and got["waited"].structured_content["signal"] == "KILL"
+
+
+def test_llmos_mcp_serve_over_streamable_http(daemon: Daemon) -> None:
+    import asyncio
+
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "LLMOS_RUNTIME_DIR": str(daemon.run_dir),
+        "LLMOS_STATE_DIR": str(daemon.state_dir),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmos.ctl.cli", "mcp", "serve", "--http", f"127.0.0.1:{port}"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def drive() -> Any:
+        async with (
+            streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (r, w),
+            ClientSession(r, w) as s,
+        ):
+            await s.initialize()
+            return await s.call_tool("ps", {})
+
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=30, every=0.1)
+        ps = asyncio.run(drive())
+        assert not ps.is_error and 1 in {row["pid"] for row in ps.structured_content["procs"]}
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -45,19 +45,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     ls.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     rm = msub.add_parser("remove", help="unmount an MCP server (its tools go)")
     rm.add_argument("name")
-    msub.add_parser(
+    sv = msub.add_parser(
         "serve",
         help="be an MCP server on stdin/stdout for MCP hosts (run tasks, ps, kill, files), "
         "acting as the admin",
+    )
+    sv.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``llmos mcp SUBCOMMAND``; a SyscallError is printed by the caller."""
     if args.mcmd == "serve":
-        from llmos.ctl.mcp_serve import serve_stdio
+        from llmos.ctl.mcp_serve import serve
 
-        return serve_stdio()
+        return serve(args.http)
     with connect() as c:
         if args.mcmd == "add":
             if not args.target:

@@ -1,4 +1,4 @@
-"""``llmos mcp serve``: llmos as an MCP server (stdio), for MCP hosts (IDE agents, desktop
+"""``llmos mcp serve``: llmos as an MCP server (stdio, or ``--http HOST:PORT``), for MCP hosts (IDE agents, desktop
 assistants), on the official ``mcp`` SDK's ``MCPServer``.
 
 It acts with the admin's credentials (the runtime dir's admin token) and exposes a
@@ -125,10 +125,18 @@ def build_server(client: Client) -> Any:
     return app
 
 
-def serve_stdio() -> int:
-    """Serve MCP on stdin/stdout until the host closes it."""
+def serve(http: str | None = None) -> int:
+    """Serve MCP on stdin/stdout until the host closes it, or with ``http`` (HOST:PORT)
+    streamable HTTP at ``http://HOST:PORT/mcp`` until interrupted."""
     import anyio
 
     with connect() as client:
-        anyio.run(build_server(client).run_stdio_async)
+        app = build_server(client)
+        if http is None:
+            anyio.run(app.run_stdio_async)
+            return 0
+        host, _, port = http.rpartition(":")
+        if not host or not port.isdigit():
+            raise SystemExit(f"llmos mcp serve: --http expects HOST:PORT, got {http!r}")
+        anyio.run(lambda: app.run_streamable_http_async(host=host, port=int(port)))
     return 0
