@@ -524,11 +524,11 @@ class McpHost:
 
     async def _list_tools(self, mount: Mount, session: Any) -> None:
         """Fetch every page of the server's tools, check them, install the good ones."""
+        import mcp_types as types
+
         listed: list[Any] = []
         cursor = None
         while True:
-            import mcp_types as types
-
             page = await session.list_tools(
                 params=types.PaginatedRequestParams(cursor=cursor) if cursor else None
             )

@@ -250,6 +250,32 @@ def test_annotations_only_ever_add_confirmation() -> None:
     assert not irreversible(ToolAnnotations(read_only_hint=True))
 
 
+def test_a_servers_stderr_reaches_the_log_cut_and_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+
+    from kernel import mcp
+
+    async def chatter() -> None:
+        err = mcp._StderrLog("noisy")
+        err.file.write("x" * 5000 + "\n")
+        for i in range(1000):
+            err.file.write(f"line {i}\n")
+        err.file.flush()
+        err.parent_done()  # EOF: the reader closes itself
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if err._r < 0:
+                break
+
+    with caplog.at_level("INFO", logger="llmos.mcp"):
+        asyncio.run(chatter())
+    lines = [r.getMessage() for r in caplog.records if "mcp noisy: stderr" in r.getMessage()]
+    assert len(lines) == mcp.STDERR_LINES_PER_MIN
+    assert max(len(line) for line in lines) <= mcp.STDERR_LINE_CHARS + 40
+
+
 def test_mcp_option_is_checked_by_the_daemons_parser() -> None:
     assert mcp_spec("time=python -m mcp_server_time") == ("time", "python -m mcp_server_time")
     assert mcp_spec("web=http://127.0.0.1:8000/mcp")[1].startswith("http://")
