@@ -318,6 +318,17 @@ def test_capability_patterns_apply_to_mcp_tools(admin: Client) -> None:
         proc.exit()
 
 
+def test_the_agent_loop_takes_a_servers_tools_by_pattern(admin: Client) -> None:
+    from llmos.agent import Agent
+
+    p = admin.spawn("agent", tools=["time__*", "toy__echo"])
+    assert Agent(p, tools=["time__*"]).tools == ["time__convert_time", "time__get_current_time"]
+    assert Agent(p, tools=["toy__echo"]).tools == ["toy__echo"]
+    with pytest.raises(ValueError, match="no tools"):
+        Agent(p, tools=["git__*"])
+    p.exit()
+
+
 def test_arguments_are_validated_against_the_servers_schema(admin: Client) -> None:
     p = admin.spawn("v", tools=["toy__*"])
     with pytest.raises(ERRORS[Errno.EINVAL], match="text"):
