@@ -128,6 +128,16 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         "isolation (it can read what the kernel's user can); default: refuse with ENOTSUP",
     )
     p.add_argument(
+        "--mcp",
+        action="append",
+        default=None,
+        type=mcp_spec,
+        metavar="NAME=COMMAND|URL",
+        help="mount an MCP server: its tools become NAME__TOOL; a command line runs as a "
+        "stdio server (the kernel's child, restarted if it dies), an http(s):// URL is "
+        "streamable HTTP (repeatable; trusted code: it runs as the kernel's user)",
+    )
+    p.add_argument(
         "--listen",
         action="append",
         default=None,
@@ -200,6 +210,23 @@ def serve_spec(text: str) -> dict[str, str]:
             f"model name {spec['name']!r} must be 1-64 letters, digits or _.:@+- characters"
         )
     return spec
+
+
+def mcp_spec(text: str) -> tuple[str, str]:
+    """argparse type of ``--mcp``: ``NAME=COMMAND|URL`` with an MCP server name."""
+    from kernel.mcp import parse_target
+
+    name, eq, target = text.partition("=")
+    if not eq or not re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", name) or len(name) > 24:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=COMMAND or NAME=URL with NAME 1-24 of a-z, 0-9 and single _ "
+            f"(e.g. time='python -m mcp_server_time'), got {text!r}"
+        )
+    try:
+        parse_target(target)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--mcp {name}: {exc}") from None
+    return name, target
 
 
 def make_model_driver(driver: str, model: str | None, options: dict[str, object]) -> Driver:
@@ -344,6 +371,9 @@ def validate_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-loaded {args.max_loaded}: at least one model must fit")
     if args.min_awake < 0:
         raise ValueError(f"--min-awake {args.min_awake}: seconds cannot be negative")
+    names = [name for name, _ in getattr(args, "mcp", None) or []]
+    if len(set(names)) != len(names):
+        raise ValueError("two --mcp servers have the same NAME: give each its own")
     for ep in args.listen or []:
         if not _ENDPOINT.fullmatch(ep):
             raise ValueError(
@@ -384,6 +414,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         min_awake_s=args.min_awake,
         max_procs=args.max_procs,
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
+        mcp=getattr(args, "mcp", None),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,11 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver, DriverError
-from kernel import sys_ctx, sys_fs, sys_ipc, sys_llm, sys_mem, sys_proc, sys_sys, sys_tool
+from kernel import (
+    sys_ctx,
+    sys_fs,
+    sys_ipc,
+    sys_llm,
+    sys_mcp,
+    sys_mem,
+    sys_proc,
+    sys_sys,
+    sys_tool,
+)
 from kernel.audit import Audit
 from kernel.builtin_tools import builtin_tools
 from kernel.fs import FileSystem, load_index
 from kernel.ipc import Ipc
+from kernel.mcp import McpHost
 from kernel.memory import Memory
 from kernel.persist import Persist, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
@@ -52,6 +63,7 @@ HANDLERS = {
     **sys_mem.HANDLERS,
     **sys_fs.HANDLERS,
     **sys_tool.HANDLERS,
+    **sys_mcp.HANDLERS,
     **sys_ipc.HANDLERS,
     **sys_sys.HANDLERS,
 }
@@ -103,6 +115,7 @@ class Kernel:
         max_loaded: int | None = None,
         min_awake_s: float = MIN_AWAKE_S,
         sandbox: SandboxConfig | None = None,
+        mcp: list[tuple[str, str]] | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -129,6 +142,9 @@ class Kernel:
         # Who did what: hash-chained in the state database, old rows in segment files.
         self.audit = Audit(self.store, state_dir / "audit" if state_dir is not None else None)
         self.tools = ToolTable(builtin_tools())
+        # MCP servers mounted as tools (NAME, command line or URL), on a loop of their own.
+        self.mcp = McpHost(self.tools)
+        self._mcp_mounts = list(mcp or [])
         # How the python tool runs code: in bwrap namespaces, or not at all without it.
         self.sandbox = sandbox if sandbox is not None else SandboxConfig.detect()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
@@ -178,6 +194,9 @@ class Kernel:
             f"({len(found.hung_up)} hung up)",
         )
         self.residency.start()
+        self.mcp.start()
+        for name, target in self._mcp_mounts:  # retried with backoff until they come up
+            await self.mcp.add(name, target)
         self._tasks.append(loop.create_task(self._init_reaper(), name="init"))
         log.info(
             "kernel %s serving %s (policy %s)",
@@ -218,6 +237,7 @@ class Kernel:
         await self.dispatcher.shutdown()
         self.audit.flush_auth()
         self.audit.record(None, "kernel.stop", "ok", detail="clean shutdown")
+        await self.mcp.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

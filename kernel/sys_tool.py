@@ -45,6 +45,7 @@ def sys_list(k: Kernel, call: Call, a: m.Empty) -> m.ToolListResult:
                 parameters=t.parameters,
                 irreversible=t.irreversible,
                 server=t.server,
+                mcp=t.mcp,
             )
             for t in k.tools.visible(call.caller.proc)
         ]

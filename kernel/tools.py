@@ -19,6 +19,8 @@ kernel/toolcall.py.
 * **Capabilities**: a process may use a tool only if every layer of its tool
   capabilities allows the name (glob patterns given at spawn; a child adds a layer, so
   it can only narrow what its parent may use).
+* **MCP tools** are those of mounted MCP servers (kernel/mcp.py): built in for the
+  table's purposes (a ``run`` that calls the server), with ``mcp`` naming the server.
 * **Confirmation**: a process spawned with ``confirm=True`` (inherited) parks every call
   of an irreversible tool until the kernel's owner approves it (``tool.approve``) or
   denies it (``tool.deny``), from the CLI or a script; no answer within the call's
@@ -56,7 +58,8 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     irreversible: bool = False
-    server: int | None = None  # pid of the process serving it; None: built in
+    server: int | None = None  # pid of the process serving it; None: built in or MCP
+    mcp: str | None = None  # the MCP server providing it (kernel/mcp.py)
     run: Runner | None = None
     explicit: bool = False  # only for processes whose every layer names it (code execution)
     validator: Any = None
@@ -158,7 +161,13 @@ class ToolTable:
     ) -> None:
         existing = self.tools.get(name)
         if existing is not None and existing.server != server.pid:
-            owner = "the kernel" if existing.server is None else f"process {existing.server}"
+            owner = (
+                f"MCP server {existing.mcp}"
+                if existing.mcp
+                else "the kernel"
+                if existing.server is None
+                else f"process {existing.server}"
+            )
             raise SyscallError(
                 Errno.EBUSY, f"tool {name!r} is already provided by {owner}; pick another name"
             )

@@ -16,6 +16,7 @@ kernel's scheduling, quotas, capabilities and confirmations apply to it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ class Agent:
 
     Args:
         process: the LLM process whose model thinks (its context keeps the whole run).
-        tools: tool names it may call (default: every tool the process may use).
+        tools: tool names it may call, or patterns (``time__*``) matched against the tools
+            the process may use (default: every tool the process may use).
         max_steps: tool calls before the run is stopped.
         max_tokens: output tokens per step.
         temperature: sampling temperature (0: greedy).
@@ -73,7 +75,7 @@ class Agent:
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         self.process = process
-        self.tools = tools if tools is not None else [t.name for t in process.tools.list()]
+        self.tools = _names(process, tools)
         if not self.tools:
             raise ValueError(
                 "the agent has no tools to call; give tools=[...] or spawn with tool capabilities"
@@ -115,6 +117,20 @@ class Agent:
             message = _observation(step)
         result.stopped = "max_steps"
         return result
+
+
+def _names(process: Process, tools: list[str] | None) -> list[str]:
+    """Tool names for the loop: ``tools`` with each pattern (``*?[``) expanded against
+    the tools ``process`` may use; all of those when ``tools`` is None."""
+    if tools is not None and not any(set(t) & set("*?[") for t in tools):
+        return tools
+    visible = [t.name for t in process.tools.list()]
+    if tools is None:
+        return visible
+    names: list[str] = []
+    for pattern in tools:
+        names += [n for n in visible if fnmatch.fnmatchcase(n, pattern) and n not in names]
+    return names
 
 
 def _observation(step: Step) -> str:

@@ -133,6 +133,24 @@ class _ClientAPI(_Identity):
         """Refuse a parked tool call (its caller gets EPERM)."""
         return Op("tool.deny", {"id": call_id}, then=_none)
 
+    @api("mcp.add")
+    def mcp_add(self, name: str, target: str, timeout: float = 30.0) -> Op:
+        """Mount an MCP server as ``name`` (the admin): ``target`` is a command line (run
+        over stdio) or an http(s):// URL; its tools become ``name__TOOL``. Waits up to
+        ``timeout`` s for its tool list (EIO if it does not come up)."""
+        args = {"name": name, "target": target, "timeout_s": timeout}
+        return Op("mcp.add", args, blocking_deadline_ms(timeout))
+
+    @api("mcp.list")
+    def mcp_list(self) -> Op:
+        """The mounted MCP servers (the admin)."""
+        return Op("mcp.list", {}, then=lambda r: r.servers)
+
+    @api("mcp.remove")
+    def mcp_remove(self, name: str) -> Op:
+        """Unmount MCP server ``name`` (the admin): its tools go."""
+        return Op("mcp.remove", {"name": name}, then=_none)
+
     def memory(self, namespace: str) -> Memory:
         """Memory syscalls on ``namespace`` as the admin (``pid:N``, ``prog:N`` or a name)."""
         return Memory(self, namespace)

@@ -73,6 +73,13 @@ MAX_PARKED_CALLS = 256  # calls waiting for the owner's confirmation
 MAX_TOOL_PATTERNS = 32  # tool capability patterns given at spawn
 PY_MEMORY_BYTES = 512 << 20  # address space of the python tool's process
 
+# MCP servers mounted as tools (kernel/mcp.py).
+MAX_MCP_SERVERS = 32  # servers mounted at once
+MAX_MCP_TOOLS = 128  # tools taken from one server (the rest are refused, logged)
+MAX_MCP_SCHEMA_BYTES = 64 << 10  # one tool's inputSchema, as JSON
+MAX_MCP_SCHEMA_DEPTH = 16  # nesting of objects and arrays in one inputSchema
+MAX_MCP_TARGET_CHARS = 4096  # a server's command line or URL
+
 #: IPC: one message's body (its compact JSON, in bytes), nesting, and each mailbox's bounds.
 MAX_IPC_MESSAGE_BYTES = 64 * 1024
 MAX_IPC_DEPTH = 32

@@ -1108,8 +1108,9 @@ class ToolInfo(Result):
     parameters: dict[str, Any] = Field(description="JSON schema of the arguments")
     irreversible: bool = Field(description="it changes the world in a way that cannot be undone")
     server: int | None = Field(
-        default=None, description="pid of the process serving it; null: built in"
+        default=None, description="pid of the process serving it; null: built in or MCP"
     )
+    mcp: str | None = Field(default=None, description="the MCP server providing it, if one does")
 
 
 class ToolListResult(Result):
@@ -1178,3 +1179,45 @@ class ToolPendingResult(Result):
 
 class ToolDecideArgs(Args):
     id: int = Field(ge=1)
+
+
+# -- MCP servers mounted as tools (mcp.*) ----------------------------------------------
+
+#: An MCP server's name: the prefix of its tools' names (``time`` -> ``time__get_current_time``).
+McpName = Annotated[
+    str, Field(min_length=1, max_length=24, pattern=r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+]
+
+
+class McpAddArgs(Args):
+    name: McpName
+    target: Annotated[str, Field(min_length=1, max_length=limits.MAX_MCP_TARGET_CHARS)] = Field(
+        description="a command line (stdio: the kernel runs it) or an http(s):// URL "
+        "(streamable HTTP)"
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="wait this long for the server's tool list"
+    )
+
+
+class McpNameArgs(Args):
+    name: McpName
+
+
+class McpServerInfo(Result):
+    name: str
+    target: str
+    transport: Literal["stdio", "http"]
+    state: Literal["starting", "ready", "restarting"] = Field(
+        description="restarting: the connection ended; its tools answer EIO until it is back"
+    )
+    tools: list[str] = Field(description="the kernel tools it provides")
+    refused: list[str] = Field(
+        default_factory=list, description="tools it listed that were refused, each with why"
+    )
+    restarts: int = 0
+    error: str | None = Field(default=None, description="why the last connection ended")
+
+
+class McpListResult(Result):
+    servers: list[McpServerInfo]

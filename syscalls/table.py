@@ -469,6 +469,31 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             "Deny a parked call (the admin); its caller gets EPERM.",
             needs_process=False,
         ),
+        _row(
+            "mcp.add",
+            m.McpAddArgs,
+            m.McpServerInfo,
+            [Errno.EPERM, Errno.EBUSY, Errno.EDQUOT, Errno.EIO],
+            "Mount an MCP server (a command run over stdio, or a streamable-HTTP URL); its tools "
+            "become NAME__TOOL (the admin).",
+            needs_process=False,
+        ),
+        _row(
+            "mcp.list",
+            m.Empty,
+            m.McpListResult,
+            [Errno.EPERM],
+            "The mounted MCP servers: state, tools, refused tools, restarts (the admin).",
+            needs_process=False,
+        ),
+        _row(
+            "mcp.remove",
+            m.McpNameArgs,
+            m.Done,
+            [Errno.EPERM, Errno.ENOENT],
+            "Unmount an MCP server: its tools go, calls in flight get EIO (the admin).",
+            needs_process=False,
+        ),
     ]
 )
 

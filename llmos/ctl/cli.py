@@ -27,6 +27,7 @@ from kernel.daemon import (
 from kernel.daemon import parser as daemon_parser
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
+from llmos.ctl import mcp_cli
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import pending_table
@@ -236,7 +237,7 @@ def cmd_tools(as_json: bool) -> int:
         args = ", ".join(t.parameters.get("properties", {}))
         table.add_row(
             t.name,
-            "kernel" if t.server is None else f"pid {t.server}",
+            f"mcp {t.mcp}" if t.mcp else "kernel" if t.server is None else f"pid {t.server}",
             "yes" if t.irreversible else "",
             args,
             t.description,
@@ -1072,6 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
         "again without refilling (default: a temporary directory)",
     )
     bm.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+    mcp_cli.add_parser(sub)
     return p
 
 
@@ -1168,6 +1170,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_wait(args.pid, args.timeout, args.json)
         case "syscalls":
             return cmd_syscalls(args)
+        case "mcp":
+            return mcp_cli.run(args)
         case "shell":
             from llmos.ctl.shell import run_shell
 

@@ -1,0 +1,722 @@
+"""The kernel as an MCP host, against real MCP servers: the PyPI servers ``mcp-server-time``
+and ``mcp-server-git`` over stdio, a stdio server this test writes with the official
+SDK (destructive, hanging, failing, environment-reporting and hostile-schema tools), and
+a streamable-HTTP server it writes with the SDK's ``MCPServer``, each in its own process.
+
+No model is needed (the ``sim`` driver) except for the one ``model`` test, where the
+packaged model calls an MCP tool through ``llm.generate(tools=...)`` and the Agent loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import psutil
+import pytest
+
+from kernel.daemon import mcp_spec
+from kernel.mcp import check_schema, irreversible, python_command, tool_name
+from llmos.client import Client
+from syscalls import limits
+from syscalls.errors import ERRORS, Errno
+from tests.conftest import wait_until
+from tests.kernels import Daemon
+
+EPERM, EIO, ETIMEDOUT, EBUSY, ENOENT = (
+    ERRORS[e] for e in (Errno.EPERM, Errno.EIO, Errno.ETIMEDOUT, Errno.EBUSY, Errno.ENOENT)
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A stdio MCP server on the official SDK's low-level Server, with every tool listed by hand
+#: (so its schemas and annotations are exactly what a hostile server could send).
+TOY_SERVER = r"""
+import os, sys
+import anyio
+import mcp_types as types
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+
+RO = types.ToolAnnotations(read_only_hint=True, destructive_hint=False)
+OBJ = {"type": "object", "properties": {}}
+LATE = []
+
+
+def deep(n):
+    s = {"type": "string"}
+    for _ in range(n):
+        s = {"type": "object", "properties": {"x": s}}
+    return s
+
+
+def tools():
+    return [
+        types.Tool(name="echo", description="Echo a text.", annotations=RO, input_schema={
+            "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}),
+        types.Tool(name="Wipe-All", description="Delete everything.", input_schema=OBJ,
+                   annotations=types.ToolAnnotations(read_only_hint=False, destructive_hint=True)),
+        types.Tool(name="env", description="The server's environment variable names.",
+                   input_schema=OBJ, annotations=RO),
+        types.Tool(name="sleep", description="Sleep s seconds.", annotations=RO,
+                   input_schema={"type": "object", "properties": {"s": {"type": "number"}}}),
+        types.Tool(name="fail", description="Always fails.", input_schema=OBJ, annotations=RO),
+        types.Tool(name="grow", description="Add a tool.", input_schema=OBJ, annotations=RO),
+        types.Tool(name="pointed", description="A local $ref.", annotations=RO, input_schema={
+            "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}},
+            "$defs": {"P": {"type": "integer"}}}),
+        types.Tool(name="huge", description="A huge schema.", input_schema={
+            "type": "object",
+            "properties": {f"p{i}": {"type": "string", "description": "x" * 100}
+                           for i in range(2000)}}),
+        types.Tool(name="deep", description="A deep schema.", input_schema=deep(40)),
+        types.Tool(name="invalid", description="An invalid schema.", input_schema={
+            "type": "object", "properties": {"a": {"type": "no-such-type"}}}),
+        types.Tool(name="remote", description="A remote $ref.", input_schema={
+            "type": "object", "properties": {"a": {"$ref": "http://127.0.0.1:9/evil.json"}}}),
+        *LATE,
+    ]
+
+
+async def list_tools(ctx, params):
+    return types.ListToolsResult(tools=tools())
+
+
+def text(s, error=False):
+    return types.CallToolResult(content=[types.TextContent(type="text", text=s)], is_error=error)
+
+
+async def call_tool(ctx, params):
+    a = params.arguments or {}
+    if params.name == "echo":
+        return text(a["text"])
+    if params.name == "Wipe-All":
+        return text("wiped")
+    if params.name == "env":
+        return types.CallToolResult(content=[], structured_content={"names": sorted(os.environ)})
+    if params.name == "sleep":
+        await anyio.sleep(float(a.get("s", 3600)))
+        return text("slept")
+    if params.name == "fail":
+        return text("it broke on purpose", error=True)
+    if params.name == "grow":
+        LATE.append(types.Tool(name="late", description="Added later.", input_schema=OBJ,
+                               annotations=RO))
+        await ctx.session.send_tool_list_changed()
+        return text("grown")
+    return text("ok")
+
+
+server = Server("toy", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+async def main():
+    print("toy server starting", file=sys.stderr, flush=True)
+    async with stdio_server() as (r, w):
+        await server.run(r, w, server.create_initialization_options())
+
+
+anyio.run(main)
+"""
+
+#: A streamable-HTTP MCP server on the SDK's high-level MCPServer.
+HTTP_SERVER = r'''
+import sys
+import anyio
+from mcp.server.mcpserver import MCPServer
+
+app = MCPServer("adder")
+
+
+@app.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+anyio.run(lambda: app.run_streamable_http_async(host="127.0.0.1", port=int(sys.argv[1])))
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(c: Client, name: str) -> Any:
+    server = next((s for s in c.mcp_list() if s.name == name), None)
+    return server if server is not None and server.state == "ready" else None
+
+
+def _server_pids(d: Daemon, marker: str) -> list[int]:
+    """The kernel's child processes whose command line has ``marker`` (the MCP servers)."""
+    assert d.proc is not None
+    return [
+        child.pid
+        for child in psutil.Process(d.proc.pid).children()
+        if any(marker in part for part in child.cmdline())
+    ]
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    where = tmp_path_factory.mktemp("mcp-servers")
+    (where / "toy_server.py").write_text(TOY_SERVER)
+    (where / "http_server.py").write_text(HTTP_SERVER)
+    return where
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, scripts: Path) -> Iterator[Daemon]:
+    """A kernel on the simulator with two MCP servers mounted at start (``--mcp``)."""
+    toy = shlex.join([sys.executable, str(scripts / "toy_server.py")])
+    k = Daemon(
+        tmp_path_factory.mktemp("mcp"),
+        "--driver",
+        "sim",
+        "--mcp",
+        "time=" + python_command("mcp_server_time"),
+        "--mcp",
+        f"toy={toy}",
+    )
+    k.env["OPENAI_API_KEY"] = "sk-not-for-mcp-servers"  # a key the servers must not see
+    k.start()
+    with k.admin() as c:
+        wait_until(lambda: _ready(c, "time") and _ready(c, "toy"), timeout=60)
+    yield k
+    k.stop()
+
+
+@pytest.fixture
+def admin(daemon: Daemon) -> Iterator[Client]:
+    with daemon.admin() as c:
+        yield c
+
+
+# -- names, schemas, annotations (no kernel) ------------------------------------------------
+
+
+def test_tool_names_are_openai_legal_stable_and_bounded() -> None:
+    assert tool_name("time", "get_current_time", set()) == "time__get_current_time"
+    assert tool_name("toy", "Wipe-All", set()) == "toy__wipe_all"
+    long = tool_name("srv", "x" * 200, set())
+    assert len(long) == 64 and long == tool_name("srv", "x" * 200, set())
+    clash = tool_name("toy", "wipe.all", {"toy__wipe_all"})
+    assert clash != "toy__wipe_all" and clash.startswith("toy__wipe_all_")
+    for name in (long, clash):
+        assert jsonschema.Draft202012Validator({"pattern": r"^[a-z][a-z0-9_]{0,63}$"}).is_valid(
+            name
+        )
+
+
+def test_check_schema_refuses_huge_deep_invalid_and_remote_schemas() -> None:
+    ok = {"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {}}}
+    assert check_schema(ok) == {"type": "object", "properties": {"p": {}}}
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(limits.MAX_MCP_SCHEMA_DEPTH):
+        deep = {"type": "object", "properties": {"x": deep}}
+    hostile = {
+        "bytes": {"type": "object", "description": "x" * limits.MAX_MCP_SCHEMA_BYTES},
+        "deeper": deep,
+        "object": {"type": "string"},
+        "valid": {"type": "object", "properties": {"a": {"type": 3}}},
+        "remote": {"type": "object", "properties": {"a": {"$ref": "https://x.example/s"}}},
+        "recursive": {"type": "object", "properties": {"a": {"$ref": "#"}}},
+    }
+    for why, schema in hostile.items():
+        with pytest.raises(ValueError, match=why if why != "recursive" else "recursive"):
+            check_schema(schema)
+
+
+def test_annotations_only_ever_add_confirmation() -> None:
+    from mcp_types import ToolAnnotations
+
+    assert irreversible(None)  # MCP's defaults: not read-only, destructive
+    assert irreversible(ToolAnnotations())
+    assert irreversible(ToolAnnotations(read_only_hint=False, destructive_hint=False))
+    assert irreversible(ToolAnnotations(read_only_hint=True, destructive_hint=True))
+    assert not irreversible(ToolAnnotations(read_only_hint=True))
+
+
+def test_a_servers_stderr_reaches_the_log_cut_and_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+
+    from kernel import mcp
+
+    async def chatter() -> None:
+        err = mcp._StderrLog("noisy")
+        err.file.write("x" * 5000 + "\n")
+        for i in range(1000):
+            err.file.write(f"line {i}\n")
+        err.file.flush()
+        err.parent_done()  # EOF: the reader closes itself
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if err._r < 0:
+                break
+
+    with caplog.at_level("INFO", logger="llmos.mcp"):
+        asyncio.run(chatter())
+    lines = [r.getMessage() for r in caplog.records if "mcp noisy: stderr" in r.getMessage()]
+    assert len(lines) == mcp.STDERR_LINES_PER_MIN
+    assert max(len(line) for line in lines) <= mcp.STDERR_LINE_CHARS + 40
+
+
+def test_mcp_option_is_checked_by_the_daemons_parser() -> None:
+    assert mcp_spec("time=python -m mcp_server_time") == ("time", "python -m mcp_server_time")
+    assert mcp_spec("web=http://127.0.0.1:8000/mcp")[1].startswith("http://")
+    for bad in ("time", "Time=x", "a__b=x", "t=", "t='unclosed"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            mcp_spec(bad)
+
+
+# -- a kernel with servers mounted -------------------------------------------------------
+
+
+def test_the_time_server_mounted_at_start_is_a_kernel_tool(admin: Client) -> None:
+    tools = {t.name: t for t in admin.tools()}
+    t = tools["time__get_current_time"]
+    assert t.mcp == "time" and t.server is None and not t.irreversible
+    assert t.parameters["required"] == ["timezone"]
+    p = admin.spawn("timer", tools=["time__*"])
+    now = p.tools.call("time__get_current_time", {"timezone": "Asia/Tokyo"})
+    assert now["timezone"] == "Asia/Tokyo" and "+09:00" in now["datetime"]
+    converted = p.tools.call(
+        "time__convert_time",
+        {"source_timezone": "Etc/UTC", "time": "12:00", "target_timezone": "Europe/Paris"},
+    )
+    assert converted["target"]["timezone"] == "Europe/Paris"
+    p.exit()
+
+
+def test_capability_patterns_apply_to_mcp_tools(admin: Client) -> None:
+    p = admin.spawn("narrow", tools=["time__*"])
+    assert {t.mcp for t in p.tools.list()} == {"time"}
+    with pytest.raises(EPERM, match="toy__echo"):
+        p.tools.call("toy__echo", {"text": "no"})
+    q = admin.spawn("calc-only", tools=["calculator"])
+    with pytest.raises(EPERM):
+        q.tools.call("time__get_current_time", {"timezone": "UTC"})
+    child = p.spawn("child", tools=["toy__*"])  # a child narrows; it cannot widen
+    with pytest.raises(EPERM):
+        child.tools.call("toy__echo", {"text": "no"})
+    for proc in (child, p, q):
+        proc.exit()
+
+
+def test_the_agent_loop_takes_a_servers_tools_by_pattern(admin: Client) -> None:
+    from llmos.agent import Agent
+
+    p = admin.spawn("agent", tools=["time__*", "toy__echo"])
+    assert Agent(p, tools=["time__*"]).tools == ["time__convert_time", "time__get_current_time"]
+    assert Agent(p, tools=["toy__echo"]).tools == ["toy__echo"]
+    with pytest.raises(ValueError, match="no tools"):
+        Agent(p, tools=["git__*"])
+    p.exit()
+
+
+def test_arguments_are_validated_against_the_servers_schema(admin: Client) -> None:
+    p = admin.spawn("v", tools=["toy__*"])
+    with pytest.raises(ERRORS[Errno.EINVAL], match="text"):
+        p.tools.call("toy__echo", {})
+    assert p.tools.call("toy__echo", {"text": "hi"}) == "hi"
+    assert p.tools.call("toy__pointed", {"p": 3}) == "ok"  # its local $ref was inlined
+    with pytest.raises(ERRORS[Errno.EINVAL]):
+        p.tools.call("toy__pointed", {"p": "three"})
+    p.exit()
+
+
+def test_is_error_is_eio_with_the_servers_message(admin: Client) -> None:
+    p = admin.spawn("f", tools=["toy__*", "time__*"])
+    with pytest.raises(EIO, match="it broke on purpose"):
+        p.tools.call("toy__fail")
+    with pytest.raises(EIO, match="Invalid timezone"):
+        p.tools.call("time__get_current_time", {"timezone": "Nowhere/Atlantis"})
+    p.exit()
+
+
+def test_hostile_schemas_are_refused_with_a_reason_and_the_rest_kept(
+    admin: Client, daemon: Daemon
+) -> None:
+    toy = next(s for s in admin.mcp_list() if s.name == "toy")
+    refused = {line.split(":")[0]: line for line in toy.refused}
+    assert set(refused) == {"huge", "deep", "invalid", "remote"}
+    assert "bytes" in refused["huge"] and "deeper" in refused["deep"]
+    assert "not a valid JSON Schema" in refused["invalid"] and "not local" in refused["remote"]
+    assert {"toy__echo", "toy__wipe_all", "toy__sleep"} <= set(toy.tools)
+    assert "toy__huge" not in {t.name for t in admin.tools()}
+    assert "tool 'deep' refused" in daemon.log()
+
+
+def test_a_destructive_tool_is_parked_under_confirm(admin: Client) -> None:
+    assert next(t for t in admin.tools() if t.name == "toy__wipe_all").irreversible
+    p = admin.spawn("careful", tools=["toy__*"], confirm=True)
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append(p.tools.call("toy__wipe_all", timeout_s=20))
+        except Exception as exc:  # the verdict, for the assertion below
+            outcome.append(exc)
+
+    for approve in (False, True):
+        outcome.clear()
+        worker = threading.Thread(target=call)
+        worker.start()
+        wait_until(lambda: any(c.name == "toy__wipe_all" for c in admin.pending()), timeout=10)
+        parked = next(c for c in admin.pending() if c.name == "toy__wipe_all")
+        assert parked.caller == p.pid
+        (admin.approve if approve else admin.deny)(parked.id)
+        worker.join(10)
+        if approve:
+            assert outcome == ["wiped"]
+        else:
+            assert isinstance(outcome[0], EPERM)
+    assert p.tools.call("toy__echo", {"text": "read-only runs at once"})  # not parked
+    p.exit()
+
+
+def test_a_hung_server_call_is_etimedout_never_a_hang(admin: Client) -> None:
+    p = admin.spawn("patient", tools=["toy__*"])
+    t0 = time.monotonic()
+    with pytest.raises(ETIMEDOUT):
+        p.tools.call("toy__sleep", {"s": 3600}, timeout_s=1.0)
+    assert time.monotonic() - t0 < 3
+    assert p.tools.call("toy__echo", {"text": "still here"}) == "still here"
+    p.exit()
+
+
+def test_the_stdio_servers_environment_is_clean(admin: Client, daemon: Daemon) -> None:
+    assert "LLMOS_RUNTIME_DIR" in daemon.env  # the kernel has them; its servers do not
+    p = admin.spawn("env", tools=["toy__env"])
+    names = p.tools.call("toy__env")["names"]
+    assert not [n for n in names if n.startswith("LLMOS")]
+    assert "OPENAI_API_KEY" not in names and "PYTHONPATH" not in names
+    assert set(names) <= {"HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LC_CTYPE"}
+    assert "mcp toy: stderr: toy server starting" in daemon.log()  # its stderr: the log
+    p.exit()
+
+
+def test_tools_list_changed_refreshes_the_table(admin: Client) -> None:
+    p = admin.spawn("grower", tools=["toy__*"])
+    assert "toy__late" not in {t.name for t in admin.tools()}
+    assert p.tools.call("toy__grow") == "grown"
+    wait_until(lambda: "toy__late" in {t.name for t in admin.tools()}, timeout=10)
+    assert p.tools.call("toy__late") == "ok"
+    p.exit()
+
+
+def test_a_killed_server_fails_its_calls_at_once_and_is_restarted(
+    admin: Client, daemon: Daemon
+) -> None:
+    p = admin.spawn("victim", tools=["toy__*"])
+    before = next(s for s in admin.mcp_list() if s.name == "toy").restarts
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append(p.tools.call("toy__sleep", {"s": 60}, timeout_s=30))
+        except Exception as exc:  # the error, for the assertion below
+            outcome.append((exc, time.monotonic()))
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.5)  # the call is at the server
+    (pid,) = _server_pids(daemon, "toy_server.py")
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    worker.join(10)
+    exc, when = outcome[0]
+    assert isinstance(exc, EIO) and "went away" in str(exc)
+    assert when - killed < 2  # at once, not at the call's timeout
+    wait_until(lambda: bool((s := _ready(admin, "toy")) and s.restarts > before), timeout=30)
+    server = next(s for s in admin.mcp_list() if s.name == "toy")
+    assert server.restarts == before + 1 and server.error
+    assert p.tools.call("toy__echo", {"text": "back"}) == "back"
+    assert _server_pids(daemon, "toy_server.py") != [pid]
+    p.exit()
+
+
+def test_a_restarting_servers_tools_answer_eio(admin: Client, daemon: Daemon) -> None:
+    p = admin.spawn("impatient", tools=["toy__*"])
+    before = next(s for s in admin.mcp_list() if s.name == "toy").restarts
+    for pid in _server_pids(daemon, "toy_server.py"):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not _ready(admin, "toy"), timeout=10)
+    with pytest.raises(EIO, match="restarting"):
+        p.tools.call("toy__echo", {"text": "x"})
+    wait_until(lambda: bool((s := _ready(admin, "toy")) and s.restarts > before), timeout=30)
+    assert p.tools.call("toy__echo", {"text": "y"}) == "y"
+    p.exit()
+
+
+def test_git_server_on_a_repository_made_here(admin: Client, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "notes.txt").write_text("hello\n")
+    subprocess.run([*git, "add", "notes.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "first note"], check=True)
+    (repo / "notes.txt").write_text("hello again\n")
+    server = admin.mcp_add("git", python_command("mcp_server_git", "--repository", str(repo)))
+    try:
+        assert {"git__git_status", "git__git_log", "git__git_reset"} <= set(server.tools)
+        tools = {t.name: t for t in admin.tools() if t.mcp == "git"}
+        assert not tools["git__git_status"].irreversible and tools["git__git_reset"].irreversible
+        p = admin.spawn("gitter", tools=["git__*"])
+        status = p.tools.call("git__git_status", {"repo_path": str(repo)})
+        assert "notes.txt" in status and "modified" in status
+        assert "first note" in p.tools.call("git__git_log", {"repo_path": str(repo)})
+        diff = p.tools.call("git__git_diff_unstaged", {"repo_path": str(repo)})
+        assert "+hello again" in diff
+        p.exit()
+    finally:
+        admin.mcp_remove("git")
+    assert not [t for t in admin.tools() if t.mcp == "git"]
+
+
+def test_a_streamable_http_server(admin: Client, scripts: Path) -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(scripts / "http_server.py"), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=30, every=0.1)
+        info = admin.mcp_add("web", f"http://127.0.0.1:{port}/mcp")
+        assert info.transport == "http" and info.tools == ["web__add"]
+        p = admin.spawn("web", tools=["web__*"])
+        assert p.tools.call("web__add", {"a": 2, "b": 40}) == {"result": 42}
+        p.exit()
+        admin.mcp_remove("web")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_mcp_syscalls_are_the_admins(admin: Client) -> None:
+    p = admin.spawn("nosy")
+    for name, args in (
+        ("mcp.list", {}),
+        ("mcp.add", {"name": "evil", "target": "sh -c 'id'"}),
+        ("mcp.remove", {"name": "time"}),
+    ):
+        with pytest.raises(EPERM, match="admin"):
+            p.call(name, args)
+    p.exit()
+    with pytest.raises(EBUSY):
+        admin.mcp_add("time", python_command("mcp_server_time"))
+    with pytest.raises(EIO, match="did not come up"):
+        admin.mcp_add("broken", "/nonexistent/mcp-server --flag", timeout=10)
+    assert "broken" not in {s.name for s in admin.mcp_list()}
+    with pytest.raises(ENOENT):
+        admin.mcp_remove("never")
+
+
+def test_llmos_mcp_add_list_remove(daemon: Daemon, admin: Client) -> None:
+    env = {
+        **os.environ,
+        "LLMOS_RUNTIME_DIR": str(daemon.run_dir),
+        "LLMOS_STATE_DIR": str(daemon.state_dir),
+    }
+
+    def llmos(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llmos.ctl.cli", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    add = llmos("mcp", "add", "clock", sys.executable, "-m", "mcp_server_time")
+    assert add.returncode == 0, add.stderr
+    assert "clock__get_current_time" in add.stdout
+    listed = json.loads(llmos("mcp", "list", "--json").stdout)
+    assert {s["name"]: s["state"] for s in listed}["clock"] == "ready"
+    tools = llmos("tools")
+    assert "mcp clock" in tools.stdout
+    assert llmos("mcp", "remove", "clock").returncode == 0
+    assert "clock" not in {s.name for s in admin.mcp_list()}
+    gone = llmos("mcp", "remove", "clock")
+    assert gone.returncode == 1 and "ENOENT" in gone.stderr
+
+
+# -- the packaged model calls an MCP tool -------------------------------------------------
+
+
+@pytest.mark.model
+def test_the_model_calls_an_mcp_tool_through_generate_and_the_agent_loop(
+    tmp_path: Path,
+) -> None:
+    from llmos.agent import Agent
+
+    with (
+        Daemon(tmp_path, "--slots", "1", "--mcp", "time=" + python_command("mcp_server_time")) as d,
+        d.admin() as c,
+    ):
+        wait_until(lambda: bool(_ready(c, "time")), timeout=60)
+        schema = next(t for t in c.tools() if t.name == "time__get_current_time").parameters
+        p = c.spawn("asker", system="Answer with the tools.", tools=["time__*"])
+        res = p.generate(
+            [{"role": "user", "content": "Call the tool to get the current time in Asia/Tokyo."}],
+            tools=["time__get_current_time"],
+            max_tokens=64,
+            temperature=0.0,
+        )
+        assert len(res.tool_calls) == 1, res.text  # the call parses...
+        call = res.tool_calls[0]
+        assert call.name == "time__get_current_time"
+        jsonschema.validate(call.arguments, schema)
+        result = p.tools.call(call.name, call.arguments)  # ...and runs
+        assert "datetime" in result
+        steps: list[Any] = []
+        Agent(p, tools=["time__get_current_time"], max_steps=2, on_step=steps.append).run(
+            "What is the current time in Asia/Tokyo? Use the tool."
+        )
+        assert any(s.tool == "time__get_current_time" and s.error is None for s in steps), steps
+
+        async def task() -> Any:  # and llmos mcp serve runs the agent loop for an MCP host
+            async with _serve_session(d) as s:
+                return await s.call_tool(
+                    "run_task",
+                    {
+                        "task": "What time is it in Asia/Tokyo?",
+                        "tools": ["time__*"],
+                        "max_steps": 2,
+                    },
+                )
+
+        import asyncio
+
+        ran = asyncio.run(task())
+        assert not ran.is_error, ran.content
+        out = ran.structured_content
+        assert out["stopped"] in ("answered", "max_steps", "stuck") and out["pid"] > 1
+        assert all(step["tool"].startswith("time__") for step in out["steps"])
+
+
+# -- llmos as an MCP server -------------------------------------------------------------
+
+
+def _serve_session(daemon: Daemon) -> Any:
+    """An official ``mcp`` client session on ``llmos mcp serve`` for ``daemon``."""
+    import contextlib
+
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "llmos.ctl.cli", "mcp", "serve"],
+        env={
+            "LLMOS_RUNTIME_DIR": str(daemon.run_dir),
+            "LLMOS_STATE_DIR": str(daemon.state_dir),
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+        },
+        cwd=str(ROOT),
+    )
+
+    @contextlib.asynccontextmanager
+    async def session() -> Any:
+        async with stdio_client(params) as (r, w), ClientSession(r, w) as s:
+            await s.initialize()
+            yield s
+
+    return session()
+
+
+def test_llmos_mcp_serve_driven_by_the_official_client(daemon: Daemon, admin: Client) -> None:
+    import asyncio
+
+    async def drive() -> dict[str, Any]:
+        async with _serve_session(daemon) as s:
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            spawned = await s.call_tool("spawn", {"name": "from-mcp"})
+            pid = spawned.structured_content["pid"]
+            wrote = await s.call_tool(
+                "write_file", {"pid": pid, "path": "/notes.txt", "text": "hi from mcp"}
+            )
+            read = await s.call_tool("read_file", {"pid": pid, "path": "/notes.txt"})
+            ps = await s.call_tool("ps", {})
+            stranger = await s.call_tool("read_file", {"pid": 1, "path": "/x"})
+            killed = await s.call_tool("kill", {"pid": pid, "signal": "KILL"})
+            waited = await s.call_tool("wait", {"pid": pid, "timeout": 10})
+            return locals()
+
+    got = asyncio.run(drive())
+    assert {"run_task", "spawn", "chat", "ps", "kill", "wait", "read_file", "write_file"} <= set(
+        got["tools"]
+    )
+    assert got["tools"]["ps"].annotations.read_only_hint
+    assert got["tools"]["kill"].annotations.destructive_hint
+    assert not got["wrote"].is_error
+    assert got["read"].content[0].text == "hi from mcp"
+    assert got["pid"] in {row["pid"] for row in got["ps"].structured_content["procs"]}
+    assert got["stranger"].is_error and "ESRCH" in got["stranger"].content[0].text
+    assert not got["killed"].is_error and got["waited"].structured_content["signal"] == "KILL"
+
+
+def test_llmos_mcp_serve_over_streamable_http(daemon: Daemon) -> None:
+    import asyncio
+
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "LLMOS_RUNTIME_DIR": str(daemon.run_dir),
+        "LLMOS_STATE_DIR": str(daemon.state_dir),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmos.ctl.cli", "mcp", "serve", "--http", f"127.0.0.1:{port}"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def drive() -> Any:
+        async with (
+            streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (r, w),
+            ClientSession(r, w) as s,
+        ):
+            await s.initialize()
+            return await s.call_tool("ps", {})
+
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=30, every=0.1)
+        ps = asyncio.run(drive())
+        assert not ps.is_error and 1 in {row["pid"] for row in ps.structured_content["procs"]}
+    finally:
+        server.terminate()
+        server.wait(10)
