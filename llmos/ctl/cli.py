@@ -27,6 +27,7 @@ from kernel.daemon import (
 from kernel.daemon import parser as daemon_parser
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
+from llmos.ctl import keys
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
 from syscalls import models as m
@@ -876,6 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
     sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
+    keys.add_parsers(sub)  # llmos gateway, llmos keys
     sp = sub.add_parser("syscalls", help="print the syscall table")
     sp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     sp.add_argument("--markdown", action="store_true", help="as a Markdown table")
@@ -1075,6 +1077,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_wait(args.pid, args.timeout, args.json)
         case "syscalls":
             return cmd_syscalls(args)
+        case "gateway" | "keys":
+            return keys.dispatch(args)
         case "shell":
             from llmos.ctl.shell import run_shell
 

@@ -1,0 +1,876 @@
+"""``llmos gateway``: an OpenAI-compatible HTTP face on the kernel.
+
+A user-space daemon and a privileged client of the kernel (the admin, over the SDK's
+``AsyncClient``): FastAPI on uvicorn, SSE by sse-starlette, no model logic. Every request
+becomes syscalls:
+
+* an API key (``llmos keys``) is a program: its first request spawns the program's
+  top-level process (the key's limits as ``program_limits``, its namespace and tools);
+* a request runs in a *turn*, a child process of that program: stateless requests spawn
+  a fresh child with the whole conversation and reap it afterwards; a request with a
+  session id (``X-Llmos-Session`` or the body's ``user``) forks the session's persistent
+  process (a copy of its context), sends only the messages the context lacks, and on
+  success appends them and the answer to the session's context. Either way a client that
+  leaves mid-stream is answered by killing the turn: the kernel aborts its generation
+  and frees the slot, and the session's context is left as it was (the shell's Ctrl-C);
+* OpenAI function tools become a JSON-schema ``response_format`` of one call or an
+  answer (kernel/toolcall.py's ``action_schema``, ``tool_guide``, ``parse_action`` over
+  the request's functions): the kernel's ``tools=`` names tools it serves itself, while
+  an OpenAI client runs its functions on its own side and only needs the call back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from kernel.daemon import running_pid
+from kernel.toolcall import action_schema, parse_action, tool_guide
+from llmos.client import AsyncClient, AsyncProcess
+from llmos.ctl.keys import KeyRecord, KeyStore
+from syscalls import limits, paths
+from syscalls.errors import Errno, SyscallError
+
+MAX_BODY_BYTES = limits.MAX_FRAME_BYTES  # a request becomes one frame: no bigger body helps
+MAX_SESSIONS_PER_KEY = 256  # persistent processes a key may hold; the least recent is reaped
+SESSION_HEADER = "x-llmos-session"
+PRIORITY_HEADER = "x-llmos-priority"  # nice, 0..19: a key's requests may only lower theirs
+TIMEOUT_HEADER = "x-llmos-timeout"  # seconds: the generation's deadline (504 past it)
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An OpenAI error reply: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status,
+            message,
+            type_,
+            code,
+            param,
+        )
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+#: errno -> (HTTP status, OpenAI error type)
+ERRNO_STATUS: dict[Errno, tuple[int, str]] = {
+    Errno.EINVAL: (400, "invalid_request_error"),
+    Errno.E2BIG: (400, "invalid_request_error"),
+    Errno.ENOTSUP: (400, "invalid_request_error"),
+    Errno.EACCES: (403, "permission_error"),
+    Errno.EPERM: (403, "permission_error"),
+    Errno.ENOENT: (404, "not_found_error"),
+    Errno.EDQUOT: (429, "insufficient_quota"),
+    Errno.EAGAIN: (429, "rate_limit_error"),
+    Errno.ETIMEDOUT: (504, "timeout_error"),
+    Errno.ESHUTDOWN: (503, "service_unavailable"),
+    Errno.ECONNREFUSED: (503, "service_unavailable"),
+}
+
+
+def from_syscall(exc: SyscallError) -> ApiError:
+    status, type_ = ERRNO_STATUS.get(exc.code, (500, "server_error"))
+    return ApiError(status, exc.message, type_, code=str(exc.code))
+
+
+# -- the request bodies (OpenAI's fields; unknown ones ignored, as OpenAI's servers do) --
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessageIn(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatRequest(_Body):
+    model: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=limits.MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+
+async def read_json(request: Request, model: type[BaseModel]) -> Any:
+    """The body parsed into ``model``: 413 past ``MAX_BODY_BYTES``, 400 naming the field."""
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():  # chunked bodies have no length: count as they come
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    try:
+        return model.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+# -- OpenAI -> llm.generate -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Fn:
+    """An OpenAI function in the shape kernel/toolcall.py reads (name, parameters, description)."""
+
+    name: str
+    parameters: dict[str, Any]
+    description: str
+
+
+def call_text(name: str, arguments: Any) -> str:
+    """A tool call as the model writes it under ``action_schema`` (compact JSON)."""
+    return json.dumps({"tool": name, "arguments": arguments}, separators=(",", ":"))
+
+
+def kernel_messages(msgs: list[ChatMessageIn]) -> list[dict[str, str]]:
+    """OpenAI messages as kernel chat turns: an assistant's tool calls as the JSON the model
+    wrote, a tool result as a user turn naming the tool (the kernel has three roles)."""
+    names: dict[str, str] = {}
+    out: list[dict[str, str]] = []
+    for i, msg in enumerate(msgs):
+        if msg.role in ("system", "developer"):
+            out.append({"role": "system", "content": msg.text()})
+        elif msg.role == "user":
+            out.append({"role": "user", "content": msg.text()})
+        elif msg.role == "assistant" and msg.tool_calls:
+            texts = []
+            for tc in msg.tool_calls:
+                names[tc.id] = tc.function.name
+                try:
+                    args = json.loads(tc.function.arguments or "{}")
+                except ValueError:
+                    raise ApiError(
+                        400,
+                        f"messages.{i}.tool_calls: arguments are not JSON",
+                        param=f"messages.{i}.tool_calls",
+                    ) from None
+                texts.append(call_text(tc.function.name, args))
+            out.append({"role": "assistant", "content": "\n".join(texts)})
+        elif msg.role == "assistant":
+            out.append({"role": "assistant", "content": msg.text()})
+        else:  # tool
+            name = names.get(msg.tool_call_id or "", "the tool")
+            out.append({"role": "user", "content": f"Result of {name}: {msg.text()}"})
+    return out
+
+
+def _same(a: dict[str, str], b: dict[str, str]) -> bool:
+    if a["role"] != b["role"]:
+        return False
+    if a["content"] == b["content"]:
+        return True
+    try:  # a tool call resent with other spacing or key order is the same call
+        return json.loads(a["content"]) == json.loads(b["content"])
+    except ValueError:
+        return False
+
+
+def new_messages(context: list[dict[str, str]], sent: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What of ``sent`` the session's ``context`` lacks: the tail after a resent prefix
+    (the whole conversation again, as OpenAI clients send it), or all of it (a client that
+    sends only its new turns). The session's own system prompt is not the client's."""
+    if context and context[0]["role"] == "system" and not (sent and _same(context[0], sent[0])):
+        context = context[1:]
+    n = len(context)
+    if n and len(sent) > n and all(_same(c, s) for c, s in zip(context, sent, strict=False)):
+        return sent[n:]
+    return sent
+
+
+@dataclass
+class ToolPlan:
+    """How a request's tools are offered: the constrained format and the guide turn."""
+
+    response_format: dict[str, Any]
+    guide: str
+
+
+def tool_plan(req: ChatRequest) -> ToolPlan | None:
+    """``tools``/``tool_choice`` as a JSON-schema response format (None: plain text)."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    fns = [_Fn(t.function.name, t.function.parameters, t.function.description) for t in req.tools]
+    choice = req.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        wanted = choice.function.get("name")
+        fns = [f for f in fns if f.name == wanted]
+        if not fns:
+            raise ApiError(400, f"tool_choice names {wanted!r}, not in tools", param="tool_choice")
+    schema = action_schema(fns)  # type: ignore[arg-type]
+    if choice is not None and choice != "auto":  # required or named: a call, never an answer
+        schema = {"anyOf": schema["anyOf"][:-1]}
+    return ToolPlan({"type": "json_schema", "schema": schema}, tool_guide(fns))  # type: ignore[arg-type]
+
+
+def response_format(req: ChatRequest) -> dict[str, Any] | None:
+    rf = req.response_format
+    if rf is None or rf.get("type") == "text":
+        return None
+    if rf.get("type") == "json_object":
+        return {"type": "json_object"}
+    if rf.get("type") == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ApiError(
+                400, "response_format.json_schema.schema: required", param="response_format"
+            )
+        return {"type": "json_schema", "schema": schema}
+    raise ApiError(
+        400, f"response_format.type {rf.get('type')!r} is not supported", param="response_format"
+    )
+
+
+def generate_options(req: ChatRequest) -> dict[str, Any]:
+    """The sampling options of ``llm.generate`` (OpenAI's defaults where unset)."""
+    if req.n not in (None, 1):
+        raise ApiError(400, "n: only 1 is supported", param="n")
+    if req.tools and req.response_format and req.tool_choice != "none":
+        raise ApiError(400, "response_format: not with tools", param="response_format")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    opts: dict[str, Any] = {
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "max_tokens": min(
+            req.max_completion_tokens or req.max_tokens or limits.MAX_OUTPUT_TOKENS,
+            limits.MAX_OUTPUT_TOKENS,
+        ),
+    }
+    if stop:
+        opts["stop"] = stop
+    if req.seed is not None:
+        opts["seed"] = req.seed % 2**63
+    return opts
+
+
+# -- the gateway's state ----------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    proc: AsyncProcess
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Turn:
+    """One request's process and how to finish it."""
+
+    proc: AsyncProcess
+    session: Session | None
+    new: list[dict[str, str]]  # the turns to keep in the session on success
+
+
+class Metrics:
+    """The gateway's Prometheus series, on a registry of its own (no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "llmos_gateway_requests", "HTTP requests", ["endpoint", "model", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "llmos_gateway_request_seconds",
+            "request latency (to the last byte)",
+            ["endpoint", "model"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "llmos_gateway_ttft_seconds", "time to first token", ["model"], registry=r
+        )
+        self.tokens = Counter("llmos_gateway_tokens", "tokens", ["model", "direction"], registry=r)
+        self.slots_busy = Gauge("llmos_model_slots_busy", "slots generating", ["model"], registry=r)
+        self.slots = Gauge("llmos_model_slots", "slots", ["model"], registry=r)
+        self.queued = Gauge("llmos_model_queue_length", "processes waiting", ["model"], registry=r)
+
+
+class Gateway:
+    """The kernel side of the HTTP face: one admin connection, the keys' programs and
+    sessions, metrics."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        token: str | None = None,
+        keys: KeyStore | None = None,
+        runtime_dir: Path | None = None,
+    ) -> None:
+        self.endpoint, self.token = endpoint, token
+        self.keys = keys if keys is not None else KeyStore()
+        self.runtime_dir = runtime_dir if runtime_dir is not None else paths.runtime_dir()
+        self.admin: AsyncClient | None = None
+        self.programs: dict[str, AsyncProcess] = {}
+        self.sessions: dict[str, OrderedDict[tuple[str, str], Session]] = {}
+        self.metrics = Metrics()
+        self._models: dict[str, int] = {}  # kernel model -> context window
+        self._default_model: str | None = None
+
+    async def start(self) -> None:
+        self.admin = AsyncClient(self.endpoint, pid=0, token=self.token)
+
+    async def close(self) -> None:
+        if self.admin is not None:
+            for key in list(self.programs):
+                await self._forget(key)
+            await self.admin.close()
+
+    def kernel_alive(self) -> bool:
+        return running_pid(self.runtime_dir) is not None
+
+    def _client(self) -> AsyncClient:
+        if self.admin is None or not self.kernel_alive():
+            raise ApiError(503, "the llmos kernel is not running", "service_unavailable")
+        return self.admin
+
+    # -- keys and models
+
+    def authenticate(self, request: Request) -> KeyRecord:
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        rec = self.keys.lookup(key.strip()) if scheme.lower() == "bearer" and key else None
+        if rec is None:
+            raise ApiError(
+                401,
+                "missing, unknown or revoked API key",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        return rec
+
+    async def models(self, refresh: bool = False) -> dict[str, int]:
+        if refresh or not self._models:
+            info = await self._client().info()
+            self._models = {mod.name: mod.max_context for mod in info.models}
+            self._default_model = next(
+                (mod.name for mod in info.models if mod.default), info.models[0].name
+            )
+        return self._models
+
+    async def resolve_model(self, rec: KeyRecord, name: str) -> tuple[str, str | None]:
+        """(kernel model, system prompt) for a model name: a kernel model or a key's agent."""
+        if name in rec.agents:
+            await self.models()
+            return self._default_model or "", rec.agents[name]
+        if name in await self.models() or name in await self.models(refresh=True):
+            return name, None
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+
+    # -- programs, sessions, turns
+
+    async def program(self, rec: KeyRecord) -> AsyncProcess:
+        """The key's program: its top-level process, made on first use."""
+        proc = self.programs.get(rec.name)
+        if proc is None:
+            proc = await self._client().spawn(
+                rec.name,
+                program_limits=rec.limits or None,
+                namespace=rec.namespace,
+                tools=rec.tools,
+                host_pid=os.getpid(),  # hung up by the kernel if the gateway dies
+            )
+            self.programs[rec.name] = proc
+        return proc
+
+    async def _forget(self, key: str) -> None:
+        """Drop a key's program (after a kernel restart, or at close), reaping what is left."""
+        self.sessions.pop(key, None)
+        proc = self.programs.pop(key, None)
+        if proc is not None:
+            with contextlib.suppress(SyscallError):
+                for row in await self._client().ps():
+                    if row.program == proc.pid and row.state != "ZOMBIE":
+                        with contextlib.suppress(SyscallError):
+                            await self.admin.kill(row.pid, "KILL")  # type: ignore[union-attr]
+                await proc.reap()
+
+    async def session(self, rec: KeyRecord, sid: str, model: str, system: str | None) -> Session:
+        table = self.sessions.setdefault(rec.name, OrderedDict())
+        key = (sid, model)
+        sess = table.get(key)
+        if sess is None:
+            prog = await self.program(rec)
+            proc = await prog.spawn("session", system=system, model=model, tools=rec.tools)
+            sess = table[key] = Session(proc)
+            while len(table) > MAX_SESSIONS_PER_KEY:
+                _, old = table.popitem(last=False)
+                with contextlib.suppress(SyscallError):
+                    await old.proc.reap()
+        table.move_to_end(key)
+        return sess
+
+    async def open_turn(
+        self,
+        rec: KeyRecord,
+        sid: str | None,
+        model: str,
+        system: str | None,
+        sent: list[dict[str, str]],
+        nice: int,
+    ) -> Turn:
+        """The process this request runs in (a retry after a kernel restart forgot ours)."""
+        for attempt in (0, 1):
+            try:
+                if sid is None:
+                    prog = await self.program(rec)
+                    proc = await prog.spawn(
+                        "chat", system=system, model=model, nice=nice, tools=rec.tools
+                    )
+                    return Turn(proc, None, sent)
+                sess = await self.session(rec, sid, model, system)
+                await sess.lock.acquire()
+                try:
+                    context = await sess.proc.context()
+                    proc = await sess.proc.fork("turn", nice=nice)
+                except BaseException:
+                    sess.lock.release()
+                    raise
+                return Turn(proc, sess, new_messages(context, sent))
+            except SyscallError as exc:
+                if attempt or exc.code not in (Errno.ESRCH, Errno.EACCES, Errno.EPERM):
+                    raise
+                await self._forget(rec.name)  # the kernel restarted: start the program again
+        raise AssertionError("unreachable")
+
+    async def close_turn(self, turn: Turn, answer: str | None) -> None:
+        """Reap the turn; on success keep its turns in the session's context."""
+        with anyio.CancelScope(shield=True):  # runs even as a disconnected stream is cancelled
+            try:
+                with contextlib.suppress(SyscallError):
+                    await turn.proc.reap()
+                if turn.session is not None and answer is not None and turn.new:
+                    with contextlib.suppress(SyscallError):
+                        await turn.session.proc.append(
+                            [*turn.new, {"role": "assistant", "content": answer}]
+                        )
+            finally:
+                if turn.session is not None:
+                    turn.session.lock.release()
+
+
+# -- the app ----------------------------------------------------------------------------
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _usage(prompt: int, output: int, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": output,
+        "total_tokens": prompt + output,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _finish(finish_reason: str) -> str:
+    return "length" if finish_reason == "length" else "stop"
+
+
+def _tool_message(text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
+    """A constrained tool step's text as an OpenAI message and finish reason."""
+    calls, answer = parse_action(text)
+    if calls:
+        tool_calls = [
+            {
+                "id": f"call_{secrets.token_hex(12)}",
+                "type": "function",
+                "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+            }
+            for c in calls
+        ]
+        msg = {"role": "assistant", "content": None, "refusal": None, "tool_calls": tool_calls}
+        return msg, "tool_calls"
+    content = answer if answer is not None else text
+    return {"role": "assistant", "content": content, "refusal": None}, _finish(finish_reason)
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    """The FastAPI app serving ``gw``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        yield
+        await gw.close()
+
+    app = FastAPI(title="llmos gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(SyscallError)
+    async def _sys_error(_: Request, exc: SyscallError) -> JSONResponse:
+        if not gw.kernel_alive():
+            return ApiError(
+                503, "the llmos kernel is not running", "service_unavailable"
+            ).response()
+        return from_syscall(exc).response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            info = await gw._client().info()
+        except (ApiError, SyscallError) as exc:
+            return JSONResponse({"status": "down", "error": str(exc)}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "ok",
+                "kernel_pid": info.kernel_pid,
+                "models": {mod.name: mod.state for mod in info.models},
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        with contextlib.suppress(ApiError, SyscallError):
+            stat = await gw._client().stat(procs=False)
+            for mod in stat.models:
+                gw.metrics.slots.labels(mod.name).set(mod.slots)
+                gw.metrics.slots_busy.labels(mod.name).set(mod.busy)
+                gw.metrics.queued.labels(mod.name).set(mod.queued)
+        return PlainTextResponse(
+            generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        rec = gw.authenticate(request)
+        names = [*await gw.models(refresh=True), *rec.agents]
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "llmos"} for n in names]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        t0 = time.monotonic()
+        rec = gw.authenticate(request)
+        req: ChatRequest = await read_json(request, ChatRequest)
+        model_label = req.model
+        status = 200
+        try:
+            return await _chat(request, rec, req, t0)
+        except ApiError as exc:
+            status = exc.status
+            raise
+        except SyscallError as exc:
+            status = 503 if not gw.kernel_alive() else from_syscall(exc).status
+            raise
+        finally:
+            gw.metrics.requests.labels("chat.completions", model_label, str(status)).inc()
+            if not req.stream or status != 200:
+                gw.metrics.latency.labels("chat.completions", model_label).observe(
+                    time.monotonic() - t0
+                )
+
+    async def _chat(request: Request, rec: KeyRecord, req: ChatRequest, t0: float) -> Any:
+        opts = generate_options(req)
+        plan = tool_plan(req)
+        fmt = plan.response_format if plan else response_format(req)
+        if fmt is not None:
+            opts["response_format"] = fmt
+        nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
+        timeout = request.headers.get(TIMEOUT_HEADER)
+        deadline_ms = _deadline_ms(timeout)
+        sent = kernel_messages(req.messages)
+        model, system = await gw.resolve_model(rec, req.model)
+        sid = request.headers.get(SESSION_HEADER) or req.user
+        if sid is not None and len(sid) > 256:
+            raise ApiError(400, f"{SESSION_HEADER}: over 256 characters", param=SESSION_HEADER)
+        turn = await gw.open_turn(rec, sid, model, system, sent, nice)
+        msgs = list(turn.new)
+        if plan is not None:  # the guide is for this step only: never kept in a session
+            msgs.insert(max(len(msgs) - 1, 0), {"role": "system", "content": plan.guide})
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", _now()
+        if not req.stream:
+            answer = None
+            try:
+                res = await turn.proc.generate(messages=msgs, deadline_ms=deadline_ms, **opts)
+                answer = res.text
+            finally:
+                await gw.close_turn(turn, answer)
+            _count_tokens(req.model, res.usage.prompt_tokens, res.usage.output_tokens)
+            if plan is not None:
+                message, finish = _tool_message(res.text, res.finish_reason)
+            else:
+                message = {"role": "assistant", "content": res.text, "refusal": None}
+                finish = _finish(res.finish_reason)
+            u = res.usage
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": req.model,
+                    "system_fingerprint": None,
+                    "choices": [
+                        {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+                    ],
+                    "usage": _usage(u.prompt_tokens, u.output_tokens, u.cached_tokens),
+                }
+            )
+        return await _stream(request, req, turn, msgs, opts, deadline_ms, plan, rid, created, t0)
+
+    async def _stream(
+        request: Request,
+        req: ChatRequest,
+        turn: Turn,
+        msgs: list[dict[str, str]],
+        opts: dict[str, Any],
+        deadline_ms: int | None,
+        plan: ToolPlan | None,
+        rid: str,
+        created: int,
+        t0: float,
+    ) -> EventSourceResponse:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        pieces = turn.proc.stream(messages=msgs, deadline_ms=deadline_ms, **opts).__aiter__()
+        try:  # the first token before the response starts: a refusal is still an HTTP error
+            first = await anext(pieces, None)
+        except BaseException:
+            await gw.close_turn(turn, None)
+            raise
+        gw.metrics.ttft.labels(req.model).observe(time.monotonic() - t0)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, str]:
+            body: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if include_usage:
+                body["usage"] = None
+            return {"data": json.dumps(body)}
+
+        async def events() -> AsyncIterator[dict[str, str]]:
+            text: list[str] = []
+            done = False
+            try:
+                yield chunk({"role": "assistant", "content": "", "refusal": None})
+                piece = first
+                while piece is not None:
+                    text.append(piece)
+                    if plan is None and piece:
+                        yield chunk({"content": piece})
+                    piece = await anext(pieces, None)
+                last = turn.proc.last
+                assert last is not None
+                done = True
+                if plan is not None:  # a tool step is one JSON object: sent whole, parsed
+                    message, finish = _tool_message(last.text, last.finish_reason)
+                    message.pop("refusal", None)
+                    message.pop("role", None)
+                    if "tool_calls" in message:
+                        message["tool_calls"] = [
+                            {"index": i, **tc} for i, tc in enumerate(message["tool_calls"])
+                        ]
+                    else:
+                        message.pop("tool_calls", None)
+                    yield chunk(message)
+                else:
+                    finish = _finish(last.finish_reason)
+                yield chunk({}, finish)
+                u = last.usage
+                _count_tokens(req.model, u.prompt_tokens, u.output_tokens)
+                if include_usage:
+                    body = {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": req.model,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": _usage(u.prompt_tokens, u.output_tokens, u.cached_tokens),
+                    }
+                    yield {"data": json.dumps(body)}
+                yield {"data": "[DONE]"}
+            except SyscallError as exc:  # mid-stream: the status is sent, so an error event
+                err = from_syscall(exc)
+                yield {
+                    "data": json.dumps(
+                        {"error": {"message": err.message, "type": err.type, "code": err.code}}
+                    )
+                }
+            finally:
+                with anyio.CancelScope(shield=True):
+                    with contextlib.suppress(BaseException):
+                        await pieces.aclose()  # type: ignore[attr-defined]
+                    await gw.close_turn(turn, "".join(text) if done else None)
+                gw.metrics.latency.labels("chat.completions", req.model).observe(
+                    time.monotonic() - t0
+                )
+
+        return EventSourceResponse(events(), ping=15, sep="\n")
+
+    def _count_tokens(model: str, prompt: int, output: int) -> None:
+        gw.metrics.tokens.labels(model, "in").inc(prompt)
+        gw.metrics.tokens.labels(model, "out").inc(output)
+
+    return app
+
+
+def _header_int(request: Request, name: str, lo: int, hi: int, default: int) -> int:
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name}: expected an integer in {lo}..{hi}", param=name)
+    return value
+
+
+def _deadline_ms(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= limits.MAX_DEADLINE_MS / 1000:
+        raise ApiError(400, f"{TIMEOUT_HEADER}: expected seconds, > 0", param=TIMEOUT_HEADER)
+    return int(seconds * 1000)
+
+
+# -- llmos gateway ------------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SyscallError.of(Errno.EINVAL, f"--listen {listen!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from llmos.ctl.cli import _kernel_pid, err, start_kernel
+
+    host, port = parse_listen(args.listen)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        err.print("llmos gateway: --tls-cert and --tls-key go together")
+        return 2
+    if _kernel_pid() is None and start_kernel([]) != 0:
+        return 1
+    scheme = "https" if args.tls_cert else "http"
+    err.print(f"llmos gateway on {scheme}://{host}:{port}/v1 (keys: `llmos keys create NAME`)")
+    uvicorn.run(
+        create_app(Gateway()),
+        host=host,
+        port=port,
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
+        log_level="warning",
+        access_log=False,  # no request lines in logs: a key never appears there by mistake
+    )
+    return 0
