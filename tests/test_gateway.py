@@ -341,6 +341,58 @@ def test_async_client_runs_requests_concurrently(sim: Served, key: str) -> None:
     assert len(texts) == 4 and all(len(t.split()) == 4 for t in texts)
 
 
+def test_completions_raw_prompt_whole_and_streamed(sim: Served, key: str, admin: Client) -> None:
+    c = sim.client(key)
+    res = c.completions.create(model=SIM, prompt="Once upon a time", max_tokens=4, temperature=0)
+    assert res.object == "text_completion" and res.choices[0].finish_reason == "length"
+    assert len(res.choices[0].text.split()) == 4 and res.usage.completion_tokens == 4
+    chunks = list(
+        c.completions.create(
+            model=SIM,
+            prompt="Once upon a time",
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == res.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 4
+    echoed = c.completions.create(model=SIM, prompt="Hi", max_tokens=2, echo=True)
+    assert echoed.choices[0].text.startswith("Hi ")
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=SIM, prompt=["a", "b"], max_tokens=2)
+    assert _children(admin, "app") == [] or all(
+        r.name == "session" for r in _children(admin, "app")
+    )
+
+
+def test_priority_header_sets_the_requests_nice(sim: Served, admin: Client) -> None:
+    k = sim.keys.create("nice")
+
+    async def run() -> int:
+        c = sim.aclient(k, default_headers={"X-Llmos-Priority": "7"})
+        stream = await c.chat.completions.create(
+            model=SIM, messages=[{"role": "user", "content": "x"}], max_tokens=200, stream=True
+        )
+        async for _ in stream:
+            nice = [r.nice for r in _children(admin, "nice")]
+            break
+        await stream.close()
+        await c.close()
+        return nice[0]
+
+    assert asyncio.run(run()) == 7
+    with pytest.raises(openai.BadRequestError) as e:
+        sim.client(k).chat.completions.create(
+            model=SIM,
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers={"X-Llmos-Priority": "-5"},
+        )
+    assert "x-llmos-priority" in e.value.message
+
+
 def test_metrics_parse_with_prometheus_client(sim: Served, key: str) -> None:
     sim.client(key).chat.completions.create(
         model=SIM, messages=[{"role": "user", "content": "hi"}], max_tokens=3

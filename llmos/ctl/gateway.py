@@ -184,6 +184,32 @@ class ChatRequest(_Body):
     user: str | None = Field(default=None, max_length=256)
 
 
+class CompletionRequest(_Body):
+    model: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_completion_tokens: None = None  # not a completions field: max_tokens is
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    n: int | None = None
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: None = None
+    suffix: None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ApiError(400, "prompt: exactly one prompt is supported", param="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
 async def read_json(request: Request, model: type[BaseModel]) -> Any:
     """The body parsed into ``model``: 413 past ``MAX_BODY_BYTES``, 400 naming the field."""
     size = request.headers.get("content-length")
@@ -317,12 +343,12 @@ def response_format(req: ChatRequest) -> dict[str, Any] | None:
     )
 
 
-def generate_options(req: ChatRequest) -> dict[str, Any]:
+def generate_options(req: ChatRequest | CompletionRequest) -> dict[str, Any]:
     """The sampling options of ``llm.generate`` (OpenAI's defaults where unset)."""
     if req.n not in (None, 1):
         raise ApiError(400, "n: only 1 is supported", param="n")
-    if req.tools and req.response_format and req.tool_choice != "none":
-        raise ApiError(400, "response_format: not with tools", param="response_format")
+    if getattr(req, "best_of", None) not in (None, 1):
+        raise ApiError(400, "best_of: only 1 is supported", param="best_of")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     opts: dict[str, Any] = {
         "temperature": 1.0 if req.temperature is None else req.temperature,
@@ -643,15 +669,12 @@ def create_app(gw: Gateway) -> FastAPI:
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "llmos"} for n in names]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        t0 = time.monotonic()
-        rec = gw.authenticate(request)
-        req: ChatRequest = await read_json(request, ChatRequest)
-        model_label = req.model
-        status = 200
+    async def observed(request: Request, endpoint: str, model: str, stream: bool, run: Any) -> Any:
+        """Run an endpoint's work, counting it by status (a stream's latency is taken when
+        its last event is sent)."""
+        t0, status = time.monotonic(), 200
         try:
-            return await _chat(request, rec, req, t0)
+            return await run(t0)
         except ApiError as exc:
             status = exc.status
             raise
@@ -659,21 +682,100 @@ def create_app(gw: Gateway) -> FastAPI:
             status = 503 if not gw.kernel_alive() else from_syscall(exc).status
             raise
         finally:
-            gw.metrics.requests.labels("chat.completions", model_label, str(status)).inc()
-            if not req.stream or status != 200:
-                gw.metrics.latency.labels("chat.completions", model_label).observe(
-                    time.monotonic() - t0
-                )
+            gw.metrics.requests.labels(endpoint, model, str(status)).inc()
+            if not stream or status != 200:
+                gw.metrics.latency.labels(endpoint, model).observe(time.monotonic() - t0)
+
+    def count_tokens(model: str, usage: Any) -> None:
+        gw.metrics.tokens.labels(model, "in").inc(usage.prompt_tokens)
+        gw.metrics.tokens.labels(model, "out").inc(usage.output_tokens)
+
+    async def sse(
+        turn: Turn,
+        gen: dict[str, Any],
+        deadline_ms: int | None,
+        endpoint: str,
+        model: str,
+        t0: float,
+        head: list[dict[str, Any]],
+        on_piece: Any,
+        on_end: Any,
+    ) -> EventSourceResponse:
+        """Stream a turn's generation as SSE: ``head`` events, ``on_piece(text)`` per
+        piece (None: nothing to send), ``on_end(result)`` events, then ``[DONE]``. The
+        first piece is awaited before the response starts, so a refusal (quota, bad
+        format) is still an HTTP error; a disconnect kills the turn (shielded cleanup)."""
+        pieces = turn.proc.stream(deadline_ms=deadline_ms, **gen).__aiter__()
+        try:
+            first = await anext(pieces, None)
+        except BaseException:
+            await gw.close_turn(turn, None)
+            raise
+        gw.metrics.ttft.labels(model).observe(time.monotonic() - t0)
+
+        async def events() -> AsyncIterator[dict[str, str]]:
+            text: list[str] = []
+            done = False
+            try:
+                for body in head:
+                    yield {"data": json.dumps(body)}
+                piece = first
+                while piece is not None:
+                    text.append(piece)
+                    if piece and (body := on_piece(piece)) is not None:
+                        yield {"data": json.dumps(body)}
+                    piece = await anext(pieces, None)
+                last = turn.proc.last
+                assert last is not None
+                done = True
+                count_tokens(model, last.usage)
+                for body in on_end(last):
+                    yield {"data": json.dumps(body)}
+                yield {"data": "[DONE]"}
+            except SyscallError as exc:  # mid-stream: the status is sent, so an error event
+                err = from_syscall(exc)
+                body = {"error": {"message": err.message, "type": err.type, "code": err.code}}
+                yield {"data": json.dumps(body)}
+            finally:
+                with anyio.CancelScope(shield=True):
+                    with contextlib.suppress(BaseException):
+                        await pieces.aclose()  # type: ignore[attr-defined]
+                    await gw.close_turn(turn, "".join(text) if done else None)
+                gw.metrics.latency.labels(endpoint, model).observe(time.monotonic() - t0)
+
+        return EventSourceResponse(events(), ping=15, sep="\n")
+
+    async def generate(turn: Turn, gen: dict[str, Any], deadline_ms: int | None) -> Any:
+        answer = None
+        try:
+            res = await turn.proc.generate(deadline_ms=deadline_ms, **gen)
+            answer = res.text
+        finally:
+            await gw.close_turn(turn, answer)
+        return res
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        rec = gw.authenticate(request)
+        req: ChatRequest = await read_json(request, ChatRequest)
+        return await observed(
+            request,
+            "chat.completions",
+            req.model,
+            req.stream,
+            lambda t0: _chat(request, rec, req, t0),
+        )
 
     async def _chat(request: Request, rec: KeyRecord, req: ChatRequest, t0: float) -> Any:
+        if req.tools and req.response_format and req.tool_choice != "none":
+            raise ApiError(400, "response_format: not with tools", param="response_format")
         opts = generate_options(req)
         plan = tool_plan(req)
         fmt = plan.response_format if plan else response_format(req)
         if fmt is not None:
             opts["response_format"] = fmt
         nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
-        timeout = request.headers.get(TIMEOUT_HEADER)
-        deadline_ms = _deadline_ms(timeout)
+        deadline_ms = _deadline_ms(request.headers.get(TIMEOUT_HEADER))
         sent = kernel_messages(req.messages)
         model, system = await gw.resolve_model(rec, req.model)
         sid = request.headers.get(SESSION_HEADER) or req.user
@@ -683,135 +785,133 @@ def create_app(gw: Gateway) -> FastAPI:
         msgs = list(turn.new)
         if plan is not None:  # the guide is for this step only: never kept in a session
             msgs.insert(max(len(msgs) - 1, 0), {"role": "system", "content": plan.guide})
+        opts["messages"] = msgs
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", _now()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def body(choices: list[dict[str, Any]], usage: Any = None, chunk: bool = True) -> Any:
+            out: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk" if chunk else "chat.completion",
+                "created": created,
+                "model": req.model,
+                "system_fingerprint": None,
+                "choices": choices,
+            }
+            if usage is not None or include_usage or not chunk:
+                out["usage"] = (
+                    None
+                    if usage is None
+                    else _usage(usage.prompt_tokens, usage.output_tokens, usage.cached_tokens)
+                )
+            return out
+
+        def delta(d: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return body([{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}])
+
         if not req.stream:
-            answer = None
-            try:
-                res = await turn.proc.generate(messages=msgs, deadline_ms=deadline_ms, **opts)
-                answer = res.text
-            finally:
-                await gw.close_turn(turn, answer)
-            _count_tokens(req.model, res.usage.prompt_tokens, res.usage.output_tokens)
+            res = await generate(turn, opts, deadline_ms)
+            count_tokens(req.model, res.usage)
             if plan is not None:
                 message, finish = _tool_message(res.text, res.finish_reason)
             else:
                 message = {"role": "assistant", "content": res.text, "refusal": None}
                 finish = _finish(res.finish_reason)
-            u = res.usage
-            return JSONResponse(
-                {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": req.model,
-                    "system_fingerprint": None,
-                    "choices": [
-                        {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-                    ],
-                    "usage": _usage(u.prompt_tokens, u.output_tokens, u.cached_tokens),
-                }
-            )
-        return await _stream(request, req, turn, msgs, opts, deadline_ms, plan, rid, created, t0)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            return JSONResponse(body([choice], res.usage, chunk=False))
 
-    async def _stream(
-        request: Request,
-        req: ChatRequest,
-        turn: Turn,
-        msgs: list[dict[str, str]],
-        opts: dict[str, Any],
-        deadline_ms: int | None,
-        plan: ToolPlan | None,
-        rid: str,
-        created: int,
-        t0: float,
-    ) -> EventSourceResponse:
+        def on_end(last: Any) -> list[dict[str, Any]]:
+            events = []
+            if plan is not None:  # a tool step is one JSON object: sent whole, parsed
+                message, finish = _tool_message(last.text, last.finish_reason)
+                d = {"content": message["content"]}
+                if "tool_calls" in message:
+                    d["tool_calls"] = [
+                        {"index": i, **tc} for i, tc in enumerate(message["tool_calls"])
+                    ]
+                events.append(delta(d))
+            else:
+                finish = _finish(last.finish_reason)
+            events.append(delta({}, finish))
+            if include_usage:
+                events.append(body([], last.usage))
+            return events
+
+        head = [delta({"role": "assistant", "content": "", "refusal": None})]
+        on_piece = (lambda p: None) if plan is not None else (lambda p: delta({"content": p}))
+        return await sse(
+            turn, opts, deadline_ms, "chat.completions", req.model, t0, head, on_piece, on_end
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        rec = gw.authenticate(request)
+        req: CompletionRequest = await read_json(request, CompletionRequest)
+        return await observed(
+            request,
+            "completions",
+            req.model,
+            req.stream,
+            lambda t0: _complete(request, rec, req, t0),
+        )
+
+    async def _complete(request: Request, rec: KeyRecord, req: CompletionRequest, t0: float) -> Any:
+        prompt = req.prompt_text()
+        opts = generate_options(req)
+        opts["prompt"] = prompt
+        nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
+        deadline_ms = _deadline_ms(request.headers.get(TIMEOUT_HEADER))
+        model, system = await gw.resolve_model(rec, req.model)
+        turn = await gw.open_turn(rec, None, model, system, [], nice)  # raw text: no session
+        rid, created = f"cmpl-{secrets.token_hex(12)}", _now()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        pieces = turn.proc.stream(messages=msgs, deadline_ms=deadline_ms, **opts).__aiter__()
-        try:  # the first token before the response starts: a refusal is still an HTTP error
-            first = await anext(pieces, None)
-        except BaseException:
-            await gw.close_turn(turn, None)
-            raise
-        gw.metrics.ttft.labels(req.model).observe(time.monotonic() - t0)
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, str]:
-            body: dict[str, Any] = {
+        def body(text: str | None, finish: str | None, usage: Any = None) -> dict[str, Any]:
+            choices = (
+                []
+                if text is None
+                else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+            )
+            out: dict[str, Any] = {
                 "id": rid,
-                "object": "chat.completion.chunk",
+                "object": "text_completion",
                 "created": created,
                 "model": req.model,
                 "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
+                "choices": choices,
             }
-            if include_usage:
-                body["usage"] = None
-            return {"data": json.dumps(body)}
-
-        async def events() -> AsyncIterator[dict[str, str]]:
-            text: list[str] = []
-            done = False
-            try:
-                yield chunk({"role": "assistant", "content": "", "refusal": None})
-                piece = first
-                while piece is not None:
-                    text.append(piece)
-                    if plan is None and piece:
-                        yield chunk({"content": piece})
-                    piece = await anext(pieces, None)
-                last = turn.proc.last
-                assert last is not None
-                done = True
-                if plan is not None:  # a tool step is one JSON object: sent whole, parsed
-                    message, finish = _tool_message(last.text, last.finish_reason)
-                    message.pop("refusal", None)
-                    message.pop("role", None)
-                    if "tool_calls" in message:
-                        message["tool_calls"] = [
-                            {"index": i, **tc} for i, tc in enumerate(message["tool_calls"])
-                        ]
-                    else:
-                        message.pop("tool_calls", None)
-                    yield chunk(message)
-                else:
-                    finish = _finish(last.finish_reason)
-                yield chunk({}, finish)
-                u = last.usage
-                _count_tokens(req.model, u.prompt_tokens, u.output_tokens)
-                if include_usage:
-                    body = {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": req.model,
-                        "system_fingerprint": None,
-                        "choices": [],
-                        "usage": _usage(u.prompt_tokens, u.output_tokens, u.cached_tokens),
-                    }
-                    yield {"data": json.dumps(body)}
-                yield {"data": "[DONE]"}
-            except SyscallError as exc:  # mid-stream: the status is sent, so an error event
-                err = from_syscall(exc)
-                yield {
-                    "data": json.dumps(
-                        {"error": {"message": err.message, "type": err.type, "code": err.code}}
-                    )
-                }
-            finally:
-                with anyio.CancelScope(shield=True):
-                    with contextlib.suppress(BaseException):
-                        await pieces.aclose()  # type: ignore[attr-defined]
-                    await gw.close_turn(turn, "".join(text) if done else None)
-                gw.metrics.latency.labels("chat.completions", req.model).observe(
-                    time.monotonic() - t0
+            if usage is not None or (req.stream and include_usage) or not req.stream:
+                out["usage"] = (
+                    None
+                    if usage is None
+                    else _usage(usage.prompt_tokens, usage.output_tokens, usage.cached_tokens)
                 )
+            return out
 
-        return EventSourceResponse(events(), ping=15, sep="\n")
+        echo = prompt if req.echo else ""
+        if not req.stream:
+            res = await generate(turn, opts, deadline_ms)
+            count_tokens(req.model, res.usage)
+            return JSONResponse(body(echo + res.text, _finish(res.finish_reason), res.usage))
 
-    def _count_tokens(model: str, prompt: int, output: int) -> None:
-        gw.metrics.tokens.labels(model, "in").inc(prompt)
-        gw.metrics.tokens.labels(model, "out").inc(output)
+        def on_end(last: Any) -> list[dict[str, Any]]:
+            events = [body("", _finish(last.finish_reason))]
+            if include_usage:
+                events.append(body(None, None, last.usage))
+            return events
+
+        head = [body(echo, None)] if echo else []
+        return await sse(
+            turn,
+            opts,
+            deadline_ms,
+            "completions",
+            req.model,
+            t0,
+            head,
+            lambda p: body(p, None),
+            on_end,
+        )
 
     return app
 
