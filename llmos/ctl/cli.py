@@ -27,7 +27,7 @@ from kernel.daemon import (
 from kernel.daemon import parser as daemon_parser
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import keys
+from llmos.ctl import bench_gateway, keys
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
 from syscalls import models as m
@@ -968,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="driver option (repeatable), e.g. endpoints=http://host:8000/v1 for openai",
     )
     bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+    bench_gateway.add_parser(bsub)  # llmos bench gateway
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1092,6 +1093,8 @@ def _run(args: argparse.Namespace) -> int:
                 from llmos.ctl.bench_driver import bench_driver
 
                 return bench_driver(args)
+            if args.bcmd == "gateway":
+                return bench_gateway.bench_gateway(args)
             if args.bcmd == "memory":
                 from llmos.ctl.bench_memory import bench_memory
 
