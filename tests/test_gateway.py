@@ -559,3 +559,32 @@ def test_tool_call_round_trip(real: Served) -> None:
     ]
     assert deltas and deltas[0].tool_calls[0].function.name == "get_weather"
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.model
+def test_openai_agents_sdk_runs_a_function_tool_end_to_end(real: Served) -> None:
+    agents = pytest.importorskip("agents")  # openai-agents, the OpenAI Agents SDK
+    agents.set_tracing_disabled(True)  # nothing leaves the machine
+    key = real.keys.create("agents")
+    model = real.client(key).models.list().data[0].id
+    calls: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    agent = agents.Agent(
+        name="weather",
+        instructions="Answer with the get_weather tool.",
+        tools=[get_weather],
+        model=agents.OpenAIChatCompletionsModel(
+            model=model,
+            openai_client=openai.AsyncOpenAI(base_url=real.url + "/v1", api_key=key, max_retries=0),
+        ),
+        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=60),
+        tool_use_behavior="stop_on_first_tool",  # the tool's result is the run's answer
+    )
+    result = agents.Runner.run_sync(agent, "What is the weather in Paris?")
+    assert calls and result.final_output == f"sunny in {calls[0]}"
