@@ -412,6 +412,32 @@ def test_metrics_parse_with_prometheus_client(sim: Served, key: str) -> None:
     assert slots[0].value == 2
 
 
+def test_unknown_model_names_make_no_new_metric_series(sim: Served, key: str) -> None:
+    for name in ("nope-1", "nope-2"):
+        with pytest.raises(openai.NotFoundError):
+            sim.client(key).chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "hi"}]
+            )
+    text = httpx.get(sim.url + "/metrics").text
+    assert "nope-1" not in text and 'model="unknown",status="404"' in text
+
+
+def test_a_key_with_tools_and_namespace_and_a_kernel_restart(tmp_path: Path) -> None:
+    k, served = _serve(tmp_path, "--driver", "sim")
+    try:
+        key = served.keys.create("tooled", namespace="tooled", tools=["calculator", "fs_*"])
+        c = served.client(key)
+        msgs = [{"role": "user", "content": "hi"}]
+        assert c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=2)
+        k.stop()
+        k.start()  # the same runtime and state dirs: a restarted kernel
+        res = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=2)
+        assert res.choices[0].message.content
+    finally:
+        served.stop()
+        k.stop()
+
+
 def test_health_and_503_when_the_kernel_is_down(tmp_path: Path) -> None:
     k, served = _serve(tmp_path, "--driver", "sim")
     try:

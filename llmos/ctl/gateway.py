@@ -429,6 +429,8 @@ class Gateway:
 
     async def start(self) -> None:
         self.admin = AsyncClient(self.endpoint, pid=0, token=self.token)
+        with contextlib.suppress(ApiError, SyscallError):  # a kernel down now is a 503 later
+            await self.models()
 
     async def close(self) -> None:
         if self.admin is not None:
@@ -467,6 +469,10 @@ class Gateway:
                 (mod.name for mod in info.models if mod.default), info.models[0].name
             )
         return self._models
+
+    def model_label(self, rec: KeyRecord, name: str) -> str:
+        """A metrics label: a name the client invents is not a new series (bounded labels)."""
+        return name if name in self._models or name in rec.agents else "unknown"
 
     async def resolve_model(self, rec: KeyRecord, name: str) -> tuple[str, str | None]:
         """(kernel model, system prompt) for a model name: a kernel model or a key's agent."""
@@ -715,7 +721,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
         async def events() -> AsyncIterator[dict[str, str]]:
             text: list[str] = []
-            done = False
+            closed = False
             try:
                 for body in head:
                     yield {"data": json.dumps(body)}
@@ -727,7 +733,10 @@ def create_app(gw: Gateway) -> FastAPI:
                     piece = await anext(pieces, None)
                 last = turn.proc.last
                 assert last is not None
-                done = True
+                # Reaped (and the session's context written) before the last events: a
+                # client that has seen [DONE] finds no process left and its turn kept.
+                closed = True
+                await gw.close_turn(turn, "".join(text))
                 count_tokens(model, last.usage)
                 for body in on_end(last):
                     yield {"data": json.dumps(body)}
@@ -740,7 +749,8 @@ def create_app(gw: Gateway) -> FastAPI:
                 with anyio.CancelScope(shield=True):
                     with contextlib.suppress(BaseException):
                         await pieces.aclose()  # type: ignore[attr-defined]
-                    await gw.close_turn(turn, "".join(text) if done else None)
+                    if not closed:
+                        await gw.close_turn(turn, None)
                 gw.metrics.latency.labels(endpoint, model).observe(time.monotonic() - t0)
 
         return EventSourceResponse(events(), ping=15, sep="\n")
@@ -761,7 +771,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return await observed(
             request,
             "chat.completions",
-            req.model,
+            gw.model_label(rec, req.model),
             req.stream,
             lambda t0: _chat(request, rec, req, t0),
         )
@@ -850,7 +860,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return await observed(
             request,
             "completions",
-            req.model,
+            gw.model_label(rec, req.model),
             req.stream,
             lambda t0: _complete(request, rec, req, t0),
         )
@@ -906,7 +916,7 @@ def create_app(gw: Gateway) -> FastAPI:
             opts,
             deadline_ms,
             "completions",
-            req.model,
+            gw.model_label(rec, req.model),
             t0,
             head,
             lambda p: body(p, None),
