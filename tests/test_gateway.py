@@ -393,6 +393,81 @@ def test_priority_header_sets_the_requests_nice(sim: Served, admin: Client) -> N
     assert "x-llmos-priority" in e.value.message
 
 
+def test_concurrent_first_requests_make_one_program_and_one_session(
+    sim: Served, admin: Client
+) -> None:
+    k = sim.keys.create("burst")
+
+    async def burst() -> None:
+        c = sim.aclient(k, default_headers={"X-Llmos-Session": "one"})
+        await asyncio.gather(
+            *[
+                c.chat.completions.create(
+                    model=SIM, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=2
+                )
+                for i in range(4)
+            ]
+        )
+        await c.close()
+
+    asyncio.run(burst())
+    rows = admin.ps()
+    assert len([r for r in rows if r.name == "burst" and r.ppid == 1]) == 1
+    sessions = [r for r in _children(admin, "burst") if r.name == "session"]
+    assert len(sessions) == 1
+    ctx = admin.call("ctx.get", {"pid": sessions[0].pid})
+    assert [m["role"] for m in ctx["messages"]] == ["user", "assistant"] * 4  # one at a time
+
+
+def test_responses_whole_streamed_and_chained_by_previous_response_id(
+    sim: Served, admin: Client
+) -> None:
+    c = sim.client(sim.keys.create("resp"))
+    r1 = c.responses.create(model=SIM, input="hello there", max_output_tokens=4, temperature=0)
+    assert r1.object == "response" and r1.status == "incomplete"
+    assert r1.incomplete_details.reason == "max_output_tokens"
+    assert len(r1.output_text.split()) == 4 and r1.usage.output_tokens == 4
+    r2 = c.responses.create(
+        model=SIM, input="and more", previous_response_id=r1.id, max_output_tokens=3
+    )
+    assert r2.previous_response_id == r1.id and len(r2.output_text.split()) == 3
+    sessions = [r for r in _children(admin, "resp") if r.name == "session"]
+    assert len(sessions) == 1  # one chain, one process keeping its context
+    ctx = admin.call("ctx.get", {"pid": sessions[0].pid})
+    assert [(m["role"], m["content"]) for m in ctx["messages"]] == [
+        ("user", "hello there"),
+        ("assistant", r1.output_text),
+        ("user", "and more"),
+        ("assistant", r2.output_text),
+    ]
+    events = list(
+        c.responses.create(
+            model=SIM, input="hello there", max_output_tokens=4, temperature=0, stream=True
+        )
+    )
+    types = [e.type for e in events]
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == r1.output_text == events[-1].response.output_text
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model=SIM, input="x", previous_response_id="resp_nope")
+    stateless = c.responses.create(model=SIM, input="x", max_output_tokens=2, store=False)
+    assert stateless.output_text
+    assert len([r for r in _children(admin, "resp") if r.name == "session"]) == 2
+
+
 def test_metrics_parse_with_prometheus_client(sim: Served, key: str) -> None:
     sim.client(key).chat.completions.create(
         model=SIM, messages=[{"role": "user", "content": "hi"}], max_tokens=3

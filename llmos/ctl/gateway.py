@@ -57,6 +57,7 @@ from syscalls.errors import Errno, SyscallError
 
 MAX_BODY_BYTES = limits.MAX_FRAME_BYTES  # a request becomes one frame: no bigger body helps
 MAX_SESSIONS_PER_KEY = 256  # persistent processes a key may hold; the least recent is reaped
+MAX_CHAINED_RESPONSES = 65536  # previous_response_id -> session entries kept
 SESSION_HEADER = "x-llmos-session"
 PRIORITY_HEADER = "x-llmos-priority"  # nice, 0..19: a key's requests may only lower theirs
 TIMEOUT_HEADER = "x-llmos-timeout"  # seconds: the generation's deadline (504 past it)
@@ -208,6 +209,46 @@ class CompletionRequest(_Body):
                 raise ApiError(400, "prompt: exactly one prompt is supported", param="prompt")
             return self.prompt[0]
         return self.prompt
+
+
+class InputPart(_Body):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputItem(_Body):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputPart]
+
+
+class ResponsesRequest(_Body):
+    model: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
+    input: str | list[InputItem] = Field(max_length=limits.MAX_MESSAGES)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    previous_response_id: str | None = Field(default=None, max_length=256)
+    store: bool = True
+    stream: bool = False
+    tools: list[Any] | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        if self.tools:
+            raise ApiError(400, "tools: not supported on /v1/responses yet", param="tools")
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        out = []
+        for item in self.input:
+            text = (
+                item.content
+                if isinstance(item.content, str)
+                else "".join(p.text for p in item.content)
+            )
+            role = "system" if item.role == "developer" else item.role
+            out.append({"role": role, "content": text})
+        return out
 
 
 async def read_json(request: Request, model: type[BaseModel]) -> Any:
@@ -422,7 +463,9 @@ class Gateway:
         self.runtime_dir = runtime_dir if runtime_dir is not None else paths.runtime_dir()
         self.admin: AsyncClient | None = None
         self.programs: dict[str, AsyncProcess] = {}
-        self.sessions: dict[str, OrderedDict[tuple[str, str], Session]] = {}
+        self.sessions: dict[str, OrderedDict[tuple[str, str, str], Session]] = {}
+        self.chains: OrderedDict[tuple[str, str], str] = OrderedDict()  # response -> session
+        self._spawning = asyncio.Lock()  # concurrent first requests make one program/session
         self.metrics = Metrics()
         self._models: dict[str, int] = {}  # kernel model -> context window
         self._default_model: str | None = None
@@ -470,6 +513,12 @@ class Gateway:
             )
         return self._models
 
+    def remember(self, key: str, response_id: str, sid: str) -> None:
+        """``response_id`` continues session ``sid`` (previous_response_id); bounded."""
+        self.chains[(key, response_id)] = sid
+        while len(self.chains) > MAX_CHAINED_RESPONSES:
+            self.chains.popitem(last=False)
+
     def model_label(self, rec: KeyRecord, name: str) -> str:
         """A metrics label: a name the client invents is not a new series (bounded labels)."""
         return name if name in self._models or name in rec.agents else "unknown"
@@ -494,15 +543,20 @@ class Gateway:
     async def program(self, rec: KeyRecord) -> AsyncProcess:
         """The key's program: its top-level process, made on first use."""
         proc = self.programs.get(rec.name)
-        if proc is None:
-            proc = await self._client().spawn(
-                rec.name,
-                program_limits=rec.limits or None,
-                namespace=rec.namespace,
-                tools=rec.tools,
-                host_pid=os.getpid(),  # hung up by the kernel if the gateway dies
-            )
-            self.programs[rec.name] = proc
+        if proc is not None:
+            return proc
+        async with self._spawning:
+            return self.programs.get(rec.name) or await self._spawn_program(rec)
+
+    async def _spawn_program(self, rec: KeyRecord) -> AsyncProcess:
+        proc = await self._client().spawn(
+            rec.name,
+            program_limits=rec.limits or None,
+            namespace=rec.namespace,
+            tools=rec.tools,
+            host_pid=os.getpid(),  # hung up by the kernel if the gateway dies
+        )
+        self.programs[rec.name] = proc
         return proc
 
     async def _forget(self, key: str) -> None:
@@ -519,18 +573,19 @@ class Gateway:
 
     async def session(self, rec: KeyRecord, sid: str, model: str, system: str | None) -> Session:
         table = self.sessions.setdefault(rec.name, OrderedDict())
-        key = (sid, model)
-        sess = table.get(key)
-        if sess is None:
+        key = (sid, model, system or "")  # two agents of one key: two conversations
+        if key not in table:
             prog = await self.program(rec)
-            proc = await prog.spawn("session", system=system, model=model, tools=rec.tools)
-            sess = table[key] = Session(proc)
+            async with self._spawning:
+                if key not in table:
+                    proc = await prog.spawn("session", system=system, model=model, tools=rec.tools)
+                    table[key] = Session(proc)
             while len(table) > MAX_SESSIONS_PER_KEY:
                 _, old = table.popitem(last=False)
                 with contextlib.suppress(SyscallError):
                     await old.proc.reap()
         table.move_to_end(key)
-        return sess
+        return table[key]
 
     async def open_turn(
         self,
@@ -706,9 +761,12 @@ def create_app(gw: Gateway) -> FastAPI:
         head: list[dict[str, Any]],
         on_piece: Any,
         on_end: Any,
+        typed: bool = False,
     ) -> EventSourceResponse:
         """Stream a turn's generation as SSE: ``head`` events, ``on_piece(text)`` per
-        piece (None: nothing to send), ``on_end(result)`` events, then ``[DONE]``. The
+        piece (None: nothing to send), ``on_end(result)`` events, then ``[DONE]`` (or,
+        ``typed``, as the Responses API streams: each event named by its ``type``, no
+        ``[DONE]``). The
         first piece is awaited before the response starts, so a refusal (quota, bad
         format) is still an HTTP error; a disconnect kills the turn (shielded cleanup)."""
         pieces = turn.proc.stream(deadline_ms=deadline_ms, **gen).__aiter__()
@@ -719,17 +777,22 @@ def create_app(gw: Gateway) -> FastAPI:
             raise
         gw.metrics.ttft.labels(model).observe(time.monotonic() - t0)
 
+        def ev(body: dict[str, Any]) -> dict[str, str]:
+            if typed:
+                return {"event": body["type"], "data": json.dumps(body)}
+            return {"data": json.dumps(body)}
+
         async def events() -> AsyncIterator[dict[str, str]]:
             text: list[str] = []
             closed = False
             try:
                 for body in head:
-                    yield {"data": json.dumps(body)}
+                    yield ev(body)
                 piece = first
                 while piece is not None:
                     text.append(piece)
                     if piece and (body := on_piece(piece)) is not None:
-                        yield {"data": json.dumps(body)}
+                        yield ev(body)
                     piece = await anext(pieces, None)
                 last = turn.proc.last
                 assert last is not None
@@ -739,8 +802,9 @@ def create_app(gw: Gateway) -> FastAPI:
                 await gw.close_turn(turn, "".join(text))
                 count_tokens(model, last.usage)
                 for body in on_end(last):
-                    yield {"data": json.dumps(body)}
-                yield {"data": "[DONE]"}
+                    yield ev(body)
+                if not typed:
+                    yield {"data": "[DONE]"}
             except SyscallError as exc:  # mid-stream: the status is sent, so an error event
                 err = from_syscall(exc)
                 body = {"error": {"message": err.message, "type": err.type, "code": err.code}}
@@ -921,6 +985,145 @@ def create_app(gw: Gateway) -> FastAPI:
             head,
             lambda p: body(p, None),
             on_end,
+        )
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        rec = gw.authenticate(request)
+        req: ResponsesRequest = await read_json(request, ResponsesRequest)
+        return await observed(
+            request,
+            "responses",
+            gw.model_label(rec, req.model),
+            req.stream,
+            lambda t0: _respond(request, rec, req, t0),
+        )
+
+    async def _respond(request: Request, rec: KeyRecord, req: ResponsesRequest, t0: float) -> Any:
+        opts: dict[str, Any] = {
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "max_tokens": min(
+                req.max_output_tokens or limits.MAX_OUTPUT_TOKENS, limits.MAX_OUTPUT_TOKENS
+            ),
+        }
+        nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
+        deadline_ms = _deadline_ms(request.headers.get(TIMEOUT_HEADER))
+        sent = req.messages()
+        model, system = await gw.resolve_model(rec, req.model)
+        rid = f"resp_{secrets.token_hex(12)}"
+        sid = None
+        if req.previous_response_id is not None:  # a chain of responses is one session
+            sid = gw.chains.get((rec.name, req.previous_response_id))
+            if sid is None:
+                raise ApiError(
+                    404,
+                    f"no response {req.previous_response_id!r} to continue",
+                    "invalid_request_error",
+                    "previous_response_not_found",
+                    "previous_response_id",
+                )
+        elif req.store:
+            sid = rid
+            if req.instructions:
+                system = req.instructions if system is None else f"{system}\n\n{req.instructions}"
+        if sid is None and req.instructions:
+            sent.insert(0, {"role": "system", "content": req.instructions})
+        turn = await gw.open_turn(rec, sid, model, system, sent, nice)
+        if req.store:
+            gw.remember(rec.name, rid, sid or rid)
+        opts["messages"] = list(turn.new)
+        created, mid = time.time(), f"msg_{secrets.token_hex(12)}"
+        seq = iter(range(1 << 62))
+
+        def message(text: str, status: str) -> dict[str, Any]:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            return {
+                "type": "message",
+                "id": mid,
+                "role": "assistant",
+                "status": status,
+                "content": [part] if status != "in_progress" else [],
+            }
+
+        def response(result: Any | None) -> dict[str, Any]:
+            status = "in_progress"
+            body: dict[str, Any] = {"output": [], "usage": None, "incomplete_details": None}
+            if result is not None:
+                cut = result.finish_reason == "length"
+                status = "incomplete" if cut else "completed"
+                u = result.usage
+                body = {
+                    "output": [message(result.text, status)],
+                    "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+                    "usage": {
+                        "input_tokens": u.prompt_tokens,
+                        "input_tokens_details": {"cached_tokens": u.cached_tokens},
+                        "output_tokens": u.output_tokens,
+                        "output_tokens_details": {"reasoning_tokens": 0},
+                        "total_tokens": u.prompt_tokens + u.output_tokens,
+                    },
+                }
+            return {
+                "id": rid,
+                "object": "response",
+                "created_at": created,
+                "model": req.model,
+                "status": status,
+                "error": None,
+                "instructions": req.instructions,
+                "max_output_tokens": req.max_output_tokens,
+                "previous_response_id": req.previous_response_id,
+                "temperature": opts["temperature"],
+                "top_p": opts["top_p"],
+                "parallel_tool_calls": False,
+                "tool_choice": "auto",
+                "tools": [],
+                "store": req.store,
+                **body,
+            }
+
+        if not req.stream:
+            res = await generate(turn, opts, deadline_ms)
+            count_tokens(req.model, res.usage)
+            return JSONResponse(response(res))
+
+        def event(type_: str, **fields: Any) -> dict[str, Any]:
+            return {"type": type_, "sequence_number": next(seq), **fields}
+
+        where = {"item_id": mid, "output_index": 0, "content_index": 0}
+        empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        head = [
+            event("response.created", response=response(None)),
+            event("response.in_progress", response=response(None)),
+            event("response.output_item.added", output_index=0, item=message("", "in_progress")),
+            event("response.content_part.added", part=empty, **where),
+        ]
+
+        def on_end(last: Any) -> list[dict[str, Any]]:
+            done = response(last)
+            item = done["output"][0]
+            return [
+                event("response.output_text.done", text=last.text, logprobs=[], **where),
+                event("response.content_part.done", part=item["content"][0], **where),
+                event("response.output_item.done", output_index=0, item=item),
+                event(
+                    f"response.{'incomplete' if done['status'] == 'incomplete' else 'completed'}",
+                    response=done,
+                ),
+            ]
+
+        return await sse(
+            turn,
+            opts,
+            deadline_ms,
+            "responses",
+            req.model,
+            t0,
+            head,
+            lambda p: event("response.output_text.delta", delta=p, logprobs=[], **where),
+            on_end,
+            typed=True,
         )
 
     return app
