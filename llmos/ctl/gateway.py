@@ -777,7 +777,9 @@ def create_app(gw: Gateway) -> FastAPI:
             raise
         gw.metrics.ttft.labels(model).observe(time.monotonic() - t0)
 
-        def ev(body: dict[str, Any]) -> dict[str, str]:
+        def ev(body: dict[str, Any] | str) -> dict[str, str]:
+            if isinstance(body, str):  # encoded already (a delta's envelope is made once)
+                return {"data": body}
             if typed:
                 return {"event": body["type"], "data": json.dumps(body)}
             return {"data": json.dumps(body)}
@@ -912,7 +914,8 @@ def create_app(gw: Gateway) -> FastAPI:
             return events
 
         head = [delta({"role": "assistant", "content": "", "refusal": None})]
-        on_piece = (lambda p: None) if plan is not None else (lambda p: delta({"content": p}))
+        pre, post = json.dumps(delta({"content": "\0"})).split('"\\u0000"')
+        on_piece = (lambda p: None) if plan is not None else (lambda p: pre + json.dumps(p) + post)
         return await sse(
             turn, opts, deadline_ms, "chat.completions", req.model, t0, head, on_piece, on_end
         )
