@@ -689,3 +689,54 @@ def test_openai_agents_sdk_runs_a_function_tool_end_to_end(real: Served) -> None
     )
     result = agents.Runner.run_sync(agent, "What is the weather in Paris?")
     assert calls and result.final_output == f"sunny in {calls[0]}"
+
+
+@pytest.mark.model
+def test_responses_function_tool_round_trip(real: Served) -> None:
+    c = real.client(real.keys.create("resp-tools"))
+    model = c.models.list().data[0].id
+    tools = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "the weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        }
+    ]
+    ask = "What is the weather in Paris?"
+    r1 = c.responses.create(
+        model=model, input=ask, tools=tools, tool_choice="required", max_output_tokens=60,
+        temperature=0,
+    )  # fmt: skip
+    call = r1.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    r2 = c.responses.create(
+        model=model,
+        previous_response_id=r1.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
+        tools=tools,
+        tool_choice="none",
+        max_output_tokens=30,
+        temperature=0,
+    )
+    assert r2.output[0].type == "message" and r2.output_text
+    events = list(
+        c.responses.create(
+            model=model,
+            input=ask,
+            tools=tools,
+            tool_choice={"type": "function", "name": "get_weather"},
+            max_output_tokens=60,
+            temperature=0,
+            stream=True,
+        )
+    )
+    types = [e.type for e in events]
+    assert "response.function_call_arguments.done" in types
+    assert types[-1] == "response.completed"
+    assert events[-1].response.output[0].type == "function_call"

@@ -216,15 +216,42 @@ class InputPart(_Body):
     text: str
 
 
-class InputItem(_Body):
+class InputMessage(_Body):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[InputPart]
 
 
+class InputFunctionCall(_Body):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class InputFunctionOutput(_Body):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class ResponsesTool(_Body):
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class ResponsesToolChoice(_Body):
+    type: Literal["function"]
+    name: str
+
+
 class ResponsesRequest(_Body):
     model: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
-    input: str | list[InputItem] = Field(max_length=limits.MAX_MESSAGES)
+    input: str | list[InputMessage | InputFunctionCall | InputFunctionOutput] = Field(
+        max_length=limits.MAX_MESSAGES
+    )
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -232,22 +259,42 @@ class ResponsesRequest(_Body):
     previous_response_id: str | None = Field(default=None, max_length=256)
     store: bool = True
     stream: bool = False
-    tools: list[Any] | None = None
+    tools: list[ResponsesTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+
+    def plan(self) -> ToolPlan | None:
+        fns = [_Fn(t.name, t.parameters, t.description or "") for t in self.tools or []]
+        choice = self.tool_choice
+        if isinstance(choice, ResponsesToolChoice):
+            return plan_for(fns, None, choice.name)
+        return plan_for(fns, choice, None)
 
     def messages(self) -> list[dict[str, str]]:
-        if self.tools:
-            raise ApiError(400, "tools: not supported on /v1/responses yet", param="tools")
+        """The input as kernel chat turns (function calls and outputs as in chat)."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
+        names: dict[str, str] = {}
         out = []
-        for item in self.input:
-            text = (
-                item.content
-                if isinstance(item.content, str)
-                else "".join(p.text for p in item.content)
-            )
-            role = "system" if item.role == "developer" else item.role
-            out.append({"role": role, "content": text})
+        for i, item in enumerate(self.input):
+            if isinstance(item, InputFunctionCall):
+                names[item.call_id] = item.name
+                try:
+                    args = json.loads(item.arguments or "{}")
+                except ValueError:
+                    where = f"input.{i}.arguments"
+                    raise ApiError(400, f"{where}: not JSON", param=where) from None
+                out.append({"role": "assistant", "content": call_text(item.name, args)})
+            elif isinstance(item, InputFunctionOutput):
+                name = names.get(item.call_id, "the tool")
+                out.append({"role": "user", "content": f"Result of {name}: {item.output}"})
+            else:
+                text = (
+                    item.content
+                    if isinstance(item.content, str)
+                    else "".join(p.text for p in item.content)
+                )
+                role = "system" if item.role == "developer" else item.role
+                out.append({"role": role, "content": text})
         return out
 
 
@@ -351,17 +398,24 @@ class ToolPlan:
 
 def tool_plan(req: ChatRequest) -> ToolPlan | None:
     """``tools``/``tool_choice`` as a JSON-schema response format (None: plain text)."""
-    if not req.tools or req.tool_choice == "none":
+    if not req.tools:
         return None
     fns = [_Fn(t.function.name, t.function.parameters, t.function.description) for t in req.tools]
     choice = req.tool_choice
-    if isinstance(choice, NamedToolChoice):
-        wanted = choice.function.get("name")
-        fns = [f for f in fns if f.name == wanted]
+    named = choice.function.get("name") if isinstance(choice, NamedToolChoice) else None
+    return plan_for(fns, choice if isinstance(choice, str) else None, named)
+
+
+def plan_for(fns: list[_Fn], choice: str | None, named: str | None) -> ToolPlan | None:
+    """Functions offered under a choice (auto/none/required, or one ``named``)."""
+    if not fns or choice == "none":
+        return None
+    if named is not None:
+        fns = [f for f in fns if f.name == named]
         if not fns:
-            raise ApiError(400, f"tool_choice names {wanted!r}, not in tools", param="tool_choice")
+            raise ApiError(400, f"tool_choice names {named!r}, not in tools", param="tool_choice")
     schema = action_schema(fns)  # type: ignore[arg-type]
-    if choice is not None and choice != "auto":  # required or named: a call, never an answer
+    if named is not None or choice == "required":  # a call, never an answer
         schema = {"anyOf": schema["anyOf"][:-1]}
     return ToolPlan({"type": "json_schema", "schema": schema}, tool_guide(fns))  # type: ignore[arg-type]
 
@@ -1013,6 +1067,9 @@ def create_app(gw: Gateway) -> FastAPI:
         nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
         deadline_ms = _deadline_ms(request.headers.get(TIMEOUT_HEADER))
         sent = req.messages()
+        plan = req.plan()
+        if plan is not None:
+            opts["response_format"] = plan.response_format
         model, system = await gw.resolve_model(rec, req.model)
         rid = f"resp_{secrets.token_hex(12)}"
         sid = None
@@ -1036,7 +1093,14 @@ def create_app(gw: Gateway) -> FastAPI:
         if req.store:
             gw.remember(rec.name, rid, sid or rid)
         opts["messages"] = list(turn.new)
+        if plan is not None:  # the guide is for this step only: never kept in a session
+            opts["messages"].insert(
+                max(len(turn.new) - 1, 0), {"role": "system", "content": plan.guide}
+            )
         created, mid = time.time(), f"msg_{secrets.token_hex(12)}"
+        tools = [{"type": "function", "strict": False, **t.model_dump()} for t in req.tools or []]
+        choice = req.tool_choice
+        choice_out = choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto"
         seq = iter(range(1 << 62))
 
         def message(text: str, status: str) -> dict[str, Any]:
@@ -1049,6 +1113,24 @@ def create_app(gw: Gateway) -> FastAPI:
                 "content": [part] if status != "in_progress" else [],
             }
 
+        def output(result: Any, status: str) -> list[dict[str, Any]]:
+            if plan is None:
+                return [message(result.text, status)]
+            calls, answer = parse_action(result.text)
+            if not calls:
+                return [message(answer if answer is not None else result.text, status)]
+            return [
+                {
+                    "type": "function_call",
+                    "id": f"fc_{secrets.token_hex(12)}",
+                    "call_id": f"call_{secrets.token_hex(12)}",
+                    "name": c.name,
+                    "arguments": json.dumps(c.arguments),
+                    "status": "completed",
+                }
+                for c in calls
+            ]
+
         def response(result: Any | None) -> dict[str, Any]:
             status = "in_progress"
             body: dict[str, Any] = {"output": [], "usage": None, "incomplete_details": None}
@@ -1057,7 +1139,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 status = "incomplete" if cut else "completed"
                 u = result.usage
                 body = {
-                    "output": [message(result.text, status)],
+                    "output": output(result, status),
                     "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
                     "usage": {
                         "input_tokens": u.prompt_tokens,
@@ -1080,8 +1162,8 @@ def create_app(gw: Gateway) -> FastAPI:
                 "temperature": opts["temperature"],
                 "top_p": opts["top_p"],
                 "parallel_tool_calls": False,
-                "tool_choice": "auto",
-                "tools": [],
+                "tool_choice": choice_out,
+                "tools": tools,
                 "store": req.store,
                 **body,
             }
@@ -1099,9 +1181,11 @@ def create_app(gw: Gateway) -> FastAPI:
         head = [
             event("response.created", response=response(None)),
             event("response.in_progress", response=response(None)),
-            event("response.output_item.added", output_index=0, item=message("", "in_progress")),
-            event("response.content_part.added", part=empty, **where),
         ]
+
+        def finished(done: dict[str, Any]) -> dict[str, Any]:
+            state = "incomplete" if done["status"] == "incomplete" else "completed"
+            return event(f"response.{state}", response=done)
 
         def on_end(last: Any) -> list[dict[str, Any]]:
             done = response(last)
@@ -1110,11 +1194,61 @@ def create_app(gw: Gateway) -> FastAPI:
                 event("response.output_text.done", text=last.text, logprobs=[], **where),
                 event("response.content_part.done", part=item["content"][0], **where),
                 event("response.output_item.done", output_index=0, item=item),
-                event(
-                    f"response.{'incomplete' if done['status'] == 'incomplete' else 'completed'}",
-                    response=done,
-                ),
+                finished(done),
             ]
+
+        def on_end_tools(last: Any) -> list[dict[str, Any]]:
+            """A tool step is one JSON object: its items are sent whole, once parsed."""
+            done = response(last)
+            events = []
+            for i, item in enumerate(done["output"]):
+                at = {"item_id": item["id"], "output_index": i}
+                events.append(
+                    event(
+                        "response.output_item.added",
+                        output_index=i,
+                        item={**item, "status": "in_progress", **_emptied(item)},
+                    )
+                )
+                if item["type"] == "function_call":
+                    args = item["arguments"]
+                    events.append(event("response.function_call_arguments.delta", delta=args, **at))
+                    events.append(
+                        event("response.function_call_arguments.done", arguments=args, **at)
+                    )
+                else:
+                    part = item["content"][0]
+                    at["content_index"] = 0
+                    events.append(
+                        event("response.content_part.added", part={**part, "text": ""}, **at)
+                    )
+                    events.append(
+                        event("response.output_text.delta", delta=part["text"], logprobs=[], **at)
+                    )
+                    events.append(
+                        event("response.output_text.done", text=part["text"], logprobs=[], **at)
+                    )
+                    events.append(event("response.content_part.done", part=part, **at))
+                events.append(event("response.output_item.done", output_index=i, item=item))
+            return [*events, finished(done)]
+
+        if plan is not None:
+            return await sse(
+                turn,
+                opts,
+                deadline_ms,
+                "responses",
+                req.model,
+                t0,
+                head[:2],
+                lambda p: None,
+                on_end_tools,
+                typed=True,
+            )
+        head += [
+            event("response.output_item.added", output_index=0, item=message("", "in_progress")),
+            event("response.content_part.added", part=empty, **where),
+        ]
 
         return await sse(
             turn,
@@ -1130,6 +1264,11 @@ def create_app(gw: Gateway) -> FastAPI:
         )
 
     return app
+
+
+def _emptied(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item as first announced: no arguments or content yet."""
+    return {"arguments": ""} if item["type"] == "function_call" else {"content": []}
 
 
 def _header_int(request: Request, name: str, lo: int, hi: int, default: int) -> int:
