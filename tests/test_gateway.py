@@ -314,6 +314,26 @@ def test_client_disconnect_mid_stream_frees_the_slot(sim: Served, admin: Client)
     assert time.monotonic() - t0 < 10
 
 
+def test_client_leaving_a_whole_request_frees_the_slot(sim: Served, admin: Client) -> None:
+    k = sim.keys.create("impatient")
+    body = {
+        "model": SIM,
+        "messages": [{"role": "user", "content": "a very long answer"}],
+        "max_tokens": 8000,  # 20 s at 400 tokens/s
+    }
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            sim.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {k}"},
+            timeout=1.0,
+        )
+    wait_until(lambda: _children(admin, "impatient") == [], timeout=10)
+    wait_until(lambda: all(m.busy == 0 for m in admin.stat(procs=False).models), timeout=5)
+    assert time.monotonic() - t0 < 10
+
+
 def test_models_lists_kernel_models_and_the_keys_agents(sim: Served, key: str) -> None:
     ids = [m.id for m in sim.client(key).models.list().data]
     assert ids == [SIM, "pirate"]

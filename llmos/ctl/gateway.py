@@ -875,13 +875,26 @@ def create_app(gw: Gateway) -> FastAPI:
 
         return EventSourceResponse(events(), ping=15, sep="\n")
 
-    async def generate(turn: Turn, gen: dict[str, Any], deadline_ms: int | None) -> Any:
+    async def generate(
+        request: Request, turn: Turn, gen: dict[str, Any], deadline_ms: int | None
+    ) -> Any:
+        """A whole (unstreamed) generation; a client that leaves first has its turn killed
+        (the slot is freed) instead of its answer made for no one."""
         answer = None
+        call = asyncio.ensure_future(turn.proc.generate(deadline_ms=deadline_ms, **gen))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            res = await turn.proc.generate(deadline_ms=deadline_ms, **gen)
+            await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                raise ApiError(499, "the client closed the request", "client_closed_request")
+            res = call.result()
             answer = res.text
         finally:
+            for task in (call, gone):
+                task.cancel()
             await gw.close_turn(turn, answer)
+            with contextlib.suppress(BaseException):
+                await call
         return res
 
     @app.post("/v1/chat/completions")
@@ -940,7 +953,7 @@ def create_app(gw: Gateway) -> FastAPI:
             return body([{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}])
 
         if not req.stream:
-            res = await generate(turn, opts, deadline_ms)
+            res = await generate(request, turn, opts, deadline_ms)
             count_tokens(req.model, res.usage)
             if plan is not None:
                 message, finish = _tool_message(res.text, res.finish_reason)
@@ -1021,7 +1034,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
         echo = prompt if req.echo else ""
         if not req.stream:
-            res = await generate(turn, opts, deadline_ms)
+            res = await generate(request, turn, opts, deadline_ms)
             count_tokens(req.model, res.usage)
             return JSONResponse(body(echo + res.text, _finish(res.finish_reason), res.usage))
 
@@ -1169,7 +1182,7 @@ def create_app(gw: Gateway) -> FastAPI:
             }
 
         if not req.stream:
-            res = await generate(turn, opts, deadline_ms)
+            res = await generate(request, turn, opts, deadline_ms)
             count_tokens(req.model, res.usage)
             return JSONResponse(response(res))
 
@@ -1264,6 +1277,12 @@ def create_app(gw: Gateway) -> FastAPI:
         )
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read: what is left is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _emptied(item: dict[str, Any]) -> dict[str, Any]:
