@@ -272,6 +272,24 @@ def test_session_keeps_context_and_recognises_a_resent_prefix(
     assert _children(admin, "app") and all(r.name == "session" for r in _children(admin, "app"))
 
 
+def test_a_killed_session_or_program_is_made_again(sim: Served, admin: Client) -> None:
+    k = sim.keys.create("phoenix")
+    c = sim.client(k, default_headers={"X-Llmos-Session": "s"})
+    msgs = [{"role": "user", "content": "hi"}]
+    c.chat.completions.create(model=SIM, messages=msgs, max_tokens=2)
+    (sess,) = [r for r in _children(admin, "phoenix") if r.name == "session"]
+    admin.kill(sess.pid, "KILL")  # the operator kills the session: only it is made again
+    assert c.chat.completions.create(model=SIM, messages=msgs, max_tokens=2).choices
+    rows = admin.ps()
+    (top,) = [r for r in rows if r.name == "phoenix" and r.ppid == 1 and r.state != "ZOMBIE"]
+    assert top.pid == sess.program
+    for r in rows:  # now the whole program
+        if r.program == top.pid and r.state != "ZOMBIE":
+            admin.kill(r.pid, "KILL")
+    assert c.chat.completions.create(model=SIM, messages=msgs, max_tokens=2).choices
+    assert sim.client(k).chat.completions.create(model=SIM, messages=msgs, max_tokens=2).choices
+
+
 def test_stateless_requests_leave_no_process_behind(sim: Served, admin: Client) -> None:
     k2 = sim.keys.create("stateless")
     c = sim.client(k2)

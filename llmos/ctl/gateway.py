@@ -274,8 +274,10 @@ class Gateway:
         sent: list[dict[str, str]],
         nice: int,
     ) -> Turn:
-        """The process this request runs in (a retry after a kernel restart forgot ours)."""
-        for attempt in (0, 1):
+        """The process this request runs in. A process of ours that is gone (killed by the
+        operator, or a kernel restart that forgot it) is made again: first the session's,
+        then the whole program's."""
+        for attempt in (0, 1, 2):
             try:
                 if sid is None:
                     prog = await self.program(rec)
@@ -293,10 +295,19 @@ class Gateway:
                     raise
                 return Turn(proc, sess, new_messages(context, sent))
             except SyscallError as exc:
-                if attempt or exc.code not in (Errno.ESRCH, Errno.EACCES, Errno.EPERM):
+                if attempt == 2 or exc.code not in (Errno.ESRCH, Errno.EACCES, Errno.EPERM):
                     raise
-                await self._forget(rec.name)  # the kernel restarted: start the program again
+                if attempt == 0 and sid is not None:
+                    await self._drop_session(rec.name, (sid, model, system or ""))
+                else:
+                    await self._forget(rec.name)
         raise AssertionError("unreachable")
+
+    async def _drop_session(self, key: str, skey: tuple[str, str, str]) -> None:
+        sess = self.sessions.get(key, OrderedDict()).pop(skey, None)
+        if sess is not None:
+            with contextlib.suppress(SyscallError):
+                await sess.proc.reap()
 
     async def close_turn(self, turn: Turn, answer: str | None) -> None:
         """Reap the turn; on success keep its turns in the session's context."""
