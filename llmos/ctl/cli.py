@@ -27,7 +27,7 @@ from kernel.daemon import (
 from kernel.daemon import parser as daemon_parser
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import mcp_cli
+from llmos.ctl import bench_gateway, keys, mcp_cli
 from llmos.ctl.private import KernelStartError, log_size, wait_ready
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import pending_table
@@ -966,6 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
     sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
+    keys.add_parsers(sub)  # llmos gateway, llmos keys
     sp = sub.add_parser("syscalls", help="print the syscall table")
     sp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     sp.add_argument("--markdown", action="store_true", help="as a Markdown table")
@@ -1056,6 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="driver option (repeatable), e.g. endpoints=http://host:8000/v1 for openai",
     )
     bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
+    bench_gateway.add_parser(bsub)  # llmos bench gateway
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1172,6 +1174,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_syscalls(args)
         case "mcp":
             return mcp_cli.run(args)
+        case "gateway" | "keys":
+            return keys.dispatch(args)
         case "shell":
             from llmos.ctl.shell import run_shell
 
@@ -1185,6 +1189,8 @@ def _run(args: argparse.Namespace) -> int:
                 from llmos.ctl.bench_driver import bench_driver
 
                 return bench_driver(args)
+            if args.bcmd == "gateway":
+                return bench_gateway.bench_gateway(args)
             if args.bcmd == "memory":
                 from llmos.ctl.bench_memory import bench_memory
 
