@@ -19,18 +19,14 @@ from rich.table import Table
 import llmos
 from kernel.daemon import (
     add_kernel_options,
-    daemon_command,
     driver_option,
-    running_pid,
-    validate_options,
 )
-from kernel.daemon import parser as daemon_parser
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
 from llmos.ctl import bench_gateway, keys, mcp_cli
-from llmos.ctl.private import KernelStartError, log_size, wait_ready
+from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
-from llmos.ctl.views import pending_table
+from llmos.ctl.views import parse_limits, pending_table
 from syscalls import models as m
 from syscalls import paths
 from syscalls.errors import Errno, SyscallError
@@ -42,114 +38,15 @@ err = Console(stderr=True, soft_wrap=True)  # a sentence is never cut into lines
 # -- kernel start / stop / status -----------------------------------------------------
 
 
-def _kernel_pid() -> int | None:
-    """Pid of the kernel holding this runtime dir's lock, if one is running."""
-    return running_pid(paths.runtime_dir())
-
-
-def _already_running(pid: int, args: argparse.Namespace, options: list[str]) -> int:
-    """A kernel runs already: 0 if it has what these options ask, else 1 naming the
-    options that differ (a second kernel is not started, and the first keeps its own)."""
-    info = _try_info()
-    differ: list[str] = []
-    if info is not None:
-        given = {o.split("=", 1)[0] for o in options if o.startswith("--")}
-        first = info.models[0] if info.models else None
-        wanted = {
-            "--policy": (args.policy, info.policy),
-            "--driver": (args.driver, first.driver if first else None),
-            "--slots": (args.slots, first.slots if first else None),
-            "--model-name": (args.model_name, first.name if first else None),
-        }
-        for flag, (asked, has) in wanted.items():
-            if flag in given and asked != has:
-                differ.append(f"{flag} {asked} (it runs with {has})")
-        for ep in args.listen or []:
-            if ep not in info.endpoints:
-                differ.append(f"--listen {ep} (it serves {', '.join(info.endpoints)})")
-    if differ:
-        err.print(
-            f"[red]a kernel is already running[/] (pid {pid}) with other options: "
-            f"{'; '.join(differ)}. `llmos kernel stop` it first, or use another "
-            "--runtime-dir for a second kernel",
-            highlight=False,
-        )
-        return 1
-    err.print(f"[yellow]a kernel is already running[/] (pid {pid}); `llmos kernel stop` to stop it")
-    return 0
-
-
-def start_kernel(options: list[str], wait: bool = True) -> int:
-    """Start a detached kernel with the daemon's ``options`` (as given to ``llmos kernel
-    start``, passed through unchanged) and, by default, wait until its models are ready."""
-    args = daemon_parser().parse_args(options)  # the daemon's own parser: one definition
-    try:
-        validate_options(args)
-    except ValueError as exc:
-        err.print(f"[red]llmos kernel start:[/] {exc}", highlight=False)
-        return 2
-    if args.runtime_dir:
-        os.environ["LLMOS_RUNTIME_DIR"] = str(args.runtime_dir)
-    if args.state_dir:
-        os.environ["LLMOS_STATE_DIR"] = str(args.state_dir)
-    if (pid := _kernel_pid()) is not None:
-        return _already_running(pid, args, options)
-    state = paths.ensure_private_dir(paths.state_dir())
-    paths.ensure_private_dir(paths.runtime_dir())
-    log = state / "kernel.log"
-    offset = log_size(log)
-    with open(state / "kernel.out", "ab") as out_file:
-        proc = subprocess.Popen(
-            daemon_command(options),
-            stdin=subprocess.DEVNULL,
-            stdout=out_file,
-            stderr=out_file,
-            start_new_session=True,
-            cwd="/",
-        )
-    if not wait:
-        err.print(f"kernel starting (pid {proc.pid}); log: {log}")
-        return 0
-    t0 = time.monotonic()
-    try:
-        with err.status("starting the kernel…") as status:
-            info = wait_ready(
-                proc,
-                Client,
-                log,
-                offset,
-                progress=lambda detail: status.update(f"loading model… {detail}"),
-            )
-    except KernelStartError as exc:
-        err.print(f"[red]{exc.message}[/]; log: {log}")
-        for line in exc.log.splitlines()[-15:]:
-            err.print("  " + line, markup=False, highlight=False)
-        return 1
-    err.print(
-        f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
-        f"models: {', '.join(mod.name for mod in info.models)}  "
-        f"[dim]({time.monotonic() - t0:.1f} s)[/]"
-    )
-    return 0
-
-
-def _try_info() -> Any:
-    try:
-        with Client() as c:
-            return c.info() if c.token else None
-    except SyscallError:
-        return None
-
-
 def stop_kernel(timeout_s: float = 30) -> int:
-    pid = _kernel_pid()
+    pid = kernel_pid()
     if pid is None or pid <= 0:
         err.print("no kernel is running")
         return 0
     os.kill(pid, signal.SIGTERM)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        if _kernel_pid() is None:
+        if kernel_pid() is None:
             err.print(f"kernel (pid {pid}) stopped")
             return 0
         time.sleep(0.1)
@@ -160,8 +57,8 @@ def stop_kernel(timeout_s: float = 30) -> int:
 
 
 def kernel_status(as_json: bool) -> int:
-    pid = _kernel_pid()
-    info = _try_info() if pid else None
+    pid = kernel_pid()
+    info = try_info() if pid else None
     if as_json:
         print(
             json.dumps(
@@ -553,7 +450,7 @@ def read_prompt(text: str | None, file: str | None, what: str = "prompt") -> str
 
 def cmd_ask(args: argparse.Namespace) -> int:
     args.prompt = read_prompt(args.prompt, args.file)
-    if _kernel_pid() is None and start_kernel([]) != 0:
+    if kernel_pid() is None and start_kernel([]) != 0:
         return 1
     with connect() as c:
         proc = c.spawn("ask", system=args.system, model=args.model)
@@ -581,7 +478,7 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     default agent loop on it (exit 0 when it answered, 1 when it did not)."""
     if args.task is not None:
         args.task = read_prompt(args.task, None, "task")
-    if _kernel_pid() is None and start_kernel([]) != 0:
+    if kernel_pid() is None and start_kernel([]) != 0:
         return 1
     from llmos.agent import Agent, Step
 
@@ -681,7 +578,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not program.is_file():
         err.print(f"[red]no such program:[/] {program}")
         return 2
-    started = _kernel_pid() is None
+    started = kernel_pid() is None
     if started and start_kernel([]) != 0:
         return 1
     with connect() as c:
@@ -690,7 +587,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             system=args.system,
             nice=args.nice,
             model=args.model,
-            program_limits=_parse_limits(args.limit),
+            program_limits=parse_limits(args.limit),
             namespace=args.namespace,
             host_pid=os.getpid(),
         )  # if `llmos run` dies with the kernel down, the process is hung up
@@ -721,22 +618,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             if started:
                 err.print("[dim]the kernel keeps running; `llmos kernel stop` stops it[/]")
     return code
-
-
-def _parse_limits(items: list[str] | None) -> dict[str, float] | None:
-    """``["max_wall_s=60", ...]`` -> spawn limits (validated by the SDK and the kernel)."""
-    if not items:
-        return None
-    limits: dict[str, float] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        try:
-            limits[key.strip()] = float(value) if "." in value else int(value)
-        except ValueError:
-            raise SyscallError.of(Errno.EINVAL, f"--limit {item!r}: expected KEY=NUMBER") from None
-        if not sep:
-            raise SyscallError.of(Errno.EINVAL, f"--limit {item!r}: expected KEY=NUMBER")
-    return limits
 
 
 def _kill_tree(c: Client, pid: int) -> None:
@@ -1174,8 +1055,12 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_syscalls(args)
         case "mcp":
             return mcp_cli.run(args)
-        case "gateway" | "keys":
-            return keys.dispatch(args)
+        case "gateway":
+            from llmos.ctl.gateway import cmd_gateway  # FastAPI only when it serves
+
+            return cmd_gateway(args)
+        case "keys":
+            return keys.cmd_keys(args)
         case "shell":
             from llmos.ctl.shell import run_shell
 

@@ -923,13 +923,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
 def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from llmos.ctl.cli import _kernel_pid, err, start_kernel
+    from llmos.ctl.private import err, kernel_pid, start_kernel
 
     host, port = parse_listen(args.listen)
     if bool(args.tls_cert) != bool(args.tls_key):
         err.print("llmos gateway: --tls-cert and --tls-key go together")
         return 2
-    if _kernel_pid() is None and start_kernel([]) != 0:
+    if kernel_pid() is None and start_kernel([]) != 0:
         return 1
     scheme = "https" if args.tls_cert else "http"
     err.print(f"llmos gateway on {scheme}://{host}:{port}/v1 (keys: `llmos keys create NAME`)")

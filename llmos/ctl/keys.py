@@ -154,17 +154,8 @@ def add_parsers(sub: Any) -> None:
     kr.add_argument("name")
 
 
-def dispatch(args: argparse.Namespace) -> int:
-    """Run ``llmos gateway`` or ``llmos keys ...``."""
-    if args.cmd == "gateway":
-        from llmos.ctl.gateway import cmd_gateway
-
-        return cmd_gateway(args)
-    return cmd_keys(args)
-
-
 def cmd_keys(args: argparse.Namespace) -> int:
-    from llmos.ctl.cli import _parse_limits
+    from llmos.ctl.views import parse_limits
 
     store = KeyStore()
     if args.keys_cmd == "create":
@@ -175,7 +166,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 raise SyscallError.of(Errno.EINVAL, f"--agent {item!r}: expected NAME=PROMPT")
             agents[name.strip()] = prompt
         tools = [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else None
-        key = store.create(args.name, _parse_limits(args.limit), args.namespace, tools, agents)
+        key = store.create(args.name, parse_limits(args.limit), args.namespace, tools, agents)
         print(key)
         print(f"key for {args.name!r} created; it is not shown again", file=sys.stderr)
         return 0

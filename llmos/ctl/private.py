@@ -1,18 +1,25 @@
-"""Starting kernel daemons from the operator's tools: the one ready-wait (``wait_ready``)
-that ``llmos kernel start`` and :class:`PrivateKernel` (a throwaway daemon on its own
-runtime dir, for benchmarks, tests and scripts) share."""
+"""Starting kernel daemons from the operator's tools: ``start_kernel`` (what ``llmos
+kernel start``, ``llmos run``, the shell and the gateway call), the one ready-wait
+(``wait_ready``) it shares with :class:`PrivateKernel` (a throwaway daemon on its own
+runtime dir, for benchmarks, tests and scripts)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from kernel.daemon import daemon_command
+from rich.console import Console
+
+from kernel.daemon import daemon_command, running_pid, validate_options
+from kernel.daemon import parser as daemon_parser
 from llmos.client import Client
 from syscalls import models as m
+from syscalls import paths
 from syscalls.errors import SyscallError
 
 
@@ -82,6 +89,108 @@ def wait_ready(
     raise KernelStartError(
         f"the kernel was not ready in {timeout_s:.0f} s", log_since(log, log_offset)
     )
+
+
+err = Console(stderr=True, soft_wrap=True)  # a sentence is never cut into lines
+
+
+def kernel_pid() -> int | None:
+    """Pid of the kernel holding this runtime dir's lock, if one is running."""
+    return running_pid(paths.runtime_dir())
+
+
+def _already_running(pid: int, args: argparse.Namespace, options: list[str]) -> int:
+    """A kernel runs already: 0 if it has what these options ask, else 1 naming the
+    options that differ (a second kernel is not started, and the first keeps its own)."""
+    info = try_info()
+    differ: list[str] = []
+    if info is not None:
+        given = {o.split("=", 1)[0] for o in options if o.startswith("--")}
+        first = info.models[0] if info.models else None
+        wanted = {
+            "--policy": (args.policy, info.policy),
+            "--driver": (args.driver, first.driver if first else None),
+            "--slots": (args.slots, first.slots if first else None),
+            "--model-name": (args.model_name, first.name if first else None),
+        }
+        for flag, (asked, has) in wanted.items():
+            if flag in given and asked != has:
+                differ.append(f"{flag} {asked} (it runs with {has})")
+        for ep in args.listen or []:
+            if ep not in info.endpoints:
+                differ.append(f"--listen {ep} (it serves {', '.join(info.endpoints)})")
+    if differ:
+        err.print(
+            f"[red]a kernel is already running[/] (pid {pid}) with other options: "
+            f"{'; '.join(differ)}. `llmos kernel stop` it first, or use another "
+            "--runtime-dir for a second kernel",
+            highlight=False,
+        )
+        return 1
+    err.print(f"[yellow]a kernel is already running[/] (pid {pid}); `llmos kernel stop` to stop it")
+    return 0
+
+
+def start_kernel(options: list[str], wait: bool = True) -> int:
+    """Start a detached kernel with the daemon's ``options`` (as given to ``llmos kernel
+    start``, passed through unchanged) and, by default, wait until its models are ready."""
+    args = daemon_parser().parse_args(options)  # the daemon's own parser: one definition
+    try:
+        validate_options(args)
+    except ValueError as exc:
+        err.print(f"[red]llmos kernel start:[/] {exc}", highlight=False)
+        return 2
+    if args.runtime_dir:
+        os.environ["LLMOS_RUNTIME_DIR"] = str(args.runtime_dir)
+    if args.state_dir:
+        os.environ["LLMOS_STATE_DIR"] = str(args.state_dir)
+    if (pid := kernel_pid()) is not None:
+        return _already_running(pid, args, options)
+    state = paths.ensure_private_dir(paths.state_dir())
+    paths.ensure_private_dir(paths.runtime_dir())
+    log = state / "kernel.log"
+    offset = log_size(log)
+    with open(state / "kernel.out", "ab") as out_file:
+        proc = subprocess.Popen(
+            daemon_command(options),
+            stdin=subprocess.DEVNULL,
+            stdout=out_file,
+            stderr=out_file,
+            start_new_session=True,
+            cwd="/",
+        )
+    if not wait:
+        err.print(f"kernel starting (pid {proc.pid}); log: {log}")
+        return 0
+    t0 = time.monotonic()
+    try:
+        with err.status("starting the kernel…") as status:
+            info = wait_ready(
+                proc,
+                Client,
+                log,
+                offset,
+                progress=lambda detail: status.update(f"loading model… {detail}"),
+            )
+    except KernelStartError as exc:
+        err.print(f"[red]{exc.message}[/]; log: {log}")
+        for line in exc.log.splitlines()[-15:]:
+            err.print("  " + line, markup=False, highlight=False)
+        return 1
+    err.print(
+        f"[green]kernel ready[/] (pid {info.kernel_pid}) on {info.endpoints[0]}; "
+        f"models: {', '.join(mod.name for mod in info.models)}  "
+        f"[dim]({time.monotonic() - t0:.1f} s)[/]"
+    )
+    return 0
+
+
+def try_info() -> Any:
+    try:
+        with Client() as c:
+            return c.info() if c.token else None
+    except SyscallError:
+        return None
 
 
 class PrivateKernel:

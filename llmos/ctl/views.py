@@ -1,4 +1,5 @@
-"""Rich tables the command line and the shell both print."""
+"""What the operator's commands share: rich tables the command line and the shell both
+print, and option parsers several commands use."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from rich.table import Table
 
 from syscalls import models as m
+from syscalls.errors import Errno, SyscallError
 
 
 def pending_table(calls: list[m.ParkedCall]) -> Table:
@@ -24,3 +26,19 @@ def pending_table(calls: list[m.ParkedCall]) -> Table:
             json.dumps(p.args)[:200],
         )
     return table
+
+
+def parse_limits(items: list[str] | None) -> dict[str, float] | None:
+    """``["max_wall_s=60", ...]`` -> spawn limits (validated by the SDK and the kernel)."""
+    if not items:
+        return None
+    limits: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            limits[key.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise SyscallError.of(Errno.EINVAL, f"--limit {item!r}: expected KEY=NUMBER") from None
+        if not sep:
+            raise SyscallError.of(Errno.EINVAL, f"--limit {item!r}: expected KEY=NUMBER")
+    return limits
