@@ -610,11 +610,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = status if status >= 0 else 128 - status  # as a shell reports a signal
         if not args.quiet:
             how = (
-                f"was killed by {signal.Signals(-status).name} (status {code};"
+                f"was killed by {signal.Signals(-status).name} (status {code}; "
                 if status < 0
                 else f"exited with status {code} ("
             )
-            err.print(f"[dim]{program.name} {how} LLM process {proc.pid} reaped)[/]")
+            err.print(f"[dim]{program.name} {how}LLM process {proc.pid} reaped)[/]")
             if started:
                 err.print("[dim]the kernel keeps running; `llmos kernel stop` stops it[/]")
     return code
