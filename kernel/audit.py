@@ -84,9 +84,14 @@ def digest(args: BaseModel | dict[str, Any] | None) -> str:
     """A short SHA-256 of the arguments' canonical JSON (the arguments are not kept)."""
     if args is None:
         return ""
-    data = args.model_dump(mode="json") if isinstance(args, BaseModel) else args
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    data = args.model_dump() if isinstance(args, BaseModel) else args
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=_plain)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _plain(value: Any) -> str:
+    """JSON for what json cannot write: bytes (binary file content) as hex, else str."""
+    return value.hex() if isinstance(value, bytes | bytearray) else str(value)
 
 
 def target_of(args: BaseModel | None) -> str:

@@ -38,6 +38,7 @@ import shlex
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
@@ -90,12 +91,35 @@ def _depth(value: Any, limit: int) -> int:
     return 1 + max((_depth(v, limit - 1) for v in items), default=0)
 
 
-def _inline_refs(node: Any, root: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
+#: Most nodes an inlined schema may have: references fanning out to references grow
+#: exponentially, so the expansion stops here instead of taking the process with it.
+MAX_INLINED_NODES = 20_000
+
+
+def shown_target(target: str) -> str:
+    """A server's target as logs and errors show it: a URL without its credentials
+    (userinfo, query) or a command line's program only (its arguments may hold a key)."""
+    if "://" in target:
+        url = urllib.parse.urlsplit(target)
+        host = url.hostname or ""
+        netloc = f"{host}:{url.port}" if url.port else host
+        return urllib.parse.urlunsplit((url.scheme, netloc, url.path, "", ""))
+    words = target.split()
+    return f"{words[0]} …" if len(words) > 1 else target
+
+
+def _inline_refs(
+    node: Any, root: dict[str, Any], seen: tuple[str, ...] = (), budget: list[int] | None = None
+) -> Any:
     """``node`` with every local ``$ref`` replaced by what it points to, so the schema
     stands alone inside another (the model's action schema); ValueError for a remote or
-    recursive reference."""
+    recursive reference, or one that expands past MAX_INLINED_NODES."""
+    budget = [MAX_INLINED_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"its $refs expand past {MAX_INLINED_NODES} schema nodes")
     if isinstance(node, list):
-        return [_inline_refs(v, root, seen) for v in node]
+        return [_inline_refs(v, root, seen, budget) for v in node]
     if not isinstance(node, dict):
         return node
     for key in ("$ref", "$dynamicRef"):
@@ -113,12 +137,14 @@ def _inline_refs(node: Any, root: dict[str, Any], seen: tuple[str, ...] = ()) ->
                 raise ValueError(f"{key} {ref!r} points nowhere")
             target = target[part]
         rest = {k: v for k, v in node.items() if k != key}
-        resolved = _inline_refs(target, root, (*seen, ref))
+        resolved = _inline_refs(target, root, (*seen, ref), budget)
         if not rest:
             return resolved
-        return {"allOf": [resolved, _inline_refs(rest, root, seen)]}
+        return {"allOf": [resolved, _inline_refs(rest, root, seen, budget)]}
     return {
-        k: _inline_refs(v, root, seen) for k, v in node.items() if k not in ("$defs", "definitions")
+        k: _inline_refs(v, root, seen, budget)
+        for k, v in node.items()
+        if k not in ("$defs", "definitions")
     }
 
 
@@ -343,7 +369,7 @@ class McpHost:
         mount = Mount(name, target, transport, argv)
         self.mounts[name] = mount
         await self._on_mcp(self._launch(mount))
-        log.info("mcp %s: mounting %s (%s)", name, target, transport)
+        log.info("mcp %s: mounting %s (%s)", name, shown_target(target), transport)
         if wait_s is None:
             return mount
         try:
@@ -353,7 +379,9 @@ class McpHost:
         if mount.state != "ready":
             why = mount.error or "it did not start"
             await self.remove(name)
-            raise SyscallError(Errno.EIO, f"MCP server {name!r} ({target}) did not come up: {why}")
+            raise SyscallError(
+                Errno.EIO, f"MCP server {name!r} ({shown_target(target)}) did not come up: {why}"
+            )
         return mount
 
     async def remove(self, name: str) -> None:

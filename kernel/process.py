@@ -308,6 +308,12 @@ class ProcessTable:
         self._move(proc, "cont", ProcState.READY if queued else before)
         proc.cont.set()
 
+    def idle_when_continued(self, proc: Proc) -> None:
+        """A stopped process's generation ended (cancelled, timed out): SIGCONT brings it
+        back idle (WAITING), not queued for a slot it no longer wants."""
+        if proc.state is ProcState.STOPPED:
+            proc.state_before_stop = ProcState.WAITING
+
     def recover(self, proc: Proc, state: ProcState) -> None:
         """Give a process rebuilt from the state database (still NEW, not yet inserted)
         the state it was recorded in; a recovered STOPPED process stopped while idle."""

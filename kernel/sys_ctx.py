@@ -44,7 +44,7 @@ async def _commit(k: Kernel, proc: Proc) -> None:
 
 def sys_ctx_get(k: Kernel, call: Call, a: m.CtxGetArgs) -> m.CtxGetResult:
     proc = k.procs.target(call.caller, a.pid)
-    msgs = proc.context if a.last is None else proc.context[len(proc.context) - a.last :]
+    msgs = proc.context if a.last is None else proc.context[max(0, len(proc.context) - a.last) :]
     return m.CtxGetResult(
         pid=proc.pid,
         messages=[m.ChatMessage(**x) for x in msgs],

@@ -94,6 +94,8 @@ async def sys_generate(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateRe
         proc.busy = False
         if proc.alive and proc.state in (ProcState.READY, ProcState.RUNNING, ProcState.NEW):
             k.procs.idle(proc)
+        elif proc.alive and proc.state is ProcState.STOPPED:
+            k.procs.idle_when_continued(proc)  # ended while stopped: SIGCONT finds it idle
         if proc.alive and proc.term_pending:
             k.terminate(proc, SIGNAL_STATUS["TERM"], "TERM")
 

@@ -170,15 +170,20 @@ class AsyncTransport:
                 except zmq.Again:
                     break
             for raw in raws:
-                frame = codec.unpackb(raw)
-                if isinstance(frame, dict) and (q := inbox.get(frame.get("id"))) is not None:
+                try:  # one bad frame must not end the reader (every call would time out)
+                    frame = codec.unpackb(raw)
+                    rid = frame.get("id") if isinstance(frame, dict) else None
+                    q = inbox.get(rid) if isinstance(rid, int) else None
+                except SyscallError:
+                    continue
+                if q is not None:
                     q.put_nowait(frame)
 
     async def frames(
         self, name: str, args: dict[str, Any], pid: int, token: str, deadline_ms: int | None
     ) -> AsyncIterator[dict[str, Any]]:
         """The chunks of one call, then its result."""
-        if self._reader is None:
+        if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
         rid = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()

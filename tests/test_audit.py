@@ -122,3 +122,12 @@ def test_refused_credentials_are_counted_in_one_row(tmp_path: Path) -> None:
     with sqlite3.connect(k.state_dir / "state.db") as conn:
         rows = conn.execute("SELECT outcome, detail FROM audit WHERE call = 'auth.fail'").fetchall()
     assert len(rows) == 1 and rows[0][0] == "EACCES" and "20 refused credentials" in rows[0][1]
+
+
+def test_a_binary_file_write_is_audited_by_digest() -> None:
+    from kernel.audit import digest
+    from syscalls import models as m
+
+    one = digest(m.FsWriteArgs(path="a.bin", data=b"\xff\xfe\x00"))
+    other = digest(m.FsWriteArgs(path="a.bin", data=b"\xff\xfe\x01"))
+    assert one and other and one != other  # not valid UTF-8, still digested

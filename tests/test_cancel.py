@@ -57,3 +57,18 @@ def test_cancel_ends_one_generation_and_the_process_goes_on(admin, spawn) -> Non
     assert p.cancel().cancelled == 0  # nothing to cancel now
     with pytest.raises(EPERM):
         spawn("stranger").cancel(p.pid)
+
+
+def test_a_generation_cancelled_while_stopped_leaves_the_process_idle(admin, spawn) -> None:
+    p = spawn("stopped-talker")
+    thread = threading.Thread(
+        target=lambda: pytest.raises(ECANCELED, p.chat, "<sim:reply=2000> go", max_tokens=2000)
+    )
+    thread.start()
+    wait_until(lambda: admin.ps(p.pid)[0].output_tokens >= 3)
+    admin.kill(p.pid, "STOP")
+    wait_until(lambda: admin.ps(p.pid)[0].state == "STOPPED")
+    assert admin.cancel(p.pid).cancelled == 1
+    thread.join(30)
+    admin.kill(p.pid, "CONT")
+    assert admin.ps(p.pid)[0].state == "WAITING"  # not READY for a slot it no longer wants

@@ -722,3 +722,16 @@ def test_llmos_mcp_serve_over_streamable_http(daemon: Daemon) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_ref_fan_out_is_refused_and_targets_are_shown_without_credentials() -> None:
+    from kernel.mcp import _inline_refs, shown_target
+
+    defs = {"d0": {"type": "string"}}
+    for i in range(1, 40):  # each level refers to the one below twice: 2**40 nodes inlined
+        defs[f"d{i}"] = {"anyOf": [{"$ref": f"#/$defs/d{i - 1}"}, {"$ref": f"#/$defs/d{i - 1}"}]}
+    schema = {"type": "object", "properties": {"x": {"$ref": "#/$defs/d39"}}, "$defs": defs}
+    with pytest.raises(ValueError, match="expand past"):
+        _inline_refs(schema, schema)
+    assert shown_target("https://user:secret@host:8443/mcp?key=abc") == "https://host:8443/mcp"
+    assert shown_target("server --api-key SECRET") == "server …"
