@@ -299,10 +299,9 @@ def test_write_cat_ls_history_in_the_current_process(kernel):
     leave(term)
 
 
-@pytest.mark.model
-def test_a_tool_call_with_json_arguments_from_a_pipe(kernel):
-    script = 'spawn caller\ntools call calculator {"expression": "2*21"}\nexit\n'
-    res = subprocess.run(
+def piped_shell(kernel, script: str) -> subprocess.CompletedProcess[str]:
+    """``llmos shell`` reading ``script`` from a pipe, as a script would feed it."""
+    return subprocess.run(
         [sys.executable, "-m", "llmos.ctl.cli", "shell"],
         input=script,
         env=kernel.env,
@@ -311,21 +310,19 @@ def test_a_tool_call_with_json_arguments_from_a_pipe(kernel):
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.model
+def test_a_tool_call_with_json_arguments_from_a_pipe(kernel):
+    script = 'spawn caller\ntools call calculator {"expression": "2*21"}\nexit\n'
+    res = piped_shell(kernel, script)
     assert res.returncode == 0, res.stdout + res.stderr
     assert '"value": 42' in res.stdout
 
 
 def test_commands_from_a_pipe_run_in_order(kernel):
     script = "spawn piped\nwrite a.txt 'from a pipe'\ncat a.txt\nfrob\nchat\nexit\nps\n"
-    res = subprocess.run(
-        [sys.executable, "-m", "llmos.ctl.cli", "shell"],
-        input=script,
-        env=kernel.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = piped_shell(kernel, script)
     assert res.returncode == 1  # frob and chat failed
     assert (
         "from a pipe" in res.stdout
