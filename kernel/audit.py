@@ -6,7 +6,8 @@ target (a pid, a path, a tool), the outcome (``ok`` or an error code), a digest 
 arguments (SHA-256 over their canonical JSON; contents are never stored) and a detail,
 and ``hash = SHA-256(previous hash + canonical row)``. Rows are made on the loop and
 written, digested and chained in the store thread, in order (the store's FIFO), so the
-loop does no hashing of payloads.
+loop does no hashing of payloads. A redacting caller's arguments (kernel/redact.py) are
+masked there before its row's target and digest are made.
 
 Bounded: past ``max_rows`` the oldest rows move to an archived segment file
 (``audit/segment-FIRST-LAST.jsonl``, 0600) and the database keeps the hash of the last
@@ -29,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kernel.process import Caller
+from kernel.redact import Redactor
 
 #: Syscalls that change something someone may later need to account for.
 AUDITED = frozenset(
@@ -94,12 +96,12 @@ def _plain(value: Any) -> str:
     return value.hex() if isinstance(value, bytes | bytearray) else str(value)
 
 
-def target_of(args: BaseModel | None) -> str:
+def target_of(args: BaseModel | dict[str, Any] | None) -> str:
     """The object a call acts on, from its arguments: a pid, a path, a tool or a name."""
     if args is None:
         return ""
     for field in ("pid", "path", "src", "name", "id", "namespace"):
-        value = getattr(args, field, None)
+        value = args.get(field) if isinstance(args, dict) else getattr(args, field, None)
         if value is not None:
             return f"{field}={value}"[:200]
     return ""
@@ -119,9 +121,15 @@ class Audit:
     """The kernel's audit trail over ``store`` (segments under ``archive``, if given)."""
 
     def __init__(
-        self, store: Any, archive: Path | None, max_rows: int = MAX_ROWS, rotate_rows: int = 0
+        self,
+        store: Any,
+        archive: Path | None,
+        max_rows: int = MAX_ROWS,
+        rotate_rows: int = 0,
+        redactor: Redactor | None = None,
     ) -> None:
         self.store = store
+        self.redactor = redactor  # masks a redacting caller's arguments (kernel/redact.py)
         self.archive = archive
         self.max_rows = max_rows
         self.rotate_rows = rotate_rows or min(ROTATE_ROWS, max(1, max_rows // 4))
@@ -142,13 +150,15 @@ class Audit:
         program: int | None = None,
     ) -> None:
         """Queue one row (written, digested and chained in the store thread)."""
+        kinds: tuple[str, ...] = ()
         if caller is None:
             actor, prog = "kernel", program
         elif caller.proc is None:
             actor, prog = "admin", program
         else:
             actor, prog = f"pid:{caller.pid}", caller.proc.program.pgid
-        self.store.submit(self._write, time.time(), actor, prog, call, outcome, args, detail)
+            kinds = caller.proc.redact
+        self.store.submit(self._write, time.time(), actor, prog, call, outcome, args, detail, kinds)
 
     def auth_failure(self, peer: bytes) -> None:
         """Count a refused credential; one row per interval says how many and from where."""
@@ -190,7 +200,13 @@ class Audit:
         outcome: str,
         args: BaseModel | None,
         detail: str,
+        kinds: tuple[str, ...] = (),
     ) -> None:
+        data: BaseModel | dict[str, Any] | None = args
+        if kinds and args is not None and self.redactor is not None:
+            # A redacting caller's PII is masked before the target and digest are made.
+            data = self.redactor.mask_value(args.model_dump(), kinds)
+            detail = self.redactor.mask_text(detail, kinds)
         if self._head is None:
             self._head = self._load_head(conn)
         seq, prev = self._head
@@ -200,9 +216,9 @@ class Audit:
             "actor": actor,
             "program": program,
             "call": call,
-            "target": target_of(args),
+            "target": target_of(data),
             "outcome": outcome,
-            "digest": digest(args),
+            "digest": digest(data),
             "detail": detail[:500],
         }
         h = chain(prev, row)

@@ -242,7 +242,8 @@ async def _run_fs_search(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, 
 
 
 async def _run_memory_put(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    ids, _ = await k.memory.put(proc.namespace, [(a["text"], {})])
+    (text,) = await k.redactor.mask_for(proc, [a["text"]])
+    ids, _ = await k.memory.put(proc.namespace, [(text, {})])
     return {"id": ids[0]}
 
 
@@ -259,12 +260,14 @@ def _block_result(label: str, block: BlockValue) -> dict[str, Any]:
 
 async def _run_block_append(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
     # MemGPT's core_memory_append: a model should not have to create a block first.
-    block = await k.memory.block_append(proc.namespace, a["label"], a["text"], create=True)
+    (text,) = await k.redactor.mask_for(proc, [a["text"]])
+    block = await k.memory.block_append(proc.namespace, a["label"], text, create=True)
     return _block_result(a["label"], block)
 
 
 async def _run_block_replace(k: Kernel, proc: Proc, a: dict[str, Any]) -> dict[str, Any]:
-    block = await k.memory.block_replace(proc.namespace, a["label"], a["old"], a["new"])
+    old, new = await k.redactor.mask_for(proc, [a["old"], a["new"]])
+    block = await k.memory.block_replace(proc.namespace, a["label"], old, new)
     return _block_result(a["label"], block)
 
 

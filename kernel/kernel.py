@@ -39,6 +39,7 @@ from kernel.mcp import McpHost
 from kernel.memory import Memory
 from kernel.persist import Persist, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
+from kernel.redact import Redactor
 from kernel.residency import MIN_AWAKE_S, Residency
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, Scheduler, make_policy
@@ -140,7 +141,13 @@ class Kernel:
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
         self.fs = FileSystem(files, self.store, self.memory)
         # Who did what: hash-chained in the state database, old rows in segment files.
-        self.audit = Audit(self.store, state_dir / "audit" if state_dir is not None else None)
+        # PII masking for processes spawned with redact=[...], on a thread of its own.
+        self.redactor = Redactor()
+        self.audit = Audit(
+            self.store,
+            state_dir / "audit" if state_dir is not None else None,
+            redactor=self.redactor,
+        )
         self.tools = ToolTable(builtin_tools())
         # MCP servers mounted as tools (NAME, command line or URL), on a loop of their own.
         self.mcp = McpHost(self.tools)
@@ -176,6 +183,8 @@ class Kernel:
         entries = await asyncio.to_thread(self.memory.load)
         if self.memory.index is not None:
             await self.store.call(load_index, self.memory.index)
+        if any(p.redact for p in self.procs):
+            self.redactor.preload()  # their audit rows are masked in the store thread
         if found.procs or entries:
             log.info(
                 "recovered %d processes (%d hung up: their programs died), %d archival entries; next pid %d",
@@ -251,6 +260,7 @@ class Kernel:
                 log.exception("driver shutdown failed")
         self.memory.close()
         await asyncio.to_thread(self.store.close)
+        self.redactor.close()
         if self._scratch is not None:
             self._scratch.cleanup()
 

@@ -56,6 +56,8 @@ def proc_record(proc: Proc) -> dict[str, Any]:
         "mounts": {n: [p, w] for n, (p, w) in proc.mounts.items()},
         "tool_caps": proc.tool_caps,
         "confirm": proc.confirm,
+        "redact": list(proc.redact),
+        "redact_model": proc.redact_model,
         "adapter": proc.adapter,
         "ctx_policy": proc.ctx_policy,
         "ctx_window": proc.ctx_window,
@@ -254,6 +256,8 @@ def recover(store: Store, table: ProcessTable) -> Recovered:
                 setattr(proc, key, rec[key])
         proc.mounts = {n: (p, bool(w)) for n, (p, w) in rec.get("mounts", {}).items()}
         proc.tool_caps, proc.confirm = rec.get("tool_caps", []), rec.get("confirm", False)
+        proc.redact = tuple(rec.get("redact", ()))
+        proc.redact_model = rec.get("redact_model", False)
         proc.adapter = rec.get("adapter")
         state = json.loads(ctx) if ctx else {}
         proc.context = state.get("messages", [])

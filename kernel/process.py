@@ -107,6 +107,8 @@ class Proc:
         default_factory=list
     )  # every layer must allow a tool's name (globs)
     confirm: bool = False  # irreversible tool calls wait for the owner's approval
+    redact: tuple[str, ...] = ()  # PII kinds masked in what it stores (kernel/redact.py)
+    redact_model: bool = False  # ... and in what its model is given
     adapter: str | None = None  # LoRA adapter of its model it generates with
     created: float = field(default_factory=time.time)
     token: str = field(default="", repr=False)  # the secret itself: set at spawn, never stored

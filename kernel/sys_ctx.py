@@ -60,7 +60,8 @@ async def sys_ctx_append(k: Kernel, call: Call, a: m.CtxAppendArgs) -> m.CtxResu
         raise SyscallError(
             Errno.E2BIG, f"a context holds at most {MAX_CONTEXT_MESSAGES} messages; clear it first"
         )
-    turns = [msg.model_dump() for msg in a.messages]
+    turns = await k.redactor.mask_messages([msg.model_dump() for msg in a.messages], proc.redact)
+    proc = _writable(k, call, a.pid)  # still writable after masking (off the loop)?
     proc.context.extend(turns)
     k.memory.record(proc, turns)
     await _commit(k, proc)

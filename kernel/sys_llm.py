@@ -135,6 +135,14 @@ async def _generate_on(
         except DriverError as exc:
             raise _driver_error(proc, exc) from None
     new = [msg.model_dump() for msg in a.messages] if a.messages is not None else []
+    stored = new  # what the context keeps of them: masked if the process redacts
+    raw_prompt = a.prompt
+    if proc.redact:
+        stored = await k.redactor.mask_messages(new, proc.redact)
+        if proc.redact_model:  # the model is given the masked words too
+            new = stored
+            if raw_prompt is not None:
+                raw_prompt = (await k.redactor.mask([raw_prompt], proc.redact))[0]
     limit = context.window(proc, driver)
     if a.prompt is None:
         evicted = proc.evicted  # fit changes the context only by evicting (counted here)
@@ -149,7 +157,7 @@ async def _generate_on(
         if proc.evicted != evicted:
             k.persist.saved(proc)  # turns moved out stay moved out even if this call fails
     else:
-        prompt, n_prompt = a.prompt, await context.count_tokens(driver, a.prompt)
+        prompt, n_prompt = raw_prompt, await context.count_tokens(driver, raw_prompt)
         if n_prompt >= limit:
             raise SyscallError(
                 Errno.E2BIG,
@@ -183,7 +191,8 @@ async def _generate_on(
         else ((1 - EWMA) * proc.mean_output + EWMA * last.output_tokens)
     )
     if a.messages is not None:
-        turns = [*new, {"role": "assistant", "content": text}]
+        reply = (await k.redactor.mask([text], proc.redact))[0] if proc.redact else text
+        turns = [*stored, {"role": "assistant", "content": reply}]
         proc.context.extend(turns)
         k.memory.record(proc, turns)
     k.persist.saved(proc)

@@ -34,17 +34,20 @@ def sys_block_get(k: Kernel, call: Call, a: m.BlockGetArgs) -> m.BlocksResult:
 
 async def sys_block_set(k: Kernel, call: Call, a: m.BlockSetArgs) -> m.Block:
     ns = k.memory.resolve(call.caller, a.namespace, write=True)
-    return _block(ns, a.label, await k.memory.block_write(ns, a.label, a.value, a.max_chars))
+    (value,) = await k.redactor.mask_for(call.caller.proc, [a.value])
+    return _block(ns, a.label, await k.memory.block_write(ns, a.label, value, a.max_chars))
 
 
 async def sys_block_append(k: Kernel, call: Call, a: m.BlockAppendArgs) -> m.Block:
     ns = k.memory.resolve(call.caller, a.namespace, write=True)
-    return _block(ns, a.label, await k.memory.block_append(ns, a.label, a.text))
+    (text,) = await k.redactor.mask_for(call.caller.proc, [a.text])
+    return _block(ns, a.label, await k.memory.block_append(ns, a.label, text))
 
 
 async def sys_block_replace(k: Kernel, call: Call, a: m.BlockReplaceArgs) -> m.Block:
     ns = k.memory.resolve(call.caller, a.namespace, write=True)
-    return _block(ns, a.label, await k.memory.block_replace(ns, a.label, a.old, a.new))
+    old, new = await k.redactor.mask_for(call.caller.proc, [a.old, a.new])
+    return _block(ns, a.label, await k.memory.block_replace(ns, a.label, old, new))
 
 
 async def sys_block_delete(k: Kernel, call: Call, a: m.BlockDeleteArgs) -> m.Done:
@@ -65,7 +68,9 @@ async def sys_recall_search(k: Kernel, call: Call, a: m.RecallSearchArgs) -> m.R
 
 async def sys_put(k: Kernel, call: Call, a: m.PutArgs) -> m.PutResult:
     ns = k.memory.resolve(call.caller, a.namespace, write=True)
-    ids, embed_s = await k.memory.put(ns, [(e.text, dict(e.metadata)) for e in a.entries])
+    texts = await k.redactor.mask_for(call.caller.proc, [e.text for e in a.entries])
+    entries = [(text, dict(e.metadata)) for text, e in zip(texts, a.entries, strict=True)]
+    ids, embed_s = await k.memory.put(ns, entries)
     return m.PutResult(ids=ids, embed_s=round(embed_s, 6))
 
 

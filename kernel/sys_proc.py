@@ -74,6 +74,11 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
         *([list(a.tools)] if a.tools is not None else []),
     ]
     proc.confirm = a.confirm or (parent.confirm if parent else False)
+    proc.redact = tuple(sorted({*(parent.redact if parent else ()), *(a.redact or ())}))
+    proc.redact_model = a.redact_model or (parent.redact_model if parent else False)
+    if proc.redact:  # its system prompt, or the copy a fork starts with, is stored masked
+        start, proc.context = proc.context, []  # nothing unmasked is seen meanwhile
+        proc.context[:0] = await k.redactor.mask_messages(start, proc.redact)
     k.memory.record(proc, proc.context)  # what it starts with is what it has seen
     k.persist.saved(proc)
     await k.persist.barrier()
@@ -205,6 +210,7 @@ def proc_info(p: Proc, mailbox: int = 0) -> m.ProcInfo:
         limits=p.account.limits.as_dict(),
         quota_exceeded=p.account.exceeded or p.program.account.exceeded,
         mailbox=mailbox,
+        redact=list(p.redact),
     )
 
 

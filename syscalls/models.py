@@ -139,6 +139,8 @@ _MAX_MOUNTS = limits.MAX_MOUNTS  # SpawnArgs has a field named limits
 _MAX_TOOL_PATTERNS = limits.MAX_TOOL_PATTERNS
 ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 ToolPattern = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_*?\[\]!-]+$")]
+#: Kinds of personal data a process can have masked in what the kernel stores for it.
+RedactKind = Literal["email", "phone", "card", "iban", "ip"]
 
 
 class MountSpec(Args):
@@ -183,6 +185,17 @@ class SpawnArgs(Args):
         default=False,
         description="irreversible tool calls wait for the owner's approval "
         "(inherited; a child cannot turn it off)",
+    )
+    redact: list[RedactKind] | None = Field(
+        default=None,
+        max_length=5,
+        description="personal data masked (<EMAIL>, <PHONE>, <CARD>, <IBAN>, <IP>) in what "
+        "the kernel stores for it: context, recall, archival and core memory it writes, "
+        "audit rows (inherited; a child can add kinds, never drop one)",
+    )
+    redact_model: bool = Field(
+        default=False,
+        description="also mask it in what the model is given (inherited)",
     )
     mounts: list[MountSpec] | None = Field(
         default=None,
@@ -271,6 +284,9 @@ class ProcInfo(Result):
         default=None, description="the last quota it hit (process or program)"
     )
     mailbox: int = Field(default=0, description="messages waiting in its IPC mailbox")
+    redact: list[str] = Field(
+        default_factory=list, description="personal data kinds masked in what it stores"
+    )
 
 
 class PsArgs(Args):

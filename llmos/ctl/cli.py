@@ -483,6 +483,7 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     from llmos.agent import Agent, Step
 
     tools = [t for t in (args.tools or "").split(",") if t] or None
+    redact = [t for t in (args.redact or "").split(",") if t]
     with connect() as c:
         proc = c.spawn(
             args.name,
@@ -490,6 +491,7 @@ def cmd_spawn(args: argparse.Namespace) -> int:
             model=args.model,
             nice=args.nice,
             **({"tools": tools} if tools else {}),
+            **({"redact": redact, "redact_model": args.redact_model} if redact else {}),
         )
         if args.task is None:
             print(
@@ -824,6 +826,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sn.add_argument(
         "--tools", default=None, help="comma-separated tools it may use (default: all it may)"
+    )
+    sn.add_argument(
+        "--redact",
+        default=None,
+        metavar="KINDS",
+        help="mask personal data in what is stored for it: comma-separated "
+        "email,phone,card,iban,ip",
+    )
+    sn.add_argument(
+        "--redact-model",
+        action="store_true",
+        help="with --redact: the model is given the masked text too",
     )
     sn.add_argument(
         "--max-steps", type=int, default=6, help="tool calls before giving up (default: 6)"
