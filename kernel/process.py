@@ -8,10 +8,11 @@ touched only from the kernel's event loop, so no locks.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from hmac import compare_digest
 from typing import Protocol
@@ -194,6 +195,10 @@ class ProcessTable:
 
     def __init__(self, owner: str, journal: Journal | None = None) -> None:
         self._procs: dict[int, Proc] = {}
+        self._pids: list[int] = []  # the table's pids, ascending (pages of proc.ps)
+        # Each state's processes, in the order they entered it: counts and the rows
+        # sys.stat shows first (the ones on slots and queued) without walking the table.
+        self.by_state: dict[ProcState, dict[int, Proc]] = {s: {} for s in ProcState}
         self._next_pid = INIT_PID + 1  # pids are never reused, across restarts too
         self._child_exited: dict[int, set[asyncio.Event]] = {}  # ppid -> its waiters
         self.owner = owner
@@ -209,6 +214,18 @@ class ProcessTable:
 
     def __iter__(self) -> Iterator[Proc]:
         return iter(list(self._procs.values()))
+
+    def page(self, after: int, limit: int, keep: Callable[[Proc], bool]) -> tuple[list[Proc], bool]:
+        """Up to ``limit`` processes with pids above ``after`` that ``keep`` accepts, in
+        pid order, and whether there are more."""
+        out: list[Proc] = []
+        for i in range(bisect.bisect_right(self._pids, after), len(self._pids)):
+            proc = self._procs[self._pids[i]]
+            if keep(proc):
+                if len(out) == limit:
+                    return out, True
+                out.append(proc)
+        return out, False
 
     def get(self, pid: int) -> Proc | None:
         return self._procs.get(pid)
@@ -273,13 +290,15 @@ class ProcessTable:
         return out
 
     # -- state transitions: the only writers of Proc.state -------------------------
-    @staticmethod
-    def _move(proc: Proc, how: str, to: ProcState) -> None:
+    def _move(self, proc: Proc, how: str, to: ProcState) -> None:
         if proc.state not in TRANSITIONS[how]:
             raise TransitionError(
                 f"process {proc.pid}: {how} cannot take it from {proc.state} to {to}"
                 f" (allowed from {', '.join(sorted(TRANSITIONS[how]))})"
             )
+        if self._procs.get(proc.pid) is proc:
+            del self.by_state[proc.state][proc.pid]
+            self.by_state[to][proc.pid] = proc
         proc.state = to
 
     def ready(self, proc: Proc) -> None:
@@ -401,6 +420,11 @@ class ProcessTable:
     def insert(self, proc: Proc) -> None:
         """Put ``proc`` in the table (spawn, or recovery from the state database)."""
         self._procs[proc.pid] = proc
+        if not self._pids or proc.pid > self._pids[-1]:
+            self._pids.append(proc.pid)
+        else:
+            bisect.insort(self._pids, proc.pid)
+        self.by_state[proc.state][proc.pid] = proc
         proc.program.procs += 1
         self._next_pid = max(self._next_pid, proc.pid + 1)
 
@@ -441,6 +465,8 @@ class ProcessTable:
         """Remove a zombie from the table (its pid is never handed out again)."""
         if self._procs.pop(proc.pid, None) is None:
             return
+        del self._pids[bisect.bisect_left(self._pids, proc.pid)]
+        del self.by_state[proc.state][proc.pid]
         parent = self._procs.get(proc.ppid)
         if parent is not None:
             parent.children.discard(proc.pid)

@@ -241,12 +241,24 @@ def sys_ps(k: Kernel, call: Call, a: m.PsArgs) -> m.PsResult:
     if a.pid == INIT_PID:
         return m.PsResult(procs=[init_info(k)])
     if a.pid is not None:
-        procs = [k.procs.target(caller, a.pid)]
-    elif caller.proc is None:
-        procs = sorted(k.procs, key=lambda p: p.pid)
+        procs, more = [k.procs.target(caller, a.pid)], False
     else:
-        procs = [caller.proc, *k.procs.descendants(caller.pid)]
-    return m.PsResult(procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs])
+
+        def keep(p: Proc) -> bool:
+            return (a.state is None or p.state == a.state) and (
+                a.program is None or p.program.pgid == a.program
+            )
+
+        if caller.proc is None:
+            procs, more = k.procs.page(a.after, a.limit, keep)
+        else:
+            mine = [caller.proc, *k.procs.descendants(caller.pid)]
+            found = sorted((p for p in mine if p.pid > a.after and keep(p)), key=lambda p: p.pid)
+            procs, more = found[: a.limit], len(found) > a.limit
+    return m.PsResult(
+        procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs],
+        next_after=procs[-1].pid if more else None,
+    )
 
 
 async def sys_wait(k: Kernel, call: Call, a: m.WaitArgs) -> m.WaitResult:

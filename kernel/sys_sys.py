@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,17 @@ def model_state(k: Kernel, name: str, driver_state: str) -> str:
     return residence if residence in ("asleep", "sleeping", "waking") else driver_state
 
 
+#: The order of sys.stat's rows: the processes on slots first, then the queued, ...
+STAT_ORDER = (
+    ProcState.RUNNING,
+    ProcState.READY,
+    ProcState.STOPPED,
+    ProcState.NEW,
+    ProcState.WAITING,
+    ProcState.ZOMBIE,
+)
+
+
 def visible_procs(k: Kernel, call: Call) -> list[Proc]:
     """The processes the caller may see, as proc.ps shows them: all for the admin; the
     caller and its descendants for a process."""
@@ -84,10 +96,22 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
                 **k.residency.stats(name),
             )
         )
-    procs = visible_procs(k, call)
-    states = dict.fromkeys((s.value for s in ProcState), 0)
-    for p in procs:
-        states[p.state.value] += 1
+    if call.caller.proc is None:  # the admin sees the whole table: counts kept per state
+        by_state = k.procs.by_state
+        states = {s.value: len(by_state[s]) for s in ProcState}
+        rows = list(
+            itertools.islice(
+                itertools.chain.from_iterable(by_state[s].values() for s in STAT_ORDER),
+                a.limit if a.procs else 0,
+            )
+        )
+    else:
+        procs = visible_procs(k, call)
+        states = dict.fromkeys((s.value for s in ProcState), 0)
+        for p in procs:
+            states[p.state.value] += 1
+        rank = {s: i for i, s in enumerate(STAT_ORDER)}
+        rows = sorted(procs, key=lambda p: (rank[p.state], p.pid))[: a.limit] if a.procs else []
     st = k.stats
     tokens = m.TokenStat(
         window_s=st.window_s,
@@ -105,7 +129,8 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
         states=states,
         tokens=tokens,
         host=m.HostStat(**st.host.sample().as_dict()),
-        procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs] if a.procs else [],
+        procs=[proc_info(p, k.ipc.depth(p.pid)) for p in rows],
+        procs_total=sum(states.values()),
     )
 
 

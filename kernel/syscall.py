@@ -157,7 +157,7 @@ class Dispatcher:
                 self._audit(call, args, err.code)
                 raise
             self._audit(call, args, "ok")
-            self.send(identity, codec.ok_reply(req.id, _dump(result)))
+            self.send(identity, _fits(req.id, req.call, codec.ok_reply(req.id, _dump(result))))
             return
         call.task = loop.create_task(self._run(entry, call, args), name=f"{req.call}#{req.id}")
         call.task.add_done_callback(lambda _: self._unstarted(entry, call))
@@ -184,8 +184,10 @@ class Dispatcher:
             try:
                 async with asyncio.timeout_at(call.deadline):
                     result = await entry.handler(self.kernel, call, args)
-                frame = codec.ok_reply(
-                    call.id, _dump(result), call.seq if entry.spec.chunk else None
+                frame = _fits(
+                    call.id,
+                    call.name,
+                    codec.ok_reply(call.id, _dump(result), call.seq if entry.spec.chunk else None),
                 )
             except TimeoutError:
                 raise SyscallError(
@@ -228,6 +230,20 @@ class Dispatcher:
         tasks = [c.task for c in pending if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+
+
+def _fits(call_id: int, name: str, frame: bytes) -> bytes:
+    """A reply no client could decode (over the codec's frame limit) becomes E2BIG."""
+    if len(frame) <= limits.MAX_FRAME_BYTES:
+        return frame
+    return codec.error_reply(
+        call_id,
+        SyscallError(
+            Errno.E2BIG,
+            f"the result of {name} is {len(frame)} bytes, over the "
+            f"{limits.MAX_FRAME_BYTES}-byte frame limit: ask for less (a page, a limit)",
+        ),
+    )
 
 
 def _salvage(frame: bytes) -> int | None:

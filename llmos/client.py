@@ -186,9 +186,12 @@ class _ClientAPI(_Identity):
         return Op("sys.stat", {} if procs else {"procs": False})
 
     @api("proc.ps")
-    def ps(self, pid: int | None = None) -> Op:
-        """The process table (everything, for the admin; ``pid``: one process)."""
-        return Op("proc.ps", opt(pid=pid), then=lambda r: r.procs)
+    def ps(
+        self, pid: int | None = None, state: str | None = None, program: int | None = None
+    ) -> Gen:
+        """The process table (everything, for the admin; ``pid``: one process; ``state``,
+        ``program``: only those), fetched a page at a time."""
+        return (yield from _all_pages(opt(pid=pid, state=state, program=program)))
 
     @api("proc.kill")
     def kill(self, pid: int, signal: str = "TERM") -> Op:
@@ -408,9 +411,9 @@ class _ProcessAPI(_Identity):
         return self.spawn(name, fork=True, **options)
 
     @api("proc.ps")
-    def ps(self) -> Op:
-        """This process and its descendants."""
-        return Op("proc.ps", {}, then=lambda r: r.procs)
+    def ps(self, state: str | None = None) -> Gen:
+        """This process and its descendants (``state``: only those), a page at a time."""
+        return (yield from _all_pages(opt(state=state)))
 
     @api("sys.stat")
     def stat(self, procs: bool = True) -> Op:
@@ -580,6 +583,18 @@ class Tools(_Part):
                             raise
             answered += 1
         return answered
+
+
+def _all_pages(args: dict[str, Any]) -> Gen:
+    """Every row of ``proc.ps`` with ``args``, following ``next_after`` page by page."""
+    rows: list[Any] = []
+    after = 0
+    while True:
+        page = yield Op("proc.ps", {**args, **({"after": after} if after else {})})
+        rows.extend(page.procs)
+        if page.next_after is None:
+            return rows
+        after = page.next_after
 
 
 class Files(_Part):

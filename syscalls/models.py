@@ -289,12 +289,31 @@ class ProcInfo(Result):
     )
 
 
+#: Most rows one proc.ps page or one sys.stat result carries.
+MAX_PS_ROWS = 1000
+
+
 class PsArgs(Args):
     pid: Pid | None = Field(default=None, description="only this process")
+    after: int = Field(
+        default=0, ge=0, lt=2**53, description="a page: processes with pids above this one"
+    )
+    limit: int = Field(
+        default=MAX_PS_ROWS, ge=1, le=MAX_PS_ROWS, description="most rows in this page"
+    )
+    state: Literal["NEW", "READY", "RUNNING", "WAITING", "STOPPED", "ZOMBIE"] | None = Field(
+        default=None, description="only processes in this state"
+    )
+    program: int | None = Field(
+        default=None, ge=1, lt=2**53, description="only this program's processes"
+    )
 
 
 class PsResult(Result):
     procs: list[ProcInfo]
+    next_after: int | None = Field(
+        default=None, description="more rows follow: pass this as `after` for the next page"
+    )
 
 
 class WaitArgs(Args):
@@ -894,6 +913,13 @@ class AuditResult(Result):
 
 class StatArgs(Args):
     procs: bool = Field(default=True, description="include the caller-visible process rows")
+    limit: int = Field(
+        default=MAX_PS_ROWS,
+        ge=0,
+        le=MAX_PS_ROWS,
+        description="most process rows: those on slots, then queued, stopped, new, "
+        "waiting, exited (procs_total says how many there are)",
+    )
 
 
 class ModelStat(Result):
@@ -956,6 +982,7 @@ class StatResult(Result):
     tokens: TokenStat
     host: HostStat
     procs: list[ProcInfo] = Field(description="the caller-visible process rows, as proc.ps")
+    procs_total: int = Field(default=0, description="caller-visible processes in all")
 
 
 # -- files (fs.*) -------------------------------------------------------------------------

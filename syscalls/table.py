@@ -54,7 +54,8 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             m.PsArgs,
             m.PsResult,
             [Errno.ESRCH, Errno.EPERM],
-            "The process table: the caller and its descendants (everything, for the admin).",
+            "The process table: the caller and its descendants (everything, for the admin), "
+            "in pid order, a page at a time (`after`, `limit`; `next_after` when more follow).",
             needs_process=False,
         ),
         _row(
