@@ -8,7 +8,8 @@ archival memory (entries, metadata and their embedding vectors), and memory gran
 One worker thread owns the connection; the event loop hands it work as closures and
 awaits the result (:meth:`Store.call`) or just queues it (:meth:`Store.submit`). The
 queue is FIFO, so writes land in the order the kernel made them, and a syscall that
-awaits its write replies only once the write is committed. With WAL and
+awaits its write replies only once the write is committed. Transactions queued while
+the worker was busy are committed together (group commit: a savepoint each, one COMMIT). With WAL and
 ``synchronous=NORMAL`` a committed transaction survives the kernel being killed
 (``kill -9``); only an operating-system crash or power loss can take the last few.
 """
@@ -19,9 +20,11 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -144,19 +147,65 @@ class StoreError(Exception):
     """The state database cannot be opened or is from a newer llmos."""
 
 
+#: Most queued transactions committed together (one COMMIT for the batch).
+MAX_BATCH = 256
+
+
+@dataclass(slots=True)
+class _Work:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    fut: concurrent.futures.Future[Any]
+
+
 class Store:
-    """The state database at ``path`` (``None``: an in-memory one, for tests)."""
+    """The state database at ``path`` (``None``: an in-memory one, for tests).
+
+    Group commit: the worker takes every transaction queued meanwhile (up to
+    ``MAX_BATCH``), runs each inside a savepoint of one SQLite transaction (a failing one
+    is rolled back alone and gets its exception) and commits once; every result is
+    handed back only after that COMMIT, so "replied" still means "committed". Under load
+    this turns a commit per write into a commit per batch."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="llmos-store"
-        )
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
-        self._thread: threading.Thread | None = None
-        self._pool.submit(self._open).result()
+        self._closed = False
+        self.commits = 0  # batches committed
+        self.transactions = 0  # transactions in them
+        opened: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._serve, args=(opened,), name="llmos-store", daemon=True
+        )
+        self._thread.start()
+        opened.result()
 
     # -- the worker thread's side --------------------------------------------------------
+    def _serve(self, opened: concurrent.futures.Future[None]) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            opened.set_exception(exc)
+            return
+        opened.set_result(None)
+        while True:
+            batch: list[_Work] = []
+            item = self._queue.get()
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._run_batch(batch)
+            if item is None:  # close(): everything queued before it is done
+                self._shut()
+                return
+
     def _open(self) -> None:
         target = ":memory:" if self.path is None else str(self.path)
         try:
@@ -172,7 +221,6 @@ class Store:
                 "move it aside to start with empty state"
             ) from exc
         self._conn = conn
-        self._thread = threading.current_thread()
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -186,24 +234,69 @@ class Store:
                 f"BEGIN;\n{_MIGRATIONS[target]}\nPRAGMA user_version={target};\nCOMMIT;"
             )
 
-    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    def _run_batch(self, batch: list[_Work]) -> None:
+        """One SQLite transaction for the batch, a savepoint for each of its works."""
         conn = self._conn
-        assert conn is not None, "the store is closed"
-        conn.execute("BEGIN IMMEDIATE")
+        live = [w for w in batch if w.fut.set_running_or_notify_cancel()]
+        if not live:
+            return
+        done: list[tuple[_Work, bool, Any]] = []
         try:
-            out = fn(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return out
+            conn.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+            for w in live:
+                if len(live) > 1:
+                    conn.execute("SAVEPOINT work")  # type: ignore[union-attr]
+                try:
+                    out = w.fn(conn, *w.args)
+                except BaseException as exc:  # noqa: BLE001 - handed to its caller
+                    if len(live) > 1:
+                        conn.execute("ROLLBACK TO work")  # type: ignore[union-attr]
+                        conn.execute("RELEASE work")  # type: ignore[union-attr]
+                    else:
+                        conn.execute("ROLLBACK")  # type: ignore[union-attr]
+                    done.append((w, False, exc))
+                    continue
+                if len(live) > 1:
+                    conn.execute("RELEASE work")  # type: ignore[union-attr]
+                done.append((w, True, out))
+            if conn.in_transaction:  # type: ignore[union-attr]
+                conn.execute("COMMIT")  # type: ignore[union-attr]
+        except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error)
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for w in live:
+                w.fut.set_exception(exc)
+            return
+        self.commits += 1
+        self.transactions += len(live)
+        for w, ok, value in done:
+            if ok:
+                w.fut.set_result(value)
+            else:
+                w.fut.set_exception(value)
+
+    def _shut(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._conn.close()
+                self._conn = None
 
     # -- the loop's side -----------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Transactions queued and not yet taken by the worker."""
+        return self._queue.qsize()
+
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Queue ``fn(conn, *args)`` as one transaction; writes commit in queue order.
         Failures are logged (nobody may be waiting)."""
-        fut = self._pool.submit(self._run, fn, *args)
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         fut.add_done_callback(_log_failure)
+        self._queue.put(_Work(fn, args, fut))
         return fut
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -217,17 +310,11 @@ class Store:
 
     def close(self) -> None:
         """Finish queued writes, checkpoint the WAL and close."""
-
-        def _close() -> None:
-            if self._conn is not None:
-                try:
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                finally:
-                    self._conn.close()
-                    self._conn = None
-
-        self._pool.submit(_close).result()
-        self._pool.shutdown(wait=True)
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
 
 
 def _log_failure(fut: concurrent.futures.Future[Any]) -> None:
