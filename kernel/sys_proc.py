@@ -249,7 +249,14 @@ def sys_ps(k: Kernel, call: Call, a: m.PsArgs) -> m.PsResult:
                 a.program is None or p.program.pgid == a.program
             )
 
-        if caller.proc is None:
+        if caller.proc is None and a.state is not None:  # that state's own index
+            pool = sorted(
+                (p for p in k.procs.by_state[ProcState(a.state)].values() if p.pid > a.after),
+                key=lambda p: p.pid,
+            )
+            found = [p for p in pool if a.program is None or p.program.pgid == a.program]
+            procs, more = found[: a.limit], len(found) > a.limit
+        elif caller.proc is None:
             procs, more = k.procs.page(a.after, a.limit, keep)
         else:
             mine = [caller.proc, *k.procs.descendants(caller.pid)]
