@@ -852,7 +852,7 @@ def test_the_model_calls_an_mcp_tool_through_generate_and_the_agent_loop(
 # -- llmos as an MCP server -------------------------------------------------------------
 
 
-def _serve_session(daemon: Daemon) -> Any:
+def _serve_session(daemon: Daemon, **env: str) -> Any:
     """An official ``mcp`` client session on ``llmos mcp serve`` for ``daemon``."""
     import contextlib
 
@@ -867,6 +867,7 @@ def _serve_session(daemon: Daemon) -> Any:
             "LLMOS_STATE_DIR": str(daemon.state_dir),
             "PYTHONPATH": str(ROOT),
             "HF_HUB_OFFLINE": "1",
+            **env,
         },
         cwd=str(ROOT),
     )
@@ -894,6 +895,11 @@ def test_llmos_mcp_serve_driven_by_the_official_client(daemon: Daemon, admin: Cl
             read = await s.call_tool("read_file", {"pid": pid, "path": "/notes.txt"})
             ps = await s.call_tool("ps", {})
             stranger = await s.call_tool("read_file", {"pid": 1, "path": "/x"})
+            chatted = await s.call_tool(
+                "chat", {"pid": pid, "message": "hello from the host", "max_tokens": 8}
+            )
+            found = await s.call_tool("search_files", {"pid": pid, "query": "hi from mcp"})
+            recalled = await s.call_tool("search_memory", {"pid": pid, "query": "host"})
             killed = await s.call_tool("kill", {"pid": pid, "signal": "KILL"})
             waited = await s.call_tool("wait", {"pid": pid, "timeout": 10})
             return locals()
@@ -908,7 +914,48 @@ def test_llmos_mcp_serve_driven_by_the_official_client(daemon: Daemon, admin: Cl
     assert got["read"].content[0].text == "hi from mcp"
     assert got["pid"] in {row["pid"] for row in got["ps"].structured_content["procs"]}
     assert got["stranger"].is_error and "ESRCH" in got["stranger"].content[0].text
+    assert not got["chatted"].is_error and got["chatted"].content[0].text
+    assert [h["path"] for h in got["found"].structured_content["hits"]] == ["/notes.txt"]
+    memory = got["recalled"].structured_content
+    assert memory["archival"] == []
+    assert any("hello from the host" in h["content"] for h in memory["recall"])
     assert not got["killed"].is_error and got["waited"].structured_content["signal"] == "KILL"
+
+
+def test_llmos_mcp_serve_acts_as_a_gateway_keys_program(daemon: Daemon, admin: Client) -> None:
+    import asyncio
+
+    from llmos.ctl.keys import FILE_NAME, KeyStore
+
+    key = KeyStore(daemon.state_dir / FILE_NAME).create("ide", limits={"max_procs": 2})
+    outsider = admin.spawn("outsider")
+
+    async def drive(env: dict[str, str]) -> dict[str, Any]:
+        async with _serve_session(daemon, **env) as s:
+            first = await s.call_tool("spawn", {"name": "from-ide"})
+            pid = first.structured_content["pid"]
+            over = await s.call_tool("spawn", {"name": "one-too-many"})  # max_procs=2
+            ps = await s.call_tool("ps", {})
+            rows = admin.ps()
+            foreign = await s.call_tool("kill", {"pid": outsider.pid, "signal": "KILL"})
+            killed = await s.call_tool("kill", {"pid": pid, "signal": "KILL"})
+            waited = await s.call_tool("wait", {"pid": pid, "timeout": 10})
+            return locals()
+
+    got = asyncio.run(drive({"LLMOS_MCP_KEY": key}))
+    row = {r.pid: r for r in got["rows"]}[got["pid"]]
+    program = {r.pid: r for r in got["rows"]}[row.program]
+    assert program.name == "ide" and row.ppid == program.pid  # a child of the key's program
+    assert got["over"].is_error and "EAGAIN" in got["over"].content[0].text
+    seen = {r["pid"] for r in got["ps"].structured_content["procs"]}
+    assert seen == {got["pid"]}  # its program's processes only
+    assert got["foreign"].is_error  # it cannot signal the admin's processes
+    assert {r.pid: r.state for r in admin.ps()}[outsider.pid] != "ZOMBIE"
+    assert not got["killed"].is_error and got["waited"].structured_content["signal"] == "KILL"
+    wait_until(lambda: program.pid not in {r.pid for r in admin.ps()}, timeout=20)  # ended
+    refused = _llmos(daemon, "mcp", "serve", LLMOS_MCP_KEY="llmos-not-a-key")
+    assert refused.returncode == 1 and "EACCES" in refused.stderr
+    outsider.exit()
 
 
 def test_llmos_mcp_serve_over_streamable_http(daemon: Daemon) -> None:
