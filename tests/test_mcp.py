@@ -790,6 +790,39 @@ def test_an_http_server_is_sent_its_headers(
         server.wait(10)
 
 
+def test_a_kernel_started_with_an_http_server_and_its_bearer_token(
+    scripts: Path, tmp_path: Path
+) -> None:
+    """``--mcp NAME=URL`` with ``--mcp-bearer-env`` and ``--mcp-header``: the token comes
+    from the kernel's environment, not its command line, and is shown nowhere."""
+    port, token = _free_port(), "start-token-a1b2c3d4e5f6"
+    server = subprocess.Popen(
+        [sys.executable, str(scripts / "auth_http_server.py"), str(port)],
+        env={**os.environ, "ADDER_TOKEN": token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _listening(port), timeout=30, every=0.1)
+        k = Daemon(
+            tmp_path,
+            *("--driver", "sim", "--mcp", f"web=http://127.0.0.1:{port}/mcp"),
+            *("--mcp-bearer-env", "web:WEB_TOKEN", "--mcp-header", "web:X-Tenant: acme"),
+        )
+        k.env["WEB_TOKEN"] = token
+        with k, k.admin() as c:
+            wait_until(lambda: bool(_ready(c, "web")), timeout=60)
+            web = next(s for s in c.mcp_list() if s.name == "web")
+            assert web.transport == "http" and web.headers == ["Authorization", "X-Tenant"]
+            p = c.spawn("adder", tools=["web__*"])
+            assert p.tools.call("web__add", {"a": 1, "b": 2}) == {"result": 3}
+            assert token not in k.log() and token not in json.dumps(web.model_dump())
+            assert token not in " ".join(psutil.Process(k.proc.pid).cmdline())  # type: ignore[union-attr]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
