@@ -420,6 +420,9 @@ class McpHost:
     def start(self) -> None:
         """Start the mcp thread and its loop."""
         self._kernel_loop = asyncio.get_running_loop()
+        # The HTTP client logs every request's URL at INFO: a URL may carry a key in its
+        # query, and the kernel logs a server's target without it (shown_target).
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="mcp", daemon=True)
         self._thread.start()

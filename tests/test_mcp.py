@@ -774,16 +774,18 @@ def test_an_http_server_is_sent_its_headers(
         p.exit()
         admin.mcp_remove("locked")
         # llmos mcp add, the token from a variable of the caller's environment
+        keyed = f"{url}?tenant_key=query-secret-77aa"  # a key in the URL: listed as ***
         add = _llmos(
             daemon,
-            *("mcp", "add", "--bearer-env", "ADDER", "locked", url, "--header", "X-Tenant: acme"),
+            *("mcp", "add", "--bearer-env", "ADDER", "locked", keyed, "--header", "X-Tenant: acme"),
             ADDER=token,
         )
         assert add.returncode == 0, add.stderr
         assert "locked__add" in add.stdout
         listed = _llmos(daemon, "mcp", "list")
         assert "header Authorization" in listed.stdout and token not in listed.stdout
-        assert token not in daemon.log()
+        assert f"{url}?tenant_key=***" in listed.stdout
+        assert token not in daemon.log() and "query-secret" not in daemon.log()
         admin.mcp_remove("locked")
     finally:
         server.terminate()
