@@ -65,8 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     ad.add_argument(
         "target",
         nargs=argparse.REMAINDER,
-        help="a command line (stdio; the rest of the line, options included) or an "
-        "http(s):// URL (streamable HTTP)",
+        help="a command line (stdio; the words after the command are its own, options "
+        "included) or an http(s):// URL (streamable HTTP)",
     )
     ad.add_argument(
         "--timeout", type=float, default=None, help="wait this long for its tools (default: 30)"
@@ -185,16 +185,17 @@ def run(args: argparse.Namespace) -> int:
         from llmos.ctl.mcp_serve import serve
 
         return serve(args.http, key=_serve_key(args))
+    if args.mcmd == "add":  # checked (and secrets read) before the kernel is asked
+        given: list[str] = []
+        for flag in ("env", "header"):
+            for value in getattr(args, flag) or []:
+                given += [f"--{flag}", value]
+        for flag in ("bearer_file", "bearer_env", "timeout"):
+            if getattr(args, flag) is not None:
+                given += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        spec = parse_add([*given, *args.target])
     with connect() as c:
         if args.mcmd == "add":
-            given: list[str] = []
-            for flag in ("env", "header"):
-                for value in getattr(args, flag) or []:
-                    given += [f"--{flag}", value]
-            for flag in ("bearer_file", "bearer_env", "timeout"):
-                if getattr(args, flag) is not None:
-                    given += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            spec = parse_add([*given, *args.target])
             server = c.mcp_add(
                 args.name,
                 spec.target,
