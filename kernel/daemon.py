@@ -20,7 +20,7 @@ import signal
 import stat
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import zmq
 
@@ -29,6 +29,7 @@ from kernel.kernel import Kernel
 from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
+from syscalls import models as m
 from syscalls import paths
 
 log = logging.getLogger("llmos.kernel")
@@ -138,6 +139,36 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         "streamable HTTP (repeatable; trusted code: it runs as the kernel's user)",
     )
     p.add_argument(
+        "--mcp-env",
+        action="append",
+        default=None,
+        metavar="NAME:KEY[=VALUE]",
+        help="an environment variable for the stdio MCP server NAME, set over its clean "
+        "environment; NAME:KEY alone takes KEY's value from the kernel's own environment, "
+        "so a secret need not be on the command line (repeatable; values are never shown)",
+    )
+    p.add_argument(
+        "--mcp-header",
+        action="append",
+        default=None,
+        metavar="'NAME:Header: value'",
+        help="a header sent to the HTTP MCP server NAME with every request (repeatable)",
+    )
+    p.add_argument(
+        "--mcp-bearer-file",
+        action="append",
+        default=None,
+        metavar="NAME:FILE",
+        help="send the HTTP MCP server NAME 'Authorization: Bearer TOKEN', TOKEN read from FILE",
+    )
+    p.add_argument(
+        "--mcp-bearer-env",
+        action="append",
+        default=None,
+        metavar="NAME:VAR",
+        help="the same with TOKEN from the kernel's environment variable VAR",
+    )
+    p.add_argument(
         "--listen",
         action="append",
         default=None,
@@ -227,6 +258,55 @@ def mcp_spec(text: str) -> tuple[str, str]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--mcp {name}: {exc}") from None
     return name, target
+
+
+def mcp_mounts(args: argparse.Namespace, environ: Any) -> list[m.McpAddArgs]:
+    """The ``--mcp`` servers with their ``--mcp-env``, ``--mcp-header`` and
+    ``--mcp-bearer-*`` entries, checked as ``mcp.add`` checks them; ValueError naming the
+    option (and a variable or header name, never a value)."""
+    from pydantic import ValidationError
+
+    from kernel import mcp
+    from syscalls import codec
+
+    specs: dict[str, dict[str, Any]] = {}
+    for name, target in getattr(args, "mcp", None) or []:
+        if name in specs:
+            raise ValueError("two --mcp servers have the same NAME: give each its own")
+        specs[name] = {"name": name, "target": target, "env": {}, "headers": {}}
+
+    def entries(option: str) -> list[tuple[str, str]]:
+        out = []
+        for text in getattr(args, option.replace("-", "_"), None) or []:
+            name, colon, rest = text.partition(":")
+            if not colon or name not in specs:
+                raise ValueError(
+                    f"--{option}: expected NAME:... with NAME one of the --mcp servers "
+                    f"({', '.join(specs) or 'none given'})"
+                )
+            out.append((name, rest))
+        return out
+
+    sources: list[tuple[str, str, Any]] = [
+        ("mcp-env", "env", lambda text: mcp.env_entry(text, environ)),
+        ("mcp-header", "headers", mcp.header_entry),
+        ("mcp-bearer-file", "headers", lambda path: mcp.bearer(mcp.secret_file(path))),
+        ("mcp-bearer-env", "headers", lambda var: mcp.bearer(mcp.env_value(var, environ))),
+    ]
+    for option, kind, read in sources:
+        for name, rest in entries(option):
+            try:
+                key, value = read(rest)
+            except ValueError as exc:
+                raise ValueError(f"--{option} {name}: {exc}") from None
+            specs[name][kind][key] = value
+    mounts = []
+    for name, spec in specs.items():
+        try:
+            mounts.append(m.McpAddArgs.model_validate(spec))
+        except ValidationError as exc:
+            raise ValueError(f"--mcp {name}: {codec.describe_validation(exc)}") from None
+    return mounts
 
 
 def make_model_driver(driver: str, model: str | None, options: dict[str, object]) -> Driver:
@@ -371,9 +451,7 @@ def validate_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-loaded {args.max_loaded}: at least one model must fit")
     if args.min_awake < 0:
         raise ValueError(f"--min-awake {args.min_awake}: seconds cannot be negative")
-    names = [name for name, _ in getattr(args, "mcp", None) or []]
-    if len(set(names)) != len(names):
-        raise ValueError("two --mcp servers have the same NAME: give each its own")
+    args.mcp_mounts = mcp_mounts(args, os.environ)
     for ep in args.listen or []:
         if not _ENDPOINT.fullmatch(ep):
             raise ValueError(
@@ -414,7 +492,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         min_awake_s=args.min_awake,
         max_procs=args.max_procs,
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
-        mcp=getattr(args, "mcp", None),
+        mcp=getattr(args, "mcp_mounts", None) or mcp_mounts(args, os.environ),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

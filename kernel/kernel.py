@@ -49,6 +49,7 @@ from kernel.syscall import Call, Dispatcher, build_table
 from kernel.tools import ToolTable
 from kernel.transport import Transport
 from kernel.vindex import VectorIndex
+from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 from syscalls.table import SyscallSpec
 
@@ -116,7 +117,7 @@ class Kernel:
         max_loaded: int | None = None,
         min_awake_s: float = MIN_AWAKE_S,
         sandbox: SandboxConfig | None = None,
-        mcp: list[tuple[str, str]] | None = None,
+        mcp: list[m.McpAddArgs] | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -149,8 +150,9 @@ class Kernel:
             redactor=self.redactor,
         )
         self.tools = ToolTable(builtin_tools())
-        # MCP servers mounted as tools (NAME, command line or URL), on a loop of their own.
-        self.mcp = McpHost(self.tools)
+        # MCP servers mounted as tools (--mcp: name, command line or URL, env or headers),
+        # on a loop of their own; no server is ever given the admin token.
+        self.mcp = McpHost(self.tools, kernel_secrets=(self.admin_token,))
         self._mcp_mounts = list(mcp or [])
         # How the python tool runs code: in bwrap namespaces, or not at all without it.
         self.sandbox = sandbox if sandbox is not None else SandboxConfig.detect()
@@ -204,8 +206,8 @@ class Kernel:
         )
         self.residency.start()
         self.mcp.start()
-        for name, target in self._mcp_mounts:  # retried with backoff until they come up
-            await self.mcp.add(name, target)
+        for spec in self._mcp_mounts:  # retried with backoff until they come up
+            await self.mcp.add(spec.name, spec.target, **sys_mcp.secrets(spec))
         self._tasks.append(loop.create_task(self._init_reaper(), name="init"))
         log.info(
             "kernel %s serving %s (policy %s)",

@@ -10,6 +10,13 @@ only hands calls over (:meth:`McpHost.call`) and takes tool lists back.
   clean environment (the SDK's short list: HOME, LOGNAME, PATH, SHELL, TERM, USER; never
   an LLMOS_* variable, token or key) and its stderr in the kernel log, line by line and
   bounded; an ``http(s)://`` URL is a streamable-HTTP server.
+* **Secrets**: a stdio server may be given environment variables (set over the clean
+  environment) and an HTTP server headers (``Authorization: Bearer ...``). Their values
+  are secrets: ``mcp.list``, the log, the audit trail and errors name them only, and a
+  value (8 characters or more) a server echoes into its stderr or an error message is
+  replaced by ``***`` there (:meth:`Mount.redact`). The command-line forms that read
+  them from a file or the environment are :func:`env_entry`, :func:`header_entry`,
+  :func:`secret_file`.
 * **Supervision**: when a connection ends (the server died, closed, or failed to
   start) its calls in flight get EIO at once, its tools stay listed but answer EIO
   "server restarting", and it is started again with exponential backoff.
@@ -106,6 +113,77 @@ def shown_target(target: str) -> str:
         return urllib.parse.urlunsplit((url.scheme, netloc, url.path, "", ""))
     words = target.split()
     return f"{words[0]} …" if len(words) > 1 else target
+
+
+def listed_target(target: str) -> str:
+    """A server's target as ``mcp.list`` shows it: a URL's password and query values
+    replaced by ``***``; a command line as given (secrets belong in its env: a command
+    line is visible to every local user in ``ps``)."""
+    if "://" not in target:
+        return target
+    url = urllib.parse.urlsplit(target)
+    netloc = url.netloc
+    if url.password is not None:
+        netloc = f"{url.username}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{k}=***" for k, _ in urllib.parse.parse_qsl(url.query, keep_blank_values=True)
+    )
+    return urllib.parse.urlunsplit((url.scheme, netloc, url.path, query, ""))
+
+
+#: Secret values shorter than this are not searched for in text to redact (``TZ=UTC``
+#: is configuration, and three letters would mangle every log line).
+REDACT_MIN_CHARS = 8
+
+
+def env_entry(text: str, environ: dict[str, str] | os._Environ[str]) -> tuple[str, str]:
+    """``KEY=VALUE``, or ``KEY`` alone: the value of ``KEY`` in ``environ`` (so a secret
+    need not be on a command line). ValueError naming the key only, never the value."""
+    key, eq, value = text.partition("=")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", key):
+        raise ValueError("expected KEY=VALUE or KEY (a variable name: letters, digits, _)")
+    return key, (value if eq else env_value(key, environ))
+
+
+def env_value(var: str, environ: dict[str, str] | os._Environ[str]) -> str:
+    """The value of variable ``var`` in ``environ``; ValueError if it is unset or empty."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", var):
+        raise ValueError("expected a variable name (letters, digits, _)")
+    if not environ.get(var):
+        raise ValueError(f"{var} is not set in this environment")
+    return environ[var]
+
+
+def header_entry(text: str) -> tuple[str, str]:
+    """``Name: value`` as a header; ValueError (never showing the value) otherwise."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or " " in name.strip():
+        raise ValueError("expected 'Name: value' (e.g. 'Authorization: Bearer ...')")
+    return name.strip(), value.strip()
+
+
+def secret_file(path: str) -> str:
+    """A secret kept in a file (a token): its text without surrounding whitespace;
+    ValueError naming the file, never its content."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limits.MAX_MCP_SECRET_CHARS + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > limits.MAX_MCP_SECRET_CHARS:
+        raise ValueError(f"{path} is over {limits.MAX_MCP_SECRET_CHARS} bytes")
+    try:
+        text = data.decode().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"{path} is empty")
+    return text
+
+
+def bearer(token: str) -> tuple[str, str]:
+    """The ``Authorization`` header carrying ``token``."""
+    return "Authorization", f"Bearer {token}"
 
 
 def _inline_refs(
@@ -228,6 +306,8 @@ class Mount:
     target: str
     transport: str  # "stdio" | "http"
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # secrets: never shown
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # secrets: never shown
     state: str = "starting"  # starting | ready | restarting
     tools: dict[str, Tool] = field(default_factory=dict)  # kernel name -> tool
     remote: dict[str, str] = field(default_factory=dict)  # kernel name -> server's name
@@ -239,6 +319,19 @@ class Mount:
     refresh: asyncio.Event | None = None  # set by tools/list_changed
     first: asyncio.Event | None = None  # set when the first connection is up or failed
     task: asyncio.Task[None] | None = None
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret value given to this server (and a bearer token
+        within a header) replaced by ``***``."""
+        for secret in self._secrets():
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def _secrets(self) -> list[str]:
+        values = [*self.env.values(), *self.headers.values()]
+        values += [v.split(None, 1)[1] for v in self.headers.values() if " " in v.strip()]
+        return sorted({v for v in values if len(v) >= REDACT_MIN_CHARS}, key=len, reverse=True)
 
 
 def _why(exc: BaseException) -> str:
@@ -252,8 +345,9 @@ def _why(exc: BaseException) -> str:
 class _StderrLog:
     """A stdio server's stderr: a pipe read on the mcp loop into the kernel log, bounded."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, redact: Callable[[str], str] = str) -> None:
         self.name = name
+        self._redact = redact
         self._r, w = os.pipe()
         os.set_blocking(self._r, False)
         self.file: TextIO = os.fdopen(w, "w")
@@ -289,7 +383,7 @@ class _StderrLog:
             self._dropped += 1
         elif line:
             self._lines += 1
-            log.info("mcp %s: stderr: %s", self.name, line)
+            log.info("mcp %s: stderr: %s", self.name, self._redact(line))
 
     def parent_done(self) -> None:
         """The child holds the write end now: close ours, so its exit is our EOF."""
@@ -313,8 +407,10 @@ class _StderrLog:
 class McpHost:
     """Every mounted server, supervised on the mcp loop; their tools in ``table``."""
 
-    def __init__(self, table: ToolTable) -> None:
+    def __init__(self, table: ToolTable, kernel_secrets: tuple[str, ...] = ()) -> None:
         self.table = table
+        #: The kernel's own credentials (the admin token): never passed to a server.
+        self.kernel_secrets = tuple(s for s in kernel_secrets if s)
         self.mounts: dict[str, Mount] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the mcp thread's
         self._kernel_loop: asyncio.AbstractEventLoop | None = None
@@ -324,6 +420,9 @@ class McpHost:
     def start(self) -> None:
         """Start the mcp thread and its loop."""
         self._kernel_loop = asyncio.get_running_loop()
+        # The HTTP client logs every request's URL at INFO: a URL may carry a key in its
+        # query, and the kernel logs a server's target without it (shown_target).
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="mcp", daemon=True)
         self._thread.start()
@@ -350,10 +449,19 @@ class McpHost:
             return await future
 
     # -- mounting (kernel loop) -----------------------------------------------------
-    async def add(self, name: str, target: str, wait_s: float | None = None) -> Mount:
-        """Mount ``target`` as ``name``. With ``wait_s``, wait that long for the first
-        connection and its tool list: a server that cannot start is unmounted again
-        (EIO with why); without, it is retried with backoff until it comes up."""
+    async def add(
+        self,
+        name: str,
+        target: str,
+        wait_s: float | None = None,
+        env: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Mount:
+        """Mount ``target`` as ``name``, a stdio server with ``env`` set over its clean
+        environment or an HTTP server sent ``headers`` (checked by ``McpAddArgs``; here,
+        that no value carries a kernel credential). With ``wait_s``, wait that long for
+        the first connection and its tool list: a server that cannot start is unmounted
+        again (EIO with why); without, it is retried with backoff until it comes up."""
         if name in self.mounts:
             raise SyscallError(
                 Errno.EBUSY, f"an MCP server named {name!r} is mounted; mcp.remove it first"
@@ -366,10 +474,25 @@ class McpHost:
             transport, argv = parse_target(target)
         except ValueError as exc:
             raise SyscallError(Errno.EINVAL, str(exc)) from None
-        mount = Mount(name, target, transport, argv)
+        env, headers = dict(env or {}), dict(headers or {})
+        if (env and transport != "stdio") or (headers and transport != "http"):
+            raise SyscallError(
+                Errno.EINVAL, "env is for stdio servers, headers for http(s) servers"
+            )
+        for kind, entries in (("env", env), ("header", headers)):
+            for key, value in entries.items():
+                if any(secret in value for secret in self.kernel_secrets):
+                    raise SyscallError(
+                        Errno.EINVAL,
+                        f"{kind} {key}: its value holds a kernel credential, which no MCP "
+                        "server may have",
+                    )
+        mount = Mount(name, target, transport, argv, env=env, headers=headers)
         self.mounts[name] = mount
         await self._on_mcp(self._launch(mount))
-        log.info("mcp %s: mounting %s (%s)", name, shown_target(target), transport)
+        given = f"; env {', '.join(sorted(env))}" if env else ""
+        given += f"; headers {', '.join(sorted(headers))}" if headers else ""
+        log.info("mcp %s: mounting %s (%s%s)", name, shown_target(target), transport, given)
         if wait_s is None:
             return mount
         try:
@@ -428,7 +551,13 @@ class McpHost:
                 f"MCP server {mount.name!r} is restarting"
                 + (f" (its connection ended: {mount.error})" if mount.error else ""),
             )
-        return await self._on_mcp(self._call(mount, mount.remote.get(tname, tname), args))
+        try:
+            return await self._on_mcp(self._call(mount, mount.remote.get(tname, tname), args))
+        except SyscallError as exc:
+            redacted = mount.redact(exc.message)
+            if redacted == exc.message:
+                raise
+            raise SyscallError(exc.code, redacted) from None
 
     # -- the mcp loop -------------------------------------------------------------------
     async def _launch(self, mount: Mount) -> None:
@@ -458,7 +587,7 @@ class McpHost:
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # a failing server is logged and restarted, never fatal
-                why = _why(exc)
+                why = mount.redact(_why(exc))
             mount.session, mount.state, mount.error = None, "restarting", why
             if mount.lost is not None:
                 mount.lost.set()
@@ -474,16 +603,19 @@ class McpHost:
     async def _transport(self, mount: Mount) -> AsyncIterator[tuple[Any, Any]]:
         if mount.transport == "http":
             from mcp.client.streamable_http import streamable_http_client
+            from mcp.shared._httpx_utils import create_mcp_http_client
 
-            async with streamable_http_client(mount.argv[0]) as streams:
+            http = create_mcp_http_client(headers=mount.headers or None)
+            async with http, streamable_http_client(mount.argv[0], http_client=http) as streams:
                 yield streams[0], streams[1]
             return
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
         command, *args = mount.argv
-        # env=None: the SDK's clean environment only (get_default_environment()).
-        params = StdioServerParameters(command=command, args=args, env=None)
-        stderr = _StderrLog(mount.name)
+        # The SDK's clean environment (get_default_environment(): HOME, LOGNAME, PATH,
+        # SHELL, TERM, USER) with the mount's own variables over it; nothing of the kernel's.
+        params = StdioServerParameters(command=command, args=args, env=dict(mount.env) or None)
+        stderr = _StderrLog(mount.name, mount.redact)
         try:
             async with stdio_client(params, errlog=stderr.file) as streams:
                 stderr.parent_done()

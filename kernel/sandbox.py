@@ -146,8 +146,10 @@ def _bwrap_base_args() -> list[str]:
 _LIMIT_SIGNALS = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
 
 
-def _limit_child(cpu_s: int, memory_bytes: int) -> None:
-    """In the child, before exec: its resource limits (inherited by the sandbox). The CPU
+def _limit_child(cpu_s: int, memory_bytes: int, nproc: int | None) -> None:
+    """In the child, before exec: its resource limits (inherited by the sandbox), all
+    computed by the parent, so the forked child only makes setrlimit calls (a forked
+    child of a threaded process must do as little as it can before exec). The CPU
     limit's soft part sends SIGXCPU (so a CPU-limit death is told apart from a kill);
     the hard part, a second later, kills code that ignores it."""
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
@@ -155,13 +157,19 @@ def _limit_child(cpu_s: int, memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits.MAX_FILE_BYTES, limits.MAX_FILE_BYTES))
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if os.getuid() != 0:
-        tasks = _tasks_of_user()
-        cap = tasks + MAX_EXTRA_TASKS
-        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-        if hard != resource.RLIM_INFINITY:
-            cap = min(cap, hard)
-        resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
+    if nproc is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+def _nproc_cap() -> int | None:
+    """The RLIMIT_NPROC to give sandboxed code: the user's tasks now plus
+    MAX_EXTRA_TASKS, never above the hard limit; None for root (whom Linux exempts).
+    Scans /proc: run it in the parent, off the event loop."""
+    if os.getuid() == 0:
+        return None
+    cap = _tasks_of_user() + MAX_EXTRA_TASKS
+    _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    return cap if hard == resource.RLIM_INFINITY else min(cap, hard)
 
 
 def _tasks_of_user() -> int:
@@ -201,6 +209,7 @@ async def run_code(
     # wall clock first, so the same program reports the same limit every time.
     cpu = cpu_s or math.ceil(timeout_s) + 1
     root.mkdir(parents=True, exist_ok=True)
+    nproc = await asyncio.to_thread(_nproc_cap)
     if config.bwrap is not None:
         argv = [
             config.bwrap,
@@ -229,7 +238,7 @@ async def run_code(
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
         env=env,
-        preexec_fn=lambda: _limit_child(cpu, memory_bytes),
+        preexec_fn=lambda: _limit_child(cpu, memory_bytes, nproc),
     )
     t0 = time.monotonic()
     timed_out = False

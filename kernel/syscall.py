@@ -156,6 +156,9 @@ class Dispatcher:
             except SyscallError as err:
                 self._audit(call, args, err.code)
                 raise
+            except Exception:  # answered EIO by on_frames; audited like the async path
+                self._audit(call, args, Errno.EIO)
+                raise
             self._audit(call, args, "ok")
             self.send(identity, _fits(req.id, req.call, codec.ok_reply(req.id, _dump(result))))
             return

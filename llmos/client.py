@@ -134,11 +134,20 @@ class _ClientAPI(_Identity):
         return Op("tool.deny", {"id": call_id}, then=_none)
 
     @api("mcp.add")
-    def mcp_add(self, name: str, target: str, timeout: float = 30.0) -> Op:
+    def mcp_add(
+        self,
+        name: str,
+        target: str,
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Op:
         """Mount an MCP server as ``name`` (the admin): ``target`` is a command line (run
-        over stdio) or an http(s):// URL; its tools become ``name__TOOL``. Waits up to
-        ``timeout`` s for its tool list (EIO if it does not come up)."""
-        args = {"name": name, "target": target, "timeout_s": timeout}
+        over stdio, with ``env`` set over its clean environment) or an http(s):// URL
+        (sent ``headers``, e.g. ``{"Authorization": "Bearer ..."}``); its tools become
+        ``name__TOOL``. Values of ``env`` and ``headers`` are never shown back. Waits up
+        to ``timeout`` s for its tool list (EIO if it does not come up)."""
+        args = opt(name=name, target=target, timeout_s=timeout, env=env, headers=headers)
         return Op("mcp.add", args, blocking_deadline_ms(timeout))
 
     @api("mcp.list")

@@ -188,20 +188,26 @@ class AsyncTransport:
         rid = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._inbox[rid] = q
+        loop = asyncio.get_running_loop()
         try:
             await self._sock.send(codec.encode_request(rid, name, args, pid, token, deadline_ms))
-            async with asyncio.timeout(wait_budget_s(args, deadline_ms, name) + GRACE_S):
-                while True:
-                    frame = await q.get()
-                    if "chunk" in frame:
-                        yield frame["chunk"]
-                        continue
-                    yield final_result(frame)
-                    return
-        except TimeoutError:
-            raise SyscallError.of(
-                Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}"
-            ) from None
+            # The deadline bounds waiting for the kernel only: it must not be armed while
+            # the consumer holds a yielded frame (a slow consumer would be cancelled in
+            # its own code instead of seeing ETIMEDOUT).
+            deadline = loop.time() + wait_budget_s(args, deadline_ms, name) + GRACE_S
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        frame = await q.get()
+                except TimeoutError:
+                    raise SyscallError.of(
+                        Errno.ETIMEDOUT, f"no reply from the kernel at {self.endpoint} for {name}"
+                    ) from None
+                if "chunk" in frame:
+                    yield frame["chunk"]
+                    continue
+                yield final_result(frame)
+                return
         finally:
             self._inbox.pop(rid, None)
 

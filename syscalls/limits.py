@@ -79,6 +79,9 @@ MAX_MCP_TOOLS = 128  # tools taken from one server (the rest are refused, logged
 MAX_MCP_SCHEMA_BYTES = 64 << 10  # one tool's inputSchema, as JSON
 MAX_MCP_SCHEMA_DEPTH = 16  # nesting of objects and arrays in one inputSchema
 MAX_MCP_TARGET_CHARS = 4096  # a server's command line or URL
+MAX_MCP_ENV = 64  # environment variables given to one stdio server
+MAX_MCP_HEADERS = 32  # headers sent to one streamable-HTTP server
+MAX_MCP_SECRET_CHARS = 8192  # one environment variable's or header's value
 
 #: IPC: one message's body (its compact JSON, in bytes), nesting, and each mailbox's bounds.
 MAX_IPC_MESSAGE_BYTES = 64 * 1024

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    SecretStr,
     field_validator,
     model_validator,
 )
@@ -1232,6 +1233,34 @@ McpName = Annotated[
 ]
 
 
+#: An environment variable's name (a stdio server's), as POSIX shells spell them.
+McpEnvName = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+]
+#: An HTTP header's name (RFC 9110 token characters).
+McpHeaderName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+]
+#: A value given to a server (an API key, a token): a secret, never shown back.
+McpSecret = Annotated[SecretStr, Field(max_length=limits.MAX_MCP_SECRET_CHARS)]
+#: Headers the MCP transport sets itself (a server must not get them twice).
+MCP_RESERVED_HEADERS = frozenset(
+    {
+        "accept",
+        "connection",
+        "content-length",
+        "content-type",
+        "host",
+        "last-event-id",
+        "mcp-protocol-version",
+        "mcp-session-id",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
 class McpAddArgs(Args):
     name: McpName
     target: Annotated[str, Field(min_length=1, max_length=limits.MAX_MCP_TARGET_CHARS)] = Field(
@@ -1241,6 +1270,44 @@ class McpAddArgs(Args):
     timeout_s: float = Field(
         default=30.0, gt=0, le=600, description="wait this long for the server's tool list"
     )
+    env: dict[McpEnvName, McpSecret] = Field(
+        default_factory=dict,
+        max_length=limits.MAX_MCP_ENV,
+        description="stdio only: variables set over the server's clean environment "
+        "(values are secrets: only the names are ever shown; no LLMOS_* names)",
+    )
+    headers: dict[McpHeaderName, McpSecret] = Field(
+        default_factory=dict,
+        max_length=limits.MAX_MCP_HEADERS,
+        description="streamable HTTP only: headers sent with every request, e.g. "
+        "Authorization (values are secrets: only the names are ever shown)",
+    )
+
+    @model_validator(mode="after")
+    def _auth_fits_the_transport(self) -> McpAddArgs:
+        http = self.target.startswith(("http://", "https://"))
+        if self.env and http:
+            raise ValueError(
+                "env is for stdio servers (a command line); an http(s) URL takes headers"
+            )
+        if self.headers and not http:
+            raise ValueError("headers are for http(s) servers; a stdio server takes env")
+        for key, value in self.env.items():
+            if key.upper().startswith("LLMOS_"):
+                raise ValueError(f"env {key}: LLMOS_* variables are the kernel's own")
+            if "\x00" in value.get_secret_value():
+                raise ValueError(f"env {key}: its value holds a NUL character")
+        seen: set[str] = set()
+        for key, value in self.headers.items():
+            low = key.lower()
+            if low in MCP_RESERVED_HEADERS:
+                raise ValueError(f"header {key} is set by the MCP transport itself")
+            if low in seen:
+                raise ValueError(f"header {key} is given twice")
+            seen.add(low)
+            if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value.get_secret_value()):
+                raise ValueError(f"header {key}: its value holds a control character (CR, LF...)")
+        return self
 
 
 class McpNameArgs(Args):
@@ -1260,6 +1327,12 @@ class McpServerInfo(Result):
     )
     restarts: int = 0
     error: str | None = Field(default=None, description="why the last connection ended")
+    env: list[str] = Field(
+        default_factory=list, description="the names of the variables it was given (not values)"
+    )
+    headers: list[str] = Field(
+        default_factory=list, description="the names of the headers it is sent (not values)"
+    )
 
 
 class McpListResult(Result):

@@ -131,3 +131,39 @@ def test_a_binary_file_write_is_audited_by_digest() -> None:
     one = digest(m.FsWriteArgs(path="a.bin", data=b"\xff\xfe\x00"))
     other = digest(m.FsWriteArgs(path="a.bin", data=b"\xff\xfe\x01"))
     assert one and other and one != other  # not valid UTF-8, still digested
+
+
+@pytest.mark.parametrize("name", ["proc.nice", "tool.approve"])  # synchronous handlers
+def test_a_synchronous_handlers_internal_error_is_audited_as_eio(name: str) -> None:
+    """A bug in a synchronous handler of an audited syscall answers EIO and still leaves
+    its row in the trail, as the asynchronous path does."""
+    import asyncio
+    import dataclasses
+
+    from drivers.sim import SimDriver
+    from kernel.kernel import Kernel
+    from syscalls import codec
+
+    def broken(k: object, call: object, a: object) -> None:
+        raise RuntimeError("a bug")
+
+    args = {"proc.nice": {"pid": 2, "nice": 1}, "tool.approve": {"id": 1}}[name]
+
+    async def go() -> tuple[list[dict], list[dict]]:
+        k = Kernel({"sim": SimDriver()}, ["inproc://audit-sync"], embedder=None)
+        sent: list[dict] = []
+        k.dispatcher.send = lambda identity, frame: sent.append(codec.unpackb(frame))
+        table = k.dispatcher.table
+        table[name] = dataclasses.replace(table[name], handler=broken)
+        try:
+            k.dispatcher.on_frames([b"a", codec.encode_request(1, name, args, 0, k.admin_token)])
+            rows = await k.store.call(k.audit.query, None, None, None, 100)
+        finally:
+            await k.transport.close()
+            k.memory.close()
+            await asyncio.to_thread(k.store.close)
+        return sent, rows
+
+    sent, rows = asyncio.run(go())
+    assert sent[0]["ok"] is False and sent[0]["error"]["code"] == "EIO"
+    assert [(r["call"], r["outcome"], r["actor"]) for r in rows] == [(name, "EIO", "admin")]

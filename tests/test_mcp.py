@@ -69,6 +69,10 @@ def tools():
                    annotations=types.ToolAnnotations(read_only_hint=False, destructive_hint=True)),
         types.Tool(name="env", description="The server's environment variable names.",
                    input_schema=OBJ, annotations=RO),
+        types.Tool(name="getenv", description="One variable's value.", annotations=RO,
+                   input_schema={"type": "object", "properties": {"name": {"type": "string"}}}),
+        types.Tool(name="leak", description="Fails, echoing its token.", input_schema=OBJ,
+                   annotations=RO),
         types.Tool(name="sleep", description="Sleep s seconds.", annotations=RO,
                    input_schema={"type": "object", "properties": {"s": {"type": "number"}}}),
         types.Tool(name="fail", description="Always fails.", input_schema=OBJ, annotations=RO),
@@ -105,6 +109,10 @@ async def call_tool(ctx, params):
         return text("wiped")
     if params.name == "env":
         return types.CallToolResult(content=[], structured_content={"names": sorted(os.environ)})
+    if params.name == "getenv":
+        return text(os.environ.get(a["name"], "<unset>"))
+    if params.name == "leak":
+        return text(f"bad token {os.environ.get('TOY_TOKEN')}", error=True)
     if params.name == "sleep":
         await anyio.sleep(float(a.get("s", 3600)))
         return text("slept")
@@ -123,6 +131,7 @@ server = Server("toy", on_list_tools=list_tools, on_call_tool=call_tool)
 
 async def main():
     print("toy server starting", file=sys.stderr, flush=True)
+    print(f"toy token {os.environ.get('TOY_TOKEN')}", file=sys.stderr, flush=True)
     async with stdio_server() as (r, w):
         await server.run(r, w, server.create_initialization_options())
 
@@ -147,6 +156,40 @@ def add(a: int, b: int) -> int:
 
 anyio.run(lambda: app.run_streamable_http_async(host="127.0.0.1", port=int(sys.argv[1])))
 '''
+
+
+#: The same adder behind a check of two headers (its bearer token from $ADDER_TOKEN).
+AUTH_HTTP_SERVER = r'''
+import os, sys
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+app = MCPServer("adder")
+
+
+@app.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+inner = app.streamable_http_app()
+want = {b"authorization": b"Bearer " + os.environ["ADDER_TOKEN"].encode(), b"x-tenant": b"acme"}
+
+
+async def guarded(scope, receive, send):
+    if scope["type"] == "http" and any(dict(scope["headers"]).get(k) != v for k, v in want.items()):
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        await send({"type": "http.response.body", "body": b"unauthorized"})
+        return
+    await inner(scope, receive, send)
+
+
+uvicorn.run(guarded, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+'''
+#: The secrets the module's kernel gives the toy server (--mcp-env), never to be shown.
+TOY_TOKEN = "toy-secret-3f9a1c77d2"
+TOY_INHERITED = "inherited-secret-8b2e44"
 
 
 def _free_port() -> int:
@@ -175,6 +218,7 @@ def scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("mcp-servers")
     (where / "toy_server.py").write_text(TOY_SERVER)
     (where / "http_server.py").write_text(HTTP_SERVER)
+    (where / "auth_http_server.py").write_text(AUTH_HTTP_SERVER)
     return where
 
 
@@ -190,8 +234,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, scripts: Path) -> Iterator[
         "time=" + python_command("mcp_server_time"),
         "--mcp",
         f"toy={toy}",
+        "--mcp-env",
+        f"toy:TOY_TOKEN={TOY_TOKEN}",
+        "--mcp-env",
+        "toy:TOY_INHERITED",  # its value from the kernel's environment
     )
     k.env["OPENAI_API_KEY"] = "sk-not-for-mcp-servers"  # a key the servers must not see
+    k.env["TOY_INHERITED"] = TOY_INHERITED
     k.start()
     with k.admin() as c:
         wait_until(lambda: _ready(c, "time") and _ready(c, "toy"), timeout=60)
@@ -282,6 +331,81 @@ def test_mcp_option_is_checked_by_the_daemons_parser() -> None:
     for bad in ("time", "Time=x", "a__b=x", "t=", "t='unclosed"):
         with pytest.raises(argparse.ArgumentTypeError):
             mcp_spec(bad)
+
+
+def test_mcp_env_and_header_options_join_their_servers_checked(tmp_path: Path) -> None:
+    from kernel.daemon import mcp_mounts, parser
+
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token-0123456789\n")
+
+    def mounts(*argv: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+        found = mcp_mounts(parser().parse_args(list(argv)), environ or {})
+        return {
+            a.name: (
+                {k: v.get_secret_value() for k, v in a.env.items()},
+                {k: v.get_secret_value() for k, v in a.headers.items()},
+            )
+            for a in found
+        }
+
+    got = mounts(
+        *("--mcp", "t=python -m x", "--mcp-env", "t:TZ=UTC", "--mcp-env", "t:API_KEY"),
+        *("--mcp", "w=https://h.example/mcp", "--mcp-header", "w:X-Tenant: acme"),
+        *("--mcp-bearer-file", f"w:{token_file}", "--mcp", "v=http://h/mcp"),
+        *("--mcp-bearer-env", "v:V_TOKEN"),
+        environ={"API_KEY": "from-env", "V_TOKEN": "v-token"},
+    )
+    assert got == {
+        "t": ({"TZ": "UTC", "API_KEY": "from-env"}, {}),
+        "w": ({}, {"X-Tenant": "acme", "Authorization": "Bearer file-token-0123456789"}),
+        "v": ({}, {"Authorization": "Bearer v-token"}),
+    }
+    refused = {
+        "names no --mcp server": ("--mcp", "t=x", "--mcp-env", "u:A=1"),
+        "is not set": ("--mcp", "t=x", "--mcp-env", "t:MISSING"),
+        "headers are for http": ("--mcp", "t=x", "--mcp-header", "t:X-A: b"),
+        "env is for stdio": ("--mcp", "w=http://h", "--mcp-env", "w:A=b"),
+        "cannot read": ("--mcp", "w=http://h", "--mcp-bearer-file", "w:/nonexistent"),
+        "kernel's own": ("--mcp", "t=x", "--mcp-env", "t:LLMOS_ADMIN_TOKEN=s3cret-value"),
+        "control character": ("--mcp", "w=http://h", "--mcp-header", "w:X-A: a\r\nHost: evil"),
+        "set by the MCP transport": ("--mcp", "w=http://h", "--mcp-header", "w:Host: evil"),
+    }
+    for why, argv in refused.items():
+        with pytest.raises(ValueError) as exc:
+            mounts(*argv)
+        message = str(exc.value)
+        assert (why if why != "names no --mcp server" else "one of the --mcp") in message
+        assert "s3cret" not in message and "evil" not in message  # never a value
+
+
+def test_mcp_add_words_take_secrets_from_options_files_and_the_environment(
+    tmp_path: Path,
+) -> None:
+    from llmos.ctl.mcp_cli import parse_add
+
+    token = tmp_path / "token"
+    token.write_text("tok-0123456789\n")
+    env = {"GH_TOKEN": "gh-secret"}
+    spec = parse_add(["--env", "GH_TOKEN", "--env=TZ=UTC", "npx", "srv", "--env", "x"], env)
+    assert spec.target == "npx srv --env x"  # the command's own options are its own
+    assert spec.env == {"GH_TOKEN": "gh-secret", "TZ": "UTC"}
+    spec = parse_add(["https://h/mcp", "--bearer-file", str(token), "--header", "X-T: a"], env)
+    assert spec.target == "https://h/mcp"
+    assert spec.headers == {"Authorization": "Bearer tok-0123456789", "X-T": "a"}
+    spec = parse_add(["python -m x", "--env", "A=1", "--timeout", "5"], env)
+    assert (spec.target, spec.env, spec.timeout) == ("python -m x", {"A": "1"}, 5.0)
+    for words in (
+        ["--env", "NOPE", "cmd"],
+        ["https://h/mcp", "extra"],
+        ["--bearer-env", "NOPE", "https://h/mcp"],
+        ["--header", "no colon here", "https://h/mcp"],
+        ["--env"],
+        [],
+    ):
+        with pytest.raises(ERRORS[Errno.EINVAL]) as exc:
+            parse_add(words, env)
+        assert "no colon here" not in str(exc.value)
 
 
 # -- a kernel with servers mounted -------------------------------------------------------
@@ -406,7 +530,9 @@ def test_the_stdio_servers_environment_is_clean(admin: Client, daemon: Daemon) -
     names = p.tools.call("toy__env")["names"]
     assert not [n for n in names if n.startswith("LLMOS")]
     assert "OPENAI_API_KEY" not in names and "PYTHONPATH" not in names
-    assert set(names) <= {"HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LC_CTYPE"}
+    assert "TOY_INHERITED" in names and "TOY_TOKEN" in names  # its own, given with --mcp-env
+    clean = {"HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LC_CTYPE"}
+    assert set(names) <= clean | {"TOY_TOKEN", "TOY_INHERITED"}
     assert "mcp toy: stderr: toy server starting" in daemon.log()  # its stderr: the log
     p.exit()
 
@@ -534,22 +660,27 @@ def test_mcp_syscalls_are_the_admins(admin: Client) -> None:
         admin.mcp_remove("never")
 
 
-def test_llmos_mcp_add_list_remove(daemon: Daemon, admin: Client) -> None:
-    env = {
-        **os.environ,
-        "LLMOS_RUNTIME_DIR": str(daemon.run_dir),
-        "LLMOS_STATE_DIR": str(daemon.state_dir),
-    }
+def _llmos(daemon: Daemon, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The ``llmos`` command on ``daemon`` (``env``: more environment variables)."""
+    return subprocess.run(
+        [sys.executable, "-m", "llmos.ctl.cli", *args],
+        env={
+            **os.environ,
+            "LLMOS_RUNTIME_DIR": str(daemon.run_dir),
+            "LLMOS_STATE_DIR": str(daemon.state_dir),
+            "COLUMNS": "250",  # rich's tables unwrapped
+            **env,
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
+
+def test_llmos_mcp_add_list_remove(daemon: Daemon, admin: Client) -> None:
     def llmos(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "llmos.ctl.cli", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return _llmos(daemon, *args)
 
     add = llmos("mcp", "add", "clock", sys.executable, "-m", "mcp_server_time")
     assert add.returncode == 0, add.stderr
@@ -562,6 +693,141 @@ def test_llmos_mcp_add_list_remove(daemon: Daemon, admin: Client) -> None:
     assert "clock" not in {s.name for s in admin.mcp_list()}
     gone = llmos("mcp", "remove", "clock")
     assert gone.returncode == 1 and "ENOENT" in gone.stderr
+
+
+def test_a_stdio_servers_env_reaches_it_and_no_value_is_ever_shown(
+    admin: Client, daemon: Daemon, scripts: Path
+) -> None:
+    p = admin.spawn("secrets", tools=["toy__*", "toyb__*"])
+    assert p.tools.call("toy__getenv", {"name": "TOY_TOKEN"}) == TOY_TOKEN
+    assert p.tools.call("toy__getenv", {"name": "TOY_INHERITED"}) == TOY_INHERITED
+    with pytest.raises(EIO) as leak:  # a server echoing its secret into an error
+        p.tools.call("toy__leak")
+    assert TOY_TOKEN not in str(leak.value) and "bad token ***" in str(leak.value)
+    toy = next(s for s in admin.mcp_list() if s.name == "toy")
+    assert toy.env == ["TOY_INHERITED", "TOY_TOKEN"] and toy.headers == []
+    # At run time too; then the audit trail, the log, mcp.list and llmos mcp list.
+    other = "runtime-secret-5e6f7a8b9c"
+    toy_cmd = shlex.join([sys.executable, str(scripts / "toy_server.py")])
+    admin.mcp_add("toyb", toy_cmd, env={"TOY_TOKEN": other})
+    try:
+        assert p.tools.call("toyb__getenv", {"name": "TOY_TOKEN"}) == other
+        listed = _llmos(daemon, "mcp", "list")
+        assert "env TOY_TOKEN" in listed.stdout
+        shown = [
+            json.dumps([s.model_dump() for s in admin.mcp_list()]),
+            _llmos(daemon, "mcp", "list", "--json").stdout,
+            listed.stdout,
+            json.dumps(admin.audit(limit=1000).model_dump()),
+        ]
+        assert any("mcp.add" in text for text in shown)
+        wait_until(lambda: "mcp toyb: stderr: toy token ***" in daemon.log(), timeout=10)
+        for text in [*shown, daemon.log()]:
+            assert TOY_TOKEN not in text and TOY_INHERITED not in text and other not in text
+    finally:
+        admin.mcp_remove("toyb")
+    p.exit()
+
+
+def test_secrets_are_checked_and_never_echoed_in_errors(admin: Client, daemon: Daemon) -> None:
+    cmd = python_command("mcp_server_time")
+    admin_token = (daemon.run_dir / "admin.token").read_text().strip()
+    refused = [
+        ({"env": {"LLMOS_TOKEN": "x-secret-value"}}, cmd, "kernel's own"),
+        ({"env": {"K": admin_token}}, cmd, "kernel credential"),
+        ({"env": {"1BAD": "x"}}, cmd, "env"),
+        ({"headers": {"X-A": "x-secret-value"}}, cmd, "headers are for http"),
+        ({"env": {"K": "x-secret-value"}}, "http://127.0.0.1:9/mcp", "env is for stdio"),
+        ({"headers": {"X-A": "x-secret\r\nvalue"}}, "http://127.0.0.1:9/mcp", "control"),
+        ({"headers": {"Bad Name": "x"}}, "http://127.0.0.1:9/mcp", "headers"),
+        ({"env": {"K": "x" * (limits.MAX_MCP_SECRET_CHARS + 1)}}, cmd, "env.K"),
+        ({"env": {f"K{i}": "x" for i in range(limits.MAX_MCP_ENV + 1)}}, cmd, "env"),
+    ]
+    for extra, target, why in refused:
+        with pytest.raises(ERRORS[Errno.EINVAL]) as exc:
+            admin.call("mcp.add", {"name": "bad", "target": target, **extra})
+        assert why in str(exc.value), (why, str(exc.value))
+        assert "secret" not in str(exc.value) and admin_token not in str(exc.value)
+    assert "bad" not in {s.name for s in admin.mcp_list()}
+
+
+def test_an_http_server_is_sent_its_headers(
+    admin: Client, daemon: Daemon, scripts: Path, tmp_path: Path
+) -> None:
+    port, token = _free_port(), "adder-token-4d5e6f708192"
+    server = subprocess.Popen(
+        [sys.executable, str(scripts / "auth_http_server.py"), str(port)],
+        env={**os.environ, "ADDER_TOKEN": token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        wait_until(lambda: _listening(port), timeout=30, every=0.1)
+        with pytest.raises(EIO, match="did not come up"):  # no token: the server says 401
+            admin.mcp_add("locked", url, timeout=10, headers={"X-Tenant": "acme"})
+        headers = {"Authorization": f"Bearer {token}", "X-Tenant": "acme"}
+        info = admin.mcp_add("locked", url, headers=headers)
+        assert info.tools == ["locked__add"] and info.headers == ["Authorization", "X-Tenant"]
+        p = admin.spawn("adder", tools=["locked__*"])
+        assert p.tools.call("locked__add", {"a": 2, "b": 40}) == {"result": 42}
+        p.exit()
+        admin.mcp_remove("locked")
+        # llmos mcp add, the token from a variable of the caller's environment
+        keyed = f"{url}?tenant_key=query-secret-77aa"  # a key in the URL: listed as ***
+        add = _llmos(
+            daemon,
+            *("mcp", "add", "--bearer-env", "ADDER", "locked", keyed, "--header", "X-Tenant: acme"),
+            ADDER=token,
+        )
+        assert add.returncode == 0, add.stderr
+        assert "locked__add" in add.stdout
+        listed = _llmos(daemon, "mcp", "list")
+        assert "header Authorization" in listed.stdout and token not in listed.stdout
+        assert f"{url}?tenant_key=***" in listed.stdout
+        assert token not in daemon.log() and "query-secret" not in daemon.log()
+        admin.mcp_remove("locked")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_kernel_started_with_an_http_server_and_its_bearer_token(
+    scripts: Path, tmp_path: Path
+) -> None:
+    """``--mcp NAME=URL`` with ``--mcp-bearer-env`` and ``--mcp-header``: the token comes
+    from the kernel's environment, not its command line, and is shown nowhere."""
+    port, token = _free_port(), "start-token-a1b2c3d4e5f6"
+    server = subprocess.Popen(
+        [sys.executable, str(scripts / "auth_http_server.py"), str(port)],
+        env={**os.environ, "ADDER_TOKEN": token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _listening(port), timeout=30, every=0.1)
+        k = Daemon(
+            tmp_path,
+            *("--driver", "sim", "--mcp", f"web=http://127.0.0.1:{port}/mcp"),
+            *("--mcp-bearer-env", "web:WEB_TOKEN", "--mcp-header", "web:X-Tenant: acme"),
+        )
+        k.env["WEB_TOKEN"] = token
+        with k, k.admin() as c:
+            wait_until(lambda: bool(_ready(c, "web")), timeout=60)
+            web = next(s for s in c.mcp_list() if s.name == "web")
+            assert web.transport == "http" and web.headers == ["Authorization", "X-Tenant"]
+            p = c.spawn("adder", tools=["web__*"])
+            assert p.tools.call("web__add", {"a": 1, "b": 2}) == {"result": 3}
+            assert token not in k.log() and token not in json.dumps(web.model_dump())
+            assert token not in " ".join(psutil.Process(k.proc.pid).cmdline())  # type: ignore[union-attr]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 # -- the packaged model calls an MCP tool -------------------------------------------------
@@ -621,7 +887,7 @@ def test_the_model_calls_an_mcp_tool_through_generate_and_the_agent_loop(
 # -- llmos as an MCP server -------------------------------------------------------------
 
 
-def _serve_session(daemon: Daemon) -> Any:
+def _serve_session(daemon: Daemon, **env: str) -> Any:
     """An official ``mcp`` client session on ``llmos mcp serve`` for ``daemon``."""
     import contextlib
 
@@ -636,6 +902,7 @@ def _serve_session(daemon: Daemon) -> Any:
             "LLMOS_STATE_DIR": str(daemon.state_dir),
             "PYTHONPATH": str(ROOT),
             "HF_HUB_OFFLINE": "1",
+            **env,
         },
         cwd=str(ROOT),
     )
@@ -663,6 +930,11 @@ def test_llmos_mcp_serve_driven_by_the_official_client(daemon: Daemon, admin: Cl
             read = await s.call_tool("read_file", {"pid": pid, "path": "/notes.txt"})
             ps = await s.call_tool("ps", {})
             stranger = await s.call_tool("read_file", {"pid": 1, "path": "/x"})
+            chatted = await s.call_tool(
+                "chat", {"pid": pid, "message": "hello from the host", "max_tokens": 8}
+            )
+            found = await s.call_tool("search_files", {"pid": pid, "query": "hi from mcp"})
+            recalled = await s.call_tool("search_memory", {"pid": pid, "query": "host"})
             killed = await s.call_tool("kill", {"pid": pid, "signal": "KILL"})
             waited = await s.call_tool("wait", {"pid": pid, "timeout": 10})
             return locals()
@@ -677,7 +949,48 @@ def test_llmos_mcp_serve_driven_by_the_official_client(daemon: Daemon, admin: Cl
     assert got["read"].content[0].text == "hi from mcp"
     assert got["pid"] in {row["pid"] for row in got["ps"].structured_content["procs"]}
     assert got["stranger"].is_error and "ESRCH" in got["stranger"].content[0].text
+    assert not got["chatted"].is_error and got["chatted"].content[0].text
+    assert [h["path"] for h in got["found"].structured_content["hits"]] == ["/notes.txt"]
+    memory = got["recalled"].structured_content
+    assert memory["archival"] == []
+    assert any("hello from the host" in h["content"] for h in memory["recall"])
     assert not got["killed"].is_error and got["waited"].structured_content["signal"] == "KILL"
+
+
+def test_llmos_mcp_serve_acts_as_a_gateway_keys_program(daemon: Daemon, admin: Client) -> None:
+    import asyncio
+
+    from llmos.ctl.keys import FILE_NAME, KeyStore
+
+    key = KeyStore(daemon.state_dir / FILE_NAME).create("ide", limits={"max_procs": 2})
+    outsider = admin.spawn("outsider")
+
+    async def drive(env: dict[str, str]) -> dict[str, Any]:
+        async with _serve_session(daemon, **env) as s:
+            first = await s.call_tool("spawn", {"name": "from-ide"})
+            pid = first.structured_content["pid"]
+            over = await s.call_tool("spawn", {"name": "one-too-many"})  # max_procs=2
+            ps = await s.call_tool("ps", {})
+            rows = admin.ps()
+            foreign = await s.call_tool("kill", {"pid": outsider.pid, "signal": "KILL"})
+            killed = await s.call_tool("kill", {"pid": pid, "signal": "KILL"})
+            waited = await s.call_tool("wait", {"pid": pid, "timeout": 10})
+            return locals()
+
+    got = asyncio.run(drive({"LLMOS_MCP_KEY": key}))
+    row = {r.pid: r for r in got["rows"]}[got["pid"]]
+    program = {r.pid: r for r in got["rows"]}[row.program]
+    assert program.name == "ide" and row.ppid == program.pid  # a child of the key's program
+    assert got["over"].is_error and "EAGAIN" in got["over"].content[0].text
+    seen = {r["pid"] for r in got["ps"].structured_content["procs"]}
+    assert seen == {got["pid"]}  # its program's processes only
+    assert got["foreign"].is_error  # it cannot signal the admin's processes
+    assert {r.pid: r.state for r in admin.ps()}[outsider.pid] != "ZOMBIE"
+    assert not got["killed"].is_error and got["waited"].structured_content["signal"] == "KILL"
+    wait_until(lambda: program.pid not in {r.pid for r in admin.ps()}, timeout=20)  # ended
+    refused = _llmos(daemon, "mcp", "serve", LLMOS_MCP_KEY="llmos-not-a-key")
+    assert refused.returncode == 1 and "EACCES" in refused.stderr
+    outsider.exit()
 
 
 def test_llmos_mcp_serve_over_streamable_http(daemon: Daemon) -> None:

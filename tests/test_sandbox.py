@@ -212,3 +212,26 @@ def test_a_run_ended_by_a_limit_says_which_every_time(
         out = asyncio.run(run_code(config, code, tmp_path, timeout_s, cpu_s=cpu_s))
         assert out["limit"] == limit, out
         assert out["timed_out"] == (limit == "wall_clock")
+
+
+def test_the_task_cap_is_computed_in_the_parent_not_in_the_forked_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preexec_fn runs between fork and exec: it only sets limits the parent computed
+    (scanning /proc there is not fork-safe work). The cap still reaches the code."""
+    from kernel import sandbox
+
+    scans = tmp_path / "scans"
+
+    def counted() -> int:
+        with open(scans, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return 7
+
+    monkeypatch.setattr(sandbox, "_tasks_of_user", counted)
+    monkeypatch.setattr(sandbox.os, "getuid", lambda: 4242)  # the cap applies to non-root
+    code = "import resource; print(resource.getrlimit(resource.RLIMIT_NPROC)[0])"
+    out = asyncio.run(run_code(SandboxConfig(unsafe=True), code, tmp_path / "root", 10))
+    assert out["exit_code"] == 0, out
+    assert int(out["stdout"]) == 7 + sandbox.MAX_EXTRA_TASKS
+    assert scans.read_text().split() == [str(os.getpid())]  # in this process, once

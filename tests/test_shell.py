@@ -73,6 +73,30 @@ def test_tools_call_takes_the_rest_of_the_line_as_its_json_argument():
     assert shell.parse("tools")[1] == []
 
 
+def test_mcp_takes_a_subcommand_and_the_rest_of_the_line_as_the_servers_command():
+    cmd, args = shell.parse("mcp add time python -m mcp_server_time --local-timezone UTC")
+    assert (cmd.name, args) == (
+        "mcp",
+        ["add", "time", "python -m mcp_server_time --local-timezone UTC"],
+    )
+    assert shell.parse("mcp add web http://127.0.0.1:8000/mcp")[1][2] == "http://127.0.0.1:8000/mcp"
+    assert shell.parse("mcp list")[1] == ["list"] and shell.parse("mcp remove t")[1] == [
+        "remove",
+        "t",
+    ]
+    with pytest.raises(SyscallError) as exc:
+        shell.parse("mcp")
+    assert exc.value.code is Errno.EINVAL and "mcp list | add NAME" in exc.value.message
+    session = shell.Session(connect=lambda: pytest.fail("no kernel needed"))
+    for line in ("mcp frob", "mcp add time", "mcp remove", "mcp list extra", "mcp add t --env"):
+        with pytest.raises(SyscallError) as exc:
+            session.do_mcp(shell.parse(line)[1])
+        assert exc.value.code is Errno.EINVAL, line
+    assert [c for c, _ in shell.complete(session, "mcp re")] == ["remove"]
+    pattern = re.compile(shell.command_pattern())  # proposals may list, never mount
+    assert pattern.fullmatch("mcp list") and not pattern.fullmatch("mcp add x sh")
+
+
 def test_help_shows_every_usage_column_verbatim():
     session = shell.Session.__new__(shell.Session)
     from rich.console import Console
@@ -304,7 +328,7 @@ def piped_shell(kernel, script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "llmos.ctl.cli", "shell"],
         input=script,
-        env=kernel.env,
+        env={**kernel.env, "COLUMNS": "250"},  # rich's tables unwrapped
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -330,6 +354,28 @@ def test_commands_from_a_pipe_run_in_order(kernel):
         and "chat needs a terminal" in res.stdout
     )
     assert "PID" not in res.stdout  # nothing after exit
+
+
+def test_mcp_add_list_remove_from_a_pipe(kernel):
+    """The shell mounts the PyPI time server, lists it, calls its tool, unmounts it."""
+    script = (
+        f"mcp add clock {sys.executable} -m mcp_server_time --local-timezone UTC\n"
+        "mcp list\n"
+        "tools\n"
+        "spawn timer\n"
+        'tools call clock__get_current_time {"timezone": "Asia/Tokyo"}\n'
+        "mcp remove clock\n"
+        "mcp list\n"
+        "mcp remove clock\n"
+    )
+    res = piped_shell(kernel, script)
+    out = res.stdout
+    assert "mounted clock: 2 tools" in out and "clock__convert_time" in out
+    assert re.search(r"clock\s+stdio\s+ready\s+2", out)
+    assert re.search(r"clock__get_current_time\s+mcp clock", out)  # the tools table says whose
+    assert '"timezone": "Asia/Tokyo"' in out
+    assert "unmounted clock" in out and "no MCP server is mounted" in out
+    assert "error ENOENT" in out and res.returncode == 1  # the second remove
 
 
 @pytest.mark.model

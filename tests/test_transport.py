@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import zmq
 
 from kernel.transport import Transport
@@ -88,3 +89,48 @@ def test_a_reply_queued_just_before_close_is_still_sent(tmp_path: Path) -> None:
         a.close()
         ctx.term()
     assert got == [b"bye"]
+
+
+def test_the_sdks_deadline_bounds_waiting_for_frames_not_a_slow_consumer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer that takes longer over the yielded frames than the call's whole budget
+    still gets every frame; a kernel that sends nothing is ETIMEDOUT, not a hang."""
+    from llmos import transport as sdk
+    from syscalls import codec
+    from syscalls.errors import Errno, SyscallError
+
+    monkeypatch.setattr(sdk, "GRACE_S", 0.05)
+    endpoint = f"ipc://{tmp_path}/k.sock"
+
+    async def main() -> tuple[list[object], SyscallError]:
+        kernel: Transport
+
+        def answer(parts: list[bytes]) -> None:
+            req = codec.decode_request(parts[1])
+            if req.call == "sys.info":  # answered at once: two chunks, then the result
+                kernel.send(parts[0], codec.chunk_frame(req.id, 0, {"text": "a"}))
+                kernel.send(parts[0], codec.chunk_frame(req.id, 1, {"text": "b"}))
+                kernel.send(parts[0], codec.ok_reply(req.id, {"done": True}, 2))
+            # anything else is never answered
+
+        kernel = Transport([endpoint], answer)
+        kernel.bind()
+        kernel.start()
+        client = sdk.AsyncTransport(endpoint)
+        try:
+            got: list[object] = []
+            async for frame in client.frames("sys.info", {}, 0, "t", deadline_ms=100):
+                got.append(frame)
+                await asyncio.sleep(0.3)  # longer than the whole budget (0.15 s)
+            with pytest.raises(SyscallError) as silent:
+                async for _ in client.frames("proc.ps", {}, 0, "t", deadline_ms=100):
+                    pass
+            return got, silent.value
+        finally:
+            await client.close()
+            await kernel.close()
+
+    got, silent = asyncio.run(main())
+    assert got == [{"text": "a"}, {"text": "b"}, {"done": True}]
+    assert silent.code is Errno.ETIMEDOUT

@@ -23,7 +23,7 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, bench_scale, keys, mcp_cli
+from llmos.ctl import bench_gateway, bench_mcp, bench_scale, keys, mcp_cli
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -954,6 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bench_gateway.add_parser(bsub)  # llmos bench gateway
     bench_scale.add_parser(bsub)  # llmos bench scale
+    bench_mcp.add_parser(bsub)  # llmos bench mcp
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1093,6 +1094,8 @@ def _run(args: argparse.Namespace) -> int:
                 return bench_gateway.bench_gateway(args)
             if args.bcmd == "scale":
                 return bench_scale.bench_scale(args)
+            if args.bcmd == "mcp":
+                return bench_mcp.bench_mcp(args)
             if args.bcmd == "memory":
                 from llmos.ctl.bench_memory import bench_memory
 

@@ -89,6 +89,15 @@ COMMANDS: tuple[Command, ...] = (
         3,
         raw_after=2,
     ),
+    Command(
+        "mcp",
+        "list | add NAME COMMAND|URL | remove NAME",
+        "MCP servers: list, mount (its tools become NAME__TOOL; options as llmos mcp add), unmount",
+        ("mcp", "mcpname"),
+        1,
+        None,
+        raw_after=2,
+    ),
     Command("pending", "", "irreversible tool calls waiting for approval"),
     Command("approve", "ID", "let a parked tool call run", ("id",), 1, 1),
     Command("deny", "ID", "refuse a parked tool call", ("id",), 1, 1),
@@ -404,13 +413,46 @@ class Session:
         for col in ("TOOL", "SERVED BY", "ARGUMENTS", "DESCRIPTION"):
             table.add_column(col)
         for t in self.admin().tools():
+            by = f"mcp {t.mcp}" if t.mcp else "kernel" if t.server is None else f"pid {t.server}"
             table.add_row(
                 t.name,
-                "kernel" if t.server is None else f"pid {t.server}",
+                by,
                 ", ".join(t.parameters.get("properties", {})),
                 t.description,
             )
         self.console.print(table)
+
+    def do_mcp(self, args: list[str]) -> None:
+        from llmos.ctl.mcp_cli import parse_add, print_added, servers_table
+
+        usage = SyscallError.of(Errno.EINVAL, f"usage: mcp {BY_NAME['mcp'].usage}")
+        sub, rest = args[0], args[1:]
+        if sub == "list" and not rest:
+            servers = self.admin().mcp_list()
+            if not servers:
+                self.say("no MCP server is mounted; `mcp add NAME COMMAND|URL` mounts one")
+                return
+            self.console.print(servers_table(servers))
+        elif sub == "remove" and len(rest) == 1:
+            self.admin().mcp_remove(rest[0])
+            self.say(f"unmounted {rest[0]}")
+        elif sub == "add" and len(rest) == 2:
+            try:
+                words = shlex.split(rest[1])
+            except ValueError as exc:
+                raise SyscallError.of(Errno.EINVAL, f"cannot parse the line: {exc}") from None
+            spec = parse_add(words)
+            with self.console.status(f"mounting {rest[0]}…"):
+                server = self.admin().mcp_add(
+                    rest[0],
+                    spec.target,
+                    timeout=spec.timeout,
+                    env=spec.env or None,
+                    headers=spec.headers or None,
+                )
+            print_added(self.console, self.console, server)
+        else:
+            raise usage
 
     def do_pending(self, args: list[str]) -> None:
         calls = self.admin().pending()
@@ -643,6 +685,7 @@ ARG_PATTERNS = {
     "signal": "(TERM|KILL|STOP|CONT)",
     "path": "[A-Za-z0-9_./-]{1,64}",
     "search": "search",
+    "mcp": "list",  # proposals may list servers, never mount one (it runs code)
 }
 
 
@@ -706,6 +749,10 @@ def _candidates(session: Session, kind: str | None, word: str) -> Iterable[str]:
             return ["call"]
         case "search":
             return ["search"]
+        case "mcp":
+            return ["list", "add", "remove"]
+        case "mcpname":
+            return [s.name for s in session.admin().mcp_list()]
         case "command":
             return [c.name for c in COMMANDS]
         case "path" if session.cwd is not None:
