@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
@@ -160,6 +161,7 @@ class Gateway:
         self.sessions: dict[str, OrderedDict[SessionKey, Session]] = {}
         self.chains: OrderedDict[tuple[str, str], SessionKey] = OrderedDict()  # response -> it
         self._spawning = asyncio.Lock()  # concurrent first requests make one program/session
+        self._reaping: set[asyncio.Task[None]] = set()  # stateless turns being reaped
         self.metrics = Metrics()
         self._models: dict[str, int] = {}  # kernel model -> context window
         self._default_model: str | None = None
@@ -170,6 +172,8 @@ class Gateway:
             await self.models()
 
     async def close(self) -> None:
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
         if self.admin is not None:
             for key in list(self.programs):
                 await self._forget(key)
@@ -394,6 +398,17 @@ class Gateway:
             with contextlib.suppress(SyscallError):
                 await sess.proc.reap()
 
+    def finish(self, turn: Turn) -> None:
+        """End a turn whose answer is complete: a session's next turn goes in now; a
+        stateless turn's process is reaped in the background (the response does not wait
+        for the reap's round trips; ``close`` waits for what is left)."""
+        if turn.session is not None:
+            turn.session.lock.release()
+            return
+        task = asyncio.get_running_loop().create_task(self.close_turn(turn))
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
     async def close_turn(self, turn: Turn) -> None:
         """End the turn: reap a stateless turn's process; let a session's next turn in (its
         context has this turn already if it succeeded: the kernel commits it)."""
@@ -555,25 +570,29 @@ def create_app(gw: Gateway) -> FastAPI:
             raise
         gw.metrics.ttft.labels(model).observe(time.monotonic() - t0)
 
-        def ev(body: dict[str, Any] | str) -> dict[str, str]:
-            if isinstance(body, str):  # encoded already (a delta's envelope is made once)
-                return {"data": body}
-            if typed:
-                return {"event": body["type"], "data": json.dumps(body)}
-            return {"data": json.dumps(body)}
+        def ev(body: dict[str, Any] | bytes) -> bytes:
+            """One SSE event, encoded (pre-encoded bodies pass as they are)."""
+            data = body if isinstance(body, bytes) else orjson.dumps(body)
+            if typed and not isinstance(body, bytes):
+                return b"event: " + body["type"].encode() + b"\ndata: " + data + b"\n\n"
+            return b"data: " + data + b"\n\n"
 
-        async def events() -> AsyncIterator[dict[str, str]]:
+        async def events() -> AsyncIterator[bytes]:
+            # Each kernel chunk is one socket write; the head goes with the first piece
+            # and the closing events with [DONE] (fewer writes, fewer wakeups).
             text: list[str] = []
             ended = False  # the kernel has answered the call (done, or failed)
             closed = False
             try:
-                for body in head:
-                    yield ev(body)
+                out = [ev(body) for body in head]
                 piece = first
                 while piece is not None:
                     text.append(piece)
                     if piece and (body := on_piece(piece)) is not None:
-                        yield ev(body)
+                        out.append(ev(body))
+                    if out:
+                        yield b"".join(out)
+                        out = []
                     try:
                         piece = await anext(pieces, None)
                     except SyscallError:
@@ -582,19 +601,19 @@ def create_app(gw: Gateway) -> FastAPI:
                 ended = True
                 last = turn.proc.last
                 assert last is not None
-                # Reaped (or the session let go) before the last events: a client that
-                # has seen [DONE] finds no process left and its turn kept.
-                closed = True
-                await gw.close_turn(turn)
-                count_tokens(model, last.usage)
-                for body in on_end(last):
-                    yield ev(body)
+                out += [ev(body) for body in on_end(last)]
                 if not typed:
-                    yield {"data": "[DONE]"}
+                    out.append(b"data: [DONE]\n\n")
+                # The session lets go now; a stateless turn is reaped behind the answer,
+                # off the request's critical path (the stream ends without waiting for it).
+                closed = True
+                gw.finish(turn)
+                count_tokens(model, last.usage)
+                yield b"".join(out)
             except SyscallError as exc:  # mid-stream: the status is sent, so an error event
                 err = from_syscall(exc)
                 body = {"error": {"message": err.message, "type": err.type, "code": err.code}}
-                yield {"data": json.dumps(body)}
+                yield b"".join([*out, b"data: " + orjson.dumps(body) + b"\n\n"])
             finally:
                 with anyio.CancelScope(shield=True):
                     with contextlib.suppress(BaseException):
@@ -623,8 +642,10 @@ def create_app(gw: Gateway) -> FastAPI:
             gone.cancel()
             if not call.done():  # the client left (or we are cancelled): end the generation
                 await gw.abandon(turn)
-            else:
+            elif call.cancelled() or call.exception() is not None:
                 await gw.close_turn(turn)
+            else:
+                gw.finish(turn)
             call.cancel()
             with contextlib.suppress(BaseException):
                 await call
@@ -712,8 +733,10 @@ def create_app(gw: Gateway) -> FastAPI:
             return events
 
         head = [delta({"role": "assistant", "content": "", "refusal": None})]
-        pre, post = json.dumps(delta({"content": "\0"})).split('"\\u0000"')
-        on_piece = (lambda p: None) if plan is not None else (lambda p: pre + json.dumps(p) + post)
+        pre, post = orjson.dumps(delta({"content": "\0"})).split(b'"\\u0000"')
+        on_piece = (
+            (lambda p: None) if plan is not None else (lambda p: pre + orjson.dumps(p) + post)
+        )
         return await sse(
             turn, opts, deadline_ms, "chat.completions", req.model, t0, head, on_piece, on_end
         )
