@@ -726,8 +726,9 @@ def test_keys_command_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None
         )
 
     made = llmos(
-        "keys", "create", "bot", "--limit", "max_output_tokens=100", "--agent", "poet=Rhyme."
-    )
+        "keys", "create", "bot", "--limit", "max_output_tokens=100", "--agent", "poet=Rhyme.",
+        "--nice", "3",
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert key.startswith("llmos-") and len(key) > 40
@@ -737,7 +738,8 @@ def test_keys_command_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None
     assert key not in listed.stdout
     row = json.loads(listed.stdout)[0]
     assert row["name"] == "bot" and row["limits"] == {"max_output_tokens": 100}
-    assert row["agents"] == {"poet": "Rhyme."} and row["revoked"] is None
+    assert row["agents"] == {"poet": "Rhyme."} and row["revoked"] is None and row["nice"] == 3
+    assert llmos("keys", "create", "low", "--nice", "20").returncode != 0  # 0..19 only
     assert KeyStore(path).lookup(key) is not None
     assert llmos("keys", "revoke", "bot").returncode == 0
     assert KeyStore(path).lookup(key) is None
