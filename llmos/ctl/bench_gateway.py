@@ -457,7 +457,7 @@ def bench_vllm(args: argparse.Namespace, err: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="llmos-bench-vllm-") as tmp:
         base = Path(tmp)
         env = vllm_env(dict(os.environ))
-        serve_port, gw_port = _free_port(), _free_port()
+        serve_port = _free_port()
         log = open(base / "vllm-serve.log", "wb")  # noqa: SIM115 - closed below
         serve = subprocess.Popen(
             vllm_serve_command(model, serve_port, slots), env=env, stdout=log, stderr=log
@@ -472,13 +472,21 @@ def bench_vllm(args: argparse.Namespace, err: Any) -> dict[str, Any]:
         try:
             with k:
                 key = KeyStore(k.state_dir / "gateway-keys.json").create("bench")
-                gw = subprocess.Popen(
-                    [sys.executable, "-m", "llmos.ctl.cli", "gateway",
-                     "--listen", f"127.0.0.1:{gw_port}"],
-                    env=k.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-                serve_url, gw_url = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{gw_port}"
-                _wait_http(gw_url + "/health", gw)
+                for attempt in range(3):  # vLLM takes free ports of its own meanwhile
+                    gw_port = _free_port()
+                    gw = subprocess.Popen(
+                        [sys.executable, "-m", "llmos.ctl.cli", "gateway",
+                         "--listen", f"127.0.0.1:{gw_port}"],
+                        env=k.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                    gw_url = f"http://127.0.0.1:{gw_port}"
+                    try:
+                        _wait_http(gw_url + "/health", gw)
+                        break
+                    except RuntimeError:
+                        if attempt == 2:
+                            raise
+                serve_url = f"http://127.0.0.1:{serve_port}"
                 _wait_http(serve_url + "/health", serve, timeout=900)
                 with k.admin() as admin:
                     name = admin.info().models[0].name
