@@ -163,12 +163,19 @@ async def _generate_on(
                 Errno.E2BIG,
                 f"the prompt is {n_prompt} tokens but {proc.model}'s window is {limit}; shorten it",
             )
+    if a.instructions is not None and isinstance(prompt, list):  # this call only
+        prompt = _before_last(prompt, a.instructions)
+        n_prompt += await context.count_tokens(driver, a.instructions)
+        if n_prompt >= limit:
+            raise SyscallError(
+                Errno.E2BIG,
+                f"the prompt with the instructions is {n_prompt} tokens; "
+                f"{proc.model}'s window is {limit}: shorten them",
+            )
     if tools:  # the tools are described to the model for this call only (not kept in the context)
-        guide = {"role": "system", "content": tool_guide(tools)}
-        prompt = (
-            [*prompt[:-1], guide, prompt[-1]] if isinstance(prompt, list) and prompt else prompt
-        )
-        n_prompt += await context.count_tokens(driver, guide["content"])
+        guide = tool_guide(tools)
+        prompt = _before_last(prompt, guide) if isinstance(prompt, list) else prompt
+        n_prompt += await context.count_tokens(driver, guide)
         if n_prompt >= limit:
             raise SyscallError(
                 Errno.E2BIG,
@@ -207,6 +214,13 @@ async def _generate_on(
     return m.GenerateResult(
         text=text, finish_reason=last.finish_reason, usage=usage, tool_calls=calls, answer=answer
     )
+
+
+def _before_last(prompt: list[dict[str, str]], note: str) -> list[dict[str, str]]:
+    """``prompt`` with a system message ``note`` before its last message (for this call
+    only: the context is composed again next time, without it)."""
+    guide = {"role": "system", "content": note}
+    return [*prompt[:-1], guide, prompt[-1]] if prompt else [guide]
 
 
 def _response_format(

@@ -288,7 +288,8 @@ class _ProcessAPI(_Identity):
         **options: Any,
     ) -> Op:
         """Generate from chat ``messages`` (kept in the context) or a raw ``prompt``.
-        Options: temperature, top_p, max_tokens, stop, seed, response_format, tools.
+        Options: temperature, top_p, max_tokens, stop, seed, response_format, tools,
+        instructions (a system message for this call only, not kept in the context).
 
         ``response_format`` constrains the text (structured output): a dict such as
         ``{"type": "json_schema", "schema": {...}}``, ``{"type": "json_object"}``,

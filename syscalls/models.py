@@ -458,6 +458,11 @@ class GenerateArgs(Args):
         description="constrain the output: a JSON Schema, any JSON object, one of fixed "
         "choices, a regex or an EBNF grammar (structured output)",
     )
+    instructions: Text | None = Field(
+        default=None,
+        description="a system message for this call only: placed before the last message, "
+        "counted in the prompt, never kept in the context (chat messages only)",
+    )
     tools: list[ToolName] | None = Field(
         default=None,
         max_length=32,
@@ -470,6 +475,8 @@ class GenerateArgs(Args):
     def _one_input(self) -> GenerateArgs:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if self.instructions is not None and self.prompt is not None:
+            raise ValueError("'instructions' work with chat 'messages', not a raw 'prompt'")
         if self.tools is not None and (self.prompt is not None or self.response_format is not None):
             raise ValueError(
                 "tools work with chat 'messages' and without 'response_format' (they set it)"

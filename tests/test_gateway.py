@@ -302,8 +302,9 @@ def test_stateless_requests_leave_no_process_behind(sim: Served, admin: Client) 
             model=SIM, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True
         )
     )
-    assert _children(admin, "stateless") == []
-    assert not [r for r in admin.ps() if r.state == "ZOMBIE" and r.name == "chat"]
+    # reaped right behind each answer (the response does not wait for the reap)
+    wait_until(lambda: _children(admin, "stateless") == [], timeout=10)
+    wait_until(lambda: not [r for r in admin.ps() if r.state == "ZOMBIE" and r.name == "chat"])
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(sim: Served, admin: Client) -> None:
@@ -429,6 +430,19 @@ def test_priority_header_sets_the_requests_nice(sim: Served, admin: Client) -> N
             extra_headers={"X-Llmos-Priority": "-5"},
         )
     assert "x-llmos-priority" in e.value.message
+    floor = sim.keys.create("nice-floor", nice=5)  # the key's own priority: 5..19 only
+    c = sim.client(floor, default_headers={"X-Llmos-Session": "n"})
+    c.chat.completions.create(model=SIM, messages=[{"role": "user", "content": "x"}],
+                              max_tokens=2)  # fmt: skip
+    (sess,) = _children(admin, "nice-floor")
+    assert sess.nice == 5
+    c.chat.completions.create(model=SIM, messages=[{"role": "user", "content": "x"}],
+                              max_tokens=2, extra_headers={"X-Llmos-Priority": "9"})  # fmt: skip
+    assert admin.ps(sess.pid)[0].nice == 9  # a session's turn runs at its request's nice
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        c.chat.completions.create(model=SIM, messages=[{"role": "user", "content": "x"}],
+                                  extra_headers={"X-Llmos-Priority": "4"})  # fmt: skip
+    assert e.value.body["code"] == "priority_not_allowed" and "nice 5" in e.value.message
 
 
 def test_concurrent_first_requests_make_one_program_and_one_session(
@@ -506,6 +520,137 @@ def test_responses_whole_streamed_and_chained_by_previous_response_id(
     assert len([r for r in _children(admin, "resp") if r.name == "session"]) == 2
 
 
+def test_responses_chain_keeps_its_session_with_instructions_and_404s_when_gone(
+    sim: Served, admin: Client
+) -> None:
+    c = sim.client(sim.keys.create("resp-instr"))
+    told = "Answer in one word."
+    r1 = c.responses.create(model=SIM, input="my name is Ada", instructions=told,
+                            max_output_tokens=3)  # fmt: skip
+    r2 = c.responses.create(model=SIM, input="my name?", instructions=told,
+                            previous_response_id=r1.id, max_output_tokens=3)  # fmt: skip
+    r3 = c.responses.create(model=SIM, input="again?", previous_response_id=r2.id,
+                            max_output_tokens=3)  # fmt: skip
+    assert r2.instructions == told and r3.instructions is None
+    (sess,) = [r for r in _children(admin, "resp-instr") if r.name == "session"]
+    ctx = admin.call("ctx.get", {"pid": sess.pid})["messages"]
+    assert [(m["role"], m["content"]) for m in ctx] == [  # one session; instructions not kept
+        ("user", "my name is Ada"), ("assistant", r1.output_text),
+        ("user", "my name?"), ("assistant", r2.output_text),
+        ("user", "again?"), ("assistant", r3.output_text),
+    ]  # fmt: skip
+    for gone in ("resp_unknown", r3.id):
+        if gone == r3.id:
+            admin.kill(sess.pid, "KILL")  # the session ended: its chain cannot go on
+        r = httpx.post(
+            sim.url + "/v1/responses",
+            json={"model": SIM, "input": "x", "previous_response_id": gone},
+            headers={"Authorization": f"Bearer {c.api_key}"},
+        )
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]
+        assert err["code"] == "previous_response_not_found"
+        assert err["param"] == "previous_response_id" and err["message"]
+    assert not [r for r in _children(admin, "resp-instr") if r.name == "session"]  # none made
+
+
+def test_disconnect_on_a_session_cancels_the_turn_and_keeps_the_process(
+    sim: Served, admin: Client
+) -> None:
+    c = sim.client(sim.keys.create("sess-leaver"), default_headers={"X-Llmos-Session": "s"})
+    c.chat.completions.create(model=SIM, messages=[{"role": "user", "content": "hi"}],
+                              max_tokens=2)  # fmt: skip
+    (sess,) = _children(admin, "sess-leaver")
+    before = admin.call("ctx.get", {"pid": sess.pid})["messages"]
+
+    async def leave() -> None:
+        ac = sim.aclient(c.api_key, default_headers={"X-Llmos-Session": "s"})
+        stream = await ac.chat.completions.create(
+            model=SIM, messages=[{"role": "user", "content": "a very long answer"}],
+            max_tokens=8000, stream=True,
+        )  # fmt: skip
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 5:
+                break
+        await stream.close()
+        await ac.close()
+
+    t0 = time.monotonic()
+    asyncio.run(leave())
+    wait_until(lambda: all(m.busy == 0 for m in admin.stat(procs=False).models), timeout=10)
+    assert time.monotonic() - t0 < 10  # cancelled, not run to its 8000 tokens
+    (row,) = admin.ps(sess.pid)
+    assert row.state == "WAITING" and row.output_tokens >= 5  # the same process goes on
+    assert admin.call("ctx.get", {"pid": sess.pid})["messages"] == before  # no half turn
+    c.chat.completions.create(model=SIM, messages=[{"role": "user", "content": "next"}],
+                              max_tokens=2)  # fmt: skip
+    after = admin.call("ctx.get", {"pid": sess.pid})["messages"]
+    assert after[: len(before)] == before and [m["content"] for m in after][-2] == "next"
+    assert [r.pid for r in _children(admin, "sess-leaver")] == [sess.pid]
+
+
+def test_concurrent_requests_on_a_session_queue_in_order_and_409_past_the_bound(
+    sim: Served, admin: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llmos.ctl.gateway as gateway
+
+    k = sim.keys.create("queue")
+    log: list[str] = []
+
+    async def turn(c: Any, name: str, tokens: int) -> None:
+        stream = await c.chat.completions.create(
+            model=SIM, messages=[{"role": "user", "content": name}], max_tokens=tokens,
+            stream=True,
+        )  # fmt: skip
+        async for ch in stream:
+            if ch.choices and ch.choices[0].delta.content and f"{name} first" not in log:
+                log.append(f"{name} first")
+        log.append(f"{name} done")
+
+    async def two() -> None:
+        c = sim.aclient(k, default_headers={"X-Llmos-Session": "q"})
+        first = asyncio.ensure_future(turn(c, "A", 80))
+        await wait_for(lambda: "A first" in log)
+        await turn(c, "B", 4)  # sent while A streams: it waits for A, then runs
+        await first
+        await c.close()
+
+    async def wait_for(cond: Any) -> None:
+        while not cond():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(two())
+    assert log == ["A first", "A done", "B first", "B done"]
+    (sess,) = _children(admin, "queue")
+    ctx = admin.call("ctx.get", {"pid": sess.pid})["messages"]
+    assert [m["content"] for m in ctx if m["role"] == "user"] == ["A", "B"]
+
+    monkeypatch.setattr(gateway, "MAX_WAITING_PER_SESSION", 1)
+
+    async def three() -> list[Any]:
+        c = sim.aclient(k, default_headers={"X-Llmos-Session": "q"})
+        out = await asyncio.gather(
+            *[
+                c.chat.completions.create(
+                    model=SIM, messages=[{"role": "user", "content": f"c{i}"}], max_tokens=200
+                )
+                for i in range(3)
+            ],
+            return_exceptions=True,
+        )
+        await c.close()
+        return out
+
+    out = asyncio.run(three())
+    busy = [e for e in out if isinstance(e, openai.APIStatusError)]
+    assert len(busy) == 1 and busy[0].status_code == 409, out
+    assert busy[0].body["code"] == "session_busy" and "one at a time" in busy[0].message
+    ctx = admin.call("ctx.get", {"pid": sess.pid})["messages"]
+    assert len(ctx) == 4 + 4  # the two that ran are kept, the refused one is not
+
+
 def test_metrics_parse_with_prometheus_client(sim: Served, key: str) -> None:
     sim.client(key).chat.completions.create(
         model=SIM, messages=[{"role": "user", "content": "hi"}], max_tokens=3
@@ -581,8 +726,9 @@ def test_keys_command_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None
         )
 
     made = llmos(
-        "keys", "create", "bot", "--limit", "max_output_tokens=100", "--agent", "poet=Rhyme."
-    )
+        "keys", "create", "bot", "--limit", "max_output_tokens=100", "--agent", "poet=Rhyme.",
+        "--nice", "3",
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert key.startswith("llmos-") and len(key) > 40
@@ -592,7 +738,8 @@ def test_keys_command_prints_once_and_stores_only_a_hash(tmp_path: Path) -> None
     assert key not in listed.stdout
     row = json.loads(listed.stdout)[0]
     assert row["name"] == "bot" and row["limits"] == {"max_output_tokens": 100}
-    assert row["agents"] == {"poet": "Rhyme."} and row["revoked"] is None
+    assert row["agents"] == {"poet": "Rhyme."} and row["revoked"] is None and row["nice"] == 3
+    assert llmos("keys", "create", "low", "--nice", "20").returncode != 0  # 0..19 only
     assert KeyStore(path).lookup(key) is not None
     assert llmos("keys", "revoke", "bot").returncode == 0
     assert KeyStore(path).lookup(key) is None
@@ -778,3 +925,20 @@ def test_responses_function_tool_round_trip(real: Served) -> None:
     assert "response.function_call_arguments.done" in types
     assert types[-1] == "response.completed"
     assert events[-1].response.output[0].type == "function_call"
+
+
+@pytest.mark.model
+def test_responses_follow_up_with_instructions_recalls_the_first(real: Served) -> None:
+    c = real.client(real.keys.create("recall"))
+    model = c.models.list().data[0].id
+    told = "You are a helpful assistant. Answer briefly."
+    r1 = c.responses.create(
+        model=model, instructions=told, input="My name is Ada. Please remember my name.",
+        max_output_tokens=20, temperature=0,
+    )  # fmt: skip
+    r2 = c.responses.create(
+        model=model, instructions=told, previous_response_id=r1.id,
+        input="What is my name?", max_output_tokens=20, temperature=0,
+    )  # fmt: skip
+    assert "Ada" in r2.output_text, r2.output_text
+    assert r2.usage.input_tokens > r1.usage.input_tokens  # the first turn was in its prompt

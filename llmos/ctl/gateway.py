@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
@@ -79,27 +80,43 @@ from syscalls.errors import Errno, SyscallError
 
 MAX_SESSIONS_PER_KEY = 256  # persistent processes a key may hold; the least recent is reaped
 MAX_CHAINED_RESPONSES = 65536  # previous_response_id -> session entries kept
+MAX_WAITING_PER_SESSION = 16  # requests queued behind a session's running turn; more: 409
+QUEUE_WAIT_S = 600.0  # the longest a queued turn waits without an X-Llmos-Timeout (504)
+SETTLE_S = 5.0  # how long a cancelled session turn may take to let go of its process
 SESSION_HEADER = "x-llmos-session"
-PRIORITY_HEADER = "x-llmos-priority"  # nice, 0..19: a key's requests may only lower theirs
+PRIORITY_HEADER = "x-llmos-priority"  # nice, key's nice..19: a request may only lower its priority
 TIMEOUT_HEADER = "x-llmos-timeout"  # seconds: the generation's deadline (504 past it)
 
 
 # -- the gateway's state ----------------------------------------------------------------
 
 
+SessionKey = tuple[str, str, str]  # (session id, kernel model, system prompt)
+
+
 @dataclass
 class Session:
+    """A persistent process of a key's program; its turns run on it one at a time, in
+    the order they arrived (``lock`` is FIFO), at most MAX_WAITING_PER_SESSION waiting."""
+
     proc: AsyncProcess
+    key: SessionKey
+    nice: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+
+    def idle(self) -> bool:
+        return not self.lock.locked() and self.waiting == 0
 
 
 @dataclass
 class Turn:
-    """One request's process and how to finish it."""
+    """One request's process: a fresh child (stateless, reaped afterwards) or a session's
+    own process (held through ``session.lock``)."""
 
     proc: AsyncProcess
     session: Session | None
-    new: list[dict[str, str]]  # the turns to keep in the session on success
+    new: list[dict[str, str]]  # the turns to send (what the session's context lacks)
 
 
 class Metrics:
@@ -141,9 +158,10 @@ class Gateway:
         self.runtime_dir = runtime_dir if runtime_dir is not None else paths.runtime_dir()
         self.admin: AsyncClient | None = None
         self.programs: dict[str, AsyncProcess] = {}
-        self.sessions: dict[str, OrderedDict[tuple[str, str, str], Session]] = {}
-        self.chains: OrderedDict[tuple[str, str], str] = OrderedDict()  # response -> session
+        self.sessions: dict[str, OrderedDict[SessionKey, Session]] = {}
+        self.chains: OrderedDict[tuple[str, str], SessionKey] = OrderedDict()  # response -> it
         self._spawning = asyncio.Lock()  # concurrent first requests make one program/session
+        self._reaping: set[asyncio.Task[None]] = set()  # stateless turns being reaped
         self.metrics = Metrics()
         self._models: dict[str, int] = {}  # kernel model -> context window
         self._default_model: str | None = None
@@ -154,6 +172,8 @@ class Gateway:
             await self.models()
 
     async def close(self) -> None:
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
         if self.admin is not None:
             for key in list(self.programs):
                 await self._forget(key)
@@ -191,9 +211,9 @@ class Gateway:
             )
         return self._models
 
-    def remember(self, key: str, response_id: str, sid: str) -> None:
-        """``response_id`` continues session ``sid`` (previous_response_id); bounded."""
-        self.chains[(key, response_id)] = sid
+    def remember(self, key: str, response_id: str, skey: SessionKey) -> None:
+        """``response_id`` continues the session ``skey`` (previous_response_id); bounded."""
+        self.chains[(key, response_id)] = skey
         while len(self.chains) > MAX_CHAINED_RESPONSES:
             self.chains.popitem(last=False)
 
@@ -249,21 +269,35 @@ class Gateway:
                             await self.admin.kill(row.pid, "KILL")  # type: ignore[union-attr]
                 await proc.reap()
 
-    async def session(self, rec: KeyRecord, sid: str, model: str, system: str | None) -> Session:
+    async def session(self, rec: KeyRecord, skey: SessionKey, create: bool = True) -> Session:
+        """The session ``skey`` of the key's program, made on first use unless ``create`` is
+        false (a ``previous_response_id`` names one that must exist: else 404). Past
+        MAX_SESSIONS_PER_KEY the least recently used idle session is reaped."""
         table = self.sessions.setdefault(rec.name, OrderedDict())
-        key = (sid, model, system or "")  # two agents of one key: two conversations
-        if key not in table:
+        if skey not in table:
+            if not create:
+                raise _session_gone()
             prog = await self.program(rec)
             async with self._spawning:
-                if key not in table:
-                    proc = await prog.spawn("session", system=system, model=model, tools=rec.tools)
-                    table[key] = Session(proc)
-            while len(table) > MAX_SESSIONS_PER_KEY:
-                _, old = table.popitem(last=False)
-                with contextlib.suppress(SyscallError):
-                    await old.proc.reap()
-        table.move_to_end(key)
-        return table[key]
+                if skey not in table:
+                    idle = [k for k, sess in table.items() if sess.idle()]
+                    if len(table) >= MAX_SESSIONS_PER_KEY and not idle:
+                        raise ApiError(
+                            429,
+                            f"this key has {len(table)} sessions, all busy; wait for one to finish",
+                            "rate_limit_error",
+                            "too_many_sessions",
+                        )
+                    for old in idle[: max(len(table) + 1 - MAX_SESSIONS_PER_KEY, 0)]:
+                        await self._drop_session(rec.name, old)
+                    sid, model, system = skey
+                    proc = await prog.spawn(
+                        "session", system=system or None, model=model, nice=rec.nice,
+                        tools=rec.tools,
+                    )  # fmt: skip
+                    table[skey] = Session(proc, skey, rec.nice)
+        table.move_to_end(skey)
+        return table[skey]
 
     async def open_turn(
         self,
@@ -273,56 +307,158 @@ class Gateway:
         system: str | None,
         sent: list[dict[str, str]],
         nice: int,
+        request: Request | None = None,
+        deadline_ms: int | None = None,
+        chained: bool = False,
     ) -> Turn:
-        """The process this request runs in. A process of ours that is gone (killed by the
-        operator, or a kernel restart that forgot it) is made again: first the session's,
-        then the whole program's."""
+        """The process this request runs in: a fresh child of the key's program
+        (stateless), or the session's own process once the turns queued before it are
+        done. A process of ours that is gone (killed by the operator, or a kernel restart
+        that forgot it) is made again: first the session's, then the whole program's; a
+        ``chained`` session (a ``previous_response_id``) that is gone is a 404."""
+        skey = (sid, model, system or "") if sid is not None else None
         for attempt in (0, 1, 2):
             try:
-                if sid is None:
+                if skey is None:
                     prog = await self.program(rec)
                     proc = await prog.spawn(
                         "chat", system=system, model=model, nice=nice, tools=rec.tools
                     )
                     return Turn(proc, None, sent)
-                sess = await self.session(rec, sid, model, system)
-                await sess.lock.acquire()
+                sess = await self.session(rec, skey, create=not chained)
+                await self._enter(sess, request, deadline_ms)
                 try:
                     context = await sess.proc.context()
-                    proc = await sess.proc.fork("turn", nice=nice)
+                    if nice != sess.nice:
+                        await self._client().nice(sess.proc.pid, nice)
+                        sess.nice = nice
                 except BaseException:
                     sess.lock.release()
                     raise
-                return Turn(proc, sess, new_messages(context, sent))
+                return Turn(sess.proc, sess, new_messages(context, sent))
             except SyscallError as exc:
                 if attempt == 2 or exc.code not in (Errno.ESRCH, Errno.EACCES, Errno.EPERM):
                     raise
-                if attempt == 0 and sid is not None:
-                    await self._drop_session(rec.name, (sid, model, system or ""))
-                else:
+                if skey is not None:
+                    await self._drop_session(rec.name, skey)
+                    if chained:
+                        raise _session_gone() from None
+                if attempt == 1 or skey is None:
                     await self._forget(rec.name)
         raise AssertionError("unreachable")
 
-    async def _drop_session(self, key: str, skey: tuple[str, str, str]) -> None:
+    async def _enter(self, sess: Session, request: Request | None, deadline_ms: int | None) -> None:
+        """Take the session's turn, after those queued before it (FIFO). Refused with
+        409 when MAX_WAITING_PER_SESSION wait already; 504 past the request's deadline; a
+        client that leaves while waiting leaves the queue."""
+        if sess.lock.locked() and sess.waiting >= MAX_WAITING_PER_SESSION:
+            raise ApiError(
+                409,
+                f"the session {sess.key[0]!r} is busy: {sess.waiting} requests wait for it "
+                "already; its turns run one at a time, in order",
+                "invalid_request_error",
+                "session_busy",
+            )
+        if not sess.lock.locked():
+            await sess.lock.acquire()  # free: no task, no wait
+            return
+        sess.waiting += 1
+        acquire = asyncio.ensure_future(sess.lock.acquire())
+        gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        wait = QUEUE_WAIT_S if deadline_ms is None else deadline_ms / 1000
+        try:
+            await asyncio.wait(
+                {acquire, *([gone] if gone else [])},
+                timeout=wait,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            sess.waiting -= 1
+            if gone is not None:
+                gone.cancel()
+            if not acquire.done() or acquire.cancelled() or acquire.exception() is not None:
+                acquire.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+                if acquire.done() and not acquire.cancelled():
+                    sess.lock.release()  # taken just as we gave up: pass it on
+                acquired = False
+            else:
+                acquired = True
+        if not acquired:
+            if gone is not None and gone.done() and not gone.cancelled():
+                raise ApiError(499, "the client closed the request", "client_closed_request")
+            raise ApiError(
+                504, f"waited {wait:g} s for the session's earlier turns", "timeout_error"
+            )
+
+    async def _drop_session(self, key: str, skey: SessionKey) -> None:
         sess = self.sessions.get(key, OrderedDict()).pop(skey, None)
         if sess is not None:
             with contextlib.suppress(SyscallError):
                 await sess.proc.reap()
 
-    async def close_turn(self, turn: Turn, answer: str | None) -> None:
-        """Reap the turn; on success keep its turns in the session's context."""
+    def finish(self, turn: Turn) -> None:
+        """End a turn whose answer is complete: a session's next turn goes in now; a
+        stateless turn's process is reaped in the background (the response does not wait
+        for the reap's round trips; ``close`` waits for what is left)."""
+        if turn.session is not None:
+            turn.session.lock.release()
+            return
+        task = asyncio.get_running_loop().create_task(self.close_turn(turn))
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def close_turn(self, turn: Turn) -> None:
+        """End the turn: reap a stateless turn's process; let a session's next turn in (its
+        context has this turn already if it succeeded: the kernel commits it)."""
         with anyio.CancelScope(shield=True):  # runs even as a disconnected stream is cancelled
             try:
-                with contextlib.suppress(SyscallError):
-                    await turn.proc.reap()
-                if turn.session is not None and answer is not None and turn.new:
+                if turn.session is None:
                     with contextlib.suppress(SyscallError):
-                        await turn.session.proc.append(
-                            [*turn.new, {"role": "assistant", "content": answer}]
-                        )
+                        await turn.proc.reap()
             finally:
                 if turn.session is not None:
                     turn.session.lock.release()
+
+    async def abandon(self, turn: Turn) -> None:
+        """The client left mid-turn: free the slot now. A stateless turn's process is
+        reaped (killed); a session's generation is ended with ``llm.cancel`` (the process
+        and its context stay; the half turn is not kept), and the next queued turn goes in
+        once the kernel has let go of the process."""
+        with anyio.CancelScope(shield=True):
+            sess = turn.session
+            if sess is not None:
+                try:
+                    await self._client().cancel(turn.proc.pid)
+                    await self._settle(turn.proc.pid)
+                except (ApiError, SyscallError, TimeoutError):
+                    for key, table in self.sessions.items():
+                        if table.get(sess.key) is sess:
+                            await self._drop_session(key, sess.key)  # not trusted again
+            await self.close_turn(turn)
+
+    async def _settle(self, pid: int) -> None:
+        """Wait until process ``pid`` is no longer generating (a cancelled call's handler
+        gives its slot back within a step; TimeoutError past SETTLE_S)."""
+        with anyio.fail_after(SETTLE_S):
+            delay = 0.001
+            while True:
+                (row,) = await self._client().ps(pid)
+                if row.state not in ("READY", "RUNNING"):
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+
+def _session_gone() -> ApiError:
+    return ApiError(
+        404,
+        "the response to continue is unknown, expired, or its session has ended",
+        "invalid_request_error",
+        "previous_response_not_found",
+        "previous_response_id",
+    )
 
 
 # -- the app ----------------------------------------------------------------------------
@@ -420,57 +556,72 @@ def create_app(gw: Gateway) -> FastAPI:
         """Stream a turn's generation as SSE: ``head`` events, ``on_piece(text)`` per
         piece (None: nothing to send), ``on_end(result)`` events, then ``[DONE]`` (or,
         ``typed``, as the Responses API streams: each event named by its ``type``, no
-        ``[DONE]``). The
-        first piece is awaited before the response starts, so a refusal (quota, bad
-        format) is still an HTTP error; a disconnect kills the turn (shielded cleanup)."""
+        ``[DONE]``). The first piece is awaited before the response starts, so a refusal
+        (quota, bad format) is still an HTTP error; a client that leaves has its turn
+        abandoned (Gateway.abandon; shielded cleanup)."""
         pieces = turn.proc.stream(deadline_ms=deadline_ms, **gen).__aiter__()
         try:
             first = await anext(pieces, None)
+        except SyscallError:
+            await gw.close_turn(turn)
+            raise
         except BaseException:
-            await gw.close_turn(turn, None)
+            await gw.abandon(turn)
             raise
         gw.metrics.ttft.labels(model).observe(time.monotonic() - t0)
 
-        def ev(body: dict[str, Any] | str) -> dict[str, str]:
-            if isinstance(body, str):  # encoded already (a delta's envelope is made once)
-                return {"data": body}
-            if typed:
-                return {"event": body["type"], "data": json.dumps(body)}
-            return {"data": json.dumps(body)}
+        def ev(body: dict[str, Any] | bytes) -> bytes:
+            """One SSE event, encoded (pre-encoded bodies pass as they are)."""
+            data = body if isinstance(body, bytes) else orjson.dumps(body)
+            if typed and not isinstance(body, bytes):
+                return b"event: " + body["type"].encode() + b"\ndata: " + data + b"\n\n"
+            return b"data: " + data + b"\n\n"
 
-        async def events() -> AsyncIterator[dict[str, str]]:
+        async def events() -> AsyncIterator[bytes]:
+            # Each kernel chunk is one socket write; the head goes with the first piece
+            # and the closing events with [DONE] (fewer writes, fewer wakeups).
             text: list[str] = []
+            ended = False  # the kernel has answered the call (done, or failed)
             closed = False
             try:
-                for body in head:
-                    yield ev(body)
+                out = [ev(body) for body in head]
                 piece = first
                 while piece is not None:
                     text.append(piece)
                     if piece and (body := on_piece(piece)) is not None:
-                        yield ev(body)
-                    piece = await anext(pieces, None)
+                        out.append(ev(body))
+                    if out:
+                        yield b"".join(out)
+                        out = []
+                    try:
+                        piece = await anext(pieces, None)
+                    except SyscallError:
+                        ended = True
+                        raise
+                ended = True
                 last = turn.proc.last
                 assert last is not None
-                # Reaped (and the session's context written) before the last events: a
-                # client that has seen [DONE] finds no process left and its turn kept.
-                closed = True
-                await gw.close_turn(turn, "".join(text))
-                count_tokens(model, last.usage)
-                for body in on_end(last):
-                    yield ev(body)
+                out += [ev(body) for body in on_end(last)]
                 if not typed:
-                    yield {"data": "[DONE]"}
+                    out.append(b"data: [DONE]\n\n")
+                # The session lets go now; a stateless turn is reaped behind the answer,
+                # off the request's critical path (the stream ends without waiting for it).
+                closed = True
+                gw.finish(turn)
+                count_tokens(model, last.usage)
+                yield b"".join(out)
             except SyscallError as exc:  # mid-stream: the status is sent, so an error event
                 err = from_syscall(exc)
                 body = {"error": {"message": err.message, "type": err.type, "code": err.code}}
-                yield {"data": json.dumps(body)}
+                yield b"".join([*out, b"data: " + orjson.dumps(body) + b"\n\n"])
             finally:
                 with anyio.CancelScope(shield=True):
                     with contextlib.suppress(BaseException):
                         await pieces.aclose()  # type: ignore[attr-defined]
-                    if not closed:
-                        await gw.close_turn(turn, None)
+                    if not ended:  # the client left mid-stream
+                        await gw.abandon(turn)
+                    elif not closed:
+                        await gw.close_turn(turn)
                 gw.metrics.latency.labels(endpoint, model).observe(time.monotonic() - t0)
 
         return EventSourceResponse(events(), ping=15, sep="\n")
@@ -478,24 +629,26 @@ def create_app(gw: Gateway) -> FastAPI:
     async def generate(
         request: Request, turn: Turn, gen: dict[str, Any], deadline_ms: int | None
     ) -> Any:
-        """A whole (unstreamed) generation; a client that leaves first has its turn killed
-        (the slot is freed) instead of its answer made for no one."""
-        answer = None
+        """A whole (unstreamed) generation; a client that leaves first has its turn
+        abandoned (the slot is freed) instead of its answer made for no one."""
         call = asyncio.ensure_future(turn.proc.generate(deadline_ms=deadline_ms, **gen))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not call.done():
                 raise ApiError(499, "the client closed the request", "client_closed_request")
-            res = call.result()
-            answer = res.text
+            return call.result()
         finally:
-            for task in (call, gone):
-                task.cancel()
-            await gw.close_turn(turn, answer)
+            gone.cancel()
+            if not call.done():  # the client left (or we are cancelled): end the generation
+                await gw.abandon(turn)
+            elif call.cancelled() or call.exception() is not None:
+                await gw.close_turn(turn)
+            else:
+                gw.finish(turn)
+            call.cancel()
             with contextlib.suppress(BaseException):
                 await call
-        return res
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -517,18 +670,17 @@ def create_app(gw: Gateway) -> FastAPI:
         fmt = plan.response_format if plan else response_format(req)
         if fmt is not None:
             opts["response_format"] = fmt
-        nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
+        nice = _nice(request, rec)
         deadline_ms = _deadline_ms(request.headers.get(TIMEOUT_HEADER))
         sent = kernel_messages(req.messages)
         model, system = await gw.resolve_model(rec, req.model)
         sid = request.headers.get(SESSION_HEADER) or req.user
         if sid is not None and len(sid) > 256:
             raise ApiError(400, f"{SESSION_HEADER}: over 256 characters", param=SESSION_HEADER)
-        turn = await gw.open_turn(rec, sid, model, system, sent, nice)
-        msgs = list(turn.new)
+        turn = await gw.open_turn(rec, sid, model, system, sent, nice, request, deadline_ms)
+        opts["messages"] = list(turn.new)
         if plan is not None:  # the guide is for this step only: never kept in a session
-            msgs.insert(max(len(msgs) - 1, 0), {"role": "system", "content": plan.guide})
-        opts["messages"] = msgs
+            opts["instructions"] = plan.guide
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", now()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -581,8 +733,10 @@ def create_app(gw: Gateway) -> FastAPI:
             return events
 
         head = [delta({"role": "assistant", "content": "", "refusal": None})]
-        pre, post = json.dumps(delta({"content": "\0"})).split('"\\u0000"')
-        on_piece = (lambda p: None) if plan is not None else (lambda p: pre + json.dumps(p) + post)
+        pre, post = orjson.dumps(delta({"content": "\0"})).split(b'"\\u0000"')
+        on_piece = (
+            (lambda p: None) if plan is not None else (lambda p: pre + orjson.dumps(p) + post)
+        )
         return await sse(
             turn, opts, deadline_ms, "chat.completions", req.model, t0, head, on_piece, on_end
         )
@@ -603,7 +757,7 @@ def create_app(gw: Gateway) -> FastAPI:
         prompt = req.prompt_text()
         opts = generate_options(req)
         opts["prompt"] = prompt
-        nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
+        nice = _nice(request, rec)
         deadline_ms = _deadline_ms(request.headers.get(TIMEOUT_HEADER))
         model, system = await gw.resolve_model(rec, req.model)
         turn = await gw.open_turn(rec, None, model, system, [], nice)  # raw text: no session
@@ -677,7 +831,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 req.max_output_tokens or limits.MAX_OUTPUT_TOKENS, limits.MAX_OUTPUT_TOKENS
             ),
         }
-        nice = _header_int(request, PRIORITY_HEADER, 0, 19, 0)
+        nice = _nice(request, rec)
         deadline_ms = _deadline_ms(request.headers.get(TIMEOUT_HEADER))
         sent = req.messages()
         plan = req.plan()
@@ -685,31 +839,27 @@ def create_app(gw: Gateway) -> FastAPI:
             opts["response_format"] = plan.response_format
         model, system = await gw.resolve_model(rec, req.model)
         rid = f"resp_{secrets.token_hex(12)}"
-        sid = None
-        if req.previous_response_id is not None:  # a chain of responses is one session
-            sid = gw.chains.get((rec.name, req.previous_response_id))
-            if sid is None:
-                raise ApiError(
-                    404,
-                    f"no response {req.previous_response_id!r} to continue",
-                    "invalid_request_error",
-                    "previous_response_not_found",
-                    "previous_response_id",
-                )
+        # A chain of responses is one session, named by the first response's id. As at
+        # OpenAI, `instructions` hold for the one response that names them: they go to the
+        # kernel as this call's instructions, never into the session's context.
+        skey: SessionKey | None = None
+        if req.previous_response_id is not None:
+            skey = gw.chains.get((rec.name, req.previous_response_id))
+            if skey is None:
+                raise _session_gone()
         elif req.store:
-            sid = rid
-            if req.instructions:
-                system = req.instructions if system is None else f"{system}\n\n{req.instructions}"
-        if sid is None and req.instructions:
-            sent.insert(0, {"role": "system", "content": req.instructions})
-        turn = await gw.open_turn(rec, sid, model, system, sent, nice)
-        if req.store:
-            gw.remember(rec.name, rid, sid or rid)
+            skey = (rid, model, system or "")
+        sid, model, system = skey if skey is not None else (None, model, system)
+        turn = await gw.open_turn(
+            rec, sid, model, system or None, sent, nice, request, deadline_ms,
+            chained=req.previous_response_id is not None,
+        )  # fmt: skip
+        if skey is not None and req.store:
+            gw.remember(rec.name, rid, skey)
         opts["messages"] = list(turn.new)
-        if plan is not None:  # the guide is for this step only: never kept in a session
-            opts["messages"].insert(
-                max(len(turn.new) - 1, 0), {"role": "system", "content": plan.guide}
-            )
+        notes = [n for n in (req.instructions, plan.guide if plan else None) if n]
+        if notes:  # for this step only: never kept in a session
+            opts["instructions"] = "\n\n".join(notes)
         created, mid = time.time(), f"msg_{secrets.token_hex(12)}"
         tools = [{"type": "function", "strict": False, **t.model_dump()} for t in req.tools or []]
         choice = req.tool_choice
@@ -883,6 +1033,21 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has gone (the body is read: what is left is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _nice(request: Request, rec: KeyRecord) -> int:
+    """The request's nice: the key's own unless ``X-Llmos-Priority`` asks for a value in
+    ``rec.nice..19`` (a key's requests may lower their priority, never raise it: 403)."""
+    nice = _header_int(request, PRIORITY_HEADER, 0, 19, rec.nice)
+    if nice < rec.nice:
+        raise ApiError(
+            403,
+            f"{PRIORITY_HEADER}: this key's requests run at nice {rec.nice} or above",
+            "permission_error",
+            "priority_not_allowed",
+            PRIORITY_HEADER,
+        )
+    return nice
 
 
 def _header_int(request: Request, name: str, lo: int, hi: int, default: int) -> int:

@@ -48,6 +48,7 @@ class KeyRecord:
     tools: list[str] | None = None
     agents: dict[str, str] = field(default_factory=dict)
     revoked: float | None = None
+    nice: int = 0  # its requests' priority: X-Llmos-Priority may go from here to 19, not below
 
 
 class KeyStore:
@@ -94,6 +95,7 @@ class KeyStore:
         namespace: str | None = None,
         tools: list[str] | None = None,
         agents: dict[str, str] | None = None,
+        nice: int = 0,
     ) -> str:
         """A new key for program ``name`` (returned once; only its hash is kept)."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
@@ -102,6 +104,8 @@ class KeyStore:
         if name in records and records[name].revoked is None:
             raise SyscallError.of(Errno.EINVAL, f"a key named {name!r} exists; revoke it first")
         m.Limits.model_validate(limits or {})  # EINVAL-worthy mistakes found now, not per request
+        if not 0 <= nice <= 19:
+            raise SyscallError.of(Errno.EINVAL, f"--nice {nice}: expected 0..19")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         records[name] = KeyRecord(
             name=name,
@@ -111,6 +115,7 @@ class KeyStore:
             namespace=namespace,
             tools=tools,
             agents=dict(agents or {}),
+            nice=nice,
         )
         self._save(records)
         return key
@@ -148,6 +153,12 @@ def add_parsers(sub: Any) -> None:
         metavar="NAME=SYSTEM_PROMPT",
         help="a named agent: a model name that runs with this system prompt",
     )
+    kc.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="its requests' nice (0..19); X-Llmos-Priority may only raise it (default 0)",
+    )
     kl = ks.add_parser("list", help="list keys (names and settings, never the keys)")
     kl.add_argument("--json", action="store_true")
     kr = ks.add_parser("revoke", help="revoke a key")
@@ -166,7 +177,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 raise SyscallError.of(Errno.EINVAL, f"--agent {item!r}: expected NAME=PROMPT")
             agents[name.strip()] = prompt
         tools = [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else None
-        key = store.create(args.name, parse_limits(args.limit), args.namespace, tools, agents)
+        key = store.create(
+            args.name, parse_limits(args.limit), args.namespace, tools, agents, args.nice
+        )
         print(key)
         print(f"key for {args.name!r} created; it is not shown again", file=sys.stderr)
         return 0
@@ -184,5 +197,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
         extra += [f"namespace={r['namespace']}"] if r["namespace"] else []
         extra += [f"tools={','.join(r['tools'])}"] if r["tools"] else []
         extra += [f"agents={','.join(r['agents'])}"] if r["agents"] else []
+        extra += [f"nice={r['nice']}"] if r["nice"] else []
         print(f"{r['name']}\t{state}\t{' '.join(extra)}")
     return 0
