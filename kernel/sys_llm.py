@@ -350,6 +350,10 @@ async def _run_on_slot(
         priority=-proc.nice,
         resume_ids=list(gen.out_ids),
         adapter=proc.adapter,
+        # Stable across turns and resumes: a router's affinity keeps the process's KV.
+        session=f"llmos-{k.instance}-{proc.pid}",
+        program=f"llmos-{k.instance}-prog{proc.program.pgid}",
+        expected_tokens=max(expected - resumed, 1),
     )
     k.running[proc.pid] = rid
     started = time.monotonic()
