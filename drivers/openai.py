@@ -484,7 +484,16 @@ class _Pool:
                 str(m["id"]): _whole(m.get("max_model_len"))
                 for m in response.json().get("data", [])
             }
-        except (_EndpointFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _EndpointFailed as exc:
+            if self.settings.router is not None and ep.state is EndpointState.UP:
+                # The router answered: it is up; a replica behind it failed the check.
+                # Requests it fails are retried through it (and count as failures).
+                log.warning("router %s: health check: %s", ep.url, exc)
+                ep.next_check = time.monotonic() + self.settings.health_interval
+                return True
+            self._set_down(ep, str(exc) or type(exc).__name__)
+            return False
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._set_down(ep, str(exc) or type(exc).__name__)
             return False
         except Exception as exc:  # noqa: BLE001 - any transport failure means down
