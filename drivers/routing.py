@@ -173,10 +173,13 @@ def route_fields(spec: RouterSpec, hints: RouteHints) -> tuple[dict[str, str], d
         # header names the flow (tenant) queued fairly against others -- the program;
         # the objective header names an InferenceObjective whose spec.priority orders
         # and sheds requests (the EPP resolves the name; a number is not sent).
-        headers["x-gateway-inference-fairness-id"] = hints.program
+        # llm-d's own API group (llm-d.ai/v1alpha2 InferenceObjectives) spells the same
+        # two headers x-llm-d-inference-*: both are sent, each release reads its own.
         objective = objective_for(hints.nice, spec.objectives)
-        if objective is not None:
-            headers["x-gateway-inference-objective"] = objective
+        for prefix in ("x-gateway-inference", "x-llm-d-inference"):
+            headers[f"{prefix}-fairness-id"] = hints.program
+            if objective is not None:
+                headers[f"{prefix}-objective"] = objective
     elif spec.kind == "dynamo":
         # NVIDIA Dynamo docs, agents/session-ids and agents/agent-hints: the
         # x-dynamo-session-id header is the session (for session-aware routing where a

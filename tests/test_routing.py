@@ -64,12 +64,16 @@ def test_llm_d_gets_the_program_as_fairness_id_and_the_nice_band_as_objective() 
     assert headers == {
         "x-gateway-inference-fairness-id": "llmos-0a1b2c3d-prog40",
         "x-gateway-inference-objective": "premium",
+        # llm-d's own spelling (its llm-d.ai/v1alpha2 API group), sent alongside.
+        "x-llm-d-inference-fairness-id": "llmos-0a1b2c3d-prog40",
+        "x-llm-d-inference-objective": "premium",
     }
     assert body == {"user": "llmos-0a1b2c3d-42"}
     niced = RouteHints(HINTS.session, HINTS.program, priority=-10)  # nice 10
     assert route_fields(spec, niced)[0]["x-gateway-inference-objective"] == "batch"
     bare, _ = route_fields(parse_router("llm-d"), HINTS)
     assert "x-gateway-inference-objective" not in bare
+    assert "x-llm-d-inference-objective" not in bare
 
 
 def test_dynamo_gets_the_session_header_and_agent_hints_with_priority_and_osl() -> None:
