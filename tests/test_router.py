@@ -250,6 +250,8 @@ class Run:
     served_by: list[list[int]]
     hits: float
     queries: float
+    #: Prompt tokens the kernel reported reused (``usage.cached_tokens``), summed.
+    cached: int
 
     @property
     def hit_rate(self) -> float:
@@ -265,11 +267,13 @@ def converse(fleet: Fleet, model: str) -> Run:
         served: list[list[int]] = [[] for _ in procs]
         before = [counters(r) for r in fleet.replicas]
         start = before
+        cached = 0
         for turn in range(len(CONVERSATIONS[0])):
             for i, proc in enumerate(procs):
                 texts[i].append(
                     proc.chat(CONVERSATIONS[i][turn], max_tokens=MAX_TOKENS, temperature=0)
                 )
+                cached += proc.last.usage.cached_tokens
                 after = [counters(r) for r in fleet.replicas]
                 grew = [
                     k for k, (a, b) in enumerate(zip(before, after, strict=True))
@@ -282,7 +286,7 @@ def converse(fleet: Fleet, model: str) -> Run:
             proc.exit()
     hits = sum(b["hits"] - a["hits"] for a, b in zip(start, before, strict=True))
     queries = sum(b["queries"] - a["queries"] for a, b in zip(start, before, strict=True))
-    return Run(texts, served, hits, queries)
+    return Run(texts, served, hits, queries, cached)
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +327,8 @@ def test_session_affinity_keeps_each_process_on_one_replica_and_raises_cache_hit
     assert all(len(set(turns)) == 1 for turns in affinity.served_by), affinity.served_by
     assert any(len(set(turns)) > 1 for turns in rr.served_by), rr.served_by
     assert affinity.hit_rate > rr.hit_rate
+    # What the kernel reports reused is what the replicas counted as prefix-cache hits.
+    assert (affinity.cached, rr.cached) == (affinity.hits, rr.hits)
 
 
 def test_a_replica_killed_mid_generation_costs_no_process_its_generation(

@@ -237,6 +237,10 @@ class KernelPath:
     def __init__(self, client: Any, meter: CpuMeter) -> None:
         self.client = client
         self.meter = meter
+        #: Put before each conversation's first turn: with ``--versus`` both kernels may
+        #: share the servers, and distinct first blocks keep one from reusing the other's
+        #: cached prefixes.
+        self.salt = ""
 
     def cpu(self) -> tuple[float, float]:
         return self.meter.mine() + self.meter.kernel(), self.meter.loop(kernel=True)
@@ -284,7 +288,7 @@ class KernelPath:
             r = c_ = 0
             for t in range(turns):
                 res = await p.generate(
-                    [{"role": "user", "content": _turn(i, t)}],
+                    [{"role": "user", "content": (self.salt if t == 0 else "") + _turn(i, t)}],
                     max_tokens=max_tokens,
                     temperature=0.0,
                 )
@@ -497,6 +501,7 @@ async def _versus(kernel: Any, other: Any, plan: Plan) -> tuple[list[Run], list[
         _kernel_path(other, CpuMeter(other.proc.pid)) as vp,
     ):
         vp.name = "versus"
+        kp.salt, vp.salt = "Conversation A. ", "Conversation B. "  # same length in tokens
         runs = await _rounds([kp, vp], plan, range(plan.rounds), alternate=True)
         return runs, [await _prefix(kp, plan), await _prefix(vp, plan)]
 
