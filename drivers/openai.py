@@ -872,7 +872,8 @@ class OpenAIDriver(TokenizingDriver):
         objectives: (llm-d) ``NICE:NAME`` bands mapping a process's nice to an
             InferenceObjective, e.g. ``-1:premium,9:standard,19:batch``.
         program_scheduling: (vllm-router) also send ``vllm_xargs.agentic_context``
-            (for a router started with ``--enable-program-scheduling``).
+            (for a router started with ``--enable-program-scheduling`` in front of
+            engines that read it; plain vLLM refuses the field).
         metrics: router mode: the router's Prometheus metrics URL; its healthy workers
             times ``per_worker`` bound the capacity in force (read in the background).
         metrics_gauge: the per-worker health gauge in those metrics (default per router:

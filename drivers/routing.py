@@ -70,7 +70,8 @@ class RouterSpec:
     #: llm-d: ``(highest nice, objective name)`` bands, ascending by nice.
     objectives: tuple[tuple[int, str], ...] = ()
     #: vllm-router: send Program identity (``vllm_xargs.agentic_context``); only for a
-    #: router started with ``--enable-program-scheduling``.
+    #: router started with ``--enable-program-scheduling`` in front of engines that read
+    #: it: vllm-router 0.1.17 forwards it unchanged and plain vLLM 0.32 refuses it (400).
     program_scheduling: bool = False
 
 
