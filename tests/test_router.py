@@ -274,11 +274,7 @@ def converse(fleet: Fleet, model: str) -> Run:
                     proc.chat(CONVERSATIONS[i][turn], max_tokens=MAX_TOKENS, temperature=0)
                 )
                 cached += proc.last.usage.cached_tokens
-                after = [counters(r) for r in fleet.replicas]
-                grew = [
-                    k for k, (a, b) in enumerate(zip(before, after, strict=True))
-                    if b["requests"] > a["requests"]
-                ]  # fmt: skip
+                after, grew = _grown(fleet, before)
                 assert len(grew) == 1, (before, after)
                 served[i].append(grew[0])
                 before = after
@@ -287,6 +283,23 @@ def converse(fleet: Fleet, model: str) -> Run:
     hits = sum(b["hits"] - a["hits"] for a, b in zip(start, before, strict=True))
     queries = sum(b["queries"] - a["queries"] for a, b in zip(start, before, strict=True))
     return Run(texts, served, hits, queries, cached)
+
+
+def _grown(
+    fleet: Fleet, before: list[dict[str, float]]
+) -> tuple[list[dict[str, float]], list[int]]:
+    """The replicas' counters once a finished request shows in them (vLLM records its
+    stats just after the last output: poll briefly), and which replicas' grew."""
+    deadline = time.monotonic() + 10
+    while True:
+        after = [counters(r) for r in fleet.replicas]
+        grew = [
+            k for k, (a, b) in enumerate(zip(before, after, strict=True))
+            if b["requests"] > a["requests"]
+        ]  # fmt: skip
+        if grew or time.monotonic() > deadline:
+            return after, grew
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
