@@ -94,6 +94,15 @@ class GenerationRequest:
     resume_ids: list[int] = field(default_factory=list)
     #: A LoRA adapter (one of the driver's :meth:`Driver.adapters`) to generate with.
     adapter: str | None = None
+    #: Stable key of the LLM process across its turns and resumes (``llmos-<kernel
+    #: instance>-<pid>``): a router with session affinity keeps its KV on one replica.
+    session: str | None = None
+    #: Stable key of the process's program (``llmos-<kernel instance>-prog<pgid>``):
+    #: the tenant a fair router queues by.
+    program: str | None = None
+    #: Output tokens this stretch is expected to make (the process's mean, at most
+    #: what ``max_tokens`` leaves); None: unknown.
+    expected_tokens: int | None = None
 
 
 @dataclass(slots=True)

@@ -53,6 +53,15 @@ from drivers.base import (
     Progress,
 )
 from drivers.loopthread import LoopThread
+from drivers.routing import (
+    HEALTH_GAUGES,
+    RouteHints,
+    RouterSpec,
+    healthy_workers,
+    parse_router,
+    route_fields,
+    router_capacity,
+)
 
 # Shared with the CPU and vLLM drivers so every driver cuts text, stop strings and
 # resumes alike.
@@ -78,6 +87,9 @@ API_KEY_ENVS = ("LLMOS_OPENAI_API_KEY", "OPENAI_API_KEY")
 FALLBACK_CONTEXT = 2048
 #: Seconds between health checks of a down endpoint: doubles from the first to the last.
 BACKOFF_S = (1.0, 30.0)
+#: Router mode: seconds before retrying a request a replica behind the router failed
+#: (doubles from the first to the last), so the router's health check can notice first.
+ROUTER_RETRY_S = (0.5, 4.0)
 #: What to do when the model folder's tokenizer does not load.
 _TOKENIZER_HINT = (
     "The openai driver tokenises locally: pass --model the folder of the model the servers serve."
@@ -182,6 +194,19 @@ def _parse_url(item: str) -> tuple[str, int | None]:
     return urlunsplit((parts.scheme, parts.netloc, path, "", "")), own
 
 
+def _metrics_url(item: str) -> str:
+    """A router's metrics URL (``http://host:29000``: ``/metrics`` is added)."""
+    parts = urlsplit(item)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise ValueError(f"metrics {item!r} is not an http(s) URL like http://router:29000/metrics")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"metrics {item!r} has a bad port") from None
+    path = parts.path.rstrip("/") or "/metrics"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
 # --------------------------------------------------------------------------- placement
 
 
@@ -252,6 +277,10 @@ class EndpointView:
     exact: bool
     #: Requests that moved off this endpoint after it failed them.
     failures: int
+    #: Router mode with a metrics endpoint: its healthy workers (None: not reported).
+    workers: int | None = None
+    #: The capacity in force now: ``capacity``, bounded by the router's healthy workers.
+    room: int | None = None
 
 
 @dataclass(eq=False)
@@ -269,10 +298,18 @@ class _Endpoint:
     backoff: float = BACKOFF_S[0]
     exact: bool = True
     failures: int = 0
+    #: Router mode: healthy workers per the router's metrics (None: not known).
+    workers: int | None = None
+    #: The capacity in force (``spec.capacity`` unless the router's metrics bound it).
+    room: int = -1
 
     @property
     def url(self) -> str:
         return self.spec.url
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity if self.room < 0 else self.room
 
     def view(self, served: str | None) -> EndpointView:
         return EndpointView(
@@ -285,11 +322,21 @@ class _Endpoint:
             self.models.get(served) if served is not None else None,
             self.exact,
             self.failures,
+            self.workers,
+            self.capacity,
         )
 
 
 class _EndpointFailed(Exception):
-    """The endpoint, not the request, failed: mark it down and go on elsewhere."""
+    """The endpoint, not the request, failed: mark it down and go on elsewhere.
+
+    ``unreachable``: the endpoint itself could not be reached (as opposed to an answer
+    or a stream that failed). Behind a router only that marks the router down; any
+    other failure is a replica's, and the request is retried through the router."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 # --------------------------------------------------------------------------- I/O loop
@@ -324,6 +371,13 @@ class _Settings:
     health_interval: float
     retries: int
     queue_timeout: float
+    #: Router mode: the router's kind and options (None: the endpoints are servers).
+    router: RouterSpec | None = None
+    #: Router mode: its Prometheus metrics URL, the per-worker health gauge, and the
+    #: sequences each healthy worker may run.
+    metrics_url: str | None = None
+    metrics_gauge: str | None = None
+    per_worker: int | None = None
 
 
 class _Pool:
@@ -346,6 +400,7 @@ class _Pool:
         self._client: httpx.AsyncClient | None = None
         self._changed: asyncio.Condition | None = None
         self._health: asyncio.Task[None] | None = None
+        self._metrics: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
 
     # -- life
@@ -386,10 +441,13 @@ class _Pool:
         known = [n for n in lengths if isinstance(n, int) and n > 1]
         self.max_context = min(known) if known else 0
         self._health = asyncio.get_running_loop().create_task(self._health_loop())
+        if self.settings.metrics_url is not None:
+            await self._read_metrics()
+            self._metrics = asyncio.get_running_loop().create_task(self._metrics_loop())
 
     async def close(self) -> None:
         """End live requests with ``abort``, stop the health check, close the client."""
-        for task in (self._health, self._probe):
+        for task in (self._health, self._metrics, self._probe):
             if task is not None:
                 task.cancel()
         await self.streams.close()
@@ -426,7 +484,16 @@ class _Pool:
                 str(m["id"]): _whole(m.get("max_model_len"))
                 for m in response.json().get("data", [])
             }
-        except (_EndpointFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _EndpointFailed as exc:
+            if self.settings.router is not None and ep.state is EndpointState.UP:
+                # The router answered: it is up; a replica behind it failed the check.
+                # Requests it fails are retried through it (and count as failures).
+                log.warning("router %s: health check: %s", ep.url, exc)
+                ep.next_check = time.monotonic() + self.settings.health_interval
+                return True
+            self._set_down(ep, str(exc) or type(exc).__name__)
+            return False
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._set_down(ep, str(exc) or type(exc).__name__)
             return False
         except Exception as exc:  # noqa: BLE001 - any transport failure means down
@@ -441,6 +508,39 @@ class _Pool:
             return False
         self._set_up(ep)
         return True
+
+    async def _metrics_loop(self) -> None:
+        """Router mode: read the router's metrics every ``health_interval`` (I/O loop;
+        the kernel's loop never waits on it)."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            await self._read_metrics()
+
+    async def _read_metrics(self) -> None:
+        """Bound the router endpoint's capacity by its healthy workers × ``per_worker``;
+        if the metrics cannot be read, the configured capacity holds."""
+        s = self.settings
+        assert self._client is not None and s.metrics_url is not None and s.metrics_gauge
+        ep = self.endpoints[0]
+        try:
+            response = await self._client.get(
+                s.metrics_url, timeout=max(self.settings.connect_timeout, 10.0)
+            )
+            if response.status_code != 200:
+                raise ValueError(f"GET {s.metrics_url} answered HTTP {response.status_code}")
+            workers = healthy_workers(response.text, s.metrics_gauge)
+        except Exception as exc:  # noqa: BLE001 - unreadable metrics: configured capacity
+            if ep.room >= 0 or ep.workers is not None:
+                log.warning("router metrics unreadable (%s); capacity %d as configured",
+                            _brief(str(exc) or type(exc).__name__, 160), ep.spec.capacity)  # fmt: skip
+            ep.workers, ep.room = None, -1
+            self._notify()
+            return
+        room = router_capacity(ep.spec.capacity, workers, s.per_worker)
+        if (workers, room) != (ep.workers, ep.capacity):
+            log.info("router %s: %s healthy workers, capacity %d", ep.url, workers, room)
+        ep.workers, ep.room = workers, room if workers is not None else -1
+        self._notify()
 
     def _set_up(self, ep: _Endpoint) -> None:
         if ep.state is not EndpointState.UP:
@@ -491,7 +591,7 @@ class _Pool:
                     f"no endpoint reachable: {self._faults()}. Start a server or check "
                     f"--driver-option endpoints."
                 )
-            i = pick_endpoint([ep.load for ep in up], [ep.spec.capacity for ep in up])
+            i = pick_endpoint([ep.load for ep in up], [ep.capacity for ep in up])
             if i is not None:
                 ep = up[i]
                 ep.load += 1
@@ -537,27 +637,36 @@ class _Pool:
         while not stream.status.is_finished():
             ep = await self._acquire()
             stream.endpoint = ep
+            behind_router = False
             try:
                 await self._attempt(ep, stream)
             except _EndpointFailed as exc:
                 ep.failures += 1
                 failures += 1
-                self._set_down(ep, str(exc))
+                # Behind a router a failed answer or stream is a replica's: the router
+                # stays up and routes the retry (its health check drops the replica).
+                behind_router = self.settings.router is not None and not exc.unreachable
+                if not behind_router:
+                    self._set_down(ep, str(exc))
                 if failures > self.settings.retries:
                     raise DriverError(
                         f"the request failed on {failures} endpoint attempts; the last: "
                         f"{ep.url}: {exc}"
                     ) from None
                 log.warning(
-                    "request %s: %s failed after %d tokens (%s); continuing elsewhere",
+                    "request %s: %s failed after %d tokens (%s); continuing %s",
                     stream.request_id,
                     ep.url,
                     len(stream.output_ids),
                     exc,
+                    "through the router" if behind_router else "elsewhere",
                 )
             finally:
                 stream.endpoint = None
                 self._release(ep)
+            if behind_router:
+                lo, hi = ROUTER_RETRY_S
+                await asyncio.sleep(min(lo * 2 ** (failures - 1), hi))
 
     @staticmethod
     def _describe(stream: _Stream, exc: Exception) -> DriverError:
@@ -584,9 +693,13 @@ class _Pool:
         if budget <= 0:  # max_tokens 0, or a resumed request that is already complete
             self.streams.finish(stream, "length", stream.stop_text.flush())
             return
+        headers, extra = self._route(stream)
         try:
             async with self._client.stream(
-                "POST", f"{ep.url}/completions", json=self._body(stream, budget)
+                "POST",
+                f"{ep.url}/completions",
+                json={**self._body(stream, budget), **extra},
+                headers=headers,
             ) as response:
                 if response.status_code != 200:
                     await self._refused(ep, response)
@@ -602,11 +715,26 @@ class _Pool:
                             return  # a stop string: closing the response aborts the request
         except httpx.HTTPError as exc:
             if stream.server_finish is None:
-                raise _EndpointFailed(_describe(exc)) from None
+                unreachable = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                raise _EndpointFailed(_describe(exc), unreachable) from None
             # The finish arrived; only the usage chunk was lost.
         if stream.server_finish is None:
             raise _EndpointFailed("the stream ended without a finish reason")
         self.streams.finish(stream, stream.server_finish, stream.stop_text.flush())
+
+    def _route(self, stream: _Stream) -> tuple[dict[str, str], dict[str, Any]]:
+        """Router mode: the headers and body fields that tell the router who asks."""
+        spec, request = self.settings.router, stream.request
+        if spec is None or request.session is None:
+            return {}, {}
+        hints = RouteHints(
+            session=request.session,
+            program=request.program or request.session,
+            priority=request.priority,
+            expected_tokens=request.expected_tokens
+            or request.sampling.max_tokens - len(stream.output_ids),
+        )
+        return route_fields(spec, hints)
 
     def _body(self, stream: _Stream, budget: int) -> dict[str, Any]:
         options = stream.request.sampling
@@ -734,8 +862,23 @@ class OpenAIDriver(TokenizingDriver):
             streamed bytes, before an endpoint counts as failed.
         load_timeout: seconds ``load()`` waits for the first endpoint to answer.
         health_interval: seconds between checks of a healthy endpoint.
-        retries: endpoints a request may move to after failures (the first try aside).
+        retries: endpoints a request may move to after failures (the first try aside);
+            None: 2, or 4 in router mode (retries through the router).
         queue_timeout: seconds a request waits for room when every healthy endpoint is full.
+        router: router mode: the one endpoint is a router in front of many replicas
+            (``vllm-router``, ``sglang``, ``llm-d``, ``dynamo`` or ``generic``); every
+            request carries the process's session key, program, priority and expected
+            output length in that router's form (drivers/routing.py).
+        objectives: (llm-d) ``NICE:NAME`` bands mapping a process's nice to an
+            InferenceObjective, e.g. ``-1:premium,9:standard,19:batch``.
+        program_scheduling: (vllm-router) also send ``vllm_xargs.agentic_context``
+            (for a router started with ``--enable-program-scheduling`` in front of
+            engines that read it; plain vLLM refuses the field).
+        metrics: router mode: the router's Prometheus metrics URL; its healthy workers
+            times ``per_worker`` bound the capacity in force (read in the background).
+        metrics_gauge: the per-worker health gauge in those metrics (default per router:
+            ``vllm_router_worker_health`` for vllm-router).
+        per_worker: sequences each healthy worker may run (with ``metrics``).
         transport: (Python API only) an ``httpx`` transport, for tests.
     """
 
@@ -755,8 +898,14 @@ class OpenAIDriver(TokenizingDriver):
         read_timeout: float = 120.0,
         load_timeout: float = 120.0,
         health_interval: float = 5.0,
-        retries: int = 2,
+        retries: int | None = None,
         queue_timeout: float = 60.0,
+        router: str | None = None,
+        objectives: str | None = None,
+        program_scheduling: bool | str = False,
+        metrics: str | None = None,
+        metrics_gauge: str | None = None,
+        per_worker: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if slots < 1:
@@ -770,13 +919,41 @@ class OpenAIDriver(TokenizingDriver):
         ):
             if not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if retries < 0:
-            raise ValueError(f"retries must be 0 or more, got {retries}")
+        spec = parse_router(router, objectives, program_scheduling) if router is not None else None
+        if spec is None and (objectives or program_scheduling or metrics or per_worker):
+            raise ValueError(
+                "objectives, program_scheduling, metrics and per_worker are router-mode "
+                "options: give router=vllm-router|sglang|llm-d|dynamo|generic too"
+            )
+        if retries is None:
+            retries = 4 if spec is not None else 2
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries!r}")
+        gauge = None
+        if metrics is not None:
+            metrics = _metrics_url(str(metrics))
+            gauge = metrics_gauge or HEALTH_GAUGES.get(spec.kind if spec else "")
+            if not gauge:
+                raise ValueError(
+                    f"router {spec.kind if spec else ''} has no known health gauge; give "
+                    f"metrics_gauge=NAME (a per-worker gauge, 1 when healthy)"
+                )
+            if not isinstance(per_worker, int) or isinstance(per_worker, bool) or per_worker < 1:
+                raise ValueError(
+                    f"metrics needs per_worker=N, the sequences one healthy worker may run "
+                    f"(a whole number, at least 1); got {per_worker!r}"
+                )
+        elif metrics_gauge is not None or per_worker is not None:
+            raise ValueError("metrics_gauge and per_worker go with metrics=URL (the router's)")
         if max_context is not None and max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {max_context}")
         if endpoints is None:
             endpoints = os.environ.get(ENDPOINTS_ENV) or DEFAULT_ENDPOINT
         self._specs = parse_endpoints(endpoints, capacity, slots)
+        if spec is not None and len(self._specs) != 1:
+            raise ValueError(
+                f"router mode takes one endpoint, the router's URL; got {len(self._specs)}"
+            )
         if api_key is None:
             api_key = next((os.environ[k] for k in API_KEY_ENVS if os.environ.get(k)), None)
         self._settings = _Settings(
@@ -788,6 +965,10 @@ class OpenAIDriver(TokenizingDriver):
             health_interval=float(health_interval),
             retries=int(retries),
             queue_timeout=float(queue_timeout),
+            router=spec,
+            metrics_url=str(metrics) if metrics is not None else None,
+            metrics_gauge=gauge,
+            per_worker=per_worker,
         )
         super().__init__(model)
         self._max_context_arg = max_context
@@ -809,14 +990,27 @@ class OpenAIDriver(TokenizingDriver):
         pool = self._pool
         if pool is None:
             return tuple(
-                EndpointView(s.url, s.capacity, EndpointState.UNKNOWN, 0, 0, "", None, True, 0)
+                EndpointView(
+                    s.url, s.capacity, EndpointState.UNKNOWN, 0, 0, "", None, True, 0, None, None
+                )
                 for s in self._specs
             )
         return tuple(ep.view(pool.served) for ep in pool.endpoints)
 
     def healthy_slots(self) -> int:
-        """The capacity of the endpoints that are up now."""
-        return sum(v.capacity for v in self.endpoints() if v.state is EndpointState.UP)
+        """The capacity of the endpoints that are up now (behind a router with metrics:
+        bounded by its healthy workers)."""
+        return sum(
+            v.room if v.room is not None else v.capacity
+            for v in self.endpoints()
+            if v.state is EndpointState.UP
+        )
+
+    @property
+    def router(self) -> str | None:
+        """Router mode's router kind, else None."""
+        spec = self._settings.router
+        return spec.kind if spec is not None else None
 
     def serving(self, request_id: str) -> str | None:
         """The URL of the endpoint running ``request_id`` now (None: waiting, or unknown)."""
@@ -896,7 +1090,7 @@ class OpenAIDriver(TokenizingDriver):
         if served:
             info = dataclasses.replace(info, model=served)
         if self._state == "ready":
-            detail = "; ".join(_describe_endpoint(v) for v in self.endpoints())
+            detail = "; ".join(_describe_endpoint(v, self.router) for v in self.endpoints())
             info = dataclasses.replace(info, detail=detail)
         return info
 
@@ -931,8 +1125,13 @@ class OpenAIDriver(TokenizingDriver):
         return pool, encoder
 
 
-def _describe_endpoint(view: EndpointView) -> str:
-    text = f"{view.url} {view.state.value} {view.load}/{view.capacity}"
+def _describe_endpoint(view: EndpointView, router: str | None = None) -> str:
+    room = view.room if view.room is not None else view.capacity
+    text = f"{view.url} {view.state.value} {view.load}/{room}"
+    if router is not None:
+        text = f"router {router} {text}"
+        if view.workers is not None:
+            text += f" ({view.workers} healthy workers)"
     if not view.exact:
         text += " (no token ids: approximate counts)"
     return text + (f" ({view.error})" if view.error else "")

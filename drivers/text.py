@@ -153,11 +153,18 @@ def hub_offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+#: Serialises the first import of transformers' lazy classes across loading threads.
+_IMPORT_LOCK = threading.Lock()
+
+
 def load_tokenizer(path: Path, hint: str) -> PreTrainedTokenizerBase:
     """The model folder's tokenizer, from local files only (blocking: run it off the
     loop). Raises :class:`DriverError` saying why, followed by ``hint`` (what to do)."""
     hub_offline()
-    from transformers import AutoTokenizer
+    # transformers imports its classes lazily, and two threads importing at once (two
+    # models loading together) can see a half-initialised module: import under a lock.
+    with _IMPORT_LOCK:
+        from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)

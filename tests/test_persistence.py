@@ -114,3 +114,22 @@ def test_kill_9_loses_nothing_committed_and_recovers_the_process_table(tmp_path:
         for h in hosts:
             h.kill()
             h.wait()
+
+
+def test_the_kernel_instance_id_is_made_once_per_state_database() -> None:
+    """The instance id (with a pid, the session key a router sees) is kept in the
+    database: the same on every later read, another in another database."""
+    import sqlite3
+
+    from kernel.persist import instance_id
+
+    def database() -> sqlite3.Connection:
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        return conn
+
+    one, other = database(), database()
+    first = instance_id(one)
+    assert len(first) == 8 and int(first, 16) >= 0
+    assert instance_id(one) == first
+    assert instance_id(other) != first

@@ -32,6 +32,13 @@ prompt tokens the driver reused from its cache / prompt tokens read. The kernel 
 process's prompt append-only, so turn ``n`` should reuse turn ``n-1``'s whole prompt
 where the driver caches prefixes (vLLM; the CPU driver keeps its slot's KV only while
 the process holds the slot).
+
+``--versus KEY=VALUE`` (repeatable) compares two *kernels* instead: the second one's
+driver options are the first's changed by these (``KEY=`` drops one). Both stay loaded
+and run interleaved like the two paths above (``kernel`` and ``versus``): e.g. the
+openai driver through a router in front of two replicas against the driver's own
+placement over the same two replicas, tokens/s, TTFT and prefix-cache hit rate side by
+side in one run.
 """
 
 from __future__ import annotations
@@ -230,6 +237,10 @@ class KernelPath:
     def __init__(self, client: Any, meter: CpuMeter) -> None:
         self.client = client
         self.meter = meter
+        #: Put before each conversation's first turn: with ``--versus`` both kernels may
+        #: share the servers, and distinct first blocks keep one from reusing the other's
+        #: cached prefixes.
+        self.salt = ""
 
     def cpu(self) -> tuple[float, float]:
         return self.meter.mine() + self.meter.kernel(), self.meter.loop(kernel=True)
@@ -277,7 +288,7 @@ class KernelPath:
             r = c_ = 0
             for t in range(turns):
                 res = await p.generate(
-                    [{"role": "user", "content": _turn(i, t)}],
+                    [{"role": "user", "content": (self.salt if t == 0 else "") + _turn(i, t)}],
                     max_tokens=max_tokens,
                     temperature=0.0,
                 )
@@ -483,13 +494,42 @@ async def _direct_only(
         )
 
 
-def _summary(runs: list[Run], levels: list[int]) -> list[dict[str, Any]]:
+async def _versus(kernel: Any, other: Any, plan: Plan) -> tuple[list[Run], list[dict[str, Any]]]:
+    """Two kernels (two driver configurations), both loaded, rounds interleaved."""
+    async with (
+        _kernel_path(kernel, CpuMeter(kernel.proc.pid)) as kp,
+        _kernel_path(other, CpuMeter(other.proc.pid)) as vp,
+    ):
+        vp.name = "versus"
+        kp.salt, vp.salt = "Conversation A. ", "Conversation B. "  # same length in tokens
+        runs = await _rounds([kp, vp], plan, range(plan.rounds), alternate=True)
+        return runs, [await _prefix(kp, plan), await _prefix(vp, plan)]
+
+
+def versus_options(base: list[str] | None, changes: list[str]) -> list[str]:
+    """``--driver-option`` items of the second kernel: ``base`` changed by ``changes``
+    (``KEY=VALUE`` replaces or adds KEY; ``KEY=`` drops it)."""
+    options = dict(item.partition("=")[::2] for item in base or [])
+    for item in changes:
+        key, _, value = item.partition("=")
+        if value:
+            options[key] = value
+        else:
+            options.pop(key, None)
+    return [f"{k}={v}" for k, v in options.items()]
+
+
+def _summary(
+    runs: list[Run], levels: list[int], paths: tuple[str, str] = ("kernel", "direct")
+) -> list[dict[str, Any]]:
     """Per level: each path's median tokens/s, the median and spread of the rounds'
-    overheads, and the CPU the kernel path burned per token beyond the direct path."""
+    overheads (how much slower the first path is), and the CPU the first path burned per
+    token beyond the second."""
+    a, b = paths
     out = []
     for c in levels:
-        k = {r.round: r for r in runs if r.concurrency == c and r.path == "kernel"}
-        d = {r.round: r for r in runs if r.concurrency == c and r.path == "direct"}
+        k = {r.round: r for r in runs if r.concurrency == c and r.path == a}
+        d = {r.round: r for r in runs if r.concurrency == c and r.path == b}
         pcts = [
             100 * (1 - k[i].tokens_per_s / d[i].tokens_per_s)
             for i in sorted(k)
@@ -509,19 +549,21 @@ def _summary(runs: list[Run], levels: list[int]) -> list[dict[str, Any]]:
             {
                 "concurrency": c,
                 "rounds": len(pcts),
-                "kernel_tokens_per_s": round(
+                f"{a}_tokens_per_s": round(
                     statistics.median(r.tokens_per_s for r in k.values()), 2
                 ),
-                "direct_tokens_per_s": round(
+                f"{b}_tokens_per_s": round(
                     statistics.median(r.tokens_per_s for r in d.values()), 2
                 ),
+                f"{a}_ttft_p50_ms": _median_ttft(k.values()),
+                f"{b}_ttft_p50_ms": _median_ttft(d.values()),
                 "overhead_pct": round(statistics.median(pcts), 2) if pcts else None,
                 "overhead_pct_rounds": [round(p, 2) for p in pcts],
-                "kernel_cpu_ms_per_token": round(1000 * k_cpu, 3),
-                "direct_cpu_ms_per_token": round(1000 * d_cpu, 3),
+                f"{a}_cpu_ms_per_token": round(1000 * k_cpu, 3),
+                f"{b}_cpu_ms_per_token": round(1000 * d_cpu, 3),
                 "added_cpu_us_per_token": round(1e6 * (k_cpu - d_cpu), 1),
-                "kernel_loop_cpu_us_per_token": round(1e6 * k_loop, 1),
-                "direct_loop_cpu_us_per_token": round(1e6 * d_loop, 1),
+                f"{a}_loop_cpu_us_per_token": round(1e6 * k_loop, 1),
+                f"{b}_loop_cpu_us_per_token": round(1e6 * d_loop, 1),
                 "added_loop_cpu_us_per_token": round(1e6 * (k_loop - d_loop), 1),
                 # The added loop CPU as a share of one core at this level's tokens/s.
                 "added_loop_core_pct": round(
@@ -531,6 +573,12 @@ def _summary(runs: list[Run], levels: list[int]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _median_ttft(runs: Any) -> float:
+    """The median over rounds of each round's p50 time to first token, in ms."""
+    p50s = [1000 * _pct(sorted(r.ttft_s), 0.50) for r in runs if r.ttft_s]
+    return round(statistics.median(p50s), 1) if p50s else 0.0
 
 
 def bench_driver(args: argparse.Namespace) -> int:
@@ -548,6 +596,10 @@ def bench_driver(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         err.print("[red]--rounds needs a positive integer[/]")
         return 2
+    versus = getattr(args, "versus", None)
+    if versus and args.sequential:
+        err.print("[red]--versus runs two kernels interleaved; drop --sequential[/]")
+        return 2
     plan = Plan(levels, args.rounds, args.requests, args.tokens, args.turns)
     slots = args.slots or max(levels)
     options: dict[str, Any] = {"slots": slots} | ({"dtype": args.dtype} if args.dtype else {})
@@ -555,9 +607,13 @@ def bench_driver(args: argparse.Namespace) -> int:
     argv = ["--driver", args.driver, "--slots", str(slots)]
     argv += ["--model", args.model] if args.model else []
     argv += ["--dtype", args.dtype] if args.dtype else []
+    other = list(argv)
     for option in args.driver_option or []:
         argv += ["--driver-option", option]
+    for option in versus_options(args.driver_option, versus or []):
+        other += ["--driver-option", option]
     mode = "sequential" if args.sequential else "interleaved"
+    paths = ("kernel", "versus") if versus else ("kernel", "direct")
     report: dict[str, Any] = {
         "bench": "driver",
         "driver": args.driver,
@@ -567,23 +623,35 @@ def bench_driver(args: argparse.Namespace) -> int:
         "requests_per_client": args.requests,
         "rounds": args.rounds,
         "mode": mode,
+        "paths": list(paths),
         "machine": {"cpus": os.cpu_count(), "load_avg_start": _load()},
     }
+    if versus:
+        report["driver_options"] = list(args.driver_option or [])
+        report["versus_options"] = versus_options(args.driver_option, versus)
     with tempfile.TemporaryDirectory(prefix="llmos-bench-driver-") as tmp:
-        kernel = PrivateKernel(Path(tmp), *argv)
+        kernel = PrivateKernel(Path(tmp) / "kernel", *argv)
         with err.status(f"starting a private kernel with the {args.driver} driver…"):
             kernel.start()
+        second = PrivateKernel(Path(tmp) / "versus", *other) if versus else None
         try:
+            if second is not None:
+                with err.status("starting the second kernel (--versus)…"):
+                    second.start()
             with err.status(
                 f"{mode} rounds at concurrency {', '.join(map(str, levels))}…"
             ) as status:
                 plan.progress = status.update
-                if args.sequential:
+                if second is not None:
+                    runs, (k_hit, d_hit) = asyncio.run(_versus(kernel, second, plan))
+                elif args.sequential:
                     runs, k_hit = asyncio.run(_kernel_only(kernel, plan))
                 else:
                     runs, (k_hit, d_hit) = asyncio.run(_interleaved(args, options, kernel, plan))
         finally:
             _stop(kernel)
+            if second is not None and second.proc is not None:
+                _stop(second)
     if args.sequential:
         with err.status(f"the {args.driver} driver called directly…"):
             d_runs, d_hit = asyncio.run(_direct_only(args, options, plan))
@@ -591,7 +659,7 @@ def bench_driver(args: argparse.Namespace) -> int:
     runs.sort(key=lambda r: (r.round, r.concurrency, r.path != "kernel"))
     report["machine"]["load_avg_end"] = _load()
     report["runs"] = [r.row() for r in runs]
-    report["summary"] = _summary(runs, levels)
+    report["summary"] = _summary(runs, levels, paths)
     report["overhead_pct"] = {str(s["concurrency"]): s["overhead_pct"] for s in report["summary"]}
     report["prefix_cache"] = [k_hit, d_hit]
     _print(report, args.json, stdout)
@@ -661,12 +729,18 @@ def _print(report: dict[str, Any], as_json: bool, stdout: Any) -> None:
         )
     out.print(t)
     out.print("* ran second in its round")
+    a, b = report.get("paths", ("kernel", "direct"))
+    if "versus_options" in report:
+        out.print(f"kernel: {' '.join(report['driver_options'])}")
+        out.print(f"versus: {' '.join(report['versus_options'])}")
     s = Table(title="per level: medians over the rounds")
     for col in (
         "clients",
-        "kernel tok/s",
-        "direct tok/s",
-        "kernel overhead",
+        f"{a} tok/s",
+        f"{b} tok/s",
+        f"{a} TTFT p50 ms",
+        f"{b} TTFT p50 ms",
+        f"{a} slower by",
         "per round",
         "added loop CPU µs/token",
         "= % of a core",
@@ -676,8 +750,10 @@ def _print(report: dict[str, Any], as_json: bool, stdout: Any) -> None:
         pct = row["overhead_pct"]
         s.add_row(
             str(row["concurrency"]),
-            f"{row['kernel_tokens_per_s']:.1f}",
-            f"{row['direct_tokens_per_s']:.1f}",
+            f"{row[f'{a}_tokens_per_s']:.1f}",
+            f"{row[f'{b}_tokens_per_s']:.1f}",
+            f"{row[f'{a}_ttft_p50_ms']:.0f}",
+            f"{row[f'{b}_ttft_p50_ms']:.0f}",
             "n/a" if pct is None else f"{pct:+.2f}%",
             " ".join(f"{p:+.1f}" for p in row["overhead_pct_rounds"]),
             f"{row['added_loop_cpu_us_per_token']:.0f}",

@@ -951,6 +951,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=driver_option,
         help="driver option (repeatable), e.g. endpoints=http://host:8000/v1 for openai",
     )
+    bd.add_argument(
+        "--versus",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        type=driver_option,
+        help="compare with a second kernel whose driver options differ by these (repeatable; "
+        "KEY= drops an option) instead of the driver called directly, e.g. a router vs the "
+        "driver's own placement over two endpoints",
+    )
     bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bench_gateway.add_parser(bsub)  # llmos bench gateway
     bench_scale.add_parser(bsub)  # llmos bench scale
