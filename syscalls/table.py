@@ -101,7 +101,8 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
                 Errno.EAGAIN,
                 Errno.ENOTSUP,
             ],
-            "Generate with the process's model: chat turns (kept in its context) or raw text.",
+            "Generate with the process's model: chat turns (kept in its context) or raw text; "
+            "detach: return at once with a run id (llm.run, llm.stream, llm.wait).",
             chunk=m.GenerateChunk,
         ),
         _row(
