@@ -81,6 +81,7 @@ class Run:
     journaled: int = 0  # chunks written to the journal
     journaled_ids: int = 0
     last_write: float = 0.0
+    dirty: bool = False  # its record changed since it was last written
     _event: asyncio.Event | None = None
 
     @property
@@ -289,14 +290,13 @@ class RunTable:
         return uncharged
 
     def on_slot(self, run: Run) -> None:
-        if run.state is RunState.QUEUED:
-            run.state, run.started = RunState.RUNNING, run.started or time.time()
-            self._write_record(run)
+        if run.state is RunState.QUEUED:  # written with its next chunks
+            run.state, run.started, run.dirty = RunState.RUNNING, run.started or time.time(), True
 
     def started_with(self, run: Run, prompt: list[dict[str, str]] | str, n_prompt: int) -> None:
-        """The prompt the run was composed with: a resumed run uses it again as it is."""
-        run.prompt, run.n_prompt = prompt, n_prompt
-        self._write_record(run)
+        """The prompt the run was composed with: a resumed run uses it again as it is
+        (journaled with its first chunks: a run with no chunk yet starts afresh anyway)."""
+        run.prompt, run.n_prompt, run.dirty = prompt, n_prompt, True
 
     def add_chunk(self, run: Run, text: str, out_ids: list[int]) -> None:
         """A chunk of text, made with the tokens ``out_ids`` so far (a resume point)."""
@@ -320,8 +320,15 @@ class RunTable:
             or len(run.ids) - run.journaled_ids >= JOURNAL_TOKENS
         ):
             ids = array.array("i", run.ids[run.journaled_ids :]).tobytes()
+            record = self._record(run) if run.dirty else None
+            run.dirty = False
             self.store.submit(
-                _write_chunks, run.id, run.journaled, dumps(run.chunks[run.journaled :]), ids
+                _write_chunks,
+                run.id,
+                run.journaled,
+                dumps(run.chunks[run.journaled :]),
+                ids,
+                record,
             )
             run.journaled, run.journaled_ids, run.last_write = (
                 len(run.chunks),
@@ -348,15 +355,20 @@ class RunTable:
             run.state = RunState.FAILED
         run.finished = time.time()
         run.call = None
-        self._maybe_write(run, force=True)
-        self._write_record(run)
+        run.dirty = True
+        self._maybe_write(run, force=True)  # its last chunks and its outcome: one write
+        if run.dirty:
+            self._write_record(run)
         self.leave_queue(run)
         run._wake()
 
     # -- the journal ------------------------------------------------------------------------
     def _write_record(self, run: Run) -> None:
-        if not self.journal:
-            return
+        run.dirty = False
+        if self.journal:
+            self.store.submit(_write_run, run.id, run.pid, self._record(run), self.next_id)
+
+    def _record(self, run: Run) -> str:
         record = {
             "pid": run.pid,
             "lineage": run.lineage,
@@ -371,7 +383,7 @@ class RunTable:
             "result": run.result.model_dump(mode="json") if run.result is not None else None,
             "error": run.error.to_wire() if run.error is not None else None,
         }
-        self.store.submit(_write_run, run.id, run.pid, dumps(record), self.next_id)
+        return dumps(record)
 
     def load(self) -> list[Run]:
         """Bring the journal's runs back (call at start, off the loop); returns the runs that
@@ -433,11 +445,20 @@ def _write_run(conn: sqlite3.Connection, run_id: int, pid: int, record: str, nex
     set_meta(conn, "next_run", str(next_id))
 
 
-def _write_chunks(conn: sqlite3.Connection, run_id: int, seq: int, texts: str, ids: bytes) -> None:
+def _write_chunks(
+    conn: sqlite3.Connection,
+    run_id: int,
+    seq: int,
+    texts: str,
+    ids: bytes,
+    record: str | None,
+) -> None:
     conn.execute(
         "INSERT OR REPLACE INTO run_chunks (run, seq, texts, ids) VALUES (?, ?, ?, ?)",
         (run_id, seq, texts, ids),
     )
+    if record is not None:  # the run's record changed with them (its prompt, its outcome)
+        conn.execute("UPDATE runs SET record = ? WHERE id = ?", (record, run_id))
 
 
 def _delete(conn: sqlite3.Connection, run_id: int) -> None:

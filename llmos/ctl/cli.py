@@ -23,7 +23,7 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, keys, mcp_cli, runs_cli
+from llmos.ctl import bench_gateway, bench_runs, keys, mcp_cli, runs_cli
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -941,6 +941,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bench_gateway.add_parser(bsub)  # llmos bench gateway
+    bench_runs.add_parser(bsub)  # llmos bench runs
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1081,6 +1082,8 @@ def _run(args: argparse.Namespace) -> int:
                 return bench_driver(args)
             if args.bcmd == "gateway":
                 return bench_gateway.bench_gateway(args)
+            if args.bcmd == "runs":
+                return bench_runs.bench_runs(args)
             if args.bcmd == "memory":
                 from llmos.ctl.bench_memory import bench_memory
 
