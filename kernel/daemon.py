@@ -107,6 +107,12 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         "holds at most a quarter of it unless its max_procs limit says otherwise",
     )
     p.add_argument(
+        "--no-run-journal",
+        action="store_true",
+        help="do not journal detached runs' tokens (they are then lost if the kernel dies; "
+        "for measuring the journal's cost)",
+    )
+    p.add_argument(
         "--max-loaded",
         type=int,
         default=None,
@@ -493,6 +499,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         max_procs=args.max_procs,
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
         mcp=getattr(args, "mcp_mounts", None) or mcp_mounts(args, os.environ),
+        run_journal=not args.no_run_journal,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -41,6 +41,7 @@ from kernel.persist import Persist, instance_id, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
 from kernel.redact import Redactor
 from kernel.residency import MIN_AWAKE_S, Residency
+from kernel.runs import RunTable
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, Scheduler, make_policy
 from kernel.stats import KernelStats
@@ -118,6 +119,7 @@ class Kernel:
         min_awake_s: float = MIN_AWAKE_S,
         sandbox: SandboxConfig | None = None,
         mcp: list[m.McpAddArgs] | None = None,
+        run_journal: bool = True,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -159,6 +161,8 @@ class Kernel:
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
         self.ipc = Ipc(self.procs)
+        # Detached generations, journaled so they go on after a restart (unless told not to).
+        self.runs = RunTable(self.store, self.procs, journal=run_journal)
         self.scheduler = Scheduler(
             {name: d.slots for name, d in drivers.items()},
             make_policy(policy, quantum),
@@ -186,6 +190,7 @@ class Kernel:
         loop = asyncio.get_running_loop()
         found = await asyncio.to_thread(recover, self.store, self.procs)
         self.instance = await self.store.call(instance_id)
+        unfinished = await asyncio.to_thread(self.runs.load)
         entries = await asyncio.to_thread(self.memory.load)
         if self.memory.index is not None:
             await self.store.call(load_index, self.memory.index)
@@ -201,6 +206,7 @@ class Kernel:
             )
         self.transport.bind()
         self.transport.start()
+        sys_llm.resume_runs(self, unfinished)
         self.audit.record(
             None,
             "kernel.start",
@@ -249,6 +255,11 @@ class Kernel:
     async def stop(self) -> None:
         """Answer calls in flight with ESHUTDOWN, close the socket, unload models."""
         self._stopped.set()
+        runs = [r.call.task for r in self.runs.close() if r.call is not None and r.call.task]
+        for task in runs:  # they stay journaled as they are and go on at the next start
+            task.cancel()
+        if runs:
+            await asyncio.wait(runs, timeout=5)
         await self.dispatcher.shutdown()
         self.audit.flush_auth()
         self.audit.record(None, "kernel.stop", "ok", detail="clean shutdown")
@@ -311,6 +322,10 @@ class Kernel:
             calls.discard(call)
             if not calls:
                 del self._calls[call.caller.pid]
+
+    def calls_of(self, pid: int) -> set[Call]:
+        """Process ``pid``'s asynchronous calls in flight (its detached runs included)."""
+        return self._calls.get(pid, set())
 
     def interrupt_calls(self, pid: int, name: str, error: SyscallError) -> int:
         """Answer process ``pid``'s calls of syscall ``name`` in flight with ``error`` now

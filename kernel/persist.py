@@ -6,8 +6,8 @@ usage or context is queued to the state database's thread in order. A syscall th
 must not reply before its effect is durable awaits :meth:`Persist.barrier`.
 
 :func:`recover` rebuilds the table when the kernel starts: processes come back with
-their pids, credentials (as hashes), limits, usage and contexts; a generation that was
-in flight is gone (the process is WAITING). A process whose program (the OS process
+their pids, credentials (as hashes), limits, usage and contexts; a plain generation that
+was in flight is gone (the process is WAITING; a detached run goes on: kernel/runs.py). A process whose program (the OS process
 that drove it, if it told the kernel at spawn) died while the kernel was down is hung
 up: it exits with ``HUP`` (status 129), its children become orphans, as on Unix.
 """

@@ -3,7 +3,8 @@
 Everything the kernel must not forget lives here: the process table (with hashed
 credentials, limits and usage), each process's context, context snapshots, core memory
 blocks, recall memory (every message a process has seen, full-text indexed) and
-archival memory (entries, metadata and their embedding vectors), and memory grants.
+archival memory (entries, metadata and their embedding vectors), memory grants, and
+detached generations (runs) with their chunks.
 
 One worker thread owns the connection; the event loop hands it work as closures and
 awaits the result (:meth:`Store.call`) or just queues it (:meth:`Store.submit`). The
@@ -35,7 +36,7 @@ log = logging.getLogger("llmos.store")
 T = TypeVar("T")
 
 #: Bump with a new entry in _MIGRATIONS when the schema changes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -139,6 +140,20 @@ _MIGRATIONS: dict[int, str] = {
         hash TEXT NOT NULL
     );
     CREATE INDEX audit_ts ON audit (ts);
+    """,
+    4: """
+    CREATE TABLE runs (                   -- detached generations (kernel/runs.py)
+        id INTEGER PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        record TEXT NOT NULL              -- JSON: arguments, prompt, state, result or error
+    );
+    CREATE TABLE run_chunks (             -- a run's text chunks and token ids, in batches
+        run INTEGER NOT NULL,
+        seq INTEGER NOT NULL,             -- the batch's first chunk
+        texts TEXT NOT NULL,              -- JSON list of the batch's chunks
+        ids BLOB NOT NULL,                -- int32 token ids made with them
+        PRIMARY KEY (run, seq)
+    );
     """,
 }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -34,15 +35,19 @@ from drivers.base import (
 )
 from drivers.grammar import schema_text
 from kernel import context
-from kernel.process import SIGNAL_STATUS, Proc, ProcState
+from kernel.process import SIGNAL_STATUS, Caller, Proc, ProcState
 from kernel.quota import Account
+from kernel.runs import Run, RunCall, RunTable
 from kernel.syscall import Call
 from kernel.toolcall import action_schema, parse_action, tool_guide
+from syscalls import limits
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
+
+log = logging.getLogger("llmos.kernel")
 
 _request_ids = itertools.count(1)
 
@@ -66,6 +71,8 @@ class Generation:
     cached: int = 0  # prompt tokens the driver reused from its prefix cache, all stretches
     unsent: list[str] = field(default_factory=list)  # streamed text not yet sent
     last_chunk: float | None = None  # when the last chunk was sent
+    run: Run | None = None  # a detached run's generation: its chunks go to the run
+    runs: RunTable | None = None
 
     def send_text(self, call: Call, text: str, final: bool = False) -> None:
         """Stream ``text``: the first piece at once, then batched every CHUNK_INTERVAL_S."""
@@ -75,7 +82,10 @@ class Generation:
         if self.unsent and (
             final or self.last_chunk is None or now - self.last_chunk >= CHUNK_INTERVAL_S
         ):
-            call.chunk({"text": "".join(self.unsent)})
+            if self.run is not None and self.runs is not None:  # with its resume point
+                self.runs.add_chunk(self.run, "".join(self.unsent), self.out_ids)
+            else:
+                call.chunk({"text": "".join(self.unsent)})
             self.unsent.clear()
             self.last_chunk = now
 
@@ -83,15 +93,23 @@ class Generation:
 async def sys_generate(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateResult:
     proc = call.caller.proc
     assert proc is not None
+    if a.detach:
+        return start_run(k, call, a)
     if proc.busy:
         raise SyscallError(
             Errno.EBUSY, f"process {proc.pid} is already generating; one call at a time"
         )
+    return await _generate_held(k, call, proc, a)
+
+
+async def _generate_held(k: Kernel, call: Call, proc: Proc, a: m.GenerateArgs) -> m.GenerateResult:
+    """Generate as ``proc``, holding it busy (one generation at a time) until the end."""
     proc.busy = True
     try:
         return await _generate(k, call, proc, a)
     finally:
         proc.busy = False
+        k.runs.kick(proc.pid)  # its next detached run may go
         if proc.alive and proc.state in (ProcState.READY, ProcState.RUNNING, ProcState.NEW):
             k.procs.idle(proc)
         elif proc.alive and proc.state is ProcState.STOPPED:
@@ -144,7 +162,10 @@ async def _generate_on(
             if raw_prompt is not None:
                 raw_prompt = (await k.redactor.mask([raw_prompt], proc.redact))[0]
     limit = context.window(proc, driver)
-    if a.prompt is None:
+    run = call.run if isinstance(call, RunCall) else None
+    if run is not None and run.prompt is not None:  # a run going on after a restart
+        prompt, n_prompt = run.prompt, run.n_prompt
+    elif a.prompt is None:
         evicted = proc.evicted  # fit changes the context only by evicting (counted here)
         prompt, n_prompt = await context.fit(
             proc,
@@ -163,7 +184,8 @@ async def _generate_on(
                 Errno.E2BIG,
                 f"the prompt is {n_prompt} tokens but {proc.model}'s window is {limit}; shorten it",
             )
-    if a.instructions is not None and isinstance(prompt, list):  # this call only
+    fresh = run is None or run.prompt is None  # a resumed run has its prompt already
+    if fresh and a.instructions is not None and isinstance(prompt, list):  # this call only
         prompt = _before_last(prompt, a.instructions)
         n_prompt += await context.count_tokens(driver, a.instructions)
         if n_prompt >= limit:
@@ -172,7 +194,7 @@ async def _generate_on(
                 f"the prompt with the instructions is {n_prompt} tokens; "
                 f"{proc.model}'s window is {limit}: shorten them",
             )
-    if tools:  # the tools are described to the model for this call only (not kept in the context)
+    if fresh and tools:  # described to the model for this call only (not kept in the context)
         guide = tool_guide(tools)
         prompt = _before_last(prompt, guide) if isinstance(prompt, list) else prompt
         n_prompt += await context.count_tokens(driver, guide)
@@ -184,11 +206,29 @@ async def _generate_on(
             )
     for acct in accounts:
         acct.check_context(n_prompt)
+    if run is not None and run.prompt is None:  # journaled: a restart goes on with it
+        kept = prompt
+        if proc.redact and not proc.redact_model:  # the journal keeps no personal data
+            kept = (
+                await k.redactor.mask_messages(prompt, proc.redact)
+                if isinstance(prompt, list)
+                else (await k.redactor.mask([prompt], proc.redact))[0]
+            )
+        k.runs.started_with(run, kept, n_prompt)
     proc.generate_calls += 1
     sampling = dict(temperature=a.temperature, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed)
     want = min(a.max_tokens, limit - n_prompt)
     gen, last = await complete(
-        k, call, proc, driver, prompt, want, a.stream, **sampling, response_format=fmt
+        k,
+        call,
+        proc,
+        driver,
+        prompt,
+        want,
+        a.stream or run is not None,
+        **sampling,
+        response_format=fmt,
+        run=run,
     )
     text = "".join(gen.parts)
     proc.prompt_tokens += last.prompt_tokens
@@ -265,14 +305,21 @@ async def complete(
     prompt: list[dict[str, str]] | str,
     want: int,
     stream: bool,
+    run: Run | None = None,
     **sampling: Any,
 ) -> tuple[Generation, Delta]:
     """Generate for ``proc`` with its quotas: reserve output tokens, run on slots (with
     preemption, STOP/CONT, wall limit), settle what was used. Returns the generation and
-    its last delta."""
+    its last delta. A detached ``run`` starts from its resume point (tokens journaled
+    before a restart: charged now, generated again by no one)."""
     accounts = (proc.account, proc.program.account)
     grants = _reserve(accounts, want)
     gen = Generation(prompt, SamplingOptions(max_tokens=grants[-1], **sampling), stream)
+    if run is not None:
+        gen.run, gen.runs = run, k.runs
+        uncharged = k.runs.attach(run, gen)
+        for acct in accounts:
+            acct.charge(uncharged)
     try:
         last = await _within_wall(proc, _run(k, call, proc, driver, gen))
     finally:
@@ -379,6 +426,8 @@ async def _run_on_slot(
         expected_tokens=max(expected - resumed, 1),
     )
     k.running[proc.pid] = rid
+    if gen.run is not None:
+        k.runs.on_slot(gen.run)
     started = time.monotonic()
     last: Delta | None = None
     first_cached = 0
@@ -433,9 +482,161 @@ async def _run_on_slot(
     return last
 
 
+# -- detached runs (the mechanism: kernel/runs.py) ---------------------------------------
+
+
+def start_run(k: Kernel, call: Call, a: m.GenerateArgs) -> m.GenerateResult:
+    """llm.generate detach=true: make the run, queue it behind the process's other
+    generations, and answer at once with its id."""
+    proc = call.caller.proc
+    assert proc is not None
+    for name in dict.fromkeys(a.tools or ()):
+        k.tools.lookup(proc, name)  # a tool it may not use fails the call, not the run later
+    run = k.runs.create(call.caller, a)
+    launch_run(k, run)
+    return m.GenerateResult(text="", finish_reason=None, usage=m.Usage(), run=run.id)
+
+
+def launch_run(k: Kernel, run: Run) -> None:
+    """Start ``run``'s task: it acts as its process, tracked like the process's calls (a
+    kill or llm.cancel of the process interrupts it)."""
+    proc = k.procs.get(run.pid)
+    if proc is None or not proc.alive:
+        k.runs.finish(
+            run,
+            error=SyscallError(
+                Errno.ECANCELED, f"process {run.pid} ended before run {run.id} could go on"
+            ),
+        )
+        return
+    loop = asyncio.get_running_loop()
+    rcall = RunCall(run, Caller(proc.pid, proc), loop.time() + limits.MAX_RUN_S, k.runs)
+    run.call = rcall
+    k.runs.enqueue(run)
+    rcall.task = loop.create_task(_drive(k, run, rcall, proc), name=f"run#{run.id}")
+    rcall.task.add_done_callback(lambda _: _unstarted(k, run, rcall))
+    k.track(rcall)
+
+
+def _unstarted(k: Kernel, run: Run, rcall: RunCall) -> None:
+    # A task cancelled before its first step (a kill in the same batch) never ran _drive.
+    k.untrack(rcall)
+    if not run.done and not k.runs.closing and run.call is rcall:
+        k.runs.finish(
+            run,
+            error=rcall.interrupted
+            or SyscallError(Errno.ECANCELED, f"run {run.id} was cancelled before it began"),
+        )
+
+
+async def _drive(k: Kernel, run: Run, rcall: RunCall, proc: Proc) -> None:
+    """A run's life: its turn on the process, the generation, the outcome kept."""
+    try:
+        await k.runs.turn(run, lambda: proc.busy)
+        async with asyncio.timeout_at(rcall.deadline):
+            result = await _generate_held(k, rcall, proc, run.args)
+    except asyncio.CancelledError:
+        if k.runs.closing or rcall.interrupted is None:
+            raise  # the kernel is stopping: the journal keeps the run for the next start
+        k.runs.finish(run, error=rcall.interrupted)
+    except TimeoutError:
+        k.runs.finish(
+            run,
+            error=SyscallError(
+                Errno.ETIMEDOUT, f"run {run.id} went on longer than {limits.MAX_RUN_S:.0f} s"
+            ),
+        )
+    except SyscallError as err:
+        k.runs.finish(run, error=err)
+    except Exception:
+        log.exception("internal error in run %d", run.id)
+        k.runs.finish(
+            run,
+            error=SyscallError(Errno.EIO, f"internal kernel error in run {run.id}; see the log"),
+        )
+    else:
+        k.runs.finish(run, result=result)
+    finally:
+        k.untrack(rcall)
+
+
+def resume_runs(k: Kernel, runs: list[Run]) -> None:
+    """At start: runs the journal had not seen finish go on from their last chunk."""
+    for run in runs:
+        launch_run(k, run)
+        log.info(
+            "run %d (process %d) goes on after a restart from %d journaled tokens",
+            run.id,
+            run.pid,
+            len(run.ids),
+        )
+
+
+def sys_run(k: Kernel, call: Call, a: m.RunArgs) -> m.RunInfo:
+    return k.runs.get(call.caller, a.run).info()
+
+
+def sys_runs(k: Kernel, call: Call, a: m.RunsArgs) -> m.RunsResult:
+    if a.pid is not None:
+        k.procs.target(call.caller, a.pid)  # ESRCH / EPERM as for the process itself
+    return m.RunsResult(runs=[r.info() for r in k.runs.visible(call.caller, a.pid)])
+
+
+async def sys_stream(k: Kernel, call: Call, a: m.StreamArgs) -> m.GenerateResult:
+    run = k.runs.get(call.caller, a.run)
+    if a.from_seq > len(run.chunks) and run.done:
+        raise SyscallError(
+            Errno.EINVAL,
+            f"run {run.id} has {len(run.chunks)} chunks; from_seq {a.from_seq} is past them",
+        )
+    call.seq = seq = a.from_seq  # the frames carry the run's own chunk numbers
+    while True:
+        while seq < len(run.chunks):
+            call.chunk({"seq": seq, "text": run.chunks[seq]})
+            seq += 1
+        if run.done:
+            return run.outcome()
+        await run.changed()
+
+
+async def sys_wait_run(k: Kernel, call: Call, a: m.WaitRunArgs) -> m.GenerateResult:
+    run = k.runs.get(call.caller, a.run)
+    if not run.done:
+        loop = asyncio.get_running_loop()
+        until = call.deadline if a.timeout is None else min(loop.time() + a.timeout, call.deadline)
+        try:
+            async with asyncio.timeout_at(until):
+                while not run.done:
+                    await run.changed()
+        except TimeoutError:
+            raise SyscallError(
+                Errno.ETIMEDOUT, f"run {run.id} is still {run.state}; it goes on"
+            ) from None
+    if not a.keep:
+        k.runs.collect(run)
+    return run.outcome()
+
+
+def sys_collect(k: Kernel, call: Call, a: m.RunArgs) -> m.Done:
+    k.runs.collect(k.runs.get(call.caller, a.run))
+    return m.Done()
+
+
 def sys_cancel(k: Kernel, call: Call, a: m.CancelArgs) -> m.CancelResult:
-    proc = k.procs.target(call.caller, a.pid)
     who = "the admin" if call.caller.admin else f"process {call.caller.pid}"
+    if a.run is not None:
+        run = k.runs.get(call.caller, a.run)
+        if run.done or run.call is None:
+            return m.CancelResult(pid=run.pid, cancelled=0)
+        err = SyscallError(
+            Errno.ECANCELED,
+            f"run {run.id} of process {run.pid} was cancelled by {who} (llm.cancel); "
+            "the process goes on",
+        )
+        if run.call.task is not None and run.call.interrupted is None:
+            run.call.interrupt(err)
+        return m.CancelResult(pid=run.pid, cancelled=1)
+    proc = k.procs.target(call.caller, a.pid)
     n = k.interrupt_calls(
         proc.pid,
         "llm.generate",
@@ -448,4 +649,12 @@ def sys_cancel(k: Kernel, call: Call, a: m.CancelArgs) -> m.CancelResult:
     return m.CancelResult(pid=proc.pid, cancelled=n)
 
 
-HANDLERS = {"llm.generate": sys_generate, "llm.cancel": sys_cancel}
+HANDLERS = {
+    "llm.generate": sys_generate,
+    "llm.cancel": sys_cancel,
+    "llm.run": sys_run,
+    "llm.runs": sys_runs,
+    "llm.stream": sys_stream,
+    "llm.wait": sys_wait_run,
+    "llm.collect": sys_collect,
+}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import psutil
@@ -184,8 +185,42 @@ def sys_getpid(k: Kernel, call: Call, a: m.Empty) -> m.GetpidResult:
     return m.GetpidResult(pid=proc.pid, ppid=proc.ppid)
 
 
-def proc_info(p: Proc, mailbox: int = 0) -> m.ProcInfo:
-    """The ps row of a process (``mailbox``: messages waiting in its IPC mailbox)."""
+#: Blocking syscalls as the wait channel ps shows (as Unix's WCHAN); the first one a
+#: process has in flight names it, after a parked confirmation (``confirm:TOOL``).
+WCHANS = {
+    "llm.generate": "llm",
+    "tool.call": "tool.call",
+    "tool.next": "tool.next",
+    "ipc.recv": "ipc.recv",
+    "ipc.send": "ipc.send",
+    "proc.wait": "wait",
+    "llm.wait": "run.wait",
+    "llm.stream": "run.stream",
+}
+
+
+def wait_channels(k: Kernel) -> Callable[[int], str]:
+    """A function giving each process's wait channel now: ``confirm:TOOL`` while a call
+    of an irreversible tool waits for a human, else its first blocking call in flight."""
+    parked = {p.caller: p.tool.name for p in k.tools.parked.values()}
+
+    def wchan(pid: int) -> str:
+        if pid in parked:
+            return f"confirm:{parked[pid]}"
+        calls = k.calls_of(pid)
+        if calls:
+            names = {c.name for c in calls}
+            for name, chan in WCHANS.items():
+                if name in names:
+                    return chan
+        return ""
+
+    return wchan
+
+
+def proc_info(p: Proc, mailbox: int = 0, wchan: str = "") -> m.ProcInfo:
+    """The ps row of a process (``mailbox``: messages waiting in its IPC mailbox;
+    ``wchan``: what it is blocked in)."""
     return m.ProcInfo(
         pid=p.pid,
         ppid=p.ppid,
@@ -211,6 +246,7 @@ def proc_info(p: Proc, mailbox: int = 0) -> m.ProcInfo:
         quota_exceeded=p.account.exceeded or p.program.account.exceeded,
         mailbox=mailbox,
         redact=list(p.redact),
+        wchan=wchan,
     )
 
 
@@ -262,8 +298,9 @@ def sys_ps(k: Kernel, call: Call, a: m.PsArgs) -> m.PsResult:
             mine = [caller.proc, *k.procs.descendants(caller.pid)]
             found = sorted((p for p in mine if p.pid > a.after and keep(p)), key=lambda p: p.pid)
             procs, more = found[: a.limit], len(found) > a.limit
+    wchan = wait_channels(k)
     return m.PsResult(
-        procs=[proc_info(p, k.ipc.depth(p.pid)) for p in procs],
+        procs=[proc_info(p, k.ipc.depth(p.pid), wchan(p.pid)) for p in procs],
         next_after=procs[-1].pid if more else None,
     )
 

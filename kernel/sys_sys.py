@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kernel.process import Proc, ProcState
-from kernel.sys_proc import proc_info
+from kernel.sys_proc import proc_info, wait_channels
 from kernel.syscall import Call
 from syscalls import limits
 from syscalls import models as m
@@ -121,6 +121,7 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
         output_total=st.output.total,
         cached_total=st.cached,
     )
+    wchan = wait_channels(k)
     return m.StatResult(
         time=time.time(),
         uptime_s=round(k.uptime(), 3),
@@ -129,7 +130,7 @@ def sys_stat(k: Kernel, call: Call, a: m.StatArgs) -> m.StatResult:
         states=states,
         tokens=tokens,
         host=m.HostStat(**st.host.sample().as_dict()),
-        procs=[proc_info(p, k.ipc.depth(p.pid)) for p in rows],
+        procs=[proc_info(p, k.ipc.depth(p.pid), wchan(p.pid)) for p in rows],
         procs_total=sum(states.values()),
     )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 from pydantic import BaseModel
@@ -52,6 +52,7 @@ from llmos.transport import (
 )
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
+from syscalls.limits import DEFAULT_GENERATE_DEADLINE_MS
 
 __all__ = [
     "AsyncClient",
@@ -91,7 +92,57 @@ class _Identity:
         raise NotImplementedError
 
 
-class _ClientAPI(_Identity):
+class _RunsAPI(_Identity):
+    """Detached runs (``llm.generate detach=True``), as whoever may see them: the run's
+    process, its ancestors, the admin."""
+
+    last: m.GenerateResult | None = None  # the result a finished stream_run ended with
+
+    @api("llm.run")
+    def run_info(self, run: int) -> Op:
+        """Run ``run``'s state (queued, running, done, failed, cancelled), chunks made,
+        usage, timestamps and error."""
+        return Op("llm.run", {"run": run})
+
+    @api("llm.runs")
+    def runs(self, pid: int | None = None) -> Op:
+        """The runs this identity may see (of process ``pid`` only, if given)."""
+        return Op("llm.runs", opt(pid=pid), then=lambda r: r.runs)
+
+    @api("llm.wait")
+    def wait_run(self, run: int, timeout: float | None = None, keep: bool = False) -> Op:
+        """Wait for run ``run`` to finish; its result (as :meth:`Process.generate` gives)
+        or its error (``errors.ECANCELED`` with ``.text``, the text so far, if it was
+        cancelled). The run is collected unless ``keep``; a timeout (ETIMEDOUT) leaves it
+        running."""
+        deadline = wait_deadline_ms(timeout) or DEFAULT_GENERATE_DEADLINE_MS
+        return Op("llm.wait", opt(run=run, timeout=timeout, keep=keep or None), deadline)
+
+    @api("llm.collect")
+    def collect_run(self, run: int) -> Op:
+        """Forget finished run ``run`` (its result and chunks)."""
+        return Op("llm.collect", {"run": run}, then=_none)
+
+    @api("llm.cancel")
+    def cancel_run(self, run: int) -> Op:
+        """End run ``run`` at its next token; its process goes on, its ``wait_run`` gets
+        ``errors.ECANCELED`` with the text so far."""
+        return Op("llm.cancel", {"run": run})
+
+    def _stream_run_args(self, run: int, from_seq: int) -> dict[str, Any]:
+        args = {"run": run, "from_seq": from_seq}
+        check_args("llm.stream", args)
+        return args
+
+    def _run_frame(self, frame: dict[str, Any]) -> m.RunChunk | None:
+        """A run's chunk, or None for its final result (kept in ``last``)."""
+        if "finish_reason" in frame:
+            self.last = parse_result("llm.stream", frame)  # type: ignore[assignment]
+            return None
+        return m.RunChunk(**frame)
+
+
+class _ClientAPI(_RunsAPI):
     """What a connection can do as its own identity (usually the admin)."""
 
     _process_cls: type[_ProcessAPI]
@@ -235,7 +286,7 @@ class _ClientAPI(_Identity):
         return Op("ipc.publish", _ipc_args(topic=topic, message=message))
 
 
-class _ProcessAPI(_Identity):
+class _ProcessAPI(_RunsAPI):
     """What a process can do: its methods are the syscalls it makes."""
 
     def __init__(self, client: Any, pid: int, token: str, parent: Any = None) -> None:
@@ -296,9 +347,14 @@ class _ProcessAPI(_Identity):
         ``{"type": "choice", "choices": [...]}``, ``{"type": "regex", "pattern": "..."}``
         or ``{"type": "grammar", "ebnf": "..."}``, or a pydantic model class (its JSON
         Schema), so that ``Model.model_validate_json(result.text)`` works unless the
-        output was cut by ``max_tokens`` (``finish_reason == "length"``)."""
+        output was cut by ``max_tokens`` (``finish_reason == "length"``).
+
+        ``detach=True`` returns at once with the id of a run that goes on in the kernel
+        (survives this program and a kernel restart): :meth:`stream_run`,
+        :meth:`wait_run`, :meth:`run_info`, :meth:`cancel_run`."""
         args = generate_args(messages=messages, prompt=prompt, **options)
-        return Op("llm.generate", args, deadline_ms, then=self._keep_last)
+        then = (lambda r: r.run) if options.get("detach") else self._keep_last
+        return Op("llm.generate", args, deadline_ms, then=then)
 
     @api("llm.cancel")
     def cancel(self, pid: int | None = None) -> Op:
@@ -855,6 +911,16 @@ class _Connection(_ClientAPI):
         raise NotImplementedError
 
 
+def _streams(syscall: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a streaming method (written per flavour: it yields) with the syscall it makes."""
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__llmos_syscalls__ = (syscall,)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
 # -- blocking flavour --------------------------------------------------------------------
 
 
@@ -898,6 +964,20 @@ class Client(_Connection):
         """Close this connection's sockets."""
         self._transport.close()
 
+    @_streams("llm.stream")
+    def stream_run(
+        self, run: int, from_seq: int = 0, deadline_ms: int | None = None
+    ) -> Iterator[m.RunChunk]:
+        """Run ``run``'s chunks from number ``from_seq`` (``.seq``, ``.text``), live until
+        it ends; then ``self.last`` holds its result (its error is raised). Reconnect with
+        ``from_seq`` = the next chunk wanted: nothing is missed or repeated."""
+        args = self._stream_run_args(run, from_seq)
+        for frame in self.stream(
+            "llm.stream", args, pid=self.pid, token=self.token, deadline_ms=deadline_ms
+        ):
+            if (chunk := self._run_frame(frame)) is not None:
+                yield chunk
+
     def __enter__(self) -> Client:
         return self
 
@@ -931,6 +1011,20 @@ class Process(_ProcessAPI):
         ):
             if (piece := self._stream_frame(frame)) is not None:
                 yield piece
+
+    @_streams("llm.stream")
+    def stream_run(
+        self, run: int, from_seq: int = 0, deadline_ms: int | None = None
+    ) -> Iterator[m.RunChunk]:
+        """Run ``run``'s chunks from number ``from_seq`` (``.seq``, ``.text``), live until
+        it ends; then ``self.last`` holds its result (its error is raised). Reconnect with
+        ``from_seq`` = the next chunk wanted: nothing is missed or repeated."""
+        args = self._stream_run_args(run, from_seq)
+        for frame in self.client.stream(
+            "llm.stream", args, pid=self.pid, token=self.token, deadline_ms=deadline_ms
+        ):
+            if (chunk := self._run_frame(frame)) is not None:
+                yield chunk
 
 
 Client._process_cls = Process
@@ -980,6 +1074,20 @@ class AsyncClient(_Connection):
         """Close this connection's socket."""
         await self._transport.close()
 
+    @_streams("llm.stream")
+    async def stream_run(
+        self, run: int, from_seq: int = 0, deadline_ms: int | None = None
+    ) -> AsyncIterator[m.RunChunk]:
+        """Run ``run``'s chunks from number ``from_seq`` (``.seq``, ``.text``), live until
+        it ends; then ``self.last`` holds its result (its error is raised). Reconnect with
+        ``from_seq`` = the next chunk wanted: nothing is missed or repeated."""
+        args = self._stream_run_args(run, from_seq)
+        async for frame in self.stream(
+            "llm.stream", args, pid=self.pid, token=self.token, deadline_ms=deadline_ms
+        ):
+            if (chunk := self._run_frame(frame)) is not None:
+                yield chunk
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -1013,6 +1121,20 @@ class AsyncProcess(_ProcessAPI):
         ):
             if (piece := self._stream_frame(frame)) is not None:
                 yield piece
+
+    @_streams("llm.stream")
+    async def stream_run(
+        self, run: int, from_seq: int = 0, deadline_ms: int | None = None
+    ) -> AsyncIterator[m.RunChunk]:
+        """Run ``run``'s chunks from number ``from_seq`` (``.seq``, ``.text``), live until
+        it ends; then ``self.last`` holds its result (its error is raised). Reconnect with
+        ``from_seq`` = the next chunk wanted: nothing is missed or repeated."""
+        args = self._stream_run_args(run, from_seq)
+        async for frame in self.client.stream(
+            "llm.stream", args, pid=self.pid, token=self.token, deadline_ms=deadline_ms
+        ):
+            if (chunk := self._run_frame(frame)) is not None:
+                yield chunk
 
 
 AsyncClient._process_cls = AsyncProcess

@@ -66,7 +66,7 @@ def wait_budget_s(args: dict[str, Any], deadline_ms: int | None, name: str) -> f
     """How long the kernel may take to answer: the call's deadline (or its default)."""
     if deadline_ms is not None:
         return deadline_ms / 1000
-    if name == "llm.generate":
+    if name in ("llm.generate", "llm.stream"):
         return limits.DEFAULT_GENERATE_DEADLINE_MS / 1000
     if name == "proc.wait" and isinstance(args.get("timeout"), int | float):
         return max(args["timeout"] + 1, limits.DEFAULT_DEADLINE_MS / 1000)

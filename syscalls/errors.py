@@ -68,28 +68,33 @@ _SENTENCES: dict[Errno, str] = {
 class SyscallError(Exception):
     """A syscall failed. ``code`` is an :class:`Errno`; ``message`` says what and why."""
 
-    def __init__(self, code: Errno | str, message: str = "") -> None:
+    def __init__(self, code: Errno | str, message: str = "", text: str | None = None) -> None:
         self.code = Errno(code)
         self.message = message or self.code.sentence
+        self.text = text  # a generation's text so far, when one ended early (ECANCELED)
         super().__init__(f"[{self.code}] {self.message}")
 
     def to_wire(self) -> dict[str, str]:
         """The error as it travels in a reply frame."""
-        return {"code": str(self.code), "message": self.message}
+        wire = {"code": str(self.code), "message": self.message}
+        if self.text is not None:
+            wire["text"] = self.text
+        return wire
 
     @staticmethod
-    def of(code: Errno | str, message: str = "") -> SyscallError:
+    def of(code: Errno | str, message: str = "", text: str | None = None) -> SyscallError:
         """The typed exception for ``code`` (e.g. ``ERRORS["ESRCH"]``), so callers can
         ``except errors.ESRCH``."""
-        return ERRORS[Errno(code)](code, message)
+        return ERRORS[Errno(code)](code, message, text)
 
     @classmethod
     def from_wire(cls, error: object) -> SyscallError:
         """Rebuild an error from a reply frame; a malformed one becomes EPROTO."""
         if isinstance(error, dict):
             code, message = error.get("code"), error.get("message")
+            text = error.get("text")
             if isinstance(code, str) and code in Errno.__members__ and isinstance(message, str):
-                return cls.of(code, message)
+                return cls.of(code, message, text if isinstance(text, str) else None)
         return cls.of(Errno.EPROTO, f"kernel sent a malformed error: {error!r:.200}")
 
 

@@ -94,3 +94,13 @@ MAX_IPC_BYTES = 256 << 20
 MAX_TOPIC_CHARS = 128
 MAX_SUBSCRIPTIONS = 64
 MAX_TOPICS = 4096
+
+#: Detached generations (runs, kernel/runs.py): how many the kernel and one process may
+#: hold (queued, running, or finished and not yet collected; more get EAGAIN), how long a
+#: finished run's result is kept uncollected, the text all kept runs may hold together
+#: (over it the oldest finished results go first), and the longest a run may go on.
+MAX_RUNS = 1024
+MAX_RUNS_PER_PROC = 16
+RUN_TTL_S = 3600.0
+MAX_RUN_BYTES = 64 << 20
+MAX_RUN_S = 24 * 3600.0

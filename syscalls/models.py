@@ -77,6 +77,20 @@ class ProcState(StrEnum):
 #: Why a generation ended. The drivers' Delta.finish_reason (drivers/base.py) has the same
 #: values; tests/test_models.py ties the two.
 FinishReason = Literal["stop", "length", "abort"]
+#: A detached generation's id (``llm.generate detach=true``): kernel-wide, never reused.
+RunId = Annotated[int, Field(ge=1, lt=2**63)]
+
+
+class RunState(StrEnum):
+    """A detached generation's state: QUEUED (behind its process's other generations, or
+    waiting for a slot) -> RUNNING (generating) -> DONE, FAILED or CANCELLED (finished;
+    kept as a result until collected or expired)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Args(BaseModel):
@@ -288,6 +302,11 @@ class ProcInfo(Result):
     redact: list[str] = Field(
         default_factory=list, description="personal data kinds masked in what it stores"
     )
+    wchan: str = Field(
+        default="",
+        description="what it is blocked in (as Unix's WCHAN): confirm:TOOL (a human's approval), "
+        "llm, tool:NAME, tool.next, ipc.recv, ipc.send, wait, run.wait; empty if nothing",
+    )
 
 
 #: Most rows one proc.ps page or one sys.stat result carries.
@@ -453,6 +472,11 @@ class GenerateArgs(Args):
     )
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = Field(default=False, description="send text chunks as they are generated")
+    detach: bool = Field(
+        default=False,
+        description="return at once with a run id; the generation goes on in the kernel "
+        "(llm.run, llm.stream, llm.wait), survives the client leaving and a kernel restart",
+    )
     response_format: ResponseFormat | None = Field(
         default=None,
         description="constrain the output: a JSON Schema, any JSON object, one of fixed "
@@ -481,6 +505,8 @@ class GenerateArgs(Args):
             raise ValueError(
                 "tools work with chat 'messages' and without 'response_format' (they set it)"
             )
+        if self.detach and self.stream:
+            raise ValueError("a detached run streams with llm.stream, not 'stream'")
         return self
 
 
@@ -497,6 +523,15 @@ class CancelArgs(Args):
     pid: Pid | None = Field(
         default=None, description="whose generation to end: the caller or a descendant"
     )
+    run: RunId | None = Field(
+        default=None, description="end this detached run instead (its process goes on)"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> CancelArgs:
+        if self.pid is not None and self.run is not None:
+            raise ValueError("give 'pid' or 'run', not both")
+        return self
 
 
 class CancelResult(Result):
@@ -506,7 +541,9 @@ class CancelResult(Result):
 
 class GenerateResult(Result):
     text: str
-    finish_reason: FinishReason
+    finish_reason: FinishReason | None = Field(
+        description="why it ended; null only for a detached call (see run)"
+    )
     usage: Usage
     tool_calls: list[ToolCall] = Field(
         default_factory=list, description="with tools: the call the model chose"
@@ -514,6 +551,68 @@ class GenerateResult(Result):
     answer: str | None = Field(
         default=None, description="with tools: the model's final answer, if it gave one"
     )
+    run: int | None = Field(
+        default=None, description="detach=true: the run's id (the call returned at once)"
+    )
+
+
+class RunArgs(Args):
+    run: RunId
+
+
+class RunError(Result):
+    code: str
+    message: str
+
+
+class RunInfo(Result):
+    """A detached generation (llm.run, llm.runs)."""
+
+    run: int
+    pid: int
+    state: RunState
+    chat: bool = Field(description="chat messages (the turn is kept in the context when done)")
+    chunks: int = Field(description="text chunks made so far (llm.stream from_seq counts these)")
+    output_tokens: int
+    usage: Usage | None = Field(default=None, description="when it finished")
+    finish_reason: FinishReason | None = None
+    error: RunError | None = Field(default=None, description="why it failed or was cancelled")
+    created: float = Field(description="Unix seconds")
+    started: float | None = Field(default=None, description="when it first got a slot")
+    finished: float | None = None
+    resumed: int = Field(default=0, description="times it went on after a kernel restart")
+
+
+class RunsArgs(Args):
+    pid: Pid | None = Field(default=None, description="only this process's runs")
+
+
+class RunsResult(Result):
+    runs: list[RunInfo]
+
+
+class StreamArgs(Args):
+    run: RunId
+    from_seq: int = Field(
+        default=0, ge=0, le=1 << 31, description="the first chunk wanted (0: from the start)"
+    )
+
+
+class RunChunk(Result):
+    seq: int = Field(description="this chunk's number in the run")
+    text: str
+
+
+class WaitRunArgs(Args):
+    run: RunId
+    timeout: float | None = Field(
+        default=None,
+        ge=0,
+        le=limits.MAX_DEADLINE_MS / 1000,
+        description="seconds to wait; 0 polls; default: until the call's deadline "
+        "(the run goes on either way)",
+    )
+    keep: bool = Field(default=False, description="leave the result to be read again")
 
 
 # -- ctx.* -------------------------------------------------------------------------

@@ -102,7 +102,8 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
                 Errno.EAGAIN,
                 Errno.ENOTSUP,
             ],
-            "Generate with the process's model: chat turns (kept in its context) or raw text.",
+            "Generate with the process's model: chat turns (kept in its context) or raw text; "
+            "detach: return at once with a run id (llm.run, llm.stream, llm.wait).",
             chunk=m.GenerateChunk,
         ),
         _row(
@@ -110,8 +111,61 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             m.CancelArgs,
             m.CancelResult,
             [Errno.ESRCH, Errno.EPERM],
-            "End the generation of the caller or a descendant at the next token; the process "
-            "goes on (its generate call gets ECANCELED; a chat turn is not kept).",
+            "End the generation of the caller or a descendant at the next token, or one "
+            "detached run; the process goes on (its generate call or llm.wait gets ECANCELED; "
+            "a chat turn is not kept).",
+            needs_process=False,
+        ),
+        _row(
+            "llm.run",
+            m.RunArgs,
+            m.RunInfo,
+            [Errno.ENOENT, Errno.EPERM],
+            "A detached run's state, usage, timestamps and error (the caller's, a "
+            "descendant's, or any for the admin).",
+            needs_process=False,
+        ),
+        _row(
+            "llm.runs",
+            m.RunsArgs,
+            m.RunsResult,
+            [Errno.ESRCH, Errno.EPERM],
+            "The detached runs the caller may see: its own and its descendants' (all, for the admin).",
+            needs_process=False,
+        ),
+        _row(
+            "llm.stream",
+            m.StreamArgs,
+            m.GenerateResult,
+            [Errno.ENOENT, Errno.EPERM, Errno.EINVAL, Errno.ECANCELED, Errno.EIO, Errno.EDQUOT],
+            "Stream a run's text chunks from chunk from_seq (a client that reconnects misses "
+            "nothing, gets nothing twice), then its result or its error.",
+            chunk=m.RunChunk,
+            needs_process=False,
+        ),
+        _row(
+            "llm.wait",
+            m.WaitRunArgs,
+            m.GenerateResult,
+            [
+                Errno.ENOENT,
+                Errno.EPERM,
+                Errno.ETIMEDOUT,
+                Errno.ECANCELED,
+                Errno.EIO,
+                Errno.EDQUOT,
+                Errno.E2BIG,
+            ],
+            "Wait for a run to finish; its result (as llm.generate's) or its error. Collects "
+            "the run unless keep.",
+            needs_process=False,
+        ),
+        _row(
+            "llm.collect",
+            m.RunArgs,
+            m.Done,
+            [Errno.ENOENT, Errno.EPERM, Errno.EBUSY],
+            "Forget a finished run's result and chunks (llm.wait does it too).",
             needs_process=False,
         ),
         _row(

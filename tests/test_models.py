@@ -190,4 +190,19 @@ def test_process_states_and_finish_reasons_have_one_meaning_everywhere():
     with pytest.raises(ValidationError):
         m.KillResult(pid=2, state="SLEEPING")
     assert typing.get_args(DriverFinishReason) == typing.get_args(m.FinishReason)
-    assert m.GenerateResult.model_fields["finish_reason"].annotation == m.FinishReason
+    for model in (m.GenerateResult, m.RunInfo):  # null only for a run not finished
+        ann = model.model_fields["finish_reason"].annotation
+        assert set(typing.get_args(ann)) == {m.FinishReason, type(None)}
+    assert [s.value for s in m.RunState] == ["queued", "running", "done", "failed", "cancelled"]
+    assert m.RunInfo.model_fields["state"].annotation is m.RunState
+
+
+def test_run_arguments_refuse_what_cannot_mean_anything() -> None:
+    with pytest.raises(ValidationError, match="llm.stream"):
+        m.GenerateArgs(prompt="x", detach=True, stream=True)
+    with pytest.raises(ValidationError, match="not both"):
+        m.CancelArgs(pid=2, run=1)
+    for bad in ({"run": 0}, {"run": 1, "from_seq": -1}, {"run": "1"}):
+        with pytest.raises(ValidationError):
+            m.StreamArgs.model_validate(bad)
+    assert m.WaitRunArgs(run=3).keep is False

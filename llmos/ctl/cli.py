@@ -23,7 +23,7 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, bench_mcp, bench_scale, keys, mcp_cli
+from llmos.ctl import bench_gateway, bench_mcp, bench_runs, bench_scale, keys, mcp_cli, runs_cli
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -147,13 +147,14 @@ def cmd_pending(as_json: bool) -> int:
     """``llmos pending``: irreversible tool calls waiting for the owner's decision."""
     with connect() as c:
         calls = c.pending()
+        names = {p.pid: p.name for p in c.ps()} if calls else {}
     if as_json:
         print(json.dumps([p.model_dump() for p in calls]))
         return 0
     if not calls:
         err.print("no tool call is waiting for approval")
         return 0
-    out.print(pending_table(calls))
+    out.print(pending_table(calls, names))
     err.print("[dim]llmos approve ID / llmos deny ID[/]")
     return 0
 
@@ -183,6 +184,7 @@ PS_COLUMNS: dict[str, tuple[str, Any]] = {
     "wait_s": ("right", lambda p: f"{p.wait_s:.2f}"),
     "preempt": ("right", lambda p: str(p.preemptions)),
     "mbox": ("right", lambda p: str(p.mailbox)),
+    "wchan": ("left", lambda p: p.wchan or "-"),
     "ctx": ("right", lambda p: str(p.context_messages)),
     "quota": (
         "left",
@@ -965,6 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_gateway.add_parser(bsub)  # llmos bench gateway
     bench_scale.add_parser(bsub)  # llmos bench scale
     bench_mcp.add_parser(bsub)  # llmos bench mcp
+    bench_runs.add_parser(bsub)  # llmos bench runs
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -983,6 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bm.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     mcp_cli.add_parser(sub)
+    runs_cli.add_parser(sub)
     return p
 
 
@@ -1081,6 +1085,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_syscalls(args)
         case "mcp":
             return mcp_cli.run(args)
+        case "runs":
+            return runs_cli.run(args)
         case "gateway":
             from llmos.ctl.gateway import cmd_gateway  # FastAPI only when it serves
 
@@ -1106,6 +1112,8 @@ def _run(args: argparse.Namespace) -> int:
                 return bench_scale.bench_scale(args)
             if args.bcmd == "mcp":
                 return bench_mcp.bench_mcp(args)
+            if args.bcmd == "runs":
+                return bench_runs.bench_runs(args)
             if args.bcmd == "memory":
                 from llmos.ctl.bench_memory import bench_memory
 

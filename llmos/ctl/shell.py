@@ -288,9 +288,12 @@ class Session:
             "TOK OUT",
             "WAIT s",
             "AGE s",
+            "WCHAN",
             "NAME",
         ):
-            table.add_column(col, justify="left" if col in ("STATE", "MODEL", "NAME") else "right")
+            table.add_column(
+                col, justify="left" if col in ("STATE", "MODEL", "WCHAN", "NAME") else "right"
+            )
         now = time.time()
         for p in self.admin().ps():
             mark = "*" if p.pid in self.procs else ""
@@ -304,6 +307,7 @@ class Session:
                 str(p.output_tokens),
                 f"{p.wait_s:.1f}",
                 f"{now - p.created:.0f}",
+                p.wchan or "-",
                 p.name + mark,
                 style="green" if p.state == "RUNNING" else None,
             )
@@ -459,7 +463,7 @@ class Session:
         if not calls:
             self.say("no tool call is waiting for approval")
             return
-        self.console.print(pending_table(calls))
+        self.console.print(pending_table(calls, {p.pid: p.name for p in self.admin().ps()}))
 
     def do_approve(self, args: list[str]) -> None:
         self.admin().approve(_int(args[0], "ID"))

@@ -12,16 +12,19 @@ from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 
 
-def pending_table(calls: list[m.ParkedCall]) -> Table:
-    """Irreversible tool calls waiting for the owner's approval."""
+def pending_table(calls: list[m.ParkedCall], names: dict[int, str] | None = None) -> Table:
+    """Irreversible tool calls waiting for the owner's approval: which process (``names``:
+    pid -> process name), since when, what it asks."""
     table = Table(box=None, header_style="bold")
-    for col in ("ID", "PID", "TOOL", "WAITING s", "ARGUMENTS"):
+    for col in ("ID", "PID", "NAME", "TOOL", "SINCE", "WAITING s", "ARGUMENTS"):
         table.add_column(col)
     for p in calls:
         table.add_row(
             str(p.id),
             str(p.caller),
+            (names or {}).get(p.caller, "?"),
             p.name,
+            time.strftime("%H:%M:%S", time.localtime(p.since)),
             f"{time.time() - p.since:.0f}",
             json.dumps(p.args)[:200],
         )
