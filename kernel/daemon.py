@@ -26,9 +26,11 @@ import zmq
 
 from drivers.base import Driver
 from kernel.kernel import Kernel
+from kernel.metrics import MetricsError, metrics_address
 from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
+from kernel.trace import check_otlp_endpoint
 from syscalls import paths
 
 log = logging.getLogger("llmos.kernel")
@@ -136,6 +138,27 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         help="mount an MCP server: its tools become NAME__TOOL; a command line runs as a "
         "stdio server (the kernel's child, restarted if it dies), an http(s):// URL is "
         "streamable HTTP (repeatable; trusted code: it runs as the kernel's user)",
+    )
+    p.add_argument(
+        "--trace",
+        choices=["on", "off"],
+        default="on",
+        help="a span per syscall in a trace per program, written to the state dir's "
+        "traces/ (bounded, rotated; `llmos trace`) (default: on; it costs ~1-2 µs a call)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="also export the spans to this OTLP/HTTP collector (Jaeger, Tempo, the "
+        "OpenTelemetry Collector), e.g. http://127.0.0.1:4318 (/v1/traces is added to a bare address)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST default 127.0.0.1; "
+        "no authentication, so keep it on loopback unless a firewall guards it)",
     )
     p.add_argument(
         "--listen",
@@ -374,6 +397,12 @@ def validate_options(args: argparse.Namespace) -> None:
     names = [name for name, _ in getattr(args, "mcp", None) or []]
     if len(set(names)) != len(names):
         raise ValueError("two --mcp servers have the same NAME: give each its own")
+    if getattr(args, "metrics", None) is not None:
+        metrics_address(args.metrics)
+    if getattr(args, "otlp_endpoint", None) is not None:
+        if getattr(args, "trace", "on") == "off":
+            raise ValueError("--otlp-endpoint exports spans: it needs --trace on")
+        check_otlp_endpoint(args.otlp_endpoint)
     for ep in args.listen or []:
         if not _ENDPOINT.fullmatch(ep):
             raise ValueError(
@@ -415,6 +444,9 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         max_procs=args.max_procs,
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
         mcp=getattr(args, "mcp", None),
+        trace=args.trace == "on",
+        otlp_endpoint=args.otlp_endpoint,
+        metrics=metrics_address(args.metrics) if args.metrics is not None else None,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -425,6 +457,9 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
             await kernel.start()
         except zmq.ZMQError as exc:  # the endpoint is taken, or its directory is not there
             log.error("cannot listen on %s: %s", ", ".join(endpoints), exc)
+            status = 1
+        except MetricsError as exc:  # its address is taken or not this host's
+            log.error("%s", exc)
             status = 1
         else:
             await kernel.serve_forever()

@@ -21,6 +21,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -154,6 +155,11 @@ class Store:
         )
         self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
+        # For the metrics: transactions queued and finished (depth = the difference) and a
+        # hook called in the store thread with each one's seconds from submit to commit.
+        self.submitted = 0  # written by the submitting side (the loop)
+        self.finished = 0  # written by the store thread alone
+        self.on_commit: Callable[[float], None] | None = None
         self._pool.submit(self._open).result()
 
     # -- the worker thread's side --------------------------------------------------------
@@ -186,23 +192,34 @@ class Store:
                 f"BEGIN;\n{_MIGRATIONS[target]}\nPRAGMA user_version={target};\nCOMMIT;"
             )
 
-    def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        conn = self._conn
-        assert conn is not None, "the store is closed"
-        conn.execute("BEGIN IMMEDIATE")
+    def _run(self, queued: float, fn: Callable[..., T], *args: Any) -> T:
         try:
-            out = fn(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return out
+            conn = self._conn
+            assert conn is not None, "the store is closed"
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(conn, *args)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            if self.on_commit is not None:
+                self.on_commit(time.monotonic() - queued)
+            return out
+        finally:
+            self.finished += 1
+
+    @property
+    def depth(self) -> int:
+        """Transactions queued or running now (read from any thread)."""
+        return max(self.submitted - self.finished, 0)
 
     # -- the loop's side -----------------------------------------------------------------
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Queue ``fn(conn, *args)`` as one transaction; writes commit in queue order.
         Failures are logged (nobody may be waiting)."""
-        fut = self._pool.submit(self._run, fn, *args)
+        self.submitted += 1
+        fut = self._pool.submit(self._run, time.monotonic(), fn, *args)
         fut.add_done_callback(_log_failure)
         return fut
 
