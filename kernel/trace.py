@@ -659,6 +659,7 @@ def tree(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
             if spawn is not None:
                 root["parent"] = spawn["span"]
+                root["attrs"]["llmos.process"] = spawn["attrs"].get("llmos.process")
                 spawn["children"].append(root)
                 roots.remove(root)
     for node in nodes.values():

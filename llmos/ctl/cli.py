@@ -23,7 +23,7 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, keys, mcp_cli
+from llmos.ctl import bench_gateway, keys, mcp_cli, trace_view
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -767,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsp.add_argument("path", nargs="?", default=None, help="the path (ls: default /)")
     fsp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
+    trace_view.add_parser(sub)  # llmos trace
     lg = sub.add_parser("logs", help="the kernel's log (-f to follow it)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     lg.add_argument("-n", "--lines", type=int, default=50, help="last N lines (default: 50)")
@@ -1032,6 +1033,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_mem(args)
         case "logs":
             return cmd_logs(args.follow, args.lines)
+        case "trace":
+            return trace_view.cmd_trace(args)
         case "audit":
             return cmd_audit(args)
         case "fs":
