@@ -43,11 +43,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags
+
 from syscalls.errors import SyscallError
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
-
     from kernel.process import Proc
     from kernel.syscall import Call
 
@@ -55,6 +58,8 @@ log = logging.getLogger("llmos.trace")
 
 #: The observer's thread drains the loop's records this often (seconds).
 FLUSH_S = 0.25
+#: The thread lets the loop run (releases the GIL) after this many records.
+YIELD_EVERY = 32
 #: Records waiting for the thread, at most; beyond, new ones are dropped and counted.
 MAX_PENDING = 65536
 #: A trace file rotates at this size, keeping this many old ones (spans.jsonl.1, ...).
@@ -65,6 +70,9 @@ MAX_SPAWNED = 65536
 TRACE_DIR, TRACE_FILE = "traces", "spans.jsonl"
 
 _MASK64 = (1 << 64) - 1
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_OK = Status(StatusCode.OK)
+_FAILED = Status(StatusCode.ERROR)
 #: Syscalls that block by design: their whole duration is a wait (shown as such).
 BLOCKING = frozenset({"ipc.recv", "tool.next", "proc.wait"})
 _QUOTA_LIMIT = re.compile(r"over its quota: ([a-z_]+)=")
@@ -135,6 +143,8 @@ class Observer:
         self._count = itertools.count(1)
         self._q: collections.deque[tuple[Any, Any, Any, int]] = collections.deque()
         self._spawned: dict[int, tuple[int, int]] = {}  # child pid -> (program, spawn span)
+        self._statuses: dict[str, Status] = {}
+        self._parents: dict[int, SpanContext] = {}  # pid -> its process span's context
         self._lock = threading.Lock()  # one drain at a time (the thread, or a scrape)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,6 +230,8 @@ class Observer:
             while q:
                 call, args, outcome, end_ns = q.popleft()
                 n += 1
+                if not n % YIELD_EVERY:
+                    time.sleep(0)  # give the GIL back: the loop never waits a switch interval
                 if call is None:
                     spans.append(self._process_span(args, outcome, end_ns))
                     continue
@@ -253,24 +265,29 @@ class Observer:
             exporter.shutdown()
 
     # -- spans -------------------------------------------------------------------------
-    def _ctx(self, program: int, span_id: int) -> Any:
-        from opentelemetry.trace import SpanContext, TraceFlags
+    def _ctx(self, program: int, span_id: int) -> SpanContext:
+        return SpanContext(self.ids.salt << 64 | program, span_id, False, _SAMPLED)
 
-        return SpanContext(self.ids.trace(program), span_id, False, TraceFlags(1))
+    def _status(self, errno: str) -> Status:
+        status = self._statuses.get(errno)
+        if status is None:
+            status = self._statuses[errno] = Status(StatusCode.ERROR, errno)
+        return status
 
     def _span(self, call: Call, args: Any, outcome: Any, end_ns: int) -> ReadableSpan | None:
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.trace import Link, Status, StatusCode
-
-        proc = call.caller.proc
         errno = _errno(outcome)
+        proc = call.caller.proc
         if proc is None:  # the admin: only the spawn that starts a program is its trace's
             if call.name != "proc.spawn" or errno != "ok":
                 return None
             program, parent = outcome.pid, None
         else:
             program = proc.program.pgid
-            parent = self._ctx(program, self.ids.process(proc.pid))
+            parent = self._parents.get(proc.pid)
+            if parent is None:  # made once per process (forgotten at its exit)
+                if len(self._parents) >= MAX_SPAWNED:
+                    self._parents.clear()
+                parent = self._parents[proc.pid] = self._ctx(program, self.ids.process(proc.pid))
         attrs: dict[str, Any] = {
             "llmos.syscall": call.name,
             "llmos.pid": call.caller.pid,
@@ -283,12 +300,16 @@ class Observer:
         elif call.name in BLOCKING:
             attrs["llmos.wait_s"] = round((end_ns - call.start_ns) / 1e9, 6)
         extract = _EXTRACT.get(call.name)
-        if extract is not None:
-            with contextlib.suppress(Exception):  # a field missing: fewer attributes
+        if extract is not None and args is not None:  # None: the arguments were invalid
+            with contextlib.suppress(Exception):  # a kernel bug here costs attributes only
                 extract(attrs, args, outcome if errno == "ok" else None)
         if call.name == "proc.spawn" and errno == "ok":
             self._remember_spawn(outcome.pid, program, call.span_id)
-        links = [Link(self._ctx(p, s), {"llmos.link": kind}) for p, s, kind in call.links or ()]
+        links = (
+            [Link(self._ctx(p, s), {"llmos.link": kind}) for p, s, kind in call.links]
+            if call.links
+            else ()
+        )
         return ReadableSpan(
             call.name,
             context=self._ctx(program, call.span_id),
@@ -296,7 +317,7 @@ class Observer:
             resource=self._resource,
             attributes=attrs,
             links=links,
-            status=Status(StatusCode.ERROR, errno) if errno != "ok" else Status(StatusCode.OK),
+            status=self._status(errno) if errno != "ok" else _OK,
             start_time=call.start_ns,
             end_time=end_ns,
             instrumentation_scope=self._scope,
@@ -309,11 +330,9 @@ class Observer:
         spawned[pid] = (program, span_id)
 
     def _process_span(self, info: tuple[Any, ...], signal: str | None, end_ns: int) -> Any:
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.trace import Status, StatusCode
-
         pid, program, name, created, status = info
         made = self._spawned.pop(pid, None)
+        self._parents.pop(pid, None)
         attrs: dict[str, Any] = {
             "llmos.pid": pid,
             "llmos.program": program,
@@ -328,7 +347,7 @@ class Observer:
             parent=self._ctx(made[0], made[1]) if made is not None else None,
             resource=self._resource,
             attributes=attrs,
-            status=Status(StatusCode.OK if status == 0 else StatusCode.ERROR),
+            status=_OK if status == 0 else _FAILED,
             start_time=min(int(created * 1e9), end_ns),
             end_time=end_ns,
             instrumentation_scope=self._scope,
@@ -480,6 +499,7 @@ class FileSpanExporter:
         self.max_bytes, self.backups = max_bytes, backups
         self._fd: int | None = None
         self._size = 0
+        self._hexes: dict[int, str] = {}
 
     def _open(self) -> int:
         if self._fd is None:
@@ -500,10 +520,8 @@ class FileSpanExporter:
             self.path.replace(self.path.with_name(f"{TRACE_FILE}.1"))
 
     def export(self, spans: Sequence[ReadableSpan]) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        data = "".join(json.dumps(span_record(s), separators=(",", ":")) + "\n" for s in spans)
-        raw = data.encode()
+        hexes = self._hexes
+        raw = b"".join(orjson.dumps(span_record(s, hexes)) + b"\n" for s in spans)
         try:
             if self._size and self._size + len(raw) > self.max_bytes:
                 self._rotate()
@@ -524,21 +542,29 @@ class FileSpanExporter:
         return True
 
 
-def span_record(span: ReadableSpan) -> dict[str, Any]:
-    """A span as one line of a trace file."""
-    ctx, parent = span.context, span.parent
+def span_record(span: ReadableSpan, hexes: dict[int, str] | None = None) -> dict[str, Any]:
+    """A span as one line of a trace file (``hexes``: a cache of trace ids in hex)."""
+    ctx, parent, status = span.context, span.parent, span.status
     assert ctx is not None
+    trace = hexes.get(ctx.trace_id) if hexes is not None else None
+    if trace is None:
+        trace = f"{ctx.trace_id:032x}"
+        if hexes is not None:
+            if len(hexes) > 4096:
+                hexes.clear()
+            hexes[ctx.trace_id] = trace
+    attrs = span._attributes  # the mapping given (span.attributes would copy it)
     return {
-        "trace": f"{ctx.trace_id:032x}",
+        "trace": trace,
         "span": f"{ctx.span_id:016x}",
         "parent": f"{parent.span_id:016x}" if parent is not None else None,
         "name": span.name,
         "start": span.start_time,
         "end": span.end_time,
-        "status": span.status.description or "ok"
-        if span.status.status_code.name == "ERROR"
+        "status": (status.description or "ERROR")
+        if status.status_code is StatusCode.ERROR
         else "ok",
-        "attrs": dict(span.attributes or {}),
+        "attrs": attrs if type(attrs) is dict else dict(attrs or {}),
         "links": [
             {
                 "trace": f"{link.context.trace_id:032x}",
@@ -546,7 +572,9 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
                 "kind": (link.attributes or {}).get("llmos.link", ""),
             }
             for link in span.links
-        ],
+        ]
+        if span.links
+        else [],
     }
 
 

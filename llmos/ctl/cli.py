@@ -23,7 +23,7 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, keys, mcp_cli, trace_view
+from llmos.ctl import bench_gateway, bench_trace, keys, mcp_cli, trace_view
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -940,6 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bench_gateway.add_parser(bsub)  # llmos bench gateway
+    bench_trace.add_parser(bsub)  # llmos bench trace
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1069,6 +1070,8 @@ def _run(args: argparse.Namespace) -> int:
 
             return run_shell(start=lambda: start_kernel([]))
         case "bench":
+            if args.bcmd == "trace":
+                return bench_trace.bench_trace(args)
             if args.bcmd == "sched":
                 from llmos.ctl.bench_sched import bench_sched
 
