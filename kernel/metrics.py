@@ -123,6 +123,8 @@ class KernelMetrics:
             buckets=COMMIT_BUCKETS, registry=r,
         )  # fmt: skip
         r.register(_StateCollector(self))
+        self._counted: dict[tuple[str, str], Any] = {}  # label children, by their labels
+        self._timed: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
 
@@ -131,8 +133,14 @@ class KernelMetrics:
         """One answered call (the observer's thread)."""
         from kernel.trace import quota_limit
 
-        self.syscalls.labels(name, errno).inc()
-        self.latency.labels(name).observe(seconds)
+        counter = self._counted.get((name, errno))
+        if counter is None:  # labels() takes a lock and builds a key: once per pair
+            counter = self._counted[(name, errno)] = self.syscalls.labels(name, errno)
+        counter.inc()
+        latency = self._timed.get(name)
+        if latency is None:
+            latency = self._timed[name] = self.latency.labels(name)
+        latency.observe(seconds)
         if errno == "EDQUOT":
             self.quota.labels(quota_limit(err)).inc()
 

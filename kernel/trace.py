@@ -543,27 +543,29 @@ class FileSpanExporter:
 
 
 def span_record(span: ReadableSpan, hexes: dict[int, str] | None = None) -> dict[str, Any]:
-    """A span as one line of a trace file (``hexes``: a cache of trace ids in hex)."""
-    ctx, parent, status = span.context, span.parent, span.status
+    """A span as one line of a trace file (``hexes``: a cache of trace ids in hex). It
+    reads the SDK span's fields directly: its properties copy (links, attributes)."""
+    ctx, parent, status, links = span._context, span._parent, span._status, span._links
     assert ctx is not None
-    trace = hexes.get(ctx.trace_id) if hexes is not None else None
+    trace_id = ctx.trace_id
+    trace = hexes.get(trace_id) if hexes is not None else None
     if trace is None:
-        trace = f"{ctx.trace_id:032x}"
+        trace = f"{trace_id:032x}"
         if hexes is not None:
             if len(hexes) > 4096:
                 hexes.clear()
-            hexes[ctx.trace_id] = trace
-    attrs = span._attributes  # the mapping given (span.attributes would copy it)
+            hexes[trace_id] = trace
+    attrs = span._attributes
     return {
         "trace": trace,
         "span": f"{ctx.span_id:016x}",
         "parent": f"{parent.span_id:016x}" if parent is not None else None,
-        "name": span.name,
-        "start": span.start_time,
-        "end": span.end_time,
-        "status": (status.description or "ERROR")
-        if status.status_code is StatusCode.ERROR
-        else "ok",
+        "name": span._name,
+        "start": span._start_time,
+        "end": span._end_time,
+        "status": "ok"
+        if status.status_code is not StatusCode.ERROR
+        else (status.description or "ERROR"),
         "attrs": attrs if type(attrs) is dict else dict(attrs or {}),
         "links": [
             {
@@ -571,9 +573,9 @@ def span_record(span: ReadableSpan, hexes: dict[int, str] | None = None) -> dict
                 "span": f"{link.context.span_id:016x}",
                 "kind": (link.attributes or {}).get("llmos.link", ""),
             }
-            for link in span.links
+            for link in links
         ]
-        if span.links
+        if links
         else [],
     }
 
