@@ -119,7 +119,8 @@ async def sys_next(k: Kernel, call: Call, a: m.ToolNextArgs) -> m.ToolRequest:
 
 
 def sys_reply(k: Kernel, call: Call, a: m.ToolReplyArgs) -> m.Done:
-    if (request := k.tools.inflight.get(a.id)) is not None:
+    request = k.tools.inflight.get(a.id)
+    if request is not None and request.tool.server == call.caller.pid:
         call.link(request.origin, "tool.reply")  # the caller's tool.call span
     result = None
     if a.error is None:

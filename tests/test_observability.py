@@ -327,3 +327,17 @@ def test_a_bad_otlp_endpoint_is_refused(tmp_path):
         timeout=60,
     )
     assert res.returncode == 2 and "http(s) URL" in res.stderr
+
+
+def test_a_taken_metrics_port_fails_the_start_with_a_sentence(observed, tmp_path):
+    port = observed["metrics"].split(":")[2].split("/")[0]
+    res = subprocess.run(
+        [sys.executable, "-m", "kernel", "--driver", "sim", "--metrics", f"127.0.0.1:{port}",
+         "--runtime-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in res.stderr
