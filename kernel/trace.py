@@ -205,9 +205,13 @@ class Observer:
 
     def exited(self, proc: Proc) -> None:
         """Process ``proc`` exited: its own span ends now."""
-        if self.trace and len(self._q) < self.max_pending:
-            info = (proc.pid, proc.program.pgid, proc.name, proc.created, proc.exit_status)
-            self._q.append((None, info, proc.signal, time.time_ns()))
+        if not self.trace:
+            return
+        if len(self._q) >= self.max_pending:
+            self.dropped += 1
+            return
+        info = (proc.pid, proc.program.pgid, proc.name, proc.created, proc.exit_status)
+        self._q.append((None, info, proc.signal, time.time_ns()))
 
     # -- the thread's side -------------------------------------------------------------
     def start(self) -> None:
@@ -227,7 +231,7 @@ class Observer:
         with self._lock:
             q, n = self._q, 0
             spans: list[ReadableSpan] = []
-            while q:
+            for _ in range(len(q)):  # what is queued now: a busy loop cannot keep it here
                 call, args, outcome, end_ns = q.popleft()
                 n += 1
                 if not n % YIELD_EVERY:
@@ -512,6 +516,7 @@ class FileSpanExporter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._size = 0
         for i in range(self.backups - 1, 0, -1):
             src = self.path.with_name(f"{TRACE_FILE}.{i}")
             if src.exists():
@@ -520,14 +525,26 @@ class FileSpanExporter:
             self.path.replace(self.path.with_name(f"{TRACE_FILE}.1"))
 
     def export(self, spans: Sequence[ReadableSpan]) -> Any:
+        """Append the spans, rotating first whenever the next piece would pass the bound."""
         hexes = self._hexes
-        raw = b"".join(orjson.dumps(span_record(s, hexes)) + b"\n" for s in spans)
+        lines = [orjson.dumps(span_record(s, hexes)) + b"\n" for s in spans]
         try:
-            if self._size and self._size + len(raw) > self.max_bytes:
-                self._rotate()
-            fd = self._open()
-            os.write(fd, raw)
-            self._size += len(raw)
+            start = 0
+            while start < len(lines):
+                fd = self._open()  # knows the size of a file left by an earlier start
+                room = self.max_bytes - self._size
+                end, size = start, 0
+                while end < len(lines) and size + len(lines[end]) <= room:
+                    size += len(lines[end])
+                    end += 1
+                if end == start:  # the file is full (or one line is over the bound)
+                    if self._size:
+                        self._rotate()
+                        continue
+                    end, size = start + 1, len(lines[start])
+                os.write(fd, b"".join(lines[start:end]))
+                self._size += size
+                start = end
         except OSError as exc:
             log.error("cannot write traces to %s: %s", self.path, exc)
             return SpanExportResult.FAILURE
