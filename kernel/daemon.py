@@ -26,9 +26,11 @@ import zmq
 
 from drivers.base import Driver
 from kernel.kernel import Kernel
+from kernel.metrics import MetricsError, metrics_address
 from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
+from kernel.trace import check_otlp_endpoint
 from syscalls import models as m
 from syscalls import paths
 
@@ -173,6 +175,27 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME:VAR",
         help="the same with TOKEN from the kernel's environment variable VAR",
+    )
+    p.add_argument(
+        "--trace",
+        choices=["on", "off"],
+        default="on",
+        help="a span per syscall in a trace per program, written to the state dir's "
+        "traces/ (bounded, rotated; `llmos trace`) (default: on; the loop pays ~1 µs a call, its own thread ~7 µs)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="also export the spans to this OTLP/HTTP collector (Jaeger, Tempo, the "
+        "OpenTelemetry Collector), e.g. http://127.0.0.1:4318 (/v1/traces is added to a bare address)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST default 127.0.0.1; "
+        "no authentication, so keep it on loopback unless a firewall guards it)",
     )
     p.add_argument(
         "--listen",
@@ -458,6 +481,12 @@ def validate_options(args: argparse.Namespace) -> None:
     if args.min_awake < 0:
         raise ValueError(f"--min-awake {args.min_awake}: seconds cannot be negative")
     args.mcp_mounts = mcp_mounts(args, os.environ)
+    if getattr(args, "metrics", None) is not None:
+        metrics_address(args.metrics)
+    if getattr(args, "otlp_endpoint", None) is not None:
+        if getattr(args, "trace", "on") == "off":
+            raise ValueError("--otlp-endpoint exports spans: it needs --trace on")
+        check_otlp_endpoint(args.otlp_endpoint)
     for ep in args.listen or []:
         if not _ENDPOINT.fullmatch(ep):
             raise ValueError(
@@ -500,6 +529,9 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
         mcp=getattr(args, "mcp_mounts", None) or mcp_mounts(args, os.environ),
         run_journal=not args.no_run_journal,
+        trace=args.trace == "on",
+        otlp_endpoint=args.otlp_endpoint,
+        metrics=metrics_address(args.metrics) if args.metrics is not None else None,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -510,6 +542,9 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
             await kernel.start()
         except zmq.ZMQError as exc:  # the endpoint is taken, or its directory is not there
             log.error("cannot listen on %s: %s", ", ".join(endpoints), exc)
+            status = 1
+        except MetricsError as exc:  # its address is taken or not this host's
+            log.error("%s", exc)
             status = 1
         else:
             await kernel.serve_forever()

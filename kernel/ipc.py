@@ -44,6 +44,7 @@ class Message:
     sent: float  # Unix seconds
     body: object  # a validated JSON value
     size: int  # bytes of its compact JSON, counted against the mailbox's byte bound
+    origin: tuple[int, int] | None = None  # the sending call's span (kernel/trace.py)
 
     def matches(self, sender: int | None, topic: str | None) -> bool:
         return (sender is None or self.sender == sender) and (topic is None or self.topic == topic)
@@ -153,9 +154,16 @@ class Ipc:
         box.put(msg)
         self.bytes += msg.size
 
-    def _message(self, caller: Caller, topic: str | None, body: object, size: int) -> Message:
+    def _message(
+        self,
+        caller: Caller,
+        topic: str | None,
+        body: object,
+        size: int,
+        origin: tuple[int, int] | None,
+    ) -> Message:
         program = caller.proc.program.pgid if caller.proc is not None else 0
-        return Message(next(self._ids), caller.pid, program, topic, time.time(), body, size)
+        return Message(next(self._ids), caller.pid, program, topic, time.time(), body, size, origin)
 
     # -- direct messages ---------------------------------------------------------------
     def receiver(self, caller: Caller, pid: int) -> Proc:
@@ -176,7 +184,13 @@ class Ipc:
         return proc
 
     async def send(
-        self, caller: Caller, pid: int, body: object, size: int, until: float
+        self,
+        caller: Caller,
+        pid: int,
+        body: object,
+        size: int,
+        until: float,
+        origin: tuple[int, int] | None = None,
     ) -> tuple[Message, int]:
         """Queue a message for ``pid``, waiting for room until ``until`` (loop time) if its
         mailbox is full. Returns the message and the mailbox's depth. EAGAIN if it stays
@@ -201,7 +215,7 @@ class Ipc:
                 )
             if not woken:
                 raise SyscallError(Errno.EAGAIN, f"{full} and stayed full until the timeout")
-        msg = self._message(caller, None, body, size)
+        msg = self._message(caller, None, body, size, origin)
         self._put(box, msg)
         return msg, len(box)
 
@@ -261,11 +275,16 @@ class Ipc:
                 del self.topics[topic]
 
     def publish(
-        self, caller: Caller, topic: str, body: object, size: int
+        self,
+        caller: Caller,
+        topic: str,
+        body: object,
+        size: int,
+        origin: tuple[int, int] | None = None,
     ) -> tuple[Message, int, int]:
         """Put a copy in every subscriber's mailbox now; a full one drops it (and counts
         it). Never waits. Returns the message, how many got it and how many dropped it."""
-        msg = self._message(caller, topic, body, size)
+        msg = self._message(caller, topic, body, size, origin)
         delivered = dropped = 0
         for pid in self.topics.get(topic, ()):
             box = self.boxes[pid]

@@ -37,6 +37,7 @@ from kernel.fs import FileSystem, load_index
 from kernel.ipc import Ipc
 from kernel.mcp import McpHost
 from kernel.memory import Memory
+from kernel.metrics import KernelMetrics
 from kernel.persist import Persist, instance_id, recover
 from kernel.process import Caller, Proc, ProcessTable, ProcState
 from kernel.redact import Redactor
@@ -48,6 +49,7 @@ from kernel.stats import KernelStats
 from kernel.store import Store
 from kernel.syscall import Call, Dispatcher, build_table
 from kernel.tools import ToolTable
+from kernel.trace import TRACE_DIR, Observer
 from kernel.transport import Transport
 from kernel.vindex import VectorIndex
 from syscalls import models as m
@@ -120,6 +122,9 @@ class Kernel:
         sandbox: SandboxConfig | None = None,
         mcp: list[m.McpAddArgs] | None = None,
         run_journal: bool = True,
+        trace: bool = False,
+        otlp_endpoint: str | None = None,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -174,6 +179,23 @@ class Kernel:
         # Which models are loaded: all of them, unless max_loaded says fewer fit at once.
         self.residency = Residency(drivers, max_loaded, min_awake_s, progress=_load_progress)
         self._tasks: list[asyncio.Task[None]] = []
+        # Observability: spans per syscall (kernel/trace.py) and Prometheus metrics
+        # (kernel/metrics.py), both fed by one hook of the dispatcher; None when both are off.
+        self.metrics = KernelMetrics(self, metrics) if metrics is not None else None
+        self.observer = (
+            Observer(
+                state_dir / TRACE_DIR if state_dir is not None and trace else None,
+                trace=trace,
+                otlp_endpoint=otlp_endpoint,
+                on_call=self.metrics.on_call if self.metrics is not None else None,
+                version=VERSION,
+            )
+            if trace or metrics is not None
+            else None
+        )
+        if self.metrics is not None:
+            self.metrics.observer = self.observer
+            self.store.on_commit = self.metrics.on_commit
         self.transport = Transport(endpoints, self._on_frames)
         self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
         self.started = time.monotonic()
@@ -188,6 +210,10 @@ class Kernel:
         """Recover the state database, bind the endpoints, start serving, and load the
         models in the background."""
         loop = asyncio.get_running_loop()
+        if self.metrics is not None:
+            self.metrics.start(loop)  # binds its address first: a taken one fails the start
+        if self.observer is not None:
+            self.observer.start()
         found = await asyncio.to_thread(recover, self.store, self.procs)
         self.instance = await self.store.call(instance_id)
         unfinished = await asyncio.to_thread(self.runs.load)
@@ -276,6 +302,10 @@ class Kernel:
             except Exception:
                 log.exception("driver shutdown failed")
         self.memory.close()
+        if self.observer is not None:  # the last spans, then the exporters' flush
+            await asyncio.to_thread(self.observer.close)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         await asyncio.to_thread(self.store.close)
         self.redactor.close()
         if self._scratch is not None:
@@ -343,6 +373,8 @@ class Kernel:
         if not proc.alive:
             return
         self.procs.exit(proc, status, signal)
+        if self.observer is not None:
+            self.observer.exited(proc)
         self.tools.server_gone(proc.pid)
         how = f"killed by SIG{signal}" if signal else f"exited with status {status}"
         for call in list(self._calls.pop(proc.pid, ())):

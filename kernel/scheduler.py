@@ -381,6 +381,7 @@ class Scheduler:
         self._slots = {m: [Slot(m, i) for i in range(n)] for m, n in slots.items()}
         self._queues: dict[str, list[Waiter]] = {m: [] for m in slots}
         self._seq = itertools.count()
+        self.preempted: dict[str, int] = dict.fromkeys(slots, 0)  # yields asked, per model
 
     def slot(self, model: str, index: int) -> Slot:
         """Slot ``index`` of ``model`` (to read; the scheduler alone hands slots out)."""
@@ -391,6 +392,13 @@ class Scheduler:
 
     def queued(self, model: str) -> int:
         return len(self._queues[model])
+
+    def queue_states(self, model: str) -> dict[str, int]:
+        """How many of ``model``'s waiters are in each process state (READY, STOPPED)."""
+        counts: dict[str, int] = {}
+        for w in self._queues[model]:
+            counts[w.proc.state.value] = counts.get(w.proc.state.value, 0) + 1
+        return counts
 
     def load(self, model: str) -> LoadView:
         return LoadView(len(self._slots[model]), self.busy(model), self.queued(model))
@@ -489,6 +497,7 @@ class Scheduler:
                 w.granted.set_result(slot)
         for p in plan.preemptions:
             p.slot.preempt, p.slot.next_check = p.reason, NEVER
+            self.preempted[p.slot.model] += 1
         for slot in plan.looked:
             if slot.preempt is None:
                 slot.next_check = slot.tokens + max(1, (self.policy.quantum or 4) // 4)

@@ -24,6 +24,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,7 @@ class _Work:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     fut: concurrent.futures.Future[Any]
+    queued: float  # time.monotonic() at submit (the metrics' commit latency)
 
 
 class Store:
@@ -187,6 +189,9 @@ class Store:
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        # The metrics' hook, called in the store thread with each transaction's seconds
+        # from submit to commit.
+        self.on_commit: Callable[[float], None] | None = None
         self.commits = 0  # batches committed
         self.transactions = 0  # transactions in them
         opened: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -284,6 +289,10 @@ class Store:
             return
         self.commits += 1
         self.transactions += len(live)
+        if self.on_commit is not None:
+            now = time.monotonic()
+            for w in live:
+                self.on_commit(now - w.queued)
         for w, ok, value in done:
             if ok:
                 w.fut.set_result(value)
@@ -311,7 +320,7 @@ class Store:
             raise RuntimeError("the store is closed")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         fut.add_done_callback(_log_failure)
-        self._queue.put(_Work(fn, args, fut))
+        self._queue.put(_Work(fn, args, fut, time.monotonic()))
         return fut
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:

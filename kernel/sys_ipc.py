@@ -43,7 +43,12 @@ def _message(msg: Message) -> m.IpcMessage:
 
 async def sys_send(k: Kernel, call: Call, a: m.SendArgs) -> m.SendResult:
     msg, queued = await k.ipc.send(
-        call.caller, a.pid, a.message, m.body_bytes(a.message), _until(call, a.timeout)
+        call.caller,
+        a.pid,
+        a.message,
+        m.body_bytes(a.message),
+        _until(call, a.timeout),
+        call.origin(),
     )
     return m.SendResult(id=msg.id, pid=a.pid, queued=queued)
 
@@ -52,6 +57,8 @@ async def sys_recv(k: Kernel, call: Call, a: m.RecvArgs) -> m.RecvResult:
     proc = call.caller.proc
     assert proc is not None
     msg, box = await k.ipc.recv(proc, a.from_pid, a.topic, _until(call, a.timeout))
+    if msg is not None:
+        call.link(msg.origin, "ipc.message")  # the span of the send (or publish) it got
     return m.RecvResult(
         message=None if msg is None else _message(msg), pending=len(box), dropped=box.dropped
     )
@@ -77,7 +84,7 @@ def sys_unsubscribe(k: Kernel, call: Call, a: m.TopicArgs) -> m.SubscribeResult:
 
 def sys_publish(k: Kernel, call: Call, a: m.PublishArgs) -> m.PublishResult:
     msg, delivered, dropped = k.ipc.publish(
-        call.caller, a.topic, a.message, m.body_bytes(a.message)
+        call.caller, a.topic, a.message, m.body_bytes(a.message), call.origin()
     )
     return m.PublishResult(id=msg.id, delivered=delivered, dropped=dropped)
 

@@ -437,7 +437,9 @@ async def _run_on_slot(
             async for delta in stream:
                 if last is None:  # the driver has read the prompt (and any resumed tokens)
                     first_cached = delta.cached_tokens
-                    k.stats.add_prompt(delta.prompt_tokens + resumed - delta.cached_tokens)
+                    k.stats.add_prompt(
+                        delta.prompt_tokens + resumed - delta.cached_tokens, proc.model
+                    )
                     k.stats.cached += delta.cached_tokens
                     gen.cached += delta.cached_tokens
                     if resumed:  # a context switch: what the driver had to compute again
@@ -445,7 +447,7 @@ async def _run_on_slot(
                             delta.prompt_tokens + resumed - delta.cached_tokens
                         )
                         proc.switch_s += time.monotonic() - started
-                k.stats.add_output(len(delta.token_ids))
+                k.stats.add_output(len(delta.token_ids), proc.model)
                 proc.account.charge(len(delta.token_ids))
                 proc.program.account.charge(len(delta.token_ids))
                 gen.out_ids.extend(delta.token_ids)

@@ -65,10 +65,14 @@ async def sys_call(k: Kernel, call: Call, a: m.ToolCallArgs) -> m.ToolCallResult
     t0 = time.monotonic()
     if tool.irreversible and proc.confirm:
         log.info("process %d: call of irreversible tool %s waits for approval", proc.pid, tool.name)
-        await k.tools.confirm(tool, a.args, proc.pid, timeout)
+        try:
+            await k.tools.confirm(tool, a.args, proc.pid, timeout)
+        finally:
+            call.note("llmos.confirm_wait_s", round(time.monotonic() - t0, 6))
         timeout = max(0.001, timeout - (time.monotonic() - t0))
     if tool.server is not None:
-        result = await k.tools.call_served(tool, a.args, proc.pid, timeout)
+        call.note("llmos.tool.server", tool.server)
+        result = await k.tools.call_served(tool, a.args, proc.pid, timeout, call.origin())
     else:
         assert tool.run is not None
         try:
@@ -108,12 +112,16 @@ async def sys_next(k: Kernel, call: Call, a: m.ToolNextArgs) -> m.ToolRequest:
     request = await k.tools.next_request(_me(call), timeout)
     if request is None:
         return m.ToolRequest()
+    call.link(request.origin, "tool.request")  # the caller's tool.call span
     return m.ToolRequest(
         id=request.id, name=request.tool.name, args=request.args, caller=request.caller
     )
 
 
 def sys_reply(k: Kernel, call: Call, a: m.ToolReplyArgs) -> m.Done:
+    request = k.tools.inflight.get(a.id)
+    if request is not None and request.tool.server == call.caller.pid:
+        call.link(request.origin, "tool.reply")  # the caller's tool.call span
     result = None
     if a.error is None:
         try:

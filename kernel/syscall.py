@@ -45,11 +45,37 @@ class Call:
     seq: int = 0  # chunks sent so far (streaming)
     task: asyncio.Task[None] | None = None
     interrupted: SyscallError | None = field(default=None)  # why it was cancelled, if so
+    # tracing (kernel/trace.py): set by the observer when one is on, else left alone
+    start_ns: int = 0
+    span_id: int = 0  # 0: not traced
+    attrs: dict[str, Any] | None = None  # what the handler adds to its span
+    links: list[tuple[int, int, str]] | None = None  # (program, span id, kind) it links to
 
     def chunk(self, data: dict[str, Any]) -> None:
         """Send one streamed chunk to the caller."""
         self.send(self.identity, codec.chunk_frame(self.id, self.seq, data))
         self.seq += 1
+
+    def origin(self) -> tuple[int, int] | None:
+        """This call's span as others link to it: ``(program, span id)``; None untraced."""
+        proc = self.caller.proc
+        if not self.span_id or proc is None:
+            return None
+        return proc.program.pgid, self.span_id
+
+    def link(self, origin: tuple[int, int] | None, kind: str) -> None:
+        """Link this call's span to the span ``origin`` (see :meth:`origin`) as ``kind``."""
+        if origin is not None and self.span_id:
+            if self.links is None:
+                self.links = []
+            self.links.append((origin[0], origin[1], kind))
+
+    def note(self, key: str, value: str | int | float | bool) -> None:
+        """Add an attribute to this call's span (names, sizes, times: never contents)."""
+        if self.span_id:
+            if self.attrs is None:
+                self.attrs = {}
+            self.attrs[key] = value
 
     def interrupt(self, error: SyscallError) -> None:
         """Cancel this call; its caller receives ``error`` at once."""
@@ -98,6 +124,7 @@ class Dispatcher:
         self.send = send
         self.calls: set[Call] = set()  # async calls in flight
         self.accepting = True
+        self.observer = kernel.observer  # spans and metrics (kernel/trace.py), None: off
 
     def on_frames(self, parts: list[bytes]) -> None:
         """Handle one ROUTER message: ``[identity, frame]``. Never raises."""
@@ -140,34 +167,48 @@ class Dispatcher:
             if err.code is Errno.EACCES:
                 self.kernel.audit.auth_failure(identity)
             raise
-        args = (
-            entry.empty
-            if not req.args and entry.empty is not None
-            else _validate(entry.spec.args, req.args)
-        )
         budget_ms = req.deadline_ms or (
             limits.DEFAULT_GENERATE_DEADLINE_MS if entry.spec.chunk else limits.DEFAULT_DEADLINE_MS
         )
         loop = asyncio.get_running_loop()
         call = Call(req.id, req.call, caller, loop.time() + budget_ms / 1000, identity, self.send)
+        obs = self.observer
+        if obs is not None:
+            obs.begin(call)
+        try:
+            args = (
+                entry.empty
+                if not req.args and entry.empty is not None
+                else _validate(entry.spec.args, req.args)
+            )
+        except SyscallError as err:
+            if obs is not None:
+                obs.end(call, None, err)
+            raise
         if not entry.is_async:
             try:
                 result = entry.handler(self.kernel, call, args)
             except SyscallError as err:
                 self._audit(call, args, err.code)
+                if obs is not None:
+                    obs.end(call, args, err)
                 raise
             except Exception:  # answered EIO by on_frames; audited like the async path
                 self._audit(call, args, Errno.EIO)
+                if obs is not None:
+                    obs.end(call, args, _INTERNAL)
                 raise
             self._audit(call, args, "ok")
             self.send(identity, _fits(req.id, req.call, codec.ok_reply(req.id, _dump(result))))
+            if obs is not None:
+                obs.end(call, args, result)
             return
         call.task = loop.create_task(self._run(entry, call, args), name=f"{req.call}#{req.id}")
-        call.task.add_done_callback(lambda _: self._unstarted(entry, call))
+        call.task.add_done_callback(lambda _: self._unstarted(entry, call, args))
         self.calls.add(call)
         self.kernel.track(call)
 
-    def _unstarted(self, entry: Entry, call: Call) -> None:
+    def _unstarted(self, entry: Entry, call: Call, args: BaseModel) -> None:
         # A task cancelled before its first step never runs _run (not even its finally):
         # a kill in the same transport batch as the call. Answer it here instead.
         if call not in self.calls:
@@ -181,12 +222,16 @@ class Dispatcher:
                     call.id, call.interrupted, call.seq if entry.spec.chunk else None
                 ),
             )
+            if self.observer is not None:
+                self.observer.end(call, args, call.interrupted)
 
     async def _run(self, entry: Entry, call: Call, args: BaseModel) -> None:
+        outcome: Any = _INTERNAL
         try:
             try:
                 async with asyncio.timeout_at(call.deadline):
                     result = await entry.handler(self.kernel, call, args)
+                outcome = result
                 frame = _fits(
                     call.id,
                     call.name,
@@ -203,6 +248,7 @@ class Dispatcher:
             self._audit(call, args, "ok")
         except SyscallError as err:
             self._audit(call, args, err.code)
+            outcome = err
             frame = codec.error_reply(call.id, err, call.seq if entry.spec.chunk else None)
         except Exception:
             self._audit(call, args, Errno.EIO)
@@ -217,6 +263,8 @@ class Dispatcher:
             self.calls.discard(call)
             self.kernel.untrack(call)
         self.send(call.identity, frame)
+        if self.observer is not None:
+            self.observer.end(call, args, outcome)
 
     def _audit(self, call: Call, args: BaseModel, outcome: str) -> None:
         """One audit row for a call of an audited syscall (who, what, which, result)."""
@@ -247,6 +295,10 @@ def _fits(call_id: int, name: str, frame: bytes) -> bytes:
             f"{limits.MAX_FRAME_BYTES}-byte frame limit: ask for less (a page, a limit)",
         ),
     )
+
+
+#: What a span records for a handler that raised something other than a SyscallError.
+_INTERNAL = SyscallError(Errno.EIO, "internal kernel error")
 
 
 def _salvage(frame: bytes) -> int | None:

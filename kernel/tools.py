@@ -76,6 +76,7 @@ class Request:
     tool: Tool
     args: dict[str, Any]
     caller: int
+    origin: tuple[int, int] | None = None  # the caller's tool.call span (program, span id)
     answer: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -223,11 +224,16 @@ class ToolTable:
                 queue.put_nowait(request)
 
     async def call_served(
-        self, tool: Tool, args: dict[str, Any], caller: int, timeout: float
+        self,
+        tool: Tool,
+        args: dict[str, Any],
+        caller: int,
+        timeout: float,
+        origin: tuple[int, int] | None = None,
     ) -> Any:
         assert tool.server is not None
         queue = self.queues[tool.server]
-        request = Request(next(self._ids), tool, args, caller)
+        request = Request(next(self._ids), tool, args, caller, origin)
         try:
             queue.put_nowait(request)
         except asyncio.QueueFull:

@@ -23,7 +23,17 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, bench_mcp, bench_runs, bench_scale, keys, mcp_cli, runs_cli
+from llmos.ctl import (
+    bench_gateway,
+    bench_mcp,
+    bench_runs,
+    bench_scale,
+    bench_trace,
+    keys,
+    mcp_cli,
+    runs_cli,
+    trace_view,
+)
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -771,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsp.add_argument("path", nargs="?", default=None, help="the path (ls: default /)")
     fsp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
 
+    trace_view.add_parser(sub)  # llmos trace
     lg = sub.add_parser("logs", help="the kernel's log (-f to follow it)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     lg.add_argument("-n", "--lines", type=int, default=50, help="last N lines (default: 50)")
@@ -968,6 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scale.add_parser(bsub)  # llmos bench scale
     bench_mcp.add_parser(bsub)  # llmos bench mcp
     bench_runs.add_parser(bsub)  # llmos bench runs
+    bench_trace.add_parser(bsub)  # llmos bench trace
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1062,6 +1074,8 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_mem(args)
         case "logs":
             return cmd_logs(args.follow, args.lines)
+        case "trace":
+            return trace_view.cmd_trace(args)
         case "audit":
             return cmd_audit(args)
         case "fs":
@@ -1098,6 +1112,8 @@ def _run(args: argparse.Namespace) -> int:
 
             return run_shell(start=lambda: start_kernel([]))
         case "bench":
+            if args.bcmd == "trace":
+                return bench_trace.bench_trace(args)
             if args.bcmd == "sched":
                 from llmos.ctl.bench_sched import bench_sched
 
