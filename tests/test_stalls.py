@@ -1,0 +1,140 @@
+"""No client stalls another, and what one client makes the kernel keep is bounded
+(issue 21, item 6): served-tool schemas never fetch and validate in bounded time,
+contexts are stored incrementally and bounded in bytes, a peer that never reads is
+dropped, version history counts in the area's quota, special files in mounts never
+block.
+
+No test here generates text, so the kernel runs the ``sim`` driver. Latencies are
+measured and printed (``-s``), never asserted against tight bounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kernel.schema import ArgsValidator, ValidationTimeout, check_schema
+from llmos.client import Process
+from syscalls.errors import EINVAL
+from tests.kernels import Daemon
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    k = Daemon(tmp_path_factory.mktemp("stalls"), "--driver", "sim", "--slots", "1").start()
+    yield k
+    k.stop()
+
+
+class Pinger:
+    """Another client timing ``proc.getpid`` in a thread while something else runs."""
+
+    def __init__(self, proc: Process) -> None:
+        self.proc, self.stop, self.samples = proc, threading.Event(), []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            self.proc.getpid()
+            self.samples.append(time.perf_counter() - t0)
+            time.sleep(0.002)
+
+    def __enter__(self) -> Pinger:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+    def report(self, what: str) -> dict[str, float]:
+        xs = sorted(self.samples)
+        figures = {
+            "n": len(xs),
+            "p50_ms": 1000 * statistics.median(xs),
+            "max_ms": 1000 * xs[-1],
+        }
+        print(f"\n{what}: proc.getpid of another client {figures}")
+        return figures
+
+
+# -- (a) served-tool schemas ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schema", "why"),
+    [
+        ({"type": "object", "properties": {"x": {"$ref": "http://127.0.0.1:9/s.json"}}}, "local"),
+        ({"type": 5}, "valid JSON Schema|type 'object'"),
+        ({"type": "object", "properties": {"x": {"pattern": "(?=a)a"}}}, "RE2"),
+        ({"type": "object", "properties": {"x": {"pattern": "(a)\\1"}}}, "RE2"),
+        (
+            {"type": "object", "$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+            "recursive",
+        ),
+    ],
+)
+def test_served_tool_schema_refused_at_registration(
+    daemon: Daemon, schema: dict[str, Any], why: str
+) -> None:
+    with daemon.admin() as admin:
+        server = admin.spawn("srv")
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(EINVAL, match=why):
+                server.tools.register("bad", "refused", schema)
+            assert time.monotonic() - t0 < 30  # answered, not fetched from a silent server
+            assert "bad" not in [t.name for t in server.tools.list()]
+        finally:
+            admin.kill(server.pid, "KILL")
+            admin.wait(server.pid, timeout=10)
+
+
+def test_catastrophic_pattern_does_not_stall_other_clients(daemon: Daemon) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}},
+        "patternProperties": {"^(x+x+)+y$": {"type": "integer"}},
+    }
+    with daemon.admin() as admin:
+        server, caller, other = admin.spawn("srv"), admin.spawn("caller"), admin.spawn("other")
+        try:
+            server.tools.register("evil", "catastrophic patterns", schema)
+            hostile = {"s": "a" * 40 + "b", "x" * 30: 1}
+            with Pinger(other) as pinger:
+                time.sleep(0.05)
+                t0 = time.monotonic()
+                for _ in range(20):
+                    with pytest.raises(EINVAL, match="does not match"):
+                        caller.tools.call("evil", hostile, timeout_s=5)
+                elapsed = time.monotonic() - t0
+                time.sleep(0.05)
+            figures = pinger.report(f"20 hostile calls in {elapsed:.3f} s")
+            assert figures["n"] > 0
+        finally:
+            for p in (server, caller, other):
+                admin.kill(p.pid, "KILL")
+                admin.wait(p.pid, timeout=10)
+
+
+def test_validation_stops_at_its_time_bound() -> None:
+    branches = [{"type": "object", "required": [f"k{i}"]} for i in range(300)]
+    v = ArgsValidator(
+        check_schema(
+            {"type": "object", "properties": {"a": {"type": "array", "items": {"anyOf": branches}}}}
+        )
+    )
+    args = {"a": [{"z": 1}] * 2000}
+    with pytest.raises(ValidationTimeout):
+        v.first_error(args, 0.05)
+    assert v.first_error({"a": [{"k1": 5}]}, 5) is None
+    unique = ArgsValidator({"type": "object", "properties": {"u": {"uniqueItems": True}}})
+    assert unique.first_error({"u": [{"a": i} for i in range(50_000)]}, 5) is None
+    assert unique.first_error({"u": [1, 1.0]}, 5) is not None
+    assert unique.first_error({"u": [1, True]}, 5) is None
