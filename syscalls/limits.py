@@ -7,6 +7,7 @@ ABI_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 #: Transport-level cap (ZMQ_MAXMSGSIZE): a peer sending more is disconnected outright.
 MAX_TRANSPORT_BYTES = 8 << 20
+MAX_PEER_BACKLOG_BYTES = 32 << 20  # replies held for one peer that does not read (then dropped)
 #: Longest string / most items / deepest nesting the decoder builds.
 MAX_STR_BYTES = MAX_FRAME_BYTES
 MAX_ARRAY_ITEMS = 4096

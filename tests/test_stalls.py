@@ -138,3 +138,45 @@ def test_validation_stops_at_its_time_bound() -> None:
     assert unique.first_error({"u": [{"a": i} for i in range(50_000)]}, 5) is None
     assert unique.first_error({"u": [1, 1.0]}, 5) is not None
     assert unique.first_error({"u": [1, True]}, 5) is None
+
+
+# -- (c) a peer that never reads --------------------------------------------------------
+
+
+def test_peer_that_never_reads_is_dropped_with_memory_bounded(daemon: Daemon) -> None:
+    import psutil
+    import zmq
+
+    from syscalls import codec, limits
+
+    kernel = psutil.Process(daemon.proc.pid)  # type: ignore[union-attr]
+    with daemon.admin() as admin:
+        big, other = admin.spawn("big"), admin.spawn("other")
+        try:
+            big.append([{"role": "user", "content": "x" * 190_000}] * 3)
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.RCVHWM, 1)
+            sock.setsockopt(zmq.RCVBUF, 4096)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(daemon.endpoint)
+            rss0 = kernel.memory_info().rss
+            n = 400  # 400 replies of ~500 kB: 200 MB if the kernel kept them all
+            frame = codec.encode_request(1, "ctx.get", {"pid": big.pid}, 0, daemon.token)
+            with Pinger(other) as pinger:
+                for _ in range(n):
+                    sock.send(frame)
+                deadline = time.monotonic() + 60
+                while "dropped peer" not in daemon.log() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            grown = (kernel.memory_info().rss - rss0) / 2**20
+            pinger.report(f"{n} unread 500 kB replies, kernel RSS +{grown:.0f} MiB")
+            assert "dropped peer" in daemon.log()
+            assert grown < 2 * (limits.MAX_PEER_BACKLOG_BYTES >> 20) + 100
+            assert other.getpid().pid == other.pid  # everyone else is still answered
+            sock.close()
+            ctx.term()
+        finally:
+            for p in (big, other):
+                admin.kill(p.pid, "KILL")
+                admin.wait(p.pid, timeout=10)
