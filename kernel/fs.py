@@ -34,6 +34,7 @@ under the namespace ``fs:AREA``; ``fs.search`` looks in every area the caller ca
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -333,7 +334,7 @@ def _read(
     if stat_mod.S_ISDIR(st.st_mode):
         raise _refuse(Errno.EINVAL, f"{place.shown} is a directory; list it with fs.list")
     want = min(length if length is not None else st.st_size, limits.MAX_FILE_BYTES)
-    fd = os.open(place.real, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open_regular(place.real, place.shown)
     try:
         os.lseek(fd, offset, os.SEEK_SET)
         data = b""
@@ -411,8 +412,44 @@ def _keep_current(
     return current
 
 
+def _open_regular(path: Path, shown: str) -> int:
+    """A descriptor of the regular file at ``path``, opened without blocking: a FIFO or
+    device swapped in after the lstat checks is refused (EPERM), never waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse(Errno.EPERM, f"{shown}: symlinks are not followed") from None
+        if exc.errno == errno.ENOENT:
+            raise _refuse(Errno.ENOENT, f"{shown} does not exist") from None
+        raise _refuse(Errno.EPERM, f"{shown} cannot be opened ({exc.strerror})") from None
+    if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refuse(Errno.EPERM, f"{shown} is not a regular file or directory")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _plain_tree(place: Place) -> None:
+    """EPERM, before anything changes, if the directory ``place`` holds anything but
+    regular files and directories (symlinks, FIFOs, sockets, devices)."""
+    stack = [place.real]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                mode = e.stat(follow_symlinks=False).st_mode
+                if stat_mod.S_ISDIR(mode):
+                    stack.append(Path(e.path))
+                elif not stat_mod.S_ISREG(mode):
+                    what = "a symlink" if stat_mod.S_ISLNK(mode) else "a special file"
+                    rel = os.path.relpath(e.path, place.real)
+                    raise _refuse(
+                        Errno.EPERM, f"{place.shown} holds {what} ({rel}); it is not moved"
+                    )
+
+
 def _read_all(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open_regular(path, path.name)
     with os.fdopen(fd, "rb") as f:
         return f.read(limits.MAX_FILE_BYTES + 1)
 
@@ -624,6 +661,7 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
             dst.area == src.area and dst.rel.startswith(src.rel + "/")
         ):
             raise _refuse(Errno.EINVAL, f"cannot move {src.shown} inside itself")
+        _plain_tree(src)
         moves = []
         for dirpath, _dirs, names in os.walk(src.real):
             for name in names:

@@ -10,17 +10,19 @@ measured and printed (``-s``), never asserted against tight bounds.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kernel.schema import ArgsValidator, ValidationTimeout, check_schema
 from llmos.client import Process
-from syscalls.errors import EINVAL
+from syscalls.errors import EINVAL, EPERM
 from tests.kernels import Daemon
 
 
@@ -180,3 +182,37 @@ def test_peer_that_never_reads_is_dropped_with_memory_bounded(daemon: Daemon) ->
             for p in (big, other):
                 admin.kill(p.pid, "KILL")
                 admin.wait(p.pid, timeout=10)
+
+
+# -- (e) special files in mounts ---------------------------------------------------------
+
+
+def test_fifo_in_a_mount_never_blocks_the_store_thread(daemon: Daemon, tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    (host / "dir").mkdir(parents=True)
+    (host / "dir" / "a.txt").write_text("a")
+    os.mkfifo(host / "pipe")
+    os.mkfifo(host / "dir" / "pipe")
+    with daemon.admin() as admin:
+        p = admin.spawn("mounted", mounts=[{"name": "m", "path": str(host), "mode": "rw"}])
+        try:
+            t0 = time.monotonic()
+            for call in (
+                lambda: p.files.read("/mnt/m/pipe"),
+                lambda: p.files.write("/mnt/m/pipe", b"\xffx"),
+                lambda: p.files.rename("/mnt/m/pipe", "/mnt/m/moved"),
+                lambda: p.files.rename("/mnt/m/dir", "/mnt/m/dir2"),
+                lambda: p.files.rename("/mnt/m/dir", "/moved"),
+                lambda: p.files.history("/mnt/m/pipe"),
+            ):
+                with pytest.raises(EPERM, match="not a regular file|special file"):
+                    call()
+            kinds = {e.name: e.type for e in p.files.list("/mnt/m")}
+            assert kinds == {"dir": "dir", "pipe": "other"}
+            p.files.write("/mnt/m/ok.bin", b"\xffdurable")  # the store thread is free
+            assert (host / "ok.bin").read_bytes() == b"\xffdurable"
+            assert (host / "dir" / "a.txt").exists() and (host / "pipe").exists()
+            print(f"\nFIFO refusals and a write answered in {time.monotonic() - t0:.3f} s")
+        finally:
+            admin.kill(p.pid, "KILL")
+            admin.wait(p.pid, timeout=10)
