@@ -273,7 +273,7 @@ class Kernel:
     def authenticate(self, pid: int, token: str, spec: SyscallSpec) -> Caller:
         """Resolve the caller of a syscall: the admin (pid 0) or a live process."""
         if pid == 0:
-            if not secrets.compare_digest(token, self.admin_token):
+            if not secrets.compare_digest(token.encode(), self.admin_token.encode()):
                 raise SyscallError(
                     Errno.EACCES, "pid 0 is the admin and needs the kernel's admin token"
                 )
