@@ -123,10 +123,22 @@ def area_dir_name(namespace: str) -> str:
 class FileSystem:
     """Every process's view of files, over real directories under ``root``."""
 
-    def __init__(self, root: Path, store: Store, memory: Memory) -> None:
+    def __init__(
+        self,
+        root: Path,
+        store: Store,
+        memory: Memory,
+        max_versions: int = limits.MAX_FS_VERSIONS,
+        history_bytes: int | None = None,
+    ) -> None:
         self.root = root
         self.store = store
         self.memory = memory
+        #: Versions kept per path (at most limits.MAX_FS_VERSIONS).
+        self.max_versions = max(1, min(max_versions, limits.MAX_FS_VERSIONS))
+        #: Bytes of past versions an area may keep in the state database (None: what its
+        #: quota leaves beside its live files; a mount: limits.FS_AREA_BYTES).
+        self.history_bytes = history_bytes
         self._usage: dict[str, int] = {}  # area -> bytes in use (owned areas; on the store thread)
 
     # -- resolution (on the loop: no disk access) --------------------------------------
@@ -389,6 +401,64 @@ def _record(conn: sqlite3.Connection, area: str, rel: str, data: bytes | None, o
     return number
 
 
+def _history_bytes(conn: sqlite3.Connection, area: str) -> int:
+    """Bytes of ``area``'s past versions (every version but each path's latest)."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(size), 0) FROM fs_versions v WHERE area = ? AND version < "
+        "(SELECT MAX(version) FROM fs_versions w WHERE w.area = v.area AND w.path = v.path)",
+        (area,),
+    ).fetchone()
+    return int(row[0])
+
+
+def _prune(conn: sqlite3.Connection, fs: FileSystem, area: str, paths: list[str]) -> int:
+    """Keep ``area``'s version history within its bounds: at most ``fs.max_versions`` per
+    changed path, and past versions' bytes within what the area's quota leaves beside its
+    live files (or ``fs.history_bytes``), the oldest pruned first. Returns versions pruned."""
+    pruned = 0
+    for rel in paths:
+        old = conn.execute(
+            "SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? "
+            "ORDER BY version DESC LIMIT -1 OFFSET ?",
+            (area, rel, fs.max_versions),
+        ).fetchall()
+        for version, sha in old:
+            conn.execute(
+                "DELETE FROM fs_versions WHERE area = ? AND path = ? AND version = ?",
+                (area, rel, version),
+            )
+            _collect(conn, sha)
+            pruned += 1
+    if area.startswith("mnt:"):
+        allowed = fs.history_bytes if fs.history_bytes is not None else limits.FS_AREA_BYTES
+    else:
+        live = fs._usage.get(area, 0)
+        allowed = max(0, limits.FS_AREA_BYTES - live)
+        if fs.history_bytes is not None:
+            allowed = min(allowed, fs.history_bytes)
+    excess = _history_bytes(conn, area) - allowed
+    while excess > 0:
+        rows = conn.execute(
+            "SELECT path, version, sha, size FROM fs_versions v WHERE area = ? AND version < "
+            "(SELECT MAX(version) FROM fs_versions w WHERE w.area = v.area AND w.path = v.path) "
+            "ORDER BY ts, version LIMIT 64",
+            (area,),
+        ).fetchall()
+        if not rows:
+            break
+        for rel, version, sha, size in rows:
+            conn.execute(
+                "DELETE FROM fs_versions WHERE area = ? AND path = ? AND version = ?",
+                (area, rel, version),
+            )
+            _collect(conn, sha)
+            pruned += 1
+            excess -= size
+            if excess <= 0:
+                break
+    return pruned
+
+
 def _collect(conn: sqlite3.Connection, sha: str | None) -> None:
     """Delete blob ``sha`` if no version refers to it any more."""
     if sha is not None:
@@ -527,6 +597,7 @@ def _write(
     _atomic_write(place.real, new)
     number = _record(conn, place.area, place.rel, new, op)
     _index(conn, fs, place.area, place.rel, passages)
+    _prune(conn, fs, place.area, [place.rel])
     return number, len(new)
 
 
@@ -648,6 +719,7 @@ def _remove(conn: sqlite3.Connection, fs: FileSystem, place: Place, recursive: b
     else:
         place.real.unlink()
     _charge(fs, place, -freed)
+    _prune(conn, fs, place.area, [f.rel for f in files])
     return len(files)
 
 
@@ -693,6 +765,8 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
         passages = [(t, np.frombuffer(v, dtype="<f4")) for t, v in rows]
         _index(conn, fs, a.area, a.rel, None)
         _index(conn, fs, b.area, b.rel, passages or None)
+    _prune(conn, fs, src.area, [a.rel for a, _ in moves])
+    _prune(conn, fs, dst.area, [b.rel for _, b in moves])
 
 
 def _history(

@@ -48,6 +48,7 @@ from kernel.syscall import Call, Dispatcher, build_table
 from kernel.tools import ToolTable
 from kernel.transport import Transport
 from kernel.vindex import VectorIndex
+from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 from syscalls.table import SyscallSpec
 
@@ -116,6 +117,8 @@ class Kernel:
         min_awake_s: float = MIN_AWAKE_S,
         sandbox: SandboxConfig | None = None,
         mcp: list[tuple[str, str]] | None = None,
+        fs_versions: int = limits.MAX_FS_VERSIONS,
+        fs_history_bytes: int | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -138,7 +141,7 @@ class Kernel:
             None if state_dir is not None else tempfile.TemporaryDirectory(prefix="llmos-files-")
         )
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
-        self.fs = FileSystem(files, self.store, self.memory)
+        self.fs = FileSystem(files, self.store, self.memory, fs_versions, fs_history_bytes)
         # Who did what: hash-chained in the state database, old rows in segment files.
         self.audit = Audit(self.store, state_dir / "audit" if state_dir is not None else None)
         self.tools = ToolTable(builtin_tools())

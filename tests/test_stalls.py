@@ -216,3 +216,37 @@ def test_fifo_in_a_mount_never_blocks_the_store_thread(daemon: Daemon, tmp_path:
         finally:
             admin.kill(p.pid, "KILL")
             admin.wait(p.pid, timeout=10)
+
+
+# -- (d) version history in the area's quota --------------------------------------------
+
+
+def test_version_history_is_bounded_oldest_pruned_first(tmp_path: Path) -> None:
+    history = 300_000
+    with (
+        Daemon(
+            tmp_path, "--driver", "sim", "--fs-versions", "50", "--fs-history-bytes", str(history)
+        ) as k,
+        k.admin() as admin,
+    ):
+        p = admin.spawn("writer")
+        for i in range(60):  # 60 versions of 20 kB each: 1.2 MB of history unbounded
+            p.files.write("log.bin", bytes([0xFF, i]) + bytes(20_000))
+        p.files.write("other.bin", b"\xff" + bytes(1000))
+        versions = p.files.history("log.bin", limit=100)
+        import sqlite3
+
+        db = sqlite3.connect(k.state_dir / "state.db")
+        kept = db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM fs_versions v WHERE area = ? AND version < "
+            "(SELECT MAX(version) FROM fs_versions w WHERE w.area = v.area AND w.path = v.path)",
+            (f"pid:{p.pid}",),
+        ).fetchone()[0]
+        db.close()
+        print(f"\n60 writes of 20 kB: {len(versions)} versions kept, {kept} bytes of history")
+        assert kept <= history
+        numbers = [v.version for v in versions]
+        assert numbers[0] == 60 and numbers == sorted(numbers, reverse=True)
+        assert 10 <= len(numbers) < 60  # the oldest went first; the newest are all there
+        assert numbers == list(range(60, 60 - len(numbers), -1))
+        assert p.files.read("log.bin")[1] == 59
