@@ -20,12 +20,15 @@ that ``mem.recall.search`` finds them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from drivers.base import Driver, DriverError, Message
+from kernel.persist import message_bytes
+from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 
 if TYPE_CHECKING:
+    from kernel.kernel import Kernel
     from kernel.memory import Memory
     from kernel.process import Proc
 
@@ -175,3 +178,14 @@ async def count_tokens(driver: Driver, prompt: list[Message] | str) -> int:
         return await driver.count_tokens(prompt)
     except DriverError as exc:
         raise SyscallError(Errno.EIO, str(exc)) from None
+
+
+def check_room(k: Kernel, proc: Proc, turns: list[dict[str, Any]]) -> None:
+    """E2BIG if ``turns`` would take ``proc``'s context past limits.MAX_CONTEXT_BYTES."""
+    size = k.persist.context_bytes(proc) + sum(message_bytes(t) for t in turns)
+    if size > limits.MAX_CONTEXT_BYTES:
+        raise SyscallError(
+            Errno.E2BIG,
+            f"process {proc.pid}'s context would hold {size} bytes, over the bound of "
+            f"{limits.MAX_CONTEXT_BYTES}; clear it or start from a snapshot",
+        )

@@ -175,7 +175,7 @@ class Kernel:
         """Recover the state database, bind the endpoints, start serving, and load the
         models in the background."""
         loop = asyncio.get_running_loop()
-        found = await asyncio.to_thread(recover, self.store, self.procs)
+        found = await asyncio.to_thread(recover, self.store, self.procs, self.persist)
         entries = await asyncio.to_thread(self.memory.load)
         if self.memory.index is not None:
             await self.store.call(load_index, self.memory.index)

@@ -135,6 +135,8 @@ async def _generate_on(
         except DriverError as exc:
             raise _driver_error(proc, exc) from None
     new = [msg.model_dump() for msg in a.messages] if a.messages is not None else []
+    if new:
+        context.check_room(k, proc, new)
     limit = context.window(proc, driver)
     if a.prompt is None:
         evicted = proc.evicted  # fit changes the context only by evicting (counted here)

@@ -54,6 +54,7 @@ MAX_SEARCH_K = 100
 MAX_SNAPSHOTS = 32
 #: Smallest context window a process may ask for (tokens).
 MIN_CTX_WINDOW = 128
+MAX_CONTEXT_BYTES = 32 << 20  # one process's context (UTF-8 content), then E2BIG
 
 # Files (kernel/fs.py).
 MAX_PATH_BYTES = 4096

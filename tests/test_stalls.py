@@ -250,3 +250,49 @@ def test_version_history_is_bounded_oldest_pruned_first(tmp_path: Path) -> None:
         assert 10 <= len(numbers) < 60  # the oldest went first; the newest are all there
         assert numbers == list(range(60, 60 - len(numbers), -1))
         assert p.files.read("log.bin")[1] == 59
+
+
+# -- (b) contexts stored incrementally, bounded in bytes --------------------------------
+
+
+def test_context_appends_rows_and_stops_at_its_byte_bound(tmp_path: Path) -> None:
+    from syscalls import limits
+    from syscalls.errors import E2BIG
+
+    chunk = [{"role": "user", "content": "y" * 190_000}] * 5  # ~950 kB a call
+    with Daemon(tmp_path, "--driver", "sim") as k, k.admin() as admin:
+        p, other = admin.spawn("big"), admin.spawn("other")
+        times, n = [], 0
+        with Pinger(other) as pinger, pytest.raises(E2BIG, match="bytes"):
+            for _ in range(limits.MAX_CONTEXT_BYTES // 950_000 + 2):
+                t0 = time.perf_counter()
+                n = p.append(chunk)
+                times.append(time.perf_counter() - t0)
+        pinger.report(
+            f"{len(times)} appends of 950 kB up to {n} messages "
+            f"(append p50 {1000 * statistics.median(times):.0f} ms, last {1000 * times[-1]:.0f} ms)"
+        )
+        assert n == 5 * len(times)
+        p.clear()
+        p.append([{"role": "user", "content": "kept"}])
+        p.append([{"role": "assistant", "content": "across a restart"}])
+    with k, k.admin() as admin:  # the same state directory, a fresh kernel
+        texts = [m["content"] for m in admin.call("ctx.get", {"pid": p.pid})["messages"]]
+        assert texts == ["kept", "across a restart"]
+
+
+def test_contexts_of_an_old_database_migrate_to_rows() -> None:
+    import json
+    import sqlite3
+
+    from kernel.store import _MIGRATIONS
+
+    conn = sqlite3.connect(":memory:")
+    for version in (1, 2, 3):
+        conn.executescript(_MIGRATIONS[version])
+    state = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "é"}]}
+    conn.execute("INSERT INTO contexts (pid, state) VALUES (7, ?)", (json.dumps(state),))
+    conn.executescript(_MIGRATIONS[4])
+    rows = conn.execute("SELECT seq, msg FROM ctx_msgs WHERE pid = 7 ORDER BY seq").fetchall()
+    assert [(seq, json.loads(msg)) for seq, msg in rows] == list(enumerate(state["messages"]))
+    assert "messages" not in json.loads(conn.execute("SELECT state FROM contexts").fetchone()[0])
