@@ -109,7 +109,8 @@ def _context_ops(
 ) -> tuple[_Stored, list[int] | None, list[tuple[int, dict[str, Any]]]]:
     """How to bring the stored rows to ``context``: (new stored view, row numbers to
     delete (None: every row), rows to insert). An append costs the new messages only; an
-    eviction deletes the evicted rows; anything else keeps what it can."""
+    eviction deletes the evicted rows; a message put before kept ones rewrites them all
+    (rows are read back in order)."""
     if stored is None:
         sizes = [message_bytes(m) for m in context]
         view = _Stored(list(context), list(range(len(context))), sizes, len(context), sum(sizes))
@@ -133,6 +134,8 @@ def _context_ops(
     for msg in context:
         i = where.get(id(msg), -1)
         if i > last:
+            if inserts:  # a new message before a kept one: rows are in order, so rewrite
+                return _context_ops(None, context)
             last = i
             kept.add(i)
             seq, size = stored.seqs[i], stored.sizes[i]

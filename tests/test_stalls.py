@@ -296,3 +296,24 @@ def test_contexts_of_an_old_database_migrate_to_rows() -> None:
     rows = conn.execute("SELECT seq, msg FROM ctx_msgs WHERE pid = 7 ORDER BY seq").fetchall()
     assert [(seq, json.loads(msg)) for seq, msg in rows] == list(enumerate(state["messages"]))
     assert "messages" not in json.loads(conn.execute("SELECT state FROM contexts").fetchone()[0])
+
+
+def test_context_saves_write_only_what_changed_and_keep_rows_in_order() -> None:
+    from kernel.persist import _context_ops
+
+    def msg(text: str) -> dict[str, str]:
+        return {"role": "user", "content": text}
+
+    a, b, c, d, system = msg("a"), msg("b"), msg("c"), msg("d"), msg("system")
+    view, deletes, inserts = _context_ops(None, [a, b])
+    assert deletes is None and [q for q, _ in inserts] == [0, 1]
+    view, deletes, inserts = _context_ops(view, [a, b, c])  # an append: one row
+    assert deletes == [] and inserts == [(2, c)]
+    view, deletes, inserts = _context_ops(view, [a, c])  # an eviction: one delete
+    assert deletes == [1] and inserts == []
+    view, deletes, inserts = _context_ops(view, [a, c, d])
+    assert inserts == [(3, d)] and view.seqs == [0, 2, 3]
+    view, deletes, inserts = _context_ops(view, [system, c, d])  # new first: rewritten
+    assert deletes is None and view.seqs == [0, 1, 2]
+    view, deletes, inserts = _context_ops(view, [system])
+    assert deletes == [1, 2] and view.total == len("system") + len("user")
