@@ -158,7 +158,13 @@ async def fit(
             memory.record(
                 proc, [{"role": "system", "content": f"Summary of earlier turns: {proc.summary}"}]
             )
-    proc.context = ([{"role": "system", "content": base}] if base is not None else []) + kept
+    first = proc.context[0] if proc.context else None
+    system = (
+        first  # the same message object: its stored row stays (kernel/persist.py)
+        if first is not None and first["role"] == "system" and first["content"] == base
+        else {"role": "system", "content": base}
+    )
+    proc.context = ([system] if base is not None else []) + kept
     proc.evicted += k
     prompt = compose(proc, memory, new=new)
     return prompt, await count_tokens(driver, prompt)
