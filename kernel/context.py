@@ -20,12 +20,15 @@ that ``mem.recall.search`` finds them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from drivers.base import Driver, DriverError, Message
+from kernel.persist import message_bytes
+from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 
 if TYPE_CHECKING:
+    from kernel.kernel import Kernel
     from kernel.memory import Memory
     from kernel.process import Proc
 
@@ -155,7 +158,13 @@ async def fit(
             memory.record(
                 proc, [{"role": "system", "content": f"Summary of earlier turns: {proc.summary}"}]
             )
-    proc.context = ([{"role": "system", "content": base}] if base is not None else []) + kept
+    first = proc.context[0] if proc.context else None
+    system = (
+        first  # the same message object: its stored row stays (kernel/persist.py)
+        if first is not None and first["role"] == "system" and first["content"] == base
+        else {"role": "system", "content": base}
+    )
+    proc.context = ([system] if base is not None else []) + kept
     proc.evicted += k
     prompt = compose(proc, memory, new=new)
     return prompt, await count_tokens(driver, prompt)
@@ -175,3 +184,14 @@ async def count_tokens(driver: Driver, prompt: list[Message] | str) -> int:
         return await driver.count_tokens(prompt)
     except DriverError as exc:
         raise SyscallError(Errno.EIO, str(exc)) from None
+
+
+def check_room(k: Kernel, proc: Proc, turns: list[dict[str, Any]]) -> None:
+    """E2BIG if ``turns`` would take ``proc``'s context past limits.MAX_CONTEXT_BYTES."""
+    size = k.persist.context_bytes(proc) + sum(message_bytes(t) for t in turns)
+    if size > limits.MAX_CONTEXT_BYTES:
+        raise SyscallError(
+            Errno.E2BIG,
+            f"process {proc.pid}'s context would hold {size} bytes, over the bound of "
+            f"{limits.MAX_CONTEXT_BYTES}; clear it or start from a snapshot",
+        )

@@ -31,8 +31,8 @@ from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
 from kernel.trace import check_otlp_endpoint
+from syscalls import limits, paths
 from syscalls import models as m
-from syscalls import paths
 
 log = logging.getLogger("llmos.kernel")
 
@@ -203,6 +203,21 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="ENDPOINT",
         help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)",
+    )
+    p.add_argument(
+        "--fs-versions",
+        type=int,
+        default=limits.MAX_FS_VERSIONS,
+        metavar="N",
+        help=f"versions kept per file (1..{limits.MAX_FS_VERSIONS}; default {limits.MAX_FS_VERSIONS})",
+    )
+    p.add_argument(
+        "--fs-history-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="bytes of past file versions one area keeps (default: what its quota leaves "
+        "beside its live files; oldest pruned first)",
     )
     p.add_argument(
         "--runtime-dir",
@@ -532,6 +547,8 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         trace=args.trace == "on",
         otlp_endpoint=args.otlp_endpoint,
         metrics=metrics_address(args.metrics) if args.metrics is not None else None,
+        fs_versions=args.fs_versions,
+        fs_history_bytes=args.fs_history_bytes,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -34,6 +34,7 @@ under the namespace ``fs:AREA``; ``fs.search`` looks in every area the caller ca
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -122,10 +123,22 @@ def area_dir_name(namespace: str) -> str:
 class FileSystem:
     """Every process's view of files, over real directories under ``root``."""
 
-    def __init__(self, root: Path, store: Store, memory: Memory) -> None:
+    def __init__(
+        self,
+        root: Path,
+        store: Store,
+        memory: Memory,
+        max_versions: int = limits.MAX_FS_VERSIONS,
+        history_bytes: int | None = None,
+    ) -> None:
         self.root = root
         self.store = store
         self.memory = memory
+        #: Versions kept per path (at most limits.MAX_FS_VERSIONS).
+        self.max_versions = max(1, min(max_versions, limits.MAX_FS_VERSIONS))
+        #: Bytes of past versions an area may keep in the state database (None: what its
+        #: quota leaves beside its live files; a mount: limits.FS_AREA_BYTES).
+        self.history_bytes = history_bytes
         self._usage: dict[str, int] = {}  # area -> bytes in use (owned areas; on the store thread)
 
     # -- resolution (on the loop: no disk access) --------------------------------------
@@ -333,7 +346,7 @@ def _read(
     if stat_mod.S_ISDIR(st.st_mode):
         raise _refuse(Errno.EINVAL, f"{place.shown} is a directory; list it with fs.list")
     want = min(length if length is not None else st.st_size, limits.MAX_FILE_BYTES)
-    fd = os.open(place.real, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open_regular(place.real, place.shown)
     try:
         os.lseek(fd, offset, os.SEEK_SET)
         data = b""
@@ -388,6 +401,64 @@ def _record(conn: sqlite3.Connection, area: str, rel: str, data: bytes | None, o
     return number
 
 
+def _history_bytes(conn: sqlite3.Connection, area: str) -> int:
+    """Bytes of ``area``'s past versions (every version but each path's latest)."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(size), 0) FROM fs_versions v WHERE area = ? AND version < "
+        "(SELECT MAX(version) FROM fs_versions w WHERE w.area = v.area AND w.path = v.path)",
+        (area,),
+    ).fetchone()
+    return int(row[0])
+
+
+def _prune(conn: sqlite3.Connection, fs: FileSystem, area: str, paths: list[str]) -> int:
+    """Keep ``area``'s version history within its bounds: at most ``fs.max_versions`` per
+    changed path, and past versions' bytes within what the area's quota leaves beside its
+    live files (or ``fs.history_bytes``), the oldest pruned first. Returns versions pruned."""
+    pruned = 0
+    for rel in paths:
+        old = conn.execute(
+            "SELECT version, sha FROM fs_versions WHERE area = ? AND path = ? "
+            "ORDER BY version DESC LIMIT -1 OFFSET ?",
+            (area, rel, fs.max_versions),
+        ).fetchall()
+        for version, sha in old:
+            conn.execute(
+                "DELETE FROM fs_versions WHERE area = ? AND path = ? AND version = ?",
+                (area, rel, version),
+            )
+            _collect(conn, sha)
+            pruned += 1
+    if area.startswith("mnt:"):
+        allowed = fs.history_bytes if fs.history_bytes is not None else limits.FS_AREA_BYTES
+    else:
+        live = fs._usage.get(area, 0)
+        allowed = max(0, limits.FS_AREA_BYTES - live)
+        if fs.history_bytes is not None:
+            allowed = min(allowed, fs.history_bytes)
+    excess = _history_bytes(conn, area) - allowed
+    while excess > 0:
+        rows = conn.execute(
+            "SELECT path, version, sha, size FROM fs_versions v WHERE area = ? AND version < "
+            "(SELECT MAX(version) FROM fs_versions w WHERE w.area = v.area AND w.path = v.path) "
+            "ORDER BY ts, version LIMIT 64",
+            (area,),
+        ).fetchall()
+        if not rows:
+            break
+        for rel, version, sha, size in rows:
+            conn.execute(
+                "DELETE FROM fs_versions WHERE area = ? AND path = ? AND version = ?",
+                (area, rel, version),
+            )
+            _collect(conn, sha)
+            pruned += 1
+            excess -= size
+            if excess <= 0:
+                break
+    return pruned
+
+
 def _collect(conn: sqlite3.Connection, sha: str | None) -> None:
     """Delete blob ``sha`` if no version refers to it any more."""
     if sha is not None:
@@ -411,8 +482,44 @@ def _keep_current(
     return current
 
 
+def _open_regular(path: Path, shown: str) -> int:
+    """A descriptor of the regular file at ``path``, opened without blocking: a FIFO or
+    device swapped in after the lstat checks is refused (EPERM), never waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse(Errno.EPERM, f"{shown}: symlinks are not followed") from None
+        if exc.errno == errno.ENOENT:
+            raise _refuse(Errno.ENOENT, f"{shown} does not exist") from None
+        raise _refuse(Errno.EPERM, f"{shown} cannot be opened ({exc.strerror})") from None
+    if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refuse(Errno.EPERM, f"{shown} is not a regular file or directory")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _plain_tree(place: Place) -> None:
+    """EPERM, before anything changes, if the directory ``place`` holds anything but
+    regular files and directories (symlinks, FIFOs, sockets, devices)."""
+    stack = [place.real]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                mode = e.stat(follow_symlinks=False).st_mode
+                if stat_mod.S_ISDIR(mode):
+                    stack.append(Path(e.path))
+                elif not stat_mod.S_ISREG(mode):
+                    what = "a symlink" if stat_mod.S_ISLNK(mode) else "a special file"
+                    rel = os.path.relpath(e.path, place.real)
+                    raise _refuse(
+                        Errno.EPERM, f"{place.shown} holds {what} ({rel}); it is not moved"
+                    )
+
+
 def _read_all(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open_regular(path, path.name)
     with os.fdopen(fd, "rb") as f:
         return f.read(limits.MAX_FILE_BYTES + 1)
 
@@ -490,6 +597,7 @@ def _write(
     _atomic_write(place.real, new)
     number = _record(conn, place.area, place.rel, new, op)
     _index(conn, fs, place.area, place.rel, passages)
+    _prune(conn, fs, place.area, [place.rel])
     return number, len(new)
 
 
@@ -611,6 +719,7 @@ def _remove(conn: sqlite3.Connection, fs: FileSystem, place: Place, recursive: b
     else:
         place.real.unlink()
     _charge(fs, place, -freed)
+    _prune(conn, fs, place.area, [f.rel for f in files])
     return len(files)
 
 
@@ -624,6 +733,7 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
             dst.area == src.area and dst.rel.startswith(src.rel + "/")
         ):
             raise _refuse(Errno.EINVAL, f"cannot move {src.shown} inside itself")
+        _plain_tree(src)
         moves = []
         for dirpath, _dirs, names in os.walk(src.real):
             for name in names:
@@ -655,6 +765,8 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
         passages = [(t, np.frombuffer(v, dtype="<f4")) for t, v in rows]
         _index(conn, fs, a.area, a.rel, None)
         _index(conn, fs, b.area, b.rel, passages or None)
+    _prune(conn, fs, src.area, [a.rel for a, _ in moves])
+    _prune(conn, fs, dst.area, [b.rel for _, b in moves])
 
 
 def _history(

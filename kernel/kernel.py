@@ -52,6 +52,7 @@ from kernel.tools import ToolTable
 from kernel.trace import TRACE_DIR, Observer
 from kernel.transport import Transport
 from kernel.vindex import VectorIndex
+from syscalls import limits
 from syscalls import models as m
 from syscalls.errors import Errno, SyscallError
 from syscalls.table import SyscallSpec
@@ -125,6 +126,8 @@ class Kernel:
         trace: bool = False,
         otlp_endpoint: str | None = None,
         metrics: tuple[str, int] | None = None,
+        fs_versions: int = limits.MAX_FS_VERSIONS,
+        fs_history_bytes: int | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -147,7 +150,7 @@ class Kernel:
             None if state_dir is not None else tempfile.TemporaryDirectory(prefix="llmos-files-")
         )
         files = state_dir / "files" if state_dir is not None else Path(self._scratch.name)  # type: ignore[union-attr]
-        self.fs = FileSystem(files, self.store, self.memory)
+        self.fs = FileSystem(files, self.store, self.memory, fs_versions, fs_history_bytes)
         # Who did what: hash-chained in the state database, old rows in segment files.
         # PII masking for processes spawned with redact=[...], on a thread of its own.
         self.redactor = Redactor()
@@ -214,7 +217,7 @@ class Kernel:
             self.metrics.start(loop)  # binds its address first: a taken one fails the start
         if self.observer is not None:
             self.observer.start()
-        found = await asyncio.to_thread(recover, self.store, self.procs)
+        found = await asyncio.to_thread(recover, self.store, self.procs, self.persist)
         self.instance = await self.store.call(instance_id)
         unfinished = await asyncio.to_thread(self.runs.load)
         entries = await asyncio.to_thread(self.memory.load)
@@ -330,7 +333,7 @@ class Kernel:
     def authenticate(self, pid: int, token: str, spec: SyscallSpec) -> Caller:
         """Resolve the caller of a syscall: the admin (pid 0) or a live process."""
         if pid == 0:
-            if not secrets.compare_digest(token, self.admin_token):
+            if not secrets.compare_digest(token.encode(), self.admin_token.encode()):
                 raise SyscallError(
                     Errno.EACCES, "pid 0 is the admin and needs the kernel's admin token"
                 )

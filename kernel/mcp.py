@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import jsonschema
 
+from kernel.schema import check_schema
 from kernel.tools import Tool, ToolTable
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
@@ -88,19 +88,6 @@ def tool_name(server: str, remote: str, taken: set[str]) -> str:
     if len(base) <= 64 and base not in taken:
         return base
     return f"{base[:57]}_{hashlib.sha1(remote.encode()).hexdigest()[:6]}"
-
-
-def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of JSON ``value`` (stops counting past ``limit``)."""
-    if limit < 0 or not isinstance(value, dict | list):
-        return 0
-    items = value.values() if isinstance(value, dict) else value
-    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
-
-
-#: Most nodes an inlined schema may have: references fanning out to references grow
-#: exponentially, so the expansion stops here instead of taking the process with it.
-MAX_INLINED_NODES = 20_000
 
 
 def shown_target(target: str) -> str:
@@ -184,72 +171,6 @@ def secret_file(path: str) -> str:
 def bearer(token: str) -> tuple[str, str]:
     """The ``Authorization`` header carrying ``token``."""
     return "Authorization", f"Bearer {token}"
-
-
-def _inline_refs(
-    node: Any, root: dict[str, Any], seen: tuple[str, ...] = (), budget: list[int] | None = None
-) -> Any:
-    """``node`` with every local ``$ref`` replaced by what it points to, so the schema
-    stands alone inside another (the model's action schema); ValueError for a remote or
-    recursive reference, or one that expands past MAX_INLINED_NODES."""
-    budget = [MAX_INLINED_NODES] if budget is None else budget
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise ValueError(f"its $refs expand past {MAX_INLINED_NODES} schema nodes")
-    if isinstance(node, list):
-        return [_inline_refs(v, root, seen, budget) for v in node]
-    if not isinstance(node, dict):
-        return node
-    for key in ("$ref", "$dynamicRef"):
-        ref = node.get(key)
-        if ref is None:
-            continue
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise ValueError(f"{key} {ref!r} is not local (remote references are refused)")
-        if ref in seen:
-            raise ValueError(f"{key} {ref!r} is recursive")
-        target: Any = root
-        for part in ref[1:].lstrip("/").split("/") if ref != "#" else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
-                raise ValueError(f"{key} {ref!r} points nowhere")
-            target = target[part]
-        rest = {k: v for k, v in node.items() if k != key}
-        resolved = _inline_refs(target, root, (*seen, ref), budget)
-        if not rest:
-            return resolved
-        return {"allOf": [resolved, _inline_refs(rest, root, seen, budget)]}
-    return {
-        k: _inline_refs(v, root, seen, budget)
-        for k, v in node.items()
-        if k not in ("$defs", "definitions")
-    }
-
-
-def check_schema(schema: Any) -> dict[str, Any]:
-    """A server's ``inputSchema`` made fit for the tool table, or ValueError saying why it
-    is refused: over the size or depth limit, not an object schema, invalid JSON Schema,
-    or with a remote or recursive ``$ref``."""
-    if not isinstance(schema, dict):
-        raise ValueError("inputSchema is not an object")
-    try:
-        size = len(json.dumps(schema))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"inputSchema is not JSON ({exc})") from None
-    if size > limits.MAX_MCP_SCHEMA_BYTES:
-        raise ValueError(f"inputSchema is {size} bytes (at most {limits.MAX_MCP_SCHEMA_BYTES})")
-    if _depth(schema, limits.MAX_MCP_SCHEMA_DEPTH) > limits.MAX_MCP_SCHEMA_DEPTH:
-        raise ValueError(f"inputSchema nests deeper than {limits.MAX_MCP_SCHEMA_DEPTH} levels")
-    if schema.get("type") != "object":
-        raise ValueError("inputSchema must have type 'object'")
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.exceptions.SchemaError as exc:
-        raise ValueError(f"inputSchema is not a valid JSON Schema: {exc.message}") from None
-    inlined = _inline_refs(schema, schema)
-    if len(json.dumps(inlined)) > limits.MAX_MCP_SCHEMA_BYTES:
-        raise ValueError("inputSchema is over the size limit once its $refs are inlined")
-    return inlined
 
 
 def irreversible(annotations: Any) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import secrets
 import sqlite3
 import time
@@ -83,8 +84,74 @@ def program_record(prog: Program) -> dict[str, Any]:
 
 
 def context_state(proc: Proc) -> dict[str, Any]:
-    """A process's context as stored (and as snapshots keep it)."""
-    return {"messages": proc.context, "summary": proc.summary, "evicted": proc.evicted}
+    """A process's context as snapshots keep it (a copy of the list: the messages
+    themselves are never changed in place)."""
+    return {"messages": list(proc.context), "summary": proc.summary, "evicted": proc.evicted}
+
+
+def message_bytes(msg: dict[str, Any]) -> int:
+    """What one message counts against a context's byte bound (its UTF-8 content)."""
+    return len(msg["content"].encode()) + len(msg["role"])
+
+
+@dataclass(slots=True)
+class _Stored:
+    """What the database holds of one context: its messages (the very objects, so a
+    change is found by identity, not by comparing or serialising content), their row
+    numbers, their sizes, and the next row number."""
+
+    msgs: list[dict[str, Any]]
+    seqs: list[int]
+    sizes: list[int]
+    next_seq: int
+    total: int
+
+
+def _context_ops(
+    stored: _Stored | None, context: list[dict[str, Any]]
+) -> tuple[_Stored, list[int] | None, list[tuple[int, dict[str, Any]]]]:
+    """How to bring the stored rows to ``context``: (new stored view, row numbers to
+    delete (None: every row), rows to insert). An append costs the new messages only; an
+    eviction deletes the evicted rows; a message put before kept ones rewrites them all
+    (rows are read back in order)."""
+    if stored is None:
+        sizes = [message_bytes(m) for m in context]
+        view = _Stored(list(context), list(range(len(context))), sizes, len(context), sum(sizes))
+        return view, None, list(enumerate(context))
+    n = len(stored.msgs)
+    if n <= len(context) and all(map(operator.is_, stored.msgs, context)):
+        new = context[n:]
+        inserts = list(enumerate(new, start=stored.next_seq))
+        sizes = [message_bytes(m) for m in new]
+        stored.msgs.extend(new)
+        stored.seqs.extend(range(stored.next_seq, stored.next_seq + len(new)))
+        stored.sizes.extend(sizes)
+        stored.next_seq += len(new)
+        stored.total += sum(sizes)
+        return stored, [], inserts
+    where = {id(m): i for i, m in enumerate(stored.msgs)}
+    view = _Stored([], [], [], stored.next_seq, 0)
+    kept: set[int] = set()
+    inserts = []
+    last = -1
+    for msg in context:
+        i = where.get(id(msg), -1)
+        if i > last:
+            if inserts:  # a new message before a kept one: rows are in order, so rewrite
+                return _context_ops(None, context)
+            last = i
+            kept.add(i)
+            seq, size = stored.seqs[i], stored.sizes[i]
+        else:
+            seq, size = view.next_seq, message_bytes(msg)
+            view.next_seq += 1
+            inserts.append((seq, msg))
+        view.msgs.append(msg)
+        view.seqs.append(seq)
+        view.sizes.append(size)
+        view.total += size
+    deletes = [seq for i, seq in enumerate(stored.seqs) if i not in kept]
+    return view, deletes, inserts
 
 
 def _save(
@@ -93,7 +160,9 @@ def _save(
     ppid: int,
     pgid: int,
     record: str,
-    ctx: str,
+    ctx: dict[str, Any],
+    deletes: list[int] | None,
+    inserts: list[tuple[int, dict[str, Any]]],
     program: str,
     next_pid: int,
 ) -> None:
@@ -110,8 +179,19 @@ def _save(
     conn.execute(
         "INSERT INTO contexts (pid, state) VALUES (?, ?) "
         "ON CONFLICT (pid) DO UPDATE SET state = excluded.state",
-        (pid, ctx),
+        (pid, dumps(ctx)),
     )
+    if deletes is None:
+        conn.execute("DELETE FROM ctx_msgs WHERE pid = ?", (pid,))
+    elif deletes:
+        conn.executemany(
+            "DELETE FROM ctx_msgs WHERE pid = ? AND seq = ?", [(pid, q) for q in deletes]
+        )
+    if inserts:  # serialised here, on the store thread, never on the loop
+        conn.executemany(
+            "INSERT INTO ctx_msgs (pid, seq, msg) VALUES (?, ?, ?)",
+            [(pid, q, dumps(msg)) for q, msg in inserts],
+        )
     set_meta(conn, "next_pid", str(next_pid))
 
 
@@ -120,6 +200,7 @@ def _forget(conn: sqlite3.Connection, pid: int, pgid: int | None, namespaces: li
         conn.execute("DELETE FROM programs WHERE pgid = ?", (pgid,))
     conn.execute("DELETE FROM procs WHERE pid = ?", (pid,))
     conn.execute("DELETE FROM contexts WHERE pid = ?", (pid,))
+    conn.execute("DELETE FROM ctx_msgs WHERE pid = ?", (pid,))
     conn.execute("DELETE FROM snapshots WHERE pid = ?", (pid,))
     for ns in namespaces:
         for table in ("blocks", "recall", "archival"):
@@ -140,24 +221,46 @@ class Persist:
         self.store = store
         self.table = table
         self.on_drop = on_drop
+        self._stored: dict[int, _Stored] = {}  # pid -> what the database holds of its context
 
     def saved(self, proc: Proc) -> None:
+        """Queue ``proc``'s record and the change of its context since the last save
+        (new messages as new rows: never the whole context again)."""
+        view, deletes, inserts = _context_ops(self._stored.get(proc.pid), proc.context)
+        self._stored[proc.pid] = view
         self.store.submit(
             _save,
             proc.pid,
             proc.ppid,
             proc.program.pgid,
             dumps(proc_record(proc)),
-            dumps(context_state(proc)),
+            {"summary": proc.summary, "evicted": proc.evicted},
+            deletes,
+            inserts,
             dumps(program_record(proc.program)),
             self.table.next_pid,
         )
+
+    def adopt(self, proc: Proc, seqs: list[int]) -> None:
+        """``proc``'s context as recovered is what the database holds, rows ``seqs``."""
+        sizes = [message_bytes(m) for m in proc.context]
+        self._stored[proc.pid] = _Stored(
+            list(proc.context), list(seqs), sizes, (seqs[-1] + 1) if seqs else 0, sum(sizes)
+        )
+
+    def context_bytes(self, proc: Proc) -> int:
+        """Bytes of ``proc``'s context as last saved (every change is saved at once)."""
+        stored = self._stored.get(proc.pid)
+        if stored is None:
+            return sum(message_bytes(m) for m in proc.context)
+        return stored.total
 
     def reaped(self, proc: Proc, program_gone: bool) -> None:
         namespaces = [proc.namespace]
         prog = proc.program
         if program_gone and prog.namespace == f"prog:{prog.pgid}":  # named ones outlive runs
             namespaces.append(prog.namespace)
+        self._stored.pop(proc.pid, None)
         self.store.submit(_forget, proc.pid, prog.pgid if program_gone else None, namespaces)
         if self.on_drop is not None:
             for ns in namespaces:
@@ -194,13 +297,21 @@ class Recovered:
 
 def _load(
     conn: sqlite3.Connection,
-) -> tuple[list[tuple[int, int, int, str, str | None]], dict[int, str], int]:
+) -> tuple[
+    list[tuple[int, int, int, str, str | None]],
+    dict[int, str],
+    dict[int, list[tuple[int, str]]],
+    int,
+]:
     rows = conn.execute(
         "SELECT p.pid, p.ppid, p.pgid, p.record, c.state FROM procs p "
         "LEFT JOIN contexts c ON c.pid = p.pid ORDER BY p.pid"
     ).fetchall()
     programs = dict(conn.execute("SELECT pgid, record FROM programs").fetchall())
-    return rows, programs, int(get_meta(conn, "next_pid", "2") or 2)
+    msgs: dict[int, list[tuple[int, str]]] = {}
+    for pid, seq, msg in conn.execute("SELECT pid, seq, msg FROM ctx_msgs ORDER BY pid, seq"):
+        msgs.setdefault(pid, []).append((seq, msg))
+    return rows, programs, msgs, int(get_meta(conn, "next_pid", "2") or 2)
 
 
 def _limits(data: dict[str, Any] | None) -> Limits:
@@ -218,9 +329,10 @@ def _program_alive(proc: Proc) -> bool:
         return False
 
 
-def recover(store: Store, table: ProcessTable) -> Recovered:
-    """Rebuild ``table`` from ``store`` (call before serving, off the loop or at startup)."""
-    rows, program_rows, next_pid = store.call_sync(_load)
+def recover(store: Store, table: ProcessTable, persist: Persist | None = None) -> Recovered:
+    """Rebuild ``table`` from ``store`` (call before serving, off the loop or at startup);
+    ``persist`` learns what the database holds of each context."""
+    rows, program_rows, messages, next_pid = store.call_sync(_load)
     programs: dict[int, Program] = {}
     now_wall, now_mono = time.time(), time.monotonic()
     procs: list[Proc] = []
@@ -272,7 +384,10 @@ def recover(store: Store, table: ProcessTable) -> Recovered:
         proc.redact_model = rec.get("redact_model", False)
         proc.adapter = rec.get("adapter")
         state = json.loads(ctx) if ctx else {}
-        proc.context = state.get("messages", [])
+        stored = messages.get(pid, [])
+        proc.context = [json.loads(msg) for _, msg in stored]
+        if persist is not None:
+            persist.adopt(proc, [seq for seq, _ in stored])
         proc.summary, proc.evicted = state.get("summary"), state.get("evicted", 0)
         proc.orphaned = rec.get("orphaned", False)
         if rec.get("zombie"):

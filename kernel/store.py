@@ -37,7 +37,7 @@ log = logging.getLogger("llmos.store")
 T = TypeVar("T")
 
 #: Bump with a new entry in _MIGRATIONS when the schema changes.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -155,6 +155,17 @@ _MIGRATIONS: dict[int, str] = {
         ids BLOB NOT NULL,                -- int32 token ids made with them
         PRIMARY KEY (run, seq)
     );
+    """,
+    5: """
+    CREATE TABLE ctx_msgs (               -- a context's messages, one row each (appended)
+        pid INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        msg TEXT NOT NULL,                -- JSON: role, content
+        PRIMARY KEY (pid, seq)
+    );
+    INSERT INTO ctx_msgs (pid, seq, msg)
+        SELECT c.pid, j.key, j.value FROM contexts c, json_each(c.state, '$.messages') j;
+    UPDATE contexts SET state = json_remove(state, '$.messages');
     """,
 }
 

@@ -11,6 +11,7 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
+from kernel import context
 from kernel.persist import context_state
 from kernel.process import Proc
 from kernel.store import dumps
@@ -62,6 +63,7 @@ async def sys_ctx_append(k: Kernel, call: Call, a: m.CtxAppendArgs) -> m.CtxResu
         )
     turns = await k.redactor.mask_messages([msg.model_dump() for msg in a.messages], proc.redact)
     proc = _writable(k, call, a.pid)  # still writable after masking (off the loop)?
+    context.check_room(k, proc, turns)
     proc.context.extend(turns)
     k.memory.record(proc, turns)
     await _commit(k, proc)
@@ -81,7 +83,9 @@ async def sys_ctx_clear(k: Kernel, call: Call, a: m.CtxClearArgs) -> m.CtxResult
     return m.CtxResult(pid=proc.pid, total=len(proc.context))
 
 
-def _put_snapshot(conn: sqlite3.Connection, pid: int, name: str, state: str, created: float) -> int:
+def _put_snapshot(
+    conn: sqlite3.Connection, pid: int, name: str, state: dict[str, Any], created: float
+) -> int:
     count = conn.execute(
         "SELECT COUNT(*) FROM snapshots WHERE pid = ? AND name != ?", (pid, name)
     ).fetchone()[0]
@@ -94,41 +98,42 @@ def _put_snapshot(conn: sqlite3.Connection, pid: int, name: str, state: str, cre
     conn.execute(
         "INSERT INTO snapshots (pid, name, state, created) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (pid, name) DO UPDATE SET state = excluded.state, created = excluded.created",
-        (pid, name, state, created),
+        (pid, name, dumps(state), created),  # serialised here, off the loop
     )
     return count + 1
 
 
-def _get_snapshot(conn: sqlite3.Connection, pid: int, name: str) -> str | None:
+def _get_snapshot(conn: sqlite3.Connection, pid: int, name: str) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT state FROM snapshots WHERE pid = ? AND name = ?", (pid, name)
     ).fetchone()
-    return None if row is None else row[0]
+    return None if row is None else json.loads(row[0])  # parsed here, off the loop
 
 
-def _list_snapshots(conn: sqlite3.Connection, pid: int) -> list[tuple[str, str, float]]:
+def _list_snapshots(conn: sqlite3.Connection, pid: int) -> list[tuple[str, int, float]]:
     return conn.execute(
-        "SELECT name, state, created FROM snapshots WHERE pid = ? ORDER BY created", (pid,)
+        "SELECT name, json_array_length(state, '$.messages'), created FROM snapshots "
+        "WHERE pid = ? ORDER BY created",
+        (pid,),
     ).fetchall()
 
 
 async def sys_ctx_snapshot(k: Kernel, call: Call, a: m.CtxSnapshotArgs) -> m.SnapshotInfo:
     proc = _writable(k, call, a.pid)
     now = time.time()
-    await k.store.call(_put_snapshot, proc.pid, a.name, dumps(context_state(proc)), now)
+    await k.store.call(_put_snapshot, proc.pid, a.name, context_state(proc), now)
     return m.SnapshotInfo(name=a.name, messages=len(proc.context), created=now)
 
 
 async def sys_ctx_restore(k: Kernel, call: Call, a: m.CtxSnapshotArgs) -> m.CtxResult:
     proc = _writable(k, call, a.pid)
-    raw = await k.store.call(_get_snapshot, proc.pid, a.name)
-    if raw is None:
+    state = await k.store.call(_get_snapshot, proc.pid, a.name)
+    if state is None:
         raise SyscallError(
             Errno.ENOENT, f"process {proc.pid} has no snapshot named {a.name!r} (see ctx.snapshots)"
         )
     if proc.busy:  # it may have started generating while we read
         raise SyscallError(Errno.EBUSY, f"process {proc.pid} is generating; restore after that")
-    state: dict[str, Any] = json.loads(raw)
     proc.context = state["messages"]
     proc.summary, proc.evicted = state.get("summary"), state.get("evicted", 0)
     await _commit(k, proc)
@@ -141,8 +146,8 @@ async def sys_ctx_snapshots(k: Kernel, call: Call, a: m.CtxSnapshotsArgs) -> m.C
     return m.CtxSnapshotsResult(
         pid=proc.pid,
         snapshots=[
-            m.SnapshotInfo(name=name, messages=len(json.loads(state)["messages"]), created=created)
-            for name, state, created in rows
+            m.SnapshotInfo(name=name, messages=count, created=created)
+            for name, count, created in rows
         ],
     )
 

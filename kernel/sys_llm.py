@@ -161,6 +161,8 @@ async def _generate_on(
             new = stored
             if raw_prompt is not None:
                 raw_prompt = (await k.redactor.mask([raw_prompt], proc.redact))[0]
+    if stored:
+        context.check_room(k, proc, stored)
     limit = context.window(proc, driver)
     run = call.run if isinstance(call, RunCall) else None
     if run is not None and run.prompt is not None:  # a run going on after a restart

@@ -55,11 +55,15 @@ def sys_list(k: Kernel, call: Call, a: m.Empty) -> m.ToolListResult:
 async def sys_call(k: Kernel, call: Call, a: m.ToolCallArgs) -> m.ToolCallResult:
     proc = _me(call)
     tool = k.tools.lookup(proc, a.name)
-    if len(json.dumps(a.args, default=str)) > limits.MAX_TOOL_ARGS_BYTES:
+    try:
+        size = len(json.dumps(a.args, default=str))
+    except (RecursionError, ValueError):
+        raise SyscallError(Errno.EINVAL, "the arguments nest too deeply to be JSON") from None
+    if size > limits.MAX_TOOL_ARGS_BYTES:
         raise SyscallError(
             Errno.EINVAL, f"the arguments are over {limits.MAX_TOOL_ARGS_BYTES} bytes of JSON"
         )
-    k.tools.validate(tool, a.args)
+    await k.tools.validate(tool, a.args)
     loop = asyncio.get_running_loop()
     timeout = max(0.001, min(a.timeout_s, call.deadline - loop.time() - 0.05))
     t0 = time.monotonic()
@@ -95,8 +99,6 @@ async def sys_call(k: Kernel, call: Call, a: m.ToolCallArgs) -> m.ToolCallResult
 
 
 def sys_register(k: Kernel, call: Call, a: m.ToolRegisterArgs) -> m.Done:
-    if len(json.dumps(a.parameters)) > limits.MAX_TOOL_ARGS_BYTES:
-        raise SyscallError(Errno.EINVAL, "the parameters schema is too large")
     k.tools.register(_me(call), a.name, a.description, a.parameters, a.irreversible)
     return m.Done()
 

@@ -30,6 +30,7 @@ kernel/toolcall.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fnmatch
 import itertools
 import time
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 
 from kernel.process import Proc
+from kernel.schema import ArgsValidator, ValidationTimeout, check_schema
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 
@@ -65,7 +67,7 @@ class Tool:
     validator: Any = None
 
     def __post_init__(self) -> None:
-        self.validator = jsonschema.Draft202012Validator(self.parameters)
+        self.validator = ArgsValidator(self.parameters)
 
 
 @dataclass(eq=False)
@@ -117,6 +119,10 @@ class ToolTable:
         self.inflight: dict[int, Request] = {}  # request id -> request given to its server
         self.parked: dict[int, Parked] = {}
         self._ids = itertools.count(1)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="tool-validate"
+        )
+        self._validating = 0
         for tool in builtins:
             self.tools[tool.name] = tool
 
@@ -143,10 +149,28 @@ class ToolTable:
             raise SyscallError(Errno.EPERM, f"process {proc.pid} may not use tool {name!r} ({why})")
         return tool
 
-    @staticmethod
-    def validate(tool: Tool, args: dict[str, Any]) -> None:
-        """EINVAL naming the first problem if ``args`` do not match the tool's schema."""
-        error = jsonschema.exceptions.best_match(tool.validator.iter_errors(args))
+    async def validate(self, tool: Tool, args: dict[str, Any]) -> None:
+        """EINVAL naming the first problem if ``args`` do not match the tool's schema.
+
+        Validation runs on the tool table's validation threads (never on the loop), at most
+        ``limits.TOOL_VALIDATION_S`` seconds (then EINVAL: the arguments are too costly)."""
+        if self._validating >= limits.MAX_TOOL_VALIDATIONS:
+            raise SyscallError(
+                Errno.EAGAIN, "too many tool calls are being validated; try again later"
+            )
+        self._validating += 1
+        try:
+            error = await asyncio.get_running_loop().run_in_executor(
+                self._executor, tool.validator.first_error, args, limits.TOOL_VALIDATION_S
+            )
+        except ValidationTimeout:
+            raise SyscallError(
+                Errno.EINVAL,
+                f"tool {tool.name!r}: checking the arguments against its schema took over "
+                f"{limits.TOOL_VALIDATION_S} s; send smaller arguments",
+            ) from None
+        finally:
+            self._validating -= 1
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "arguments"
             raise SyscallError(Errno.EINVAL, f"tool {tool.name!r}: {where}: {error.message}")
@@ -180,11 +204,11 @@ class ToolTable:
                 Errno.EDQUOT, f"a process serves at most {limits.MAX_SERVED_TOOLS} tools"
             )
         try:
-            tool = Tool(name, description, parameters, irreversible, server=server.pid)
-        except jsonschema.exceptions.SchemaError as exc:
-            raise SyscallError(
-                Errno.EINVAL, f"parameters is not a valid JSON schema: {exc.message}"
-            ) from None
+            schema = check_schema(parameters, "parameters")
+            tool = Tool(name, description, schema, irreversible, server=server.pid)
+        except (ValueError, RecursionError, jsonschema.exceptions.SchemaError) as exc:
+            why = exc.message if isinstance(exc, jsonschema.exceptions.SchemaError) else exc
+            raise SyscallError(Errno.EINVAL, f"tool {name!r} refused: {why}") from None
         self.tools[name] = tool
         self.queues.setdefault(server.pid, asyncio.Queue(maxsize=limits.MAX_TOOL_QUEUE))
 

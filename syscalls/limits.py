@@ -7,6 +7,7 @@ ABI_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 #: Transport-level cap (ZMQ_MAXMSGSIZE): a peer sending more is disconnected outright.
 MAX_TRANSPORT_BYTES = 8 << 20
+MAX_PEER_BACKLOG_BYTES = 32 << 20  # replies held for one peer that does not read (then dropped)
 #: Longest string / most items / deepest nesting the decoder builds.
 MAX_STR_BYTES = MAX_FRAME_BYTES
 MAX_ARRAY_ITEMS = 4096
@@ -53,6 +54,7 @@ MAX_SEARCH_K = 100
 MAX_SNAPSHOTS = 32
 #: Smallest context window a process may ask for (tokens).
 MIN_CTX_WINDOW = 128
+MAX_CONTEXT_BYTES = 32 << 20  # one process's context (UTF-8 content), then E2BIG
 
 # Files (kernel/fs.py).
 MAX_PATH_BYTES = 4096
@@ -69,6 +71,8 @@ MAX_TOOL_ARGS_BYTES = 256 << 10  # JSON arguments of one tool call
 MAX_TOOL_RESULT_BYTES = 512 << 10  # JSON result of one tool call
 MAX_SERVED_TOOLS = 64  # tools one process may serve
 MAX_TOOL_QUEUE = 256  # calls waiting for one serving process
+TOOL_VALIDATION_S = 1.0  # checking one call's arguments against its tool's schema
+MAX_TOOL_VALIDATIONS = 64  # tool calls being validated at once (then EAGAIN)
 MAX_PARKED_CALLS = 256  # calls waiting for the owner's confirmation
 MAX_TOOL_PATTERNS = 32  # tool capability patterns given at spawn
 PY_MEMORY_BYTES = 512 << 20  # address space of the python tool's process

@@ -1227,9 +1227,15 @@ class FsHistoryResult(Result):
 
 class FsRollbackArgs(Args):
     path: FsPathArg
-    version: int | None = Field(default=None, ge=1, description="the version to bring back")
+    version: int | None = Field(
+        default=None, ge=1, le=2**62, description="the version to bring back"
+    )
     time: float | None = Field(
-        default=None, description="or: the content as it was at this Unix time"
+        default=None,
+        ge=0,
+        le=2**40,
+        allow_inf_nan=False,
+        description="or: the content as it was at this Unix time",
     )
 
 
