@@ -48,6 +48,7 @@ from kernel.syscall import Call, Dispatcher, build_table
 from kernel.tools import ToolTable
 from kernel.transport import Transport
 from kernel.vindex import VectorIndex
+from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 from syscalls.table import SyscallSpec
 
@@ -109,6 +110,10 @@ class Kernel:
         policy: str = DEFAULT_POLICY,
         quantum: int | None = None,
         max_procs: int = 4096,
+        max_topics: int = limits.MAX_TOPICS,
+        max_ipc_bytes: int = limits.MAX_IPC_BYTES,
+        max_parked: int = limits.MAX_PARKED_CALLS,
+        max_calls_in_flight: int = limits.MAX_CALLS_IN_FLIGHT,
         zombie_ttl_s: float = 600.0,
         state_dir: Path | None = None,
         embedder: Any = "default",
@@ -142,6 +147,7 @@ class Kernel:
         # Who did what: hash-chained in the state database, old rows in segment files.
         self.audit = Audit(self.store, state_dir / "audit" if state_dir is not None else None)
         self.tools = ToolTable(builtin_tools())
+        self.tools.max_parked = max_parked
         # MCP servers mounted as tools (NAME, command line or URL), on a loop of their own.
         self.mcp = McpHost(self.tools)
         self._mcp_mounts = list(mcp or [])
@@ -149,7 +155,7 @@ class Kernel:
         self.sandbox = sandbox if sandbox is not None else SandboxConfig.detect()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
-        self.ipc = Ipc(self.procs)
+        self.ipc = Ipc(self.procs, max_bytes=max_ipc_bytes, max_topics=max_topics)
         self.scheduler = Scheduler(
             {name: d.slots for name, d in drivers.items()},
             make_policy(policy, quantum),
@@ -163,6 +169,7 @@ class Kernel:
         self._tasks: list[asyncio.Task[None]] = []
         self.transport = Transport(endpoints, self._on_frames)
         self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
+        self.dispatcher.max_calls = max_calls_in_flight
         self.started = time.monotonic()
         self.kernel_pid = os.getpid()
         self._stopped = asyncio.Event()
@@ -263,10 +270,10 @@ class Kernel:
     def _on_frames(self, parts: list[bytes]) -> None:
         self.dispatcher.on_frames(parts)
 
-    def audit_detail(self, name: str, args: Any) -> str:
+    def audit_detail(self, name: str, args: Any, caller: Caller) -> str:
         """What an audit row says beyond the call's target: a tool call's irreversibility."""
         if name == "tool.call":
-            tool = self.tools.tools.get(args.name)
+            tool = self.tools.resolve(caller.proc, args.name)
             return "irreversible" if tool is not None and tool.irreversible else ""
         return ""
 
@@ -288,6 +295,10 @@ class Kernel:
     def track(self, call: Call) -> None:
         if call.caller.proc is not None:
             self._calls[call.caller.pid].add(call)
+
+    def calls_of(self, pid: int) -> int:
+        """Asynchronous calls process ``pid`` has in flight."""
+        return len(self._calls.get(pid, ()))
 
     def untrack(self, call: Call) -> None:
         calls = self._calls.get(call.caller.pid)

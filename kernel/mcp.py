@@ -148,29 +148,35 @@ def _inline_refs(
     }
 
 
-def check_schema(schema: Any) -> dict[str, Any]:
-    """A server's ``inputSchema`` made fit for the tool table, or ValueError saying why it
-    is refused: over the size or depth limit, not an object schema, invalid JSON Schema,
-    or with a remote or recursive ``$ref``."""
+def check_schema(
+    schema: Any,
+    what: str = "inputSchema",
+    max_bytes: int = limits.MAX_MCP_SCHEMA_BYTES,
+    max_depth: int = limits.MAX_MCP_SCHEMA_DEPTH,
+) -> dict[str, Any]:
+    """A tool's argument schema (an MCP server's ``inputSchema``, a served tool's
+    ``parameters``: ``what`` names it in errors) made fit for the tool table, or
+    ValueError saying why it is refused: over the size or depth limit, not an object
+    schema, invalid JSON Schema, or with a remote or recursive ``$ref``."""
     if not isinstance(schema, dict):
-        raise ValueError("inputSchema is not an object")
+        raise ValueError(f"{what} is not an object")
+    if _depth(schema, max_depth) > max_depth:  # first: json.dumps recurses
+        raise ValueError(f"{what} nests deeper than {max_depth} levels")
     try:
         size = len(json.dumps(schema))
     except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"inputSchema is not JSON ({exc})") from None
-    if size > limits.MAX_MCP_SCHEMA_BYTES:
-        raise ValueError(f"inputSchema is {size} bytes (at most {limits.MAX_MCP_SCHEMA_BYTES})")
-    if _depth(schema, limits.MAX_MCP_SCHEMA_DEPTH) > limits.MAX_MCP_SCHEMA_DEPTH:
-        raise ValueError(f"inputSchema nests deeper than {limits.MAX_MCP_SCHEMA_DEPTH} levels")
+        raise ValueError(f"{what} is not JSON ({exc})") from None
+    if size > max_bytes:
+        raise ValueError(f"{what} is {size} bytes (at most {max_bytes})")
     if schema.get("type") != "object":
-        raise ValueError("inputSchema must have type 'object'")
+        raise ValueError(f"{what} must have type 'object'")
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
-        raise ValueError(f"inputSchema is not a valid JSON Schema: {exc.message}") from None
+        raise ValueError(f"{what} is not a valid JSON Schema: {exc.message}") from None
     inlined = _inline_refs(schema, schema)
-    if len(json.dumps(inlined)) > limits.MAX_MCP_SCHEMA_BYTES:
-        raise ValueError("inputSchema is over the size limit once its $refs are inlined")
+    if len(json.dumps(inlined)) > max_bytes:
+        raise ValueError(f"{what} is over the size limit once its $refs are inlined")
     return inlined
 
 

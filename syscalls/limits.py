@@ -70,6 +70,8 @@ MAX_TOOL_RESULT_BYTES = 512 << 10  # JSON result of one tool call
 MAX_SERVED_TOOLS = 64  # tools one process may serve
 MAX_TOOL_QUEUE = 256  # calls waiting for one serving process
 MAX_PARKED_CALLS = 256  # calls waiting for the owner's confirmation
+MAX_CALLS_IN_FLIGHT = 16384  # asynchronous syscalls in flight in the whole kernel
+MAX_CALLS_IN_FLIGHT_PER_PROCESS = 256  # ... of one process (its max_calls_in_flight limit)
 MAX_TOOL_PATTERNS = 32  # tool capability patterns given at spawn
 PY_MEMORY_BYTES = 512 << 20  # address space of the python tool's process
 

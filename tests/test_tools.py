@@ -101,9 +101,10 @@ def _serve(
     with Client(admin.endpoint, pid=0, token=admin.token) as c:
         server = c.spawn(name)
         box["pid"] = server.pid
-        server.tools.register("reverse", "Reverse a text.", Reverse)
-        server.tools.register("slow", "Never answers.", {"type": "object"})
-        server.tools.register("huge", "Answers too much.", {"type": "object"})
+        # The admin registers them for every process (a process's own serve its program).
+        c.register_tool("reverse", "Reverse a text.", Reverse, server=server.pid)
+        c.register_tool("slow", "Never answers.", {"type": "object"}, server=server.pid)
+        c.register_tool("huge", "Answers too much.", {"type": "object"}, server=server.pid)
         ready.set()
         box["answered"] = server.tools.serve(handlers, stop=stop.is_set, poll_s=0.2)
 
