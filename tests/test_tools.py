@@ -157,7 +157,9 @@ def test_tools_served_by_a_user_space_program(spawn: Spawn, admin: Client) -> No
 
 def test_callers_of_a_server_that_exits_get_an_error_at_once(spawn: Spawn, admin: Client) -> None:
     server = spawn("lazy-server")
-    server.tools.register("later", "Answers never: its server exits first.", {"type": "object"})
+    admin.register_tool(  # for every process: the waiter is another program
+        "later", "Answers never: its server exits first.", {"type": "object"}, server=server.pid
+    )
     caller = spawn("waiter")
     result: dict[str, Any] = {}
 
