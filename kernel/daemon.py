@@ -108,6 +108,20 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         help="size of the process table, zombies included (default: 4096); each program "
         "holds at most a quarter of it unless its max_procs limit says otherwise",
     )
+    for flag, default, what in (
+        ("--max-topics", limits.MAX_TOPICS, "size of the IPC topic table"),
+        ("--max-ipc-bytes", limits.MAX_IPC_BYTES, "bytes all IPC mailboxes hold together"),
+        ("--max-parked", limits.MAX_PARKED_CALLS, "tool calls waiting for confirmation"),
+        ("--max-calls-in-flight", limits.MAX_CALLS_IN_FLIGHT, "asynchronous syscalls in flight"),
+    ):
+        p.add_argument(
+            flag,
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"{what} (default: {default}); each program holds at most a quarter unless "
+            "its limits say otherwise, and the last sixteenth is the admin's",
+        )
     p.add_argument(
         "--no-run-journal",
         action="store_true",
@@ -489,6 +503,9 @@ def validate_options(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown driver {args.driver!r}; choose from {', '.join(DRIVERS)}")
     if args.max_procs < 128:
         raise ValueError(f"--max-procs {args.max_procs}: at least 128 (64 are the admin's)")
+    for flag in ("max_topics", "max_ipc_bytes", "max_parked", "max_calls_in_flight"):
+        if getattr(args, flag) < 16:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: at least 16")
     if args.slots < 1:
         raise ValueError(f"--slots {args.slots}: a model needs at least one slot")
     if args.max_loaded is not None and args.max_loaded < 1:
@@ -541,6 +558,10 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         max_loaded=args.max_loaded,
         min_awake_s=args.min_awake,
         max_procs=args.max_procs,
+        max_topics=args.max_topics,
+        max_ipc_bytes=args.max_ipc_bytes,
+        max_parked=args.max_parked,
+        max_calls_in_flight=args.max_calls_in_flight,
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
         mcp=getattr(args, "mcp_mounts", None) or mcp_mounts(args, os.environ),
         run_journal=not args.no_run_journal,

@@ -723,6 +723,18 @@ def _remove(conn: sqlite3.Connection, fs: FileSystem, place: Place, recursive: b
     return len(files)
 
 
+def _movable(src: Place) -> None:
+    """EPERM if directory ``src`` holds anything but files and directories (a symlink, a
+    FIFO, a device): checked before anything moves, so nothing is moved half-way and no
+    read of what was moved can block or follow a link."""
+    for dirpath, dirs, names in os.walk(src.real):
+        for name in (*dirs, *names):
+            st = os.lstat(os.path.join(dirpath, name))
+            if not (stat_mod.S_ISREG(st.st_mode) or stat_mod.S_ISDIR(st.st_mode)):
+                what = "a symlink" if stat_mod.S_ISLNK(st.st_mode) else "a special file"
+                raise _refuse(Errno.EPERM, f"{src.shown} contains {what}; it is not moved")
+
+
 def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) -> None:
     st = _checked(src)
     assert st is not None
@@ -734,6 +746,7 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
         ):
             raise _refuse(Errno.EINVAL, f"cannot move {src.shown} inside itself")
         _plain_tree(src)
+        _movable(src)
         moves = []
         for dirpath, _dirs, names in os.walk(src.real):
             for name in names:
@@ -749,24 +762,42 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
     size = sum(os.lstat(a.real).st_size for a, _ in moves)
     if dst.area != src.area:
         _charge(fs, dst, size)
-    dst.real.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(src.real, dst.real)
-    if dst.area != src.area:
-        _charge(fs, src, -size)
-    for a, b in moves:
-        data = _read_all(b.real)
-        _keep_current(conn, a, None)
-        _record(conn, a.area, a.rel, None, f"renamed to {b.shown}")
-        _record(conn, b.area, b.rel, data, f"renamed from {a.shown}")
-        rows = conn.execute(
-            "SELECT text, vec FROM fs_chunks WHERE area = ? AND path = ? ORDER BY chunk",
-            (a.area, a.rel),
-        ).fetchall()
-        passages = [(t, np.frombuffer(v, dtype="<f4")) for t, v in rows]
-        _index(conn, fs, a.area, a.rel, None)
-        _index(conn, fs, b.area, b.rel, passages or None)
-    _prune(conn, fs, src.area, [a.rel for a, _ in moves])
-    _prune(conn, fs, dst.area, [b.rel for _, b in moves])
+    made = [d for d in dst.real.parents if not d.exists()]
+    try:
+        dst.real.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src.real, dst.real)
+        if dst.area != src.area:
+            _charge(fs, src, -size)
+        for a, b in moves:
+            data = _read_all(b.real)
+            _keep_current(conn, a, None)
+            _record(conn, a.area, a.rel, None, f"renamed to {b.shown}")
+            _record(conn, b.area, b.rel, data, f"renamed from {a.shown}")
+            rows = conn.execute(
+                "SELECT text, vec FROM fs_chunks WHERE area = ? AND path = ? ORDER BY chunk",
+                (a.area, a.rel),
+            ).fetchall()
+            passages = [(t, np.frombuffer(v, dtype="<f4")) for t, v in rows]
+            _index(conn, fs, a.area, a.rel, None)
+            _index(conn, fs, b.area, b.rel, passages or None)
+        _prune(conn, fs, src.area, [a.rel for a, _ in moves])
+        _prune(conn, fs, dst.area, [b.rel for _, b in moves])
+    except BaseException:
+        _undo_move(fs, src, dst, made)
+        raise
+
+
+def _undo_move(fs: FileSystem, src: Place, dst: Place, made: list[Path]) -> None:
+    """A rename's transaction failed: put the disk back as it was (the store thread
+    rolls the rows back), so the database and the directories still agree."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.lexists(dst.real) and not os.path.lexists(src.real):
+            shutil.move(dst.real, src.real)
+    for d in made:  # the parents it made, deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    fs._usage.pop(src.area, None)  # recounted from the disk on next use
+    fs._usage.pop(dst.area, None)
 
 
 def _history(

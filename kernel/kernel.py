@@ -115,6 +115,10 @@ class Kernel:
         policy: str = DEFAULT_POLICY,
         quantum: int | None = None,
         max_procs: int = 4096,
+        max_topics: int = limits.MAX_TOPICS,
+        max_ipc_bytes: int = limits.MAX_IPC_BYTES,
+        max_parked: int = limits.MAX_PARKED_CALLS,
+        max_calls_in_flight: int = limits.MAX_CALLS_IN_FLIGHT,
         zombie_ttl_s: float = 600.0,
         state_dir: Path | None = None,
         embedder: Any = "default",
@@ -160,6 +164,7 @@ class Kernel:
             redactor=self.redactor,
         )
         self.tools = ToolTable(builtin_tools())
+        self.tools.max_parked = max_parked
         # MCP servers mounted as tools (--mcp: name, command line or URL, env or headers),
         # on a loop of their own; no server is ever given the admin token.
         self.mcp = McpHost(self.tools, kernel_secrets=(self.admin_token,))
@@ -168,7 +173,7 @@ class Kernel:
         self.sandbox = sandbox if sandbox is not None else SandboxConfig.detect()
         self.persist = Persist(self.store, self.procs, on_drop=self._drop_namespace)
         self.procs.journal = self.persist
-        self.ipc = Ipc(self.procs)
+        self.ipc = Ipc(self.procs, max_bytes=max_ipc_bytes, max_topics=max_topics)
         # Detached generations, journaled so they go on after a restart (unless told not to).
         self.runs = RunTable(self.store, self.procs, journal=run_journal)
         self.scheduler = Scheduler(
@@ -201,6 +206,7 @@ class Kernel:
             self.store.on_commit = self.metrics.on_commit
         self.transport = Transport(endpoints, self._on_frames)
         self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
+        self.dispatcher.max_calls = max_calls_in_flight
         self.started = time.monotonic()
         self.kernel_pid = os.getpid()
         #: This state database's instance id (kept across restarts; read at start):
@@ -323,10 +329,10 @@ class Kernel:
     def _on_frames(self, parts: list[bytes]) -> None:
         self.dispatcher.on_frames(parts)
 
-    def audit_detail(self, name: str, args: Any) -> str:
+    def audit_detail(self, name: str, args: Any, caller: Caller) -> str:
         """What an audit row says beyond the call's target: a tool call's irreversibility."""
         if name == "tool.call":
-            tool = self.tools.tools.get(args.name)
+            tool = self.tools.resolve(caller.proc, args.name)
             return "irreversible" if tool is not None and tool.irreversible else ""
         return ""
 
@@ -348,6 +354,10 @@ class Kernel:
     def track(self, call: Call) -> None:
         if call.caller.proc is not None:
             self._calls[call.caller.pid].add(call)
+
+    def calls_in_flight(self, pid: int) -> int:
+        """Asynchronous calls process ``pid`` has in flight."""
+        return len(self._calls.get(pid, ()))
 
     def untrack(self, call: Call) -> None:
         calls = self._calls.get(call.caller.pid)

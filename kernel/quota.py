@@ -24,6 +24,11 @@ class Limits:
     max_wall_s: float | None = None  # seconds since the account was opened
     max_calls_per_min: int | None = None  # llm.generate calls in any 60 s
     max_procs: int | None = None  # processes (zombies too) the program holds at once
+    # Shares of the kernel's other shared tables (a program's; a process's for calls):
+    max_ipc_bytes: int | None = None  # bytes of its messages queued in mailboxes
+    max_topics: int | None = None  # topics it subscribes to or owns
+    max_parked: int | None = None  # its tool calls waiting for confirmation
+    max_calls_in_flight: int | None = None  # its asynchronous syscalls in flight
 
     def narrowed(self, asked: Limits, who: str) -> Limits:
         """``asked`` with unset fields inherited from ``self``; EPERM if it asks for more."""

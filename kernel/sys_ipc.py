@@ -1,4 +1,4 @@
-"""ipc.* handlers: send, recv, subscribe, unsubscribe, publish.
+"""ipc.* handlers: send, recv, subscribe, unsubscribe, publish, topic.create/delete.
 
 The mechanism and the permission rule live in :mod:`kernel.ipc`; these handlers turn
 timeouts into loop-time bounds (never past the call's deadline) and shape the results.
@@ -82,6 +82,22 @@ def sys_unsubscribe(k: Kernel, call: Call, a: m.TopicArgs) -> m.SubscribeResult:
     return _subscribed(k, a.topic, k.ipc.unsubscribe(proc, a.topic))
 
 
+def sys_topic_create(k: Kernel, call: Call, a: m.TopicCreateArgs) -> m.TopicCreateResult:
+    topic, created = k.ipc.create(call.caller, a.topic, list(a.allow), a.others)
+    return m.TopicCreateResult(
+        topic=topic.name,
+        owner=topic.owner or 0,
+        allow=sorted(topic.allow),
+        others=topic.others,
+        created=created,
+        subscribers=len(topic.subscribers),
+    )
+
+
+def sys_topic_delete(k: Kernel, call: Call, a: m.TopicArgs) -> m.TopicDeleteResult:
+    return m.TopicDeleteResult(topic=a.topic, subscribers=k.ipc.delete(call.caller, a.topic))
+
+
 def sys_publish(k: Kernel, call: Call, a: m.PublishArgs) -> m.PublishResult:
     msg, delivered, dropped = k.ipc.publish(
         call.caller, a.topic, a.message, m.body_bytes(a.message), call.origin()
@@ -94,5 +110,7 @@ HANDLERS = {
     "ipc.recv": sys_recv,
     "ipc.subscribe": sys_subscribe,
     "ipc.unsubscribe": sys_unsubscribe,
+    "ipc.topic.create": sys_topic_create,
+    "ipc.topic.delete": sys_topic_delete,
     "ipc.publish": sys_publish,
 }

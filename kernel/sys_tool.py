@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kernel.process import Proc
+from kernel.schema import check_schema
 from kernel.syscall import Call
 from kernel.toolcall import result_json
 from syscalls import limits
@@ -46,6 +47,7 @@ def sys_list(k: Kernel, call: Call, a: m.Empty) -> m.ToolListResult:
                 irreversible=t.irreversible,
                 server=t.server,
                 mcp=t.mcp,
+                program=t.program,
             )
             for t in k.tools.visible(call.caller.proc)
         ]
@@ -70,7 +72,7 @@ async def sys_call(k: Kernel, call: Call, a: m.ToolCallArgs) -> m.ToolCallResult
     if tool.irreversible and proc.confirm:
         log.info("process %d: call of irreversible tool %s waits for approval", proc.pid, tool.name)
         try:
-            await k.tools.confirm(tool, a.args, proc.pid, timeout)
+            await k.tools.confirm(tool, a.args, proc, timeout)
         finally:
             call.note("llmos.confirm_wait_s", round(time.monotonic() - t0, 6))
         timeout = max(0.001, timeout - (time.monotonic() - t0))
@@ -99,12 +101,38 @@ async def sys_call(k: Kernel, call: Call, a: m.ToolCallArgs) -> m.ToolCallResult
 
 
 def sys_register(k: Kernel, call: Call, a: m.ToolRegisterArgs) -> m.Done:
-    k.tools.register(_me(call), a.name, a.description, a.parameters, a.irreversible)
+    me = call.caller.proc
+    if me is None:  # the admin: a tool for everyone (or for one program), served by a process
+        if a.server is None:
+            raise SyscallError(
+                Errno.EINVAL, "the admin names the process that serves the tool (server=PID)"
+            )
+        server = k.procs.lookup(a.server)
+        if not server.alive:
+            raise SyscallError(Errno.ESRCH, f"process {a.server} has exited; it serves nothing")
+        everyone = a.scope != "program"
+    else:
+        if a.server is not None and a.server != me.pid:
+            raise SyscallError(
+                Errno.EPERM, "a process serves its own tools only (leave server out)"
+            )
+        if a.scope == "global":
+            raise SyscallError(
+                Errno.EPERM,
+                "only the admin registers a tool for every program (tool.register with "
+                f"server={me.pid}); a process's tools serve its own program",
+            )
+        server, everyone = me, False
+    try:
+        schema = check_schema(a.parameters, "parameters")
+    except ValueError as exc:
+        raise SyscallError(Errno.EINVAL, f"tool {a.name!r}: {exc}") from None
+    k.tools.register(server, a.name, a.description, schema, a.irreversible, everyone=everyone)
     return m.Done()
 
 
 def sys_unregister(k: Kernel, call: Call, a: m.ToolNameArgs) -> m.Done:
-    k.tools.unregister(_me(call), a.name)
+    k.tools.unregister(call.caller.proc, a.name)
     return m.Done()
 
 

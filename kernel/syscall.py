@@ -4,6 +4,12 @@ Like xv6's syscall.c: the table (name -> handler) is data, built from the ABI's
 table plus one handler per row; an unknown name gets one clear ENOSYS. Synchronous
 handlers (table lookups) run inline on the loop; asynchronous ones (generation, wait)
 run as tasks under the call's deadline, so none of them can stall another caller.
+
+Calls in flight (the asynchronous ones) are a shared table too: the kernel holds at
+most ``max_calls`` of them, the last sixteenth for the admin; a process at most its
+``max_calls_in_flight`` limit (default MAX_CALLS_IN_FLIGHT_PER_PROCESS), and a program
+at most its share (its ``max_calls_in_flight`` program limit, or a quarter). A call
+beyond is EAGAIN naming the bound, before any work is done for it.
 """
 
 from __future__ import annotations
@@ -123,6 +129,8 @@ class Dispatcher:
         self.table = table
         self.send = send
         self.calls: set[Call] = set()  # async calls in flight
+        self.max_calls = limits.MAX_CALLS_IN_FLIGHT
+        self.by_program: dict[int, int] = {}  # program id -> its async calls in flight
         self.accepting = True
         self.observer = kernel.observer  # spans and metrics (kernel/trace.py), None: off
 
@@ -203,18 +211,72 @@ class Dispatcher:
             if obs is not None:
                 obs.end(call, args, result)
             return
+        self._admit(caller)
         call.task = loop.create_task(self._run(entry, call, args), name=f"{req.call}#{req.id}")
         call.task.add_done_callback(lambda _: self._unstarted(entry, call, args))
         self.calls.add(call)
         self.kernel.track(call)
+        if caller.proc is not None:
+            pgid = caller.proc.program.pgid
+            self.by_program[pgid] = self.by_program.get(pgid, 0) + 1
+
+    def _admit(self, caller: Caller) -> None:
+        """EAGAIN if ``caller`` may not have one more call in flight (see the module doc)."""
+        total = len(self.calls)
+        if total >= self.max_calls:
+            raise SyscallError(
+                Errno.EAGAIN,
+                f"the kernel has {total} calls in flight, the most it takes; try again shortly",
+            )
+        proc = caller.proc
+        if proc is None:
+            return
+        reserve = max(1, self.max_calls // 16)
+        if total >= self.max_calls - reserve:
+            raise SyscallError(
+                Errno.EAGAIN,
+                f"the kernel has {total} calls in flight; the last {reserve} of "
+                f"{self.max_calls} are kept for the admin; try again shortly",
+            )
+        mine = self.kernel.calls_in_flight(proc.pid)
+        bound = proc.account.limits.max_calls_in_flight or limits.MAX_CALLS_IN_FLIGHT_PER_PROCESS
+        if mine >= bound:
+            raise SyscallError(
+                Errno.EAGAIN,
+                f"process {proc.pid} has {mine} calls in flight, the most it may "
+                f"(max_calls_in_flight={bound}); wait for some to finish",
+            )
+        program = proc.program
+        share = program.account.limits.max_calls_in_flight or max(1, self.max_calls // 4)
+        held = self.by_program.get(program.pgid, 0)
+        if held >= share:
+            raise SyscallError(
+                Errno.EAGAIN,
+                f"program {program.pgid} has {held} calls in flight, its share of the kernel's "
+                f"(max_calls_in_flight={share}); wait for some to finish",
+            )
+
+    def _release(self, call: Call) -> bool:
+        """``call`` is no longer in flight; False if it already was not."""
+        if call not in self.calls:
+            return False
+        self.calls.discard(call)
+        self.kernel.untrack(call)
+        proc = call.caller.proc
+        if proc is not None:
+            pgid = proc.program.pgid
+            left = self.by_program[pgid] - 1
+            if left:
+                self.by_program[pgid] = left
+            else:
+                del self.by_program[pgid]
+        return True
 
     def _unstarted(self, entry: Entry, call: Call, args: BaseModel) -> None:
         # A task cancelled before its first step never runs _run (not even its finally):
         # a kill in the same transport batch as the call. Answer it here instead.
-        if call not in self.calls:
+        if not self._release(call):
             return  # _run finished and replied
-        self.calls.discard(call)
-        self.kernel.untrack(call)
         if call.interrupted is not None:
             self.send(
                 call.identity,
@@ -260,8 +322,7 @@ class Dispatcher:
                 ),
             )
         finally:
-            self.calls.discard(call)
-            self.kernel.untrack(call)
+            self._release(call)
         self.send(call.identity, frame)
         if self.observer is not None:
             self.observer.end(call, args, outcome)
@@ -269,7 +330,7 @@ class Dispatcher:
     def _audit(self, call: Call, args: BaseModel, outcome: str) -> None:
         """One audit row for a call of an audited syscall (who, what, which, result)."""
         if call.name in AUDITED:
-            detail = self.kernel.audit_detail(call.name, args)
+            detail = self.kernel.audit_detail(call.name, args, call.caller)
             self.kernel.audit.record(call.caller, call.name, str(outcome), args, detail)
 
     async def shutdown(self) -> None:

@@ -15,7 +15,13 @@ kernel/toolcall.py.
 * **Served tools** are registered by a user-space program (``tool.register``); the kernel
   queues each call for the serving process (``tool.next``) and routes its answer
   (``tool.reply``) back to the caller. They vanish when their server exits; its callers
-  get ``EIO`` at once.
+  get ``EIO`` at once. A served tool's name is its program's: a process registers a tool
+  for the processes of its own program only, so another program may use the same name
+  for itself and never receives the first one's calls. Only the admin registers a served
+  tool for everyone (naming the process that serves it). A process's name resolves to
+  its own program's tool first, then to the tools of everyone (built in, MCP, the
+  admin's). Schemas are checked at registration like an MCP server's
+  (:func:`kernel.schema.check_schema`).
 * **Capabilities**: a process may use a tool only if every layer of its tool
   capabilities allows the name (glob patterns given at spawn; a child adds a layer, so
   it can only narrow what its parent may use).
@@ -24,7 +30,8 @@ kernel/toolcall.py.
 * **Confirmation**: a process spawned with ``confirm=True`` (inherited) parks every call
   of an irreversible tool until the kernel's owner approves it (``tool.approve``) or
   denies it (``tool.deny``), from the CLI or a script; no answer within the call's
-  timeout means denied.
+  timeout means denied. The parked table is shared out: each program parks at most its
+  share (``max_parked``, default a quarter of the table).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 
 from kernel.process import Proc
-from kernel.schema import ArgsValidator, ValidationTimeout, check_schema
+from kernel.schema import ArgsValidator, ValidationTimeout
 from syscalls import limits
 from syscalls.errors import Errno, SyscallError
 
@@ -61,6 +68,7 @@ class Tool:
     parameters: dict[str, Any]
     irreversible: bool = False
     server: int | None = None  # pid of the process serving it; None: built in or MCP
+    program: int | None = None  # the program whose processes it serves; None: everyone
     mcp: str | None = None  # the MCP server providing it (kernel/mcp.py)
     run: Runner | None = None
     explicit: bool = False  # only for processes whose every layer names it (code execution)
@@ -93,6 +101,7 @@ class Parked:
     args: dict[str, Any]
     caller: int
     since: float
+    program: int  # the caller's program: parked calls are shared out per program
     verdict: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -110,14 +119,32 @@ def allowed(proc: Proc, tool: Tool) -> bool:
     )
 
 
+def _provider(tool: Tool) -> str:
+    """Who provides ``tool``, for error messages."""
+    if tool.mcp:
+        return f"MCP server {tool.mcp}"
+    if tool.server is None:
+        return "the kernel"
+    if tool.program is None:
+        return f"process {tool.server} (for every program, registered by the admin)"
+    return f"process {tool.server} of your program"
+
+
 class ToolTable:
-    """The registry, the served tools' queues, and the parked confirmations."""
+    """The registry, the served tools' queues, and the parked confirmations.
+
+    Two name spaces: ``tools`` holds the tools of everyone (built in, MCP, served tools
+    the admin registered), ``private`` each program's own served tools. A process sees
+    its program's tools over everyone's."""
 
     def __init__(self, builtins: Iterable[Tool] = ()) -> None:
         self.tools: dict[str, Tool] = {}
+        self.private: dict[int, dict[str, Tool]] = {}  # program id -> its served tools
         self.queues: dict[int, asyncio.Queue[Request]] = {}  # server pid -> its pending requests
         self.inflight: dict[int, Request] = {}  # request id -> request given to its server
         self.parked: dict[int, Parked] = {}
+        self.parked_by: dict[int, int] = {}  # program id -> its calls parked now
+        self.max_parked = limits.MAX_PARKED_CALLS  # the whole table
         self._ids = itertools.count(1)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="tool-validate"
@@ -127,14 +154,24 @@ class ToolTable:
             self.tools[tool.name] = tool
 
     def visible(self, proc: Proc | None) -> list[Tool]:
-        """The tools ``proc`` may use (all of them for the admin), by name."""
-        return sorted(
-            (t for t in self.tools.values() if proc is None or allowed(proc, t)),
-            key=lambda t: t.name,
-        )
+        """The tools ``proc`` may use, by name; for the admin every tool, each program's
+        own included."""
+        if proc is None:
+            every = [*self.tools.values(), *(t for p in self.private.values() for t in p.values())]
+            return sorted(every, key=lambda t: (t.name, t.program or 0))
+        seen = {**self.tools, **self.private.get(proc.program.pgid, {})}
+        return sorted((t for t in seen.values() if allowed(proc, t)), key=lambda t: t.name)
+
+    def resolve(self, proc: Proc | None, name: str) -> Tool | None:
+        """What ``name`` means to ``proc``: its program's tool, else everyone's."""
+        if proc is not None:
+            mine = self.private.get(proc.program.pgid, {}).get(name)
+            if mine is not None:
+                return mine
+        return self.tools.get(name)
 
     def lookup(self, proc: Proc, name: str) -> Tool:
-        tool = self.tools.get(name)
+        tool = self.resolve(proc, name)
         if tool is None:
             raise SyscallError(
                 Errno.ENOENT, f"no tool named {name!r}; tool.list shows the ones you may use"
@@ -183,52 +220,88 @@ class ToolTable:
         description: str,
         parameters: dict[str, Any],
         irreversible: bool,
-    ) -> None:
-        existing = self.tools.get(name)
-        if existing is not None and existing.server != server.pid:
-            owner = (
-                f"MCP server {existing.mcp}"
-                if existing.mcp
-                else "the kernel"
-                if existing.server is None
-                else f"process {existing.server}"
-            )
+        everyone: bool = False,
+    ) -> Tool:
+        """Serve ``name`` from ``server``: for its program's processes, or (``everyone``:
+        the admin's registration) for every process. ``parameters`` must be checked
+        already. EBUSY if the name is taken where it would be seen."""
+        program = None if everyone else server.program.pgid
+        space = self.tools if everyone else self.private.get(server.program.pgid, {})
+        existing = space.get(name)
+        if existing is None and not everyone:
+            existing = self.tools.get(name)  # everyone's names are taken in every program
+        if existing is not None and (existing.server != server.pid or existing.program != program):
             raise SyscallError(
-                Errno.EBUSY, f"tool {name!r} is already provided by {owner}; pick another name"
+                Errno.EBUSY,
+                f"tool {name!r} is already provided by {_provider(existing)}; pick another name",
             )
-        if (
-            existing is None
-            and sum(t.server == server.pid for t in self.tools.values()) >= limits.MAX_SERVED_TOOLS
-        ):
+        if existing is None and self.served_by(server.pid) >= limits.MAX_SERVED_TOOLS:
             raise SyscallError(
                 Errno.EDQUOT, f"a process serves at most {limits.MAX_SERVED_TOOLS} tools"
             )
         try:
-            schema = check_schema(parameters, "parameters")
-            tool = Tool(name, description, schema, irreversible, server=server.pid)
-        except (ValueError, RecursionError, jsonschema.exceptions.SchemaError) as exc:
-            why = exc.message if isinstance(exc, jsonschema.exceptions.SchemaError) else exc
-            raise SyscallError(Errno.EINVAL, f"tool {name!r} refused: {why}") from None
-        self.tools[name] = tool
+            tool = Tool(
+                name, description, parameters, irreversible, server=server.pid, program=program
+            )
+        except jsonschema.exceptions.SchemaError as exc:
+            raise SyscallError(
+                Errno.EINVAL, f"parameters is not a valid JSON schema: {exc.message}"
+            ) from None
+        if everyone:
+            self.tools[name] = tool
+        else:
+            self.private.setdefault(server.program.pgid, {})[name] = tool
         self.queues.setdefault(server.pid, asyncio.Queue(maxsize=limits.MAX_TOOL_QUEUE))
+        return tool
 
-    def unregister(self, server: Proc, name: str) -> None:
-        tool = self.tools.get(name)
-        if tool is None or tool.server != server.pid:
-            raise SyscallError(Errno.ENOENT, f"process {server.pid} serves no tool named {name!r}")
-        del self.tools[name]
+    def served_by(self, pid: int) -> int:
+        """How many tools process ``pid`` serves."""
+        return sum(t.server == pid for t in self._served())
+
+    def _served(self) -> Iterable[Tool]:
+        yield from (t for t in self.tools.values() if t.server is not None)
+        for space in self.private.values():
+            yield from space.values()
+
+    def _remove(self, tool: Tool) -> None:
+        if tool.program is None:
+            if self.tools.get(tool.name) is tool:
+                del self.tools[tool.name]
+            return
+        space = self.private.get(tool.program, {})
+        if space.get(tool.name) is tool:
+            del space[tool.name]
+            if not space:
+                del self.private[tool.program]
+
+    def unregister(self, server: Proc | None, name: str) -> None:
+        """Stop serving ``name``: a process its own tool (its program's first), the admin
+        (``server`` None) a tool of everyone."""
+        if server is None:
+            tool = self.tools.get(name)
+            if tool is None or tool.server is None:
+                raise SyscallError(Errno.ENOENT, f"no served tool named {name!r} is everyone's")
+        else:
+            tool = self.private.get(server.program.pgid, {}).get(name)
+            if tool is None or tool.server != server.pid:
+                tool = self.tools.get(name)
+            if tool is None or tool.server != server.pid:
+                raise SyscallError(
+                    Errno.ENOENT, f"process {server.pid} serves no tool named {name!r}"
+                )
+        self._remove(tool)
         self._fail_waiting(lambda r: r.tool is tool, f"tool {name!r} was unregistered")
 
     def server_gone(self, pid: int) -> None:
         """Process ``pid`` ended: its tools go, and calls waiting on them fail at once."""
-        for name in [n for n, t in self.tools.items() if t.server == pid]:
-            del self.tools[name]
+        for tool in [t for t in self._served() if t.server == pid]:
+            self._remove(tool)
         self._fail_waiting(
             lambda r: r.tool.server == pid, f"the server of the tool (process {pid}) exited"
         )
         self.queues.pop(pid, None)
         for parked in [p for p in self.parked.values() if p.caller == pid]:
-            self.parked.pop(parked.id, None)
+            self._unpark(parked)
 
     def _fail_waiting(self, match: Callable[[Request], bool], why: str) -> None:
         for request in [r for r in self.inflight.values() if match(r)]:
@@ -311,21 +384,46 @@ class ToolTable:
             request.answer.set_result(result)
 
     # -- confirmation ---------------------------------------------------------------------
-    async def confirm(self, tool: Tool, args: dict[str, Any], caller: int, timeout: float) -> None:
-        """Park the call until the owner approves (return) or denies / lets it time out (EPERM)."""
-        if len(self.parked) >= limits.MAX_PARKED_CALLS:
+    def _unpark(self, parked: Parked) -> None:
+        if self.parked.pop(parked.id, None) is not None:
+            left = self.parked_by[parked.program] - 1
+            if left:
+                self.parked_by[parked.program] = left
+            else:
+                del self.parked_by[parked.program]
+
+    def park_room(self, caller: Proc) -> None:
+        """EAGAIN unless ``caller``'s program may park one more call: the table holds
+        ``max_parked`` calls, and each program at most its share (its ``max_parked``
+        limit, or a quarter of the table), so one program's unanswered calls never keep
+        another's from asking."""
+        program = caller.program
+        share = program.account.limits.max_parked or max(1, self.max_parked // 4)
+        held = self.parked_by.get(program.pgid, 0)
+        if held >= share:
+            raise SyscallError(
+                Errno.EAGAIN,
+                f"program {program.pgid} has {held} calls waiting for confirmation, its share "
+                f"of the table (max_parked={share}); wait for the owner to approve or deny them",
+            )
+        if len(self.parked) >= self.max_parked:
             raise SyscallError(
                 Errno.EAGAIN, "too many calls wait for confirmation; approve or deny some"
             )
-        parked = Parked(next(self._ids), tool, args, caller, time.time())
+
+    async def confirm(self, tool: Tool, args: dict[str, Any], caller: Proc, timeout: float) -> None:
+        """Park the call until the owner approves (return) or denies / lets it time out (EPERM)."""
+        self.park_room(caller)
+        parked = Parked(next(self._ids), tool, args, caller.pid, time.time(), caller.program.pgid)
         self.parked[parked.id] = parked
+        self.parked_by[parked.program] = self.parked_by.get(parked.program, 0) + 1
         try:
             async with asyncio.timeout(timeout):
                 approved = await parked.verdict
         except TimeoutError:
             approved = False
         finally:
-            self.parked.pop(parked.id, None)
+            self._unpark(parked)
         if not approved:
             raise SyscallError(
                 Errno.EPERM,

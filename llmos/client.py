@@ -91,6 +91,19 @@ class _Identity:
     def _run(self, step: Any) -> Any:  # pragma: no cover - set by each flavour
         raise NotImplementedError
 
+    @api("ipc.topic.create")
+    def create_topic(self, topic: str, allow: list[int] | None = None, others: str = "none") -> Op:
+        """Make ``topic`` owned by this identity's program (the admin's, for the admin):
+        only its processes, those of the programs in ``allow`` and the admin may publish
+        and subscribe; ``others`` ("subscribe" or "publish") opens one of the two to
+        every program. Again: changes the rules. ``errors.EBUSY`` if another owns it."""
+        return Op("ipc.topic.create", {"topic": topic, "allow": allow or [], "others": others})
+
+    @api("ipc.topic.delete")
+    def delete_topic(self, topic: str) -> Op:
+        """Remove an owned topic; its subscribers lose it. Returns how many there were."""
+        return Op("ipc.topic.delete", {"topic": topic}, then=lambda r: r.subscribers)
+
 
 class _RunsAPI(_Identity):
     """Detached runs (``llm.generate detach=True``), as whoever may see them: the run's
@@ -168,6 +181,36 @@ class _ClientAPI(_RunsAPI):
     def tools(self) -> Op:
         """Every tool the kernel has (built in and served)."""
         return Op("tool.list", {}, then=lambda r: r.tools)
+
+    @api("tool.register")
+    def register_tool(
+        self,
+        name: str,
+        description: str,
+        parameters: dict[str, Any] | type[BaseModel] | None,
+        server: int,
+        irreversible: bool = False,
+        scope: str = "global",
+    ) -> Op:
+        """Register tool ``name`` for every process (``scope="global"``) or for the
+        program of process ``server`` (``"program"``); ``server`` receives its calls
+        (``Tools.serve``). ``parameters`` is a JSON schema or a pydantic model class."""
+        if isinstance(parameters, type) and issubclass(parameters, BaseModel):
+            parameters = parameters.model_json_schema()
+        args = opt(
+            name=name,
+            description=description,
+            parameters=parameters,
+            irreversible=irreversible,
+            scope=scope,
+            server=server,
+        )
+        return Op("tool.register", args, then=_none)
+
+    @api("tool.unregister")
+    def unregister_tool(self, name: str) -> Op:
+        """Remove a served tool of every process; its waiting callers get EIO."""
+        return Op("tool.unregister", {"name": name}, then=_none)
 
     @api("tool.pending")
     def pending(self) -> Op:
@@ -595,7 +638,9 @@ class Tools(_Part):
         parameters: dict[str, Any] | type[BaseModel] | None = None,
         irreversible: bool = False,
     ) -> Op:
-        """Serve tool ``name``; ``parameters`` is a JSON schema or a pydantic model class."""
+        """Serve tool ``name`` to the processes of this process's program (another
+        program may use the name for its own tool: neither sees the other's calls);
+        ``parameters`` is a JSON schema or a pydantic model class."""
         if isinstance(parameters, type) and issubclass(parameters, BaseModel):
             parameters = parameters.model_json_schema()
         args = opt(

@@ -74,6 +74,8 @@ MAX_TOOL_QUEUE = 256  # calls waiting for one serving process
 TOOL_VALIDATION_S = 1.0  # checking one call's arguments against its tool's schema
 MAX_TOOL_VALIDATIONS = 64  # tool calls being validated at once (then EAGAIN)
 MAX_PARKED_CALLS = 256  # calls waiting for the owner's confirmation
+MAX_CALLS_IN_FLIGHT = 16384  # asynchronous syscalls in flight in the whole kernel
+MAX_CALLS_IN_FLIGHT_PER_PROCESS = 256  # ... of one process (its max_calls_in_flight limit)
 MAX_TOOL_PATTERNS = 32  # tool capability patterns given at spawn
 PY_MEMORY_BYTES = 512 << 20  # address space of the python tool's process
 

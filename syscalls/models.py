@@ -148,6 +148,35 @@ class Limits(Args):
     max_calls_per_min: int | None = Field(
         default=None, ge=1, le=10**6, description="llm.generate calls per minute"
     )
+    max_ipc_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 40,
+        description="bytes of its messages waiting in mailboxes at once (a program's; "
+        "default: a quarter of the kernel's pool)",
+    )
+    max_topics: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 20,
+        description="topics its processes subscribe to or it owns (a program's; default: a "
+        "quarter of the topic table)",
+    )
+    max_parked: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 20,
+        description="its tool calls waiting for the owner's confirmation (a program's; "
+        "default: a quarter of the table)",
+    )
+    max_calls_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 20,
+        description="asynchronous syscalls in flight at once (a process's: default "
+        f"{limits.MAX_CALLS_IN_FLIGHT_PER_PROCESS}; a program's: default a quarter of the "
+        "kernel's bound)",
+    )
 
 
 _MAX_MOUNTS = limits.MAX_MOUNTS  # SpawnArgs has a field named limits
@@ -933,6 +962,34 @@ class SubscribeResult(Result):
     subscriptions: int = Field(description="topics the caller is subscribed to now")
 
 
+class TopicCreateArgs(Args):
+    topic: Topic
+    allow: list[Pid] = Field(
+        default_factory=list,
+        max_length=64,
+        description="other programs (their ids) whose processes may publish and subscribe",
+    )
+    others: Literal["none", "subscribe", "publish"] = Field(
+        default="none",
+        description="what every other program may do: nothing, subscribe (an announcement "
+        "channel) or publish (an inbox)",
+    )
+
+
+class TopicCreateResult(Result):
+    topic: str
+    owner: int = Field(description="the program that owns it (0: the admin)")
+    allow: list[int]
+    others: str
+    created: bool = Field(description="false: its owner changed the rules of an owned topic")
+    subscribers: int
+
+
+class TopicDeleteResult(Result):
+    topic: str
+    subscribers: int = Field(description="processes that were subscribed and lost it")
+
+
 class PublishArgs(Args):
     topic: Topic
     message: Body = Field(
@@ -1267,6 +1324,11 @@ class ToolInfo(Result):
         default=None, description="pid of the process serving it; null: built in or MCP"
     )
     mcp: str | None = Field(default=None, description="the MCP server providing it, if one does")
+    program: int | None = Field(
+        default=None,
+        description="the program whose processes it serves (its owner); null: every process "
+        "(built in, MCP, or registered by the admin)",
+    )
 
 
 class ToolListResult(Result):
@@ -1296,6 +1358,16 @@ class ToolRegisterArgs(Args):
         default_factory=lambda: {"type": "object"}, description="JSON schema of the arguments"
     )
     irreversible: bool = False
+    scope: Literal["program", "global"] | None = Field(
+        default=None,
+        description="who sees it: the server's program (a process's registration, the "
+        "default) or every process (the admin only: its default)",
+    )
+    server: Pid | None = Field(
+        default=None,
+        description="the admin only: the process that serves it (receives its calls with "
+        "tool.next)",
+    )
 
 
 class ToolNameArgs(Args):

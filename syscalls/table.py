@@ -331,8 +331,27 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             "ipc.subscribe",
             m.TopicArgs,
             m.SubscribeResult,
-            [Errno.EAGAIN],
-            "Receive the messages published on a topic from now on.",
+            [Errno.EAGAIN, Errno.EPERM],
+            "Receive the messages published on a topic from now on (an owned topic: if its "
+            "rules let the caller's program).",
+        ),
+        _row(
+            "ipc.topic.create",
+            m.TopicCreateArgs,
+            m.TopicCreateResult,
+            [Errno.EBUSY, Errno.EAGAIN],
+            "Make a topic the caller's program owns: only it, the programs it allows and the "
+            "admin may publish and subscribe (others: none, subscribe or publish); it lives "
+            "until deleted or its program's last process exits.",
+            needs_process=False,
+        ),
+        _row(
+            "ipc.topic.delete",
+            m.TopicArgs,
+            m.TopicDeleteResult,
+            [Errno.ENOENT, Errno.EPERM],
+            "Remove an owned topic (its program's processes or the admin); subscribers lose it.",
+            needs_process=False,
         ),
         _row(
             "ipc.unsubscribe",
@@ -345,9 +364,10 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             "ipc.publish",
             m.PublishArgs,
             m.PublishResult,
-            [],
+            [Errno.EPERM],
             "Put a copy of a message in every subscriber's mailbox; a full mailbox drops its copy "
-            "(counted), never blocking the publisher.",
+            "(counted), never blocking the publisher (an owned topic: if its rules let the "
+            "caller's program).",
             needs_process=False,
         ),
         _row(
@@ -476,15 +496,20 @@ SYSCALLS: dict[str, SyscallSpec] = dict(
             "tool.register",
             m.ToolRegisterArgs,
             m.Done,
-            [Errno.EBUSY, Errno.EINVAL, Errno.EDQUOT],
-            "Serve a tool from this process: calls arrive through tool.next, answers go back with tool.reply.",
+            [Errno.EBUSY, Errno.EINVAL, Errno.EDQUOT, Errno.EPERM, Errno.ESRCH],
+            "Serve a tool from this process for its own program's processes: calls arrive "
+            "through tool.next, answers go back with tool.reply. The admin registers one for "
+            "every process, naming its server.",
+            needs_process=False,
         ),
         _row(
             "tool.unregister",
             m.ToolNameArgs,
             m.Done,
             [Errno.ENOENT],
-            "Stop serving a tool (its waiting callers get EIO).",
+            "Stop serving a tool (its waiting callers get EIO); the admin removes a tool of "
+            "every process.",
+            needs_process=False,
         ),
         _row(
             "tool.next",

@@ -424,15 +424,15 @@ def test_only_processes_receive_and_subscribe(admin):
 # -- the mechanism in-process (kernel/ipc.py) -------------------------------------------
 
 
-def test_all_mailboxes_together_are_bounded_and_their_bytes_accounted(monkeypatch):
+def test_all_mailboxes_together_are_bounded_and_their_bytes_accounted():
     from kernel.ipc import Ipc
     from kernel.process import INIT_PID, Caller, ProcessTable
+    from kernel.quota import Limits
 
-    monkeypatch.setattr(limits, "MAX_IPC_BYTES", 1000)
     table = ProcessTable(owner="t")
-    root = table.spawn(INIT_PID, "root", "m", 0, None)
+    root = table.spawn(INIT_PID, "root", "m", 0, None, None, Limits(max_ipc_bytes=1000))
     kids = [table.spawn(root.pid, f"k{i}", "m", 0, None) for i in range(3)]
-    ipc, me = Ipc(table), Caller(root.pid, root)
+    ipc, me = Ipc(table, max_bytes=1000), Caller(root.pid, root)
 
     async def go() -> None:
         far = asyncio.get_running_loop().time() + 5

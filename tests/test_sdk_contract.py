@@ -95,7 +95,7 @@ def test_the_asyncio_flavour_does_files_memory_tools_and_serving(daemon: Daemon)
     async def main() -> None:
         async with AsyncClient(daemon.endpoint, pid=0, token=daemon.token) as c:
             p = await c.spawn("async-user", tools=["*"])
-            server = await c.spawn("async-server")
+            server = await p.spawn("async-server")  # a served tool serves its own program
             assert isinstance(p, AsyncProcess)
             written = await p.files.write("notes.txt", "hello")
             assert written.version >= 1 and await p.files.read("notes.txt") == "hello"
@@ -120,8 +120,8 @@ def test_the_asyncio_flavour_does_files_memory_tools_and_serving(daemon: Daemon)
             assert await p.tools.call("shout", {"t": "hi"}) == "HI"
             assert await asyncio.wait_for(serving, 10) == 1
             assert (await child.reap()).pid == child.pid
-            assert (await p.reap()).pid == p.pid
             await server.reap()
+            assert (await p.reap()).pid == p.pid
 
     asyncio.run(main())
 

@@ -101,9 +101,10 @@ def _serve(
     with Client(admin.endpoint, pid=0, token=admin.token) as c:
         server = c.spawn(name)
         box["pid"] = server.pid
-        server.tools.register("reverse", "Reverse a text.", Reverse)
-        server.tools.register("slow", "Never answers.", {"type": "object"})
-        server.tools.register("huge", "Answers too much.", {"type": "object"})
+        # The admin registers them for every process (a process's own serve its program).
+        c.register_tool("reverse", "Reverse a text.", Reverse, server=server.pid)
+        c.register_tool("slow", "Never answers.", {"type": "object"}, server=server.pid)
+        c.register_tool("huge", "Answers too much.", {"type": "object"}, server=server.pid)
         ready.set()
         box["answered"] = server.tools.serve(handlers, stop=stop.is_set, poll_s=0.2)
 
@@ -156,7 +157,9 @@ def test_tools_served_by_a_user_space_program(spawn: Spawn, admin: Client) -> No
 
 def test_callers_of_a_server_that_exits_get_an_error_at_once(spawn: Spawn, admin: Client) -> None:
     server = spawn("lazy-server")
-    server.tools.register("later", "Answers never: its server exits first.", {"type": "object"})
+    admin.register_tool(  # for every process: the waiter is another program
+        "later", "Answers never: its server exits first.", {"type": "object"}, server=server.pid
+    )
     caller = spawn("waiter")
     result: dict[str, Any] = {}
 

@@ -138,13 +138,14 @@ def cmd_tools(as_json: bool) -> int:
         print(json.dumps([t.model_dump() for t in tools]))
         return 0
     table = Table(box=None)
-    for col in ("TOOL", "SERVED BY", "IRREVERSIBLE", "ARGUMENTS", "DESCRIPTION"):
+    for col in ("TOOL", "SERVED BY", "FOR", "IRREVERSIBLE", "ARGUMENTS", "DESCRIPTION"):
         table.add_column(col)
     for t in tools:
         args = ", ".join(t.parameters.get("properties", {}))
         table.add_row(
             t.name,
             f"mcp {t.mcp}" if t.mcp else "kernel" if t.server is None else f"pid {t.server}",
+            "everyone" if t.program is None else f"program {t.program}",
             "yes" if t.irreversible else "",
             args,
             t.description,
@@ -721,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="KEY=VALUE",
         help="a quota for the whole program: max_output_tokens, max_context_tokens, "
-        "max_wall_s, max_calls_per_min (repeatable)",
+        "max_wall_s, max_calls_per_min, and its shares of the kernel's tables: max_procs, "
+        "max_calls_in_flight, max_ipc_bytes, max_topics, max_parked (repeatable)",
     )
     rp.add_argument("--quiet", action="store_true", help="print nothing of llmos's own")
 
