@@ -723,18 +723,6 @@ def _remove(conn: sqlite3.Connection, fs: FileSystem, place: Place, recursive: b
     return len(files)
 
 
-def _movable(src: Place) -> None:
-    """EPERM if directory ``src`` holds anything but files and directories (a symlink, a
-    FIFO, a device): checked before anything moves, so nothing is moved half-way and no
-    read of what was moved can block or follow a link."""
-    for dirpath, dirs, names in os.walk(src.real):
-        for name in (*dirs, *names):
-            st = os.lstat(os.path.join(dirpath, name))
-            if not (stat_mod.S_ISREG(st.st_mode) or stat_mod.S_ISDIR(st.st_mode)):
-                what = "a symlink" if stat_mod.S_ISLNK(st.st_mode) else "a special file"
-                raise _refuse(Errno.EPERM, f"{src.shown} contains {what}; it is not moved")
-
-
 def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) -> None:
     st = _checked(src)
     assert st is not None
@@ -746,7 +734,6 @@ def _rename(conn: sqlite3.Connection, fs: FileSystem, src: Place, dst: Place) ->
         ):
             raise _refuse(Errno.EINVAL, f"cannot move {src.shown} inside itself")
         _plain_tree(src)
-        _movable(src)
         moves = []
         for dirpath, _dirs, names in os.walk(src.real):
             for name in names:
