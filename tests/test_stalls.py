@@ -105,7 +105,8 @@ def test_catastrophic_pattern_does_not_stall_other_clients(daemon: Daemon) -> No
         "patternProperties": {"^(x+x+)+y$": {"type": "integer"}},
     }
     with daemon.admin() as admin:
-        server, caller, other = admin.spawn("srv"), admin.spawn("caller"), admin.spawn("other")
+        server, other = admin.spawn("srv"), admin.spawn("other")
+        caller = server.spawn("caller")  # a served tool is its program's
         try:
             server.tools.register("evil", "catastrophic patterns", schema)
             hostile = {"s": "a" * 40 + "b", "x" * 30: 1}
@@ -158,26 +159,28 @@ def test_peer_that_never_reads_is_dropped_with_memory_bounded(daemon: Daemon) ->
             big.append([{"role": "user", "content": "x" * 190_000}] * 3)
             ctx = zmq.Context()
             sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.RCVHWM, 1)
-            sock.setsockopt(zmq.RCVBUF, 4096)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(daemon.endpoint)
-            rss0 = kernel.memory_info().rss
-            n = 400  # 400 replies of ~500 kB: 200 MB if the kernel kept them all
-            frame = codec.encode_request(1, "ctx.get", {"pid": big.pid}, 0, daemon.token)
-            with Pinger(other) as pinger:
-                for _ in range(n):
-                    sock.send(frame)
-                deadline = time.monotonic() + 60
-                while "dropped peer" not in daemon.log() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-            grown = (kernel.memory_info().rss - rss0) / 2**20
-            pinger.report(f"{n} unread 500 kB replies, kernel RSS +{grown:.0f} MiB")
-            assert "dropped peer" in daemon.log()
-            assert grown < 2 * (limits.MAX_PEER_BACKLOG_BYTES >> 20) + 100
-            assert other.getpid().pid == other.pid  # everyone else is still answered
-            sock.close()
-            ctx.term()
+            try:
+                sock.setsockopt(zmq.RCVHWM, 1)
+                sock.setsockopt(zmq.RCVBUF, 4096)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(daemon.endpoint)
+                rss0 = kernel.memory_info().rss
+                n = 400  # 400 replies of ~500 kB: 200 MB if the kernel kept them all
+                frame = codec.encode_request(1, "ctx.get", {"pid": big.pid}, 0, daemon.token)
+                with Pinger(other) as pinger:
+                    for _ in range(n):
+                        sock.send(frame)
+                    deadline = time.monotonic() + 60
+                    while "dropped peer" not in daemon.log() and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                grown = (kernel.memory_info().rss - rss0) / 2**20
+                pinger.report(f"{n} unread 500 kB replies, kernel RSS +{grown:.0f} MiB")
+                assert "dropped peer" in daemon.log()
+                assert grown < 2 * (limits.MAX_PEER_BACKLOG_BYTES >> 20) + 100
+                assert other.getpid().pid == other.pid  # everyone else is still answered
+            finally:
+                sock.close(linger=0)
+                ctx.destroy(linger=0)
         finally:
             for p in (big, other):
                 admin.kill(p.pid, "KILL")
