@@ -290,11 +290,11 @@ def test_contexts_of_an_old_database_migrate_to_rows() -> None:
     from kernel.store import _MIGRATIONS
 
     conn = sqlite3.connect(":memory:")
-    for version in (1, 2, 3):
+    for version in (1, 2, 3, 4):  # 4: the detached runs' tables
         conn.executescript(_MIGRATIONS[version])
     state = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "é"}]}
     conn.execute("INSERT INTO contexts (pid, state) VALUES (7, ?)", (json.dumps(state),))
-    conn.executescript(_MIGRATIONS[4])
+    conn.executescript(_MIGRATIONS[5])
     rows = conn.execute("SELECT seq, msg FROM ctx_msgs WHERE pid = 7 ORDER BY seq").fetchall()
     assert [(seq, json.loads(msg)) for seq, msg in rows] == list(enumerate(state["messages"]))
     assert "messages" not in json.loads(conn.execute("SELECT state FROM contexts").fetchone()[0])
