@@ -162,7 +162,9 @@ async def _bench(
     rows: list[dict[str, Any]] = []
     async with AsyncClient(endpoint, pid=0, token=token) as admin:
         prog = await admin.spawn("bench-sdk", host_pid=os.getpid())
-        limits = httpx.Limits(max_connections=max(levels) + 4)
+        limits = httpx.Limits(
+            max_connections=max(levels) + 4, keepalive_expiry=2.0
+        )  # < uvicorn 5 s
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
             await _http_client(http, key, 0, 1, 4, Run("warm", 1))  # the key's program
             for rnd in range(args.rounds):
@@ -382,7 +384,7 @@ async def _vllm_rounds(
 
     levels = [int(x) for x in args.vllm_clients.split(",") if x.strip()]
     rows: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=max(levels) + 4)
+    limits = httpx.Limits(max_connections=max(levels) + 4, keepalive_expiry=2.0)  # < uvicorn 5 s
     async with (
         httpx.AsyncClient(base_url=serve_url, limits=limits, timeout=600) as serve,
         httpx.AsyncClient(base_url=gw_url, limits=limits, timeout=600) as gw,
