@@ -25,11 +25,13 @@ from typing import IO
 import zmq
 
 from drivers.base import Driver
+from kernel.curve import ServerCurve
 from kernel.kernel import Kernel
 from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
-from syscalls import paths
+from syscalls import curve, paths
+from syscalls.curve import is_loopback
 
 log = logging.getLogger("llmos.kernel")
 
@@ -142,7 +144,15 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="ENDPOINT",
-        help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)",
+        help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket "
+        "in the runtime dir); tcp:// endpoints are CURVE-encrypted and admit only the client "
+        "keys of `llmos clients add`",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve tcp:// endpoints as plain ZMTP (no encryption, no client keys); "
+        "refused unless every tcp:// endpoint is a loopback address",
     )
     p.add_argument(
         "--runtime-dir",
@@ -380,6 +390,38 @@ def validate_options(args: argparse.Namespace) -> None:
                 f"--listen {ep!r}: expected ipc://PATH or tcp://HOST:PORT "
                 "(e.g. tcp://127.0.0.1:7077)"
             )
+        if getattr(args, "insecure", False) and ep.startswith("tcp://") and not is_loopback(ep):
+            raise ValueError(
+                f"--listen {ep} --insecure: plain TCP only on a loopback address "
+                "(tcp://127.0.0.1:PORT); drop --insecure to serve it with CURVE encryption"
+            )
+
+
+def server_curve(args: argparse.Namespace, state: Path, run: Path) -> ServerCurve | None:
+    """The CURVE set-up for the tcp:// endpoints (None without any, or with
+    ``--insecure``): the state dir's key pair (made on the first start) and, in the
+    runtime dir, its public key and a client pair admitted for this run, so the kernel's
+    own user needs no set-up."""
+    tcp = {ep for ep in args.listen or [] if ep.startswith("tcp://")}
+    if not tcp or getattr(args, "insecure", False):
+        return None
+    pair = curve.server_pair(state)
+    local = curve.new_pair()
+    curve.write_pair(run / "client.key_secret", local)
+    paths.write_private(run / "kernel.server_key", pair.public + "\n")
+    log.info("CURVE server key %s (clients pin it: LLMOS_SERVER_KEY)", pair.public)
+    return ServerCurve(pair, state, tcp, {local.public})
+
+
+#: What a kernel leaves in its runtime dir while it runs (removed when it stops).
+_RUN_FILES = (
+    "kernel.endpoint",
+    "kernel.endpoints",
+    "admin.token",
+    "kernel.server_key",
+    "client.key_secret",
+    "client.key",
+)
 
 
 async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
@@ -402,6 +444,13 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     endpoints = args.listen or [paths.default_endpoint(run)]
     token = secrets.token_urlsafe(32)
     paths.write_private(run / "admin.token", token + "\n")
+    try:  # before the endpoint is published: a client finding it finds the keys too
+        secure = server_curve(args, state, run)
+    except (OSError, ValueError) as exc:
+        log.error("cannot set up CURVE for the tcp:// endpoints: %s", exc)
+        lock.close()
+        return 1
+    paths.write_private(run / "kernel.endpoints", "\n".join(endpoints) + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
     kernel = Kernel(
         drivers,
@@ -415,6 +464,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         max_procs=args.max_procs,
         sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
         mcp=getattr(args, "mcp", None),
+        curve=secure,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -431,7 +481,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     finally:
         log.info("kernel shutting down")
         await kernel.stop()
-        for name in ("kernel.endpoint", "admin.token"):
+        for name in _RUN_FILES:
             (run / name).unlink(missing_ok=True)
         lock.close()
         log.info("kernel stopped")

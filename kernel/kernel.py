@@ -33,6 +33,7 @@ from kernel import (
 )
 from kernel.audit import Audit
 from kernel.builtin_tools import builtin_tools
+from kernel.curve import ServerCurve
 from kernel.fs import FileSystem, load_index
 from kernel.ipc import Ipc
 from kernel.mcp import McpHost
@@ -116,6 +117,7 @@ class Kernel:
         min_awake_s: float = MIN_AWAKE_S,
         sandbox: SandboxConfig | None = None,
         mcp: list[tuple[str, str]] | None = None,
+        curve: ServerCurve | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -161,7 +163,8 @@ class Kernel:
         # Which models are loaded: all of them, unless max_loaded says fewer fit at once.
         self.residency = Residency(drivers, max_loaded, min_awake_s, progress=_load_progress)
         self._tasks: list[asyncio.Task[None]] = []
-        self.transport = Transport(endpoints, self._on_frames)
+        self.curve = curve
+        self.transport = Transport(endpoints, self._on_frames, curve)
         self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
         self.started = time.monotonic()
         self.kernel_pid = os.getpid()
@@ -273,7 +276,7 @@ class Kernel:
     def authenticate(self, pid: int, token: str, spec: SyscallSpec) -> Caller:
         """Resolve the caller of a syscall: the admin (pid 0) or a live process."""
         if pid == 0:
-            if not secrets.compare_digest(token, self.admin_token):
+            if not secrets.compare_digest(token.encode(), self.admin_token.encode()):
                 raise SyscallError(
                     Errno.EACCES, "pid 0 is the admin and needs the kernel's admin token"
                 )

@@ -23,7 +23,7 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, keys, mcp_cli
+from llmos.ctl import bench_gateway, curve_cli, keys, mcp_cli
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -848,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
     keys.add_parsers(sub)  # llmos gateway, llmos keys
+    curve_cli.add_parsers(sub, ksub)  # llmos kernel key, llmos keygen, llmos clients
     sp = sub.add_parser("syscalls", help="print the syscall table")
     sp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     sp.add_argument("--markdown", action="store_true", help="as a Markdown table")
@@ -1013,6 +1014,8 @@ def _run(args: argparse.Namespace) -> int:
                 return start_kernel(args.kernel_options, wait=not args.no_wait)
             if args.kcmd == "stop":
                 return stop_kernel()
+            if args.kcmd == "key":
+                return curve_cli.cmd_kernel_key(args)
             return kernel_status(args.json)
         case "run":
             return cmd_run(args)
@@ -1061,6 +1064,10 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_gateway(args)
         case "keys":
             return keys.cmd_keys(args)
+        case "keygen":
+            return curve_cli.cmd_keygen(args)
+        case "clients":
+            return curve_cli.cmd_clients(args)
         case "shell":
             from llmos.ctl.shell import run_shell
 
