@@ -30,6 +30,7 @@ from kernel.kernel import Kernel
 from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
+from kernel.store import StoreError
 from syscalls import curve, paths
 from syscalls.curve import is_loopback
 
@@ -153,6 +154,21 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve tcp:// endpoints as plain ZMTP (no encryption, no client keys); "
         "refused unless every tcp:// endpoint is a loopback address",
+    )
+    p.add_argument(
+        "--encrypt-state",
+        action="store_true",
+        help="encrypt the state database and its WAL (SQLCipher, AES-256): every context, "
+        "message, memory text and vector, file version and the search index; the key is "
+        "64 hex characters from --state-key-file or $LLMOS_STATE_KEY",
+    )
+    p.add_argument(
+        "--state-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the --encrypt-state key (64 hex characters; the file must be 0600), e.g. made "
+        "with `openssl rand -hex 32 > FILE; chmod 600 FILE`",
     )
     p.add_argument(
         "--runtime-dir",
@@ -397,6 +413,40 @@ def validate_options(args: argparse.Namespace) -> None:
             )
 
 
+def state_key(args: argparse.Namespace) -> bytes | None:
+    """The ``--encrypt-state`` key (None without it); ValueError saying what to do when it
+    is missing, malformed, or in a file others can read."""
+    if not getattr(args, "encrypt_state", False):
+        if getattr(args, "state_key_file", None) is not None:
+            raise ValueError("--state-key-file is given without --encrypt-state")
+        return None
+    file = args.state_key_file
+    if file is not None:
+        try:
+            st = file.stat()
+            text = file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"--state-key-file {file}: {exc.strerror}") from None
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise ValueError(
+                f"--state-key-file {file} is readable by others (mode "
+                f"{oct(stat.S_IMODE(st.st_mode))}): `chmod 600 {file}`"
+            )
+        where = f"--state-key-file {file}"
+    elif env := os.environ.get("LLMOS_STATE_KEY"):
+        text, where = env.strip(), "$LLMOS_STATE_KEY"
+    else:
+        raise ValueError(
+            "--encrypt-state needs its key: --state-key-file FILE (0600) or $LLMOS_STATE_KEY, "
+            "64 hex characters (make one with `openssl rand -hex 32`)"
+        )
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise ValueError(
+            f"{where}: the key must be 64 hex characters (32 bytes; `openssl rand -hex 32`)"
+        )
+    return bytes.fromhex(text)
+
+
 def server_curve(args: argparse.Namespace, state: Path, run: Path) -> ServerCurve | None:
     """The CURVE set-up for the tcp:// endpoints (None without any, or with
     ``--insecure``): the state dir's key pair (made on the first start) and, in the
@@ -432,6 +482,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     setup_logging(state, foreground)
     try:
         validate_options(args)  # refuse bad options before anything starts
+        key = state_key(args)
         drivers = build_drivers(args)
     except ValueError as exc:
         log.error("%s", exc)
@@ -452,20 +503,28 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
         return 1
     paths.write_private(run / "kernel.endpoints", "\n".join(endpoints) + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
-    kernel = Kernel(
-        drivers,
-        endpoints,
-        admin_token=token,
-        policy=args.policy,
-        quantum=args.quantum,
-        state_dir=state,
-        max_loaded=args.max_loaded,
-        min_awake_s=args.min_awake,
-        max_procs=args.max_procs,
-        sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
-        mcp=getattr(args, "mcp", None),
-        curve=secure,
-    )
+    try:
+        kernel = Kernel(
+            drivers,
+            endpoints,
+            admin_token=token,
+            policy=args.policy,
+            quantum=args.quantum,
+            state_dir=state,
+            max_loaded=args.max_loaded,
+            min_awake_s=args.min_awake,
+            max_procs=args.max_procs,
+            sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
+            mcp=getattr(args, "mcp", None),
+            curve=secure,
+            state_key=key,
+        )
+    except StoreError as exc:  # a wrong --encrypt-state key, or a damaged database
+        log.error("%s", exc)
+        for name in _RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+        lock.close()
+        return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, kernel.request_stop)

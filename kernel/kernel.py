@@ -118,6 +118,7 @@ class Kernel:
         sandbox: SandboxConfig | None = None,
         mcp: list[tuple[str, str]] | None = None,
         curve: ServerCurve | None = None,
+        state_key: bytes | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -132,7 +133,7 @@ class Kernel:
         self.procs = ProcessTable(owner=getpass.getuser())
         # Durable state: the process table's journal and the memory tiers share one
         # SQLite database (in memory when no state directory is given, e.g. unit tests).
-        self.store = Store(state_dir / STATE_DB if state_dir is not None else None)
+        self.store = Store(state_dir / STATE_DB if state_dir is not None else None, state_key)
         embedder = default_embedder() if embedder == "default" else embedder
         self.memory = Memory(self.store, self.procs, embedder, VectorIndex(_dim_of(embedder)))
         # Files: real directories under the state dir (a temporary one without it).
