@@ -23,7 +23,7 @@ from kernel.daemon import (
 )
 from llmos.calls import opt
 from llmos.client import Client, connect, resolve_endpoint
-from llmos.ctl import bench_gateway, curve_cli, keys, mcp_cli
+from llmos.ctl import bench_gateway, bench_state, curve_cli, keys, mcp_cli
 from llmos.ctl.private import kernel_pid, start_kernel, try_info
 from llmos.ctl.top import cmd_top
 from llmos.ctl.views import parse_limits, pending_table
@@ -940,6 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     bench_gateway.add_parser(bsub)  # llmos bench gateway
+    bench_state.add_parser(bsub)  # llmos bench state
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1087,6 +1088,8 @@ def _run(args: argparse.Namespace) -> int:
                 from llmos.ctl.bench_memory import bench_memory
 
                 return bench_memory(args)
+            if args.bcmd == "state":
+                return bench_state.bench_state(args)
             from llmos.ctl.bench import bench_syscalls
 
             return bench_syscalls(args)
