@@ -6,6 +6,7 @@ flood of hostile frames growing the log by a bounded amount."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -19,7 +20,7 @@ import pytest
 import zmq
 
 from kernel.daemon import daemon_command
-from llmos.client import Client
+from llmos.client import AsyncClient, Client
 from syscalls import codec, curve
 from syscalls.errors import SyscallError
 from tests.kernels import Daemon
@@ -81,6 +82,11 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, s
         yield k, ep
     finally:
         k.stop()
+
+
+async def _ainfo(ep: str, token: str) -> object:
+    async with AsyncClient(ep, pid=0, token=token) as c:
+        return await asyncio.gather(c.info(), c.info())  # both early calls wait for the handshake
 
 
 def _listen(base: Path, ep: str) -> list[str]:
@@ -175,6 +181,9 @@ def test_a_wrong_pinned_server_key_or_a_plain_client_fails_saying_what_to_do(
     with pytest.raises(SyscallError) as wrong, Client(ep, pid=0, token=k.token) as c:
         c.info()
     assert wrong.value.code == "ECONNREFUSED" and "llmos kernel key" in wrong.value.message
+    with pytest.raises(SyscallError) as awrong:  # the asyncio flavour says the same
+        asyncio.run(_ainfo(ep, k.token))
+    assert awrong.value.code == "ECONNREFUSED" and "llmos kernel key" in awrong.value.message
     for var in ("LLMOS_SERVER_KEY", "LLMOS_CURVE_SECRET_KEY_FILE"):
         monkeypatch.delenv(var)
     monkeypatch.setenv("LLMOS_RUNTIME_DIR", str(tmp_path / "elsewhere"))  # no local keys
@@ -185,6 +194,8 @@ def test_a_wrong_pinned_server_key_or_a_plain_client_fails_saying_what_to_do(
     monkeypatch.setenv("LLMOS_RUNTIME_DIR", str(k.run_dir))
     with Client(ep, pid=0, token=k.token) as c:
         assert ep in c.info().endpoints
+    first, _ = asyncio.run(_ainfo(ep, k.token))  # type: ignore[misc]
+    assert first.curve_server_key  # type: ignore[attr-defined]
 
 
 def test_plain_tcp_needs_loopback_and_insecure(tmp_path: Path) -> None:
