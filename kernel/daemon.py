@@ -352,13 +352,19 @@ def make_state_private(state: Path) -> None:
     makes everything created from now on owner-only too (the sandbox inherits it)."""
     os.umask(0o077)
     state.chmod(0o700)
-    for entry in state.iterdir():
-        with contextlib.suppress(OSError):
-            mode = entry.lstat().st_mode
-            if stat.S_ISDIR(mode):
-                entry.chmod(0o700)
-            elif stat.S_ISREG(mode):
-                entry.chmod(0o600)
+    # The whole tree: process roots and program areas deep in files/ too. Symlinks are
+    # neither followed nor changed (host directories are mounted by path, never linked
+    # in here).
+    for root, dirs, files in os.walk(state):
+        for name in (*dirs, *files):
+            entry = Path(root) / name
+            with contextlib.suppress(OSError):
+                st = entry.lstat()
+                loose = stat.S_IMODE(st.st_mode) & 0o077
+                if loose and stat.S_ISDIR(st.st_mode):
+                    entry.chmod(stat.S_IMODE(st.st_mode) & 0o700 | 0o700)
+                elif loose and stat.S_ISREG(st.st_mode):
+                    entry.chmod(stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def setup_logging(state: Path, foreground: bool) -> None:
