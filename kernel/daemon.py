@@ -25,14 +25,17 @@ from typing import IO, Any
 import zmq
 
 from drivers.base import Driver
+from kernel.curve import ServerCurve
 from kernel.kernel import Kernel
 from kernel.metrics import MetricsError, metrics_address
 from kernel.residency import MIN_AWAKE_S
 from kernel.sandbox import SandboxConfig
 from kernel.scheduler import DEFAULT_POLICY, POLICIES, make_policy
+from kernel.store import StoreError
 from kernel.trace import check_otlp_endpoint
-from syscalls import limits, paths
+from syscalls import curve, limits, paths
 from syscalls import models as m
+from syscalls.curve import is_loopback
 
 log = logging.getLogger("llmos.kernel")
 
@@ -216,7 +219,30 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="ENDPOINT",
-        help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket in the runtime dir)",
+        help="endpoint to serve, e.g. tcp://127.0.0.1:7077 (repeatable; default: ipc socket "
+        "in the runtime dir); tcp:// endpoints are CURVE-encrypted and admit only the client "
+        "keys of `llmos clients add`",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve tcp:// endpoints as plain ZMTP (no encryption, no client keys); "
+        "refused unless every tcp:// endpoint is a loopback address",
+    )
+    p.add_argument(
+        "--encrypt-state",
+        action="store_true",
+        help="encrypt the state database and its WAL (SQLCipher, AES-256): every context, "
+        "message, memory text and vector, file version and the search index; the key is "
+        "64 hex characters from --state-key-file or $LLMOS_STATE_KEY",
+    )
+    p.add_argument(
+        "--state-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the --encrypt-state key (64 hex characters; the file must be 0600), e.g. made "
+        "with `openssl rand -hex 32 > FILE; chmod 600 FILE`",
     )
     p.add_argument(
         "--fs-versions",
@@ -464,13 +490,19 @@ def make_state_private(state: Path) -> None:
     makes everything created from now on owner-only too (the sandbox inherits it)."""
     os.umask(0o077)
     state.chmod(0o700)
-    for entry in state.iterdir():
-        with contextlib.suppress(OSError):
-            mode = entry.lstat().st_mode
-            if stat.S_ISDIR(mode):
-                entry.chmod(0o700)
-            elif stat.S_ISREG(mode):
-                entry.chmod(0o600)
+    # The whole tree: process roots and program areas deep in files/ too. Symlinks are
+    # neither followed nor changed (host directories are mounted by path, never linked
+    # in here).
+    for root, dirs, files in os.walk(state):
+        for name in (*dirs, *files):
+            entry = Path(root) / name
+            with contextlib.suppress(OSError):
+                st = entry.lstat()
+                loose = stat.S_IMODE(st.st_mode) & 0o077
+                if loose and stat.S_ISDIR(st.st_mode):
+                    entry.chmod(stat.S_IMODE(st.st_mode) & 0o700 | 0o700)
+                elif loose and stat.S_ISREG(st.st_mode):
+                    entry.chmod(stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def setup_logging(state: Path, foreground: bool) -> None:
@@ -525,6 +557,72 @@ def validate_options(args: argparse.Namespace) -> None:
                 f"--listen {ep!r}: expected ipc://PATH or tcp://HOST:PORT "
                 "(e.g. tcp://127.0.0.1:7077)"
             )
+        if getattr(args, "insecure", False) and ep.startswith("tcp://") and not is_loopback(ep):
+            raise ValueError(
+                f"--listen {ep} --insecure: plain TCP only on a loopback address "
+                "(tcp://127.0.0.1:PORT); drop --insecure to serve it with CURVE encryption"
+            )
+
+
+def state_key(args: argparse.Namespace) -> bytes | None:
+    """The ``--encrypt-state`` key (None without it); ValueError saying what to do when it
+    is missing, malformed, or in a file others can read."""
+    if not getattr(args, "encrypt_state", False):
+        if getattr(args, "state_key_file", None) is not None:
+            raise ValueError("--state-key-file is given without --encrypt-state")
+        return None
+    file = args.state_key_file
+    if file is not None:
+        try:
+            st = file.stat()
+            text = file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"--state-key-file {file}: {exc.strerror}") from None
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise ValueError(
+                f"--state-key-file {file} is readable by others (mode "
+                f"{oct(stat.S_IMODE(st.st_mode))}): `chmod 600 {file}`"
+            )
+        where = f"--state-key-file {file}"
+    elif env := os.environ.get("LLMOS_STATE_KEY"):
+        text, where = env.strip(), "$LLMOS_STATE_KEY"
+    else:
+        raise ValueError(
+            "--encrypt-state needs its key: --state-key-file FILE (0600) or $LLMOS_STATE_KEY, "
+            "64 hex characters (make one with `openssl rand -hex 32`)"
+        )
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise ValueError(
+            f"{where}: the key must be 64 hex characters (32 bytes; `openssl rand -hex 32`)"
+        )
+    return bytes.fromhex(text)
+
+
+def server_curve(args: argparse.Namespace, state: Path, run: Path) -> ServerCurve | None:
+    """The CURVE set-up for the tcp:// endpoints (None without any, or with
+    ``--insecure``): the state dir's key pair (made on the first start) and, in the
+    runtime dir, its public key and a client pair admitted for this run, so the kernel's
+    own user needs no set-up."""
+    tcp = {ep for ep in args.listen or [] if ep.startswith("tcp://")}
+    if not tcp or getattr(args, "insecure", False):
+        return None
+    pair = curve.server_pair(state)
+    local = curve.new_pair()
+    curve.write_pair(run / "client.key_secret", local)
+    paths.write_private(run / "kernel.server_key", pair.public + "\n")
+    log.info("CURVE server key %s (clients pin it: LLMOS_SERVER_KEY)", pair.public)
+    return ServerCurve(pair, state, tcp, {local.public})
+
+
+#: What a kernel leaves in its runtime dir while it runs (removed when it stops).
+_RUN_FILES = (
+    "kernel.endpoint",
+    "kernel.endpoints",
+    "admin.token",
+    "kernel.server_key",
+    "client.key_secret",
+    "client.key",
+)
 
 
 async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
@@ -535,6 +633,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     setup_logging(state, foreground)
     try:
         validate_options(args)  # refuse bad options before anything starts
+        key = state_key(args)
         drivers = build_drivers(args)
     except ValueError as exc:
         log.error("%s", exc)
@@ -547,30 +646,46 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     endpoints = args.listen or [paths.default_endpoint(run)]
     token = secrets.token_urlsafe(32)
     paths.write_private(run / "admin.token", token + "\n")
+    try:  # before the endpoint is published: a client finding it finds the keys too
+        secure = server_curve(args, state, run)
+    except (OSError, ValueError) as exc:
+        log.error("cannot set up CURVE for the tcp:// endpoints: %s", exc)
+        lock.close()
+        return 1
+    paths.write_private(run / "kernel.endpoints", "\n".join(endpoints) + "\n")
     paths.write_private(run / "kernel.endpoint", endpoints[0] + "\n")
-    kernel = Kernel(
-        drivers,
-        endpoints,
-        admin_token=token,
-        policy=args.policy,
-        quantum=args.quantum,
-        state_dir=state,
-        max_loaded=args.max_loaded,
-        min_awake_s=args.min_awake,
-        max_procs=args.max_procs,
-        max_topics=args.max_topics,
-        max_ipc_bytes=args.max_ipc_bytes,
-        max_parked=args.max_parked,
-        max_calls_in_flight=args.max_calls_in_flight,
-        sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
-        mcp=getattr(args, "mcp_mounts", None) or mcp_mounts(args, os.environ),
-        run_journal=not args.no_run_journal,
-        trace=args.trace == "on",
-        otlp_endpoint=args.otlp_endpoint,
-        metrics=metrics_address(args.metrics) if args.metrics is not None else None,
-        fs_versions=args.fs_versions,
-        fs_history_bytes=args.fs_history_bytes,
-    )
+    try:
+        kernel = Kernel(
+            drivers,
+            endpoints,
+            admin_token=token,
+            policy=args.policy,
+            quantum=args.quantum,
+            state_dir=state,
+            max_loaded=args.max_loaded,
+            min_awake_s=args.min_awake,
+            max_procs=args.max_procs,
+            max_topics=args.max_topics,
+            max_ipc_bytes=args.max_ipc_bytes,
+            max_parked=args.max_parked,
+            max_calls_in_flight=args.max_calls_in_flight,
+            sandbox=SandboxConfig.detect(unsafe=args.unsafe_python),
+            mcp=getattr(args, "mcp_mounts", None) or mcp_mounts(args, os.environ),
+            run_journal=not args.no_run_journal,
+            trace=args.trace == "on",
+            otlp_endpoint=args.otlp_endpoint,
+            metrics=metrics_address(args.metrics) if args.metrics is not None else None,
+            fs_versions=args.fs_versions,
+            fs_history_bytes=args.fs_history_bytes,
+            curve=secure,
+            state_key=key,
+        )
+    except StoreError as exc:  # a wrong --encrypt-state key, or a damaged database
+        log.error("%s", exc)
+        for name in _RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+        lock.close()
+        return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, kernel.request_stop)
@@ -589,7 +704,7 @@ async def run_kernel(args: argparse.Namespace, foreground: bool = True) -> int:
     finally:
         log.info("kernel shutting down")
         await kernel.stop()
-        for name in ("kernel.endpoint", "admin.token"):
+        for name in _RUN_FILES:
             (run / name).unlink(missing_ok=True)
         lock.close()
         log.info("kernel stopped")

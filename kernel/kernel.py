@@ -33,6 +33,7 @@ from kernel import (
 )
 from kernel.audit import Audit
 from kernel.builtin_tools import builtin_tools
+from kernel.curve import ServerCurve
 from kernel.fs import FileSystem, load_index
 from kernel.ipc import Ipc
 from kernel.mcp import McpHost
@@ -132,6 +133,8 @@ class Kernel:
         metrics: tuple[str, int] | None = None,
         fs_versions: int = limits.MAX_FS_VERSIONS,
         fs_history_bytes: int | None = None,
+        curve: ServerCurve | None = None,
+        state_key: bytes | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a kernel needs at least one model driver")
@@ -146,7 +149,7 @@ class Kernel:
         self.procs = ProcessTable(owner=getpass.getuser())
         # Durable state: the process table's journal and the memory tiers share one
         # SQLite database (in memory when no state directory is given, e.g. unit tests).
-        self.store = Store(state_dir / STATE_DB if state_dir is not None else None)
+        self.store = Store(state_dir / STATE_DB if state_dir is not None else None, state_key)
         embedder = default_embedder() if embedder == "default" else embedder
         self.memory = Memory(self.store, self.procs, embedder, VectorIndex(_dim_of(embedder)))
         # Files: real directories under the state dir (a temporary one without it).
@@ -204,7 +207,8 @@ class Kernel:
         if self.metrics is not None:
             self.metrics.observer = self.observer
             self.store.on_commit = self.metrics.on_commit
-        self.transport = Transport(endpoints, self._on_frames)
+        self.curve = curve
+        self.transport = Transport(endpoints, self._on_frames, curve)
         self.dispatcher = Dispatcher(self, build_table(HANDLERS), self.transport.send)
         self.dispatcher.max_calls = max_calls_in_flight
         self.started = time.monotonic()

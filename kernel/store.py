@@ -195,8 +195,9 @@ class Store:
     handed back only after that COMMIT, so "replied" still means "committed". Under load
     this turns a commit per write into a commit per batch."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, key: bytes | None = None) -> None:
         self.path = path
+        self.key = key  # 32 bytes: the whole database (and its WAL) encrypted by SQLCipher
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
         self._closed = False
@@ -240,18 +241,43 @@ class Store:
     def _open(self) -> None:
         target = ":memory:" if self.path is None else str(self.path)
         try:
-            conn = sqlite3.connect(target, isolation_level=None, check_same_thread=True)
+            conn = self._connect(target)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             self._migrate(conn)
         except sqlite3.DatabaseError as exc:
+            hint = (
+                "it is encrypted: start the kernel with --encrypt-state and the key it was "
+                "made with (--state-key-file FILE or $LLMOS_STATE_KEY)"
+                if self.key is None and _looks_encrypted(self.path)
+                else "move it aside to start with empty state"
+            )
+            raise StoreError(f"cannot open the state database {target}: {exc}; {hint}") from exc
+        except StoreError:
+            raise
+        except Exception as exc:  # sqlcipher3's own DatabaseError: a wrong key
             raise StoreError(
-                f"cannot open the state database {target}: {exc}; "
-                "move it aside to start with empty state"
+                f"cannot decrypt the state database {target} ({exc}): the key given is not "
+                "the one it was made with, or the database is not encrypted (give the right "
+                "--state-key-file / $LLMOS_STATE_KEY, or move the database aside)"
             ) from exc
         self._conn = conn
+
+    def _connect(self, target: str) -> sqlite3.Connection:
+        if self.key is None:
+            return sqlite3.connect(target, isolation_level=None, check_same_thread=True)
+        try:
+            from sqlcipher3 import dbapi2 as sqlcipher
+        except ImportError:
+            raise StoreError(
+                "--encrypt-state needs the sqlcipher3 package (pip install sqlcipher3)"
+            ) from None
+        conn = sqlcipher.connect(target, isolation_level=None, check_same_thread=True)
+        conn.execute(f"PRAGMA key = \"x'{self.key.hex()}'\"")  # a raw key: no KDF per open
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # wrong key: raises
+        return conn  # type: ignore[no-any-return]
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -350,6 +376,16 @@ class Store:
         self._closed = True
         self._queue.put(None)
         self._thread.join()
+
+
+def _looks_encrypted(path: Path | None) -> bool:
+    """A database file that does not start with SQLite's plain header."""
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            head = f.read(16)
+    except (OSError, TypeError):
+        return False
+    return len(head) == 16 and head != b"SQLite format 3\x00"
 
 
 def _log_failure(fut: concurrent.futures.Future[Any]) -> None:

@@ -48,6 +48,7 @@ def sys_info(k: Kernel, call: Call, a: m.Empty) -> m.SysInfoResult:
         processes=len(k.procs),
         policy=k.scheduler.policy.name,
         sandbox=k.sandbox.mode,
+        curve_server_key=k.curve.pair.public if k.curve is not None else None,
     )
 
 

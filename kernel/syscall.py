@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,39 @@ def _empty(model: type[BaseModel]) -> BaseModel | None:
         return None
 
 
+#: An internal error is logged (with its traceback) at most once per this many seconds for
+#: each peer and syscall; the next line says how many were left out meanwhile.
+LOG_INTERVAL_S = 60.0
+#: Peers remembered between lines; past this, every other peer shares one entry.
+_LOG_PEERS = 1024
+
+
+class LogThrottle:
+    """Once per peer per interval: what the dispatcher logs about hostile input, so a
+    flood of bad frames grows the log by a bounded amount (never by one line a frame)."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S, max_keys: int = _LOG_PEERS) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._seen: dict[tuple[bytes, str], list[float]] = {}  # key -> [logged at, left out]
+
+    def allow(self, peer: bytes, kind: str) -> int | None:
+        """None: leave this one out; else log it, with how many were left out before."""
+        now = time.monotonic()
+        key = (peer, kind)
+        entry = self._seen.get(key)
+        if entry is None and len(self._seen) >= self.max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
+            if len(self._seen) >= self.max_keys:
+                key = (b"*", kind)
+                entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self.interval_s:
+            entry[1] += 1
+            return None
+        self._seen[key] = [now, 0]
+        return 0 if entry is None else int(entry[1])
+
+
 class Dispatcher:
     """Turns request frames into handler calls and handler outcomes into reply frames."""
 
@@ -133,6 +167,14 @@ class Dispatcher:
         self.by_program: dict[int, int] = {}  # program id -> its async calls in flight
         self.accepting = True
         self.observer = kernel.observer  # spans and metrics (kernel/trace.py), None: off
+        self.throttle = LogThrottle()
+
+    def _log_internal(self, peer: bytes, name: str) -> None:
+        """Log the exception being handled, once per peer and call per interval."""
+        left_out = self.throttle.allow(peer, name)
+        if left_out is not None:
+            more = f" ({left_out} more from this peer left out)" if left_out else ""
+            log.exception("internal error handling %s%s", name, more)
 
     def on_frames(self, parts: list[bytes]) -> None:
         """Handle one ROUTER message: ``[identity, frame]``. Never raises."""
@@ -153,7 +195,7 @@ class Dispatcher:
         except SyscallError as err:
             self.send(identity, codec.error_reply(rid, err))
         except Exception:  # a kernel bug must not take the kernel down
-            log.exception("internal error handling a frame")
+            self._log_internal(identity, "a frame")
             self.send(
                 identity,
                 codec.error_reply(
@@ -314,7 +356,7 @@ class Dispatcher:
             frame = codec.error_reply(call.id, err, call.seq if entry.spec.chunk else None)
         except Exception:
             self._audit(call, args, Errno.EIO)
-            log.exception("internal error in %s", call.name)
+            self._log_internal(call.identity, call.name)
             frame = codec.error_reply(
                 call.id,
                 SyscallError(

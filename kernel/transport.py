@@ -21,10 +21,14 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
 from syscalls import limits
+
+if TYPE_CHECKING:
+    from kernel.curve import ServerCurve
 
 log = logging.getLogger("llmos.kernel")
 
@@ -59,9 +63,15 @@ class Transport:
     messages whose arrival that send absorbed.
     """
 
-    def __init__(self, endpoints: list[str], on_frames: Callable[[list[bytes]], None]) -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        on_frames: Callable[[list[bytes]], None],
+        curve: ServerCurve | None = None,
+    ) -> None:
         self.endpoints = endpoints
         self.on_frames = on_frames
+        self.curve = curve
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         # A peer sending a frame over the hard cap is disconnected before we buffer it.
@@ -88,11 +98,23 @@ class Transport:
         self.peers_dropped = 0
 
     def bind(self) -> None:
-        """Bind every endpoint (ipc sockets are made private to the user)."""
+        """Bind every endpoint (ipc sockets are made private to the user). The CURVE ones
+        last: ZeroMQ copies a socket's security options into each listener when it is
+        bound, so the plain (ipc, ``--insecure``) listeners are bound before the socket
+        becomes a CURVE server, with the ZAP handler started before the first CURVE
+        listener exists (no handshake is ever accepted unchecked)."""
+        secure = self.curve.endpoints if self.curve is not None else set()
         for ep in self.endpoints:
-            self._sock.bind(ep)
-            if ep.startswith("ipc://"):
-                Path(ep[len("ipc://") :]).chmod(0o600)
+            if ep not in secure:
+                self._sock.bind(ep)
+                if ep.startswith("ipc://"):
+                    Path(ep[len("ipc://") :]).chmod(0o600)
+        if self.curve is not None and secure:
+            self.curve.start(self._ctx)
+            self.curve.apply(self._sock)
+            for ep in self.endpoints:
+                if ep in secure:
+                    self._sock.bind(ep)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -259,6 +281,8 @@ class Transport:
         if self._loop is not None:
             self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
         self._sock.close(linger=100)
+        if self.curve is not None:
+            self.curve.stop()
         self._ctx.term()
         for ep in self.endpoints:
             if ep.startswith("ipc://"):

@@ -1040,6 +1040,10 @@ class SysInfoResult(Result):
         description="how the python tool runs code: bwrap (isolated), unsafe (no isolation, "
         "the operator's opt-in) or off (ENOTSUP)",
     )
+    curve_server_key: str | None = Field(
+        default=None,
+        description="the kernel's CURVE public key (tcp:// endpoints), for clients to pin",
+    )
 
 
 class AuditArgs(Args):

@@ -27,6 +27,12 @@ def test_state_is_owner_only_even_when_it_was_made_loose(tmp_path: Path) -> None
     state.mkdir(mode=0o755)
     (state / "kernel.log").write_text("an older kernel's log\n")
     (state / "kernel.log").chmod(0o644)
+    old_root = state / "files" / "pid:9" / "deep"  # an older kernel's process root
+    old_root.mkdir(parents=True)
+    for d in (state / "files", old_root.parent, old_root):
+        d.chmod(0o755)
+    (old_root / "report.txt").write_text("an older process's file")
+    (old_root / "report.txt").chmod(0o644)
     k = Daemon(tmp_path, "--driver", "sim").start()
     try:
         with k.admin() as c:

@@ -28,7 +28,9 @@ from llmos.ctl import (
     bench_mcp,
     bench_runs,
     bench_scale,
+    bench_state,
     bench_trace,
+    curve_cli,
     keys,
     mcp_cli,
     runs_cli,
@@ -877,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("shell", help="an interactive shell on the kernel (started if none runs)")
     keys.add_parsers(sub)  # llmos gateway, llmos keys
+    curve_cli.add_parsers(sub, ksub)  # llmos kernel key, llmos keygen, llmos clients
     sp = sub.add_parser("syscalls", help="print the syscall table")
     sp.add_argument("--json", action="store_true", help="print JSON (errors too) for scripts")
     sp.add_argument("--markdown", action="store_true", help="as a Markdown table")
@@ -982,6 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mcp.add_parser(bsub)  # llmos bench mcp
     bench_runs.add_parser(bsub)  # llmos bench runs
     bench_trace.add_parser(bsub)  # llmos bench trace
+    bench_state.add_parser(bsub)  # llmos bench state
     bm = bsub.add_parser(
         "memory", help="archival memory put/search latency and throughput at growing sizes"
     )
@@ -1057,6 +1061,8 @@ def _run(args: argparse.Namespace) -> int:
                 return start_kernel(args.kernel_options, wait=not args.no_wait)
             if args.kcmd == "stop":
                 return stop_kernel()
+            if args.kcmd == "key":
+                return curve_cli.cmd_kernel_key(args)
             return kernel_status(args.json)
         case "run":
             return cmd_run(args)
@@ -1109,6 +1115,10 @@ def _run(args: argparse.Namespace) -> int:
             return cmd_gateway(args)
         case "keys":
             return keys.cmd_keys(args)
+        case "keygen":
+            return curve_cli.cmd_keygen(args)
+        case "clients":
+            return curve_cli.cmd_clients(args)
         case "shell":
             from llmos.ctl.shell import run_shell
 
@@ -1136,6 +1146,8 @@ def _run(args: argparse.Namespace) -> int:
                 from llmos.ctl.bench_memory import bench_memory
 
                 return bench_memory(args)
+            if args.bcmd == "state":
+                return bench_state.bench_state(args)
             from llmos.ctl.bench import bench_syscalls
 
             return bench_syscalls(args)

@@ -182,6 +182,12 @@ def start_kernel(options: list[str], wait: bool = True) -> int:
         f"models: {', '.join(mod.name for mod in info.models)}  "
         f"[dim]({time.monotonic() - t0:.1f} s)[/]"
     )
+    if info.curve_server_key:
+        err.print(
+            f"CURVE server key: [bold]{info.curve_server_key}[/] (remote clients pin it with "
+            f"LLMOS_SERVER_KEY; admit a client with `llmos clients add NAME PUBLIC_KEY`)",
+            highlight=False,
+        )
     return 0
 
 
