@@ -59,6 +59,7 @@ def proc_record(proc: Proc) -> dict[str, Any]:
         "tool_caps": proc.tool_caps,
         "confirm": proc.confirm,
         "redact": list(proc.redact),
+        "claim": proc.claim,
         "redact_model": proc.redact_model,
         "adapter": proc.adapter,
         "ctx_policy": proc.ctx_policy,
@@ -381,6 +382,7 @@ def recover(store: Store, table: ProcessTable, persist: Persist | None = None) -
         proc.mounts = {n: (p, bool(w)) for n, (p, w) in rec.get("mounts", {}).items()}
         proc.tool_caps, proc.confirm = rec.get("tool_caps", []), rec.get("confirm", False)
         proc.redact = tuple(rec.get("redact", ()))
+        proc.claim = rec.get("claim")
         proc.redact_model = rec.get("redact_model", False)
         proc.adapter = rec.get("adapter")
         state = json.loads(ctx) if ctx else {}

@@ -108,6 +108,7 @@ class Proc:
         default_factory=list
     )  # every layer must allow a tool's name (globs)
     confirm: bool = False  # irreversible tool calls wait for the owner's approval
+    claim: str | None = None  # the spawn's idempotency key (SpawnArgs.claim)
     redact: tuple[str, ...] = ()  # PII kinds masked in what it stores (kernel/redact.py)
     redact_model: bool = False  # ... and in what its model is given
     adapter: str | None = None  # LoRA adapter of its model it generates with
@@ -153,6 +154,12 @@ class Proc:
     def namespace(self) -> str:
         """Its own memory namespace."""
         return f"pid:{self.pid}"
+
+    def new_token(self) -> str:
+        """A fresh secret credential (the old one stops working)."""
+        self.token = secrets.token_urlsafe(24)
+        self.token_hash = hash_token(self.token)
+        return self.token
 
     def check_token(self, token: str) -> bool:
         return compare_digest(self.token_hash, hash_token(token))

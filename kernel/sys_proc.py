@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from kernel.process import INIT_PID, SIGNAL_STATUS, Proc, ProcState
+from kernel.process import INIT_PID, SIGNAL_STATUS, Caller, Proc, ProcState
 from kernel.quota import Limits
 from kernel.syscall import Call
 from syscalls import models as m
@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     caller = call.caller
+    if a.claim is not None and (made := _claimed(k, caller, a.claim)) is not None:
+        made.new_token()  # the reply that carried the first token may never have arrived
+        k.persist.saved(made)
+        await k.persist.barrier()
+        return m.SpawnResult(pid=made.pid, token=made.token)
     model = a.model or k.default_model
     if model not in k.drivers:
         raise SyscallError(
@@ -75,6 +80,7 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
         *([list(a.tools)] if a.tools is not None else []),
     ]
     proc.confirm = a.confirm or (parent.confirm if parent else False)
+    proc.claim = a.claim
     proc.redact = tuple(sorted({*(parent.redact if parent else ()), *(a.redact or ())}))
     proc.redact_model = a.redact_model or (parent.redact_model if parent else False)
     if proc.redact:  # its system prompt, or the copy a fork starts with, is stored masked
@@ -84,6 +90,14 @@ async def sys_spawn(k: Kernel, call: Call, a: m.SpawnArgs) -> m.SpawnResult:
     k.persist.saved(proc)
     await k.persist.barrier()
     return m.SpawnResult(pid=proc.pid, token=proc.token)
+
+
+def _claimed(k: Kernel, caller: Caller, claim: str) -> Proc | None:
+    """The live process ``caller`` spawned with ``claim``, if any."""
+    if caller.proc is not None:  # among its children
+        kids = (k.procs.get(pid) for pid in caller.proc.children)
+        return next((p for p in kids if p is not None and p.claim == claim and p.alive), None)
+    return next((p for p in k.procs if p.claim == claim and p.ppid == INIT_PID and p.alive), None)
 
 
 async def _mounts(

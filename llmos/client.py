@@ -173,7 +173,7 @@ class _ClientAPI(_RunsAPI):
     ) -> Op:
         """Create an LLM process (a child of this client's process, or of init).
         ``options``: fork, namespace, ctx_policy, ctx_window, tools, confirm, mounts,
-        host_pid, redact, redact_model (see proc.spawn)."""
+        host_pid, redact, redact_model, claim (see proc.spawn)."""
         args = spawn_args(name, system, model, nice, limits, program_limits, **options)
         return Op("proc.spawn", args, then=lambda r: self._process_cls(self, r.pid, r.token))
 
@@ -507,7 +507,7 @@ class _ProcessAPI(_RunsAPI):
     ) -> Op:
         """Spawn a child of this process (``program_limits`` is refused: a child joins its
         parent's program). ``options``: fork (copy this process's context), ctx_policy,
-        ctx_window, tools, confirm, mounts, host_pid, redact, redact_model (see proc.spawn)."""
+        ctx_window, tools, confirm, mounts, host_pid, redact, redact_model, claim (see proc.spawn)."""
         args = spawn_args(name, system, model, nice, limits, program_limits, **options)
         return Op(
             "proc.spawn",

@@ -273,6 +273,15 @@ class SpawnArgs(Args):
     program_limits: Limits | None = Field(
         default=None, description="quotas of the whole program (top-level spawns only)"
     )
+    claim: str | None = Field(
+        default=None,
+        min_length=16,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="an idempotency key of the caller's choosing: a spawn repeated with the "
+        "same claim by the same caller (after a lost reply, a kernel restart) returns the "
+        "process it made, with a new token (the old one stops working), not a second one",
+    )
 
 
 class SpawnResult(Result):

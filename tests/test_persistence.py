@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmos.client import Client
+from llmos.errors import EACCES, EINVAL
 from syscalls.errors import SyscallError
 from tests.conftest import GREEDY
 from tests.kernels import Daemon
@@ -133,3 +134,39 @@ def test_the_kernel_instance_id_is_made_once_per_state_database() -> None:
     assert len(first) == 8 and int(first, 16) >= 0
     assert instance_id(one) == first
     assert instance_id(other) != first
+
+
+def test_a_spawn_repeated_with_its_claim_after_a_kill_9_gets_the_same_process(
+    tmp_path: Path,
+) -> None:
+    """A spawn whose reply was lost (the kernel died after committing it) is not a
+    process nobody can drive: repeating it with the same claim returns that process
+    with a new token, and the old token no longer works."""
+    claim = "job-7f3a9c2e-first-try"
+    k = Daemon(tmp_path, "--driver", "sim").start()
+    try:
+        with k.admin() as c:
+            first = c.call("proc.spawn", {"name": "worker", "claim": claim})
+            kid = Client(k.endpoint, pid=first["pid"], token=first["token"])
+            child = kid.call("proc.spawn", {"name": "sub", "claim": claim})  # its own scope
+            assert child["pid"] != first["pid"]
+            kid.close()
+        os.kill(k.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        k.proc.wait(30)  # type: ignore[union-attr]
+        k.start()
+        with k.admin() as c:
+            again = c.call("proc.spawn", {"name": "worker", "claim": claim})
+            assert again["pid"] == first["pid"] and again["token"] != first["token"]
+            with Client(k.endpoint, pid=again["pid"], token=again["token"]) as me:
+                assert me.call("proc.getpid", {})["pid"] == first["pid"]
+            with (
+                pytest.raises(EACCES),
+                Client(k.endpoint, pid=first["pid"], token=first["token"]) as old,
+            ):
+                old.call("proc.getpid", {})
+            other = c.call("proc.spawn", {"name": "worker", "claim": "job-7f3a9c2e-second-try"})
+            assert other["pid"] not in (first["pid"], child["pid"])
+            with pytest.raises(EINVAL):
+                c.call("proc.spawn", {"name": "w", "claim": "short"})
+    finally:
+        k.stop()
