@@ -256,6 +256,15 @@ def test_a_rename_failing_after_the_move_is_undone_on_disk(tmp_path: Path, monke
 
     async def go() -> None:
         k = Kernel({"sim": SimDriver()}, ["inproc://rename-undo"], embedder=None)
+        try:
+            await check(k)
+        finally:
+            await k.transport.close()  # its zmq context must not be left for the GC to end
+            k.memory.close()
+            k.redactor.close()
+            await asyncio.to_thread(k.store.close)
+
+    async def check(k: Kernel) -> None:
         proc = k.procs.spawn(1, "p", "sim", 0, None)
         src, dst = k.fs.place(proc, "/home/dir"), k.fs.place(proc, "/home/new/place/dir")
         await k.fs.write(k.fs.place(proc, "/home/dir/f.txt"), b"data", False, True)
@@ -274,7 +283,6 @@ def test_a_rename_failing_after_the_move_is_undone_on_disk(tmp_path: Path, monke
         monkeypatch.setattr(kfs, "_read_all", real)
         await k.fs.rename(src, dst)
         assert (dst.real / "f.txt").read_bytes() == b"data"
-        k.store.close()
 
     asyncio.run(go())
 
