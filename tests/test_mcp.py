@@ -1038,7 +1038,8 @@ def test_llmos_mcp_serve_over_streamable_http(daemon: Daemon) -> None:
 
 
 def test_ref_fan_out_is_refused_and_targets_are_shown_without_credentials() -> None:
-    from kernel.mcp import _inline_refs, shown_target
+    from kernel.mcp import shown_target
+    from kernel.schema import _inline_refs
 
     defs = {"d0": {"type": "string"}}
     for i in range(1, 40):  # each level refers to the one below twice: 2**40 nodes inlined
