@@ -172,7 +172,7 @@ def test_bounds_and_bad_requests_are_refused_with_their_errno(spawn) -> None:
 def test_a_process_waiting_for_a_human_shows_it_in_ps_and_pending(daemon, admin, spawn) -> None:
     server = spawn("server")
     server.tools.register("launch", "Launch it (cannot be undone).", irreversible=True)
-    asker = spawn("asker", confirm=True)
+    asker = server.spawn("asker", confirm=True)  # a served tool is its program's
     outcome: dict = {}
 
     def ask() -> None:
